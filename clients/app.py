@@ -1,0 +1,97 @@
+"""The ClientApp every site runs, in simulation and in deployment alike.
+
+Each handler reads the run config (what the researcher asked for) and the node config (what the
+site holds), does its work in plain functions (``clients.training``) and replies with records.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.site_data import SiteData, load_site_data
+from clients.training import site_round_seed, train_local
+from fedgov import messages as keys
+from fedgov.config import RunConfig, from_flower_config
+from fedgov.evaluation import evaluate
+from fedgov.models import build_model
+from fedgov.records import load_array_record
+
+app = ClientApp()
+
+warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+
+
+@functools.lru_cache(maxsize=4)
+def _run_config(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    return from_flower_config(dict(items))
+
+
+def _prepare(context: Context) -> tuple[RunConfig, SiteData]:
+    # One thread per site: the simulation runs several sites on a few cores, and a deployed
+    # site's tiny models gain nothing from more.
+    torch.set_num_threads(1)
+    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    return cfg, load_site_data(cfg, context.node_config)
+
+
+def _model(cfg: RunConfig, site: SiteData, msg: Message) -> torch.nn.Module:
+    schema = site.schema
+    model = build_model(cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden)
+    load_array_record(model, msg.content.array_records[keys.ARRAYS])
+    return model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say who this site is and how many rows it holds (no data leaves the site)."""
+    _, site = _prepare(context)
+    record = keys.site_record(
+        site.site_id, **{"num-train": len(site.train.y), "num-test": len(site.test.y)}
+    )
+    return Message(RecordDict({keys.SITE: record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's rows and return the new weights."""
+    cfg, site = _prepare(context)
+    model = _model(cfg, site, msg)
+    config = msg.content.config_records[keys.CONFIG]
+    server_round = int(config.get(keys.SERVER_ROUND, 0))
+    result = train_local(
+        model,
+        site.train,
+        cfg.train,
+        seed=site_round_seed(cfg.seed, server_round, site.site_id),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    metrics = MetricRecord(
+        {"train_loss": result.train_loss, keys.NUM_EXAMPLES: result.num_examples,
+         "steps": result.steps}
+    )  # fmt: skip
+    content = RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord(model.state_dict()),
+            keys.METRICS: metrics,
+            keys.SITE: keys.site_record(site.site_id),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this site's held-out rows."""
+    cfg, site = _prepare(context)
+    result = evaluate(_model(cfg, site, msg), site.test)
+    metrics = MetricRecord(
+        {"eval_loss": result.loss, "eval_accuracy": result.accuracy,
+         keys.NUM_EXAMPLES: result.num_examples}
+    )  # fmt: skip
+    content = RecordDict({keys.METRICS: metrics, keys.SITE: keys.site_record(site.site_id)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,221 @@
+"""The run configuration: one typed schema for Hydra, Flower's run config and the apps.
+
+Hydra composes `conf/` onto :class:`RunConfig` (so a typo or a wrong type fails before anything
+runs); :func:`to_flower_config` flattens it into Flower's flat run config (``"strategy.name"``,
+``"rounds"``, ...), which is also what ``[tool.flwr.app.config]`` in ``pyproject.toml`` holds, and
+:func:`from_flower_config` rebuilds the typed object inside the ServerApp and ClientApp.
+Flower's run config holds only scalars (bool, int, float, str), so every field here is a scalar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedgov.errors import ConfigError
+
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
+MODEL_NAMES = ("mlp", "logreg", "cnn")
+PARTITIONERS = ("natural", "iid", "dirichlet")
+
+
+@dataclass
+class DatasetConfig:
+    """Which data the simulated sites hold and how it is split among them."""
+
+    name: str = "randhie"
+    partitioner: str = "natural"  # natural (by site column) | iid | dirichlet (label skew)
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
+    holdout_fraction: float = 0.2  # share kept back for central evaluation (0 = none)
+    test_fraction: float = 0.2  # share of each site's rows kept for its local evaluation
+
+
+@dataclass
+class ModelConfig:
+    """The model every site trains: mlp | logreg (tabular) or cnn (images)."""
+
+    name: str = "mlp"
+    hidden: int = 64  # width of the MLP's hidden layers / channels of the CNN's first conv
+
+
+@dataclass
+class StrategyConfig:
+    """The aggregation rule; fields a rule does not use are ignored by it."""
+
+    name: str = "fedavg"
+    proximal_mu: float = 0.0  # FedProx: weight of the proximal term μ/2·‖w − w_global‖²
+    server_lr: float = 0.1  # FedAdam: server learning rate η
+    server_tau: float = 1e-3  # FedAdam: adaptivity τ
+    beta_1: float = 0.9  # FedAdam
+    beta_2: float = 0.99  # FedAdam
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut from each end, in [0, 0.5)
+    num_malicious: int = 0  # Krum: number of Byzantine sites tolerated
+
+
+@dataclass
+class TrainConfig:
+    """Local training at each site per round."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05  # SGD learning rate
+    momentum: float = 0.9
+
+
+@dataclass
+class FederationConfig:
+    """How many sites exist, how many train per round, and where the simulation runs."""
+
+    num_sites: int = 0  # 0 = every natural site (or 10 for iid/dirichlet)
+    # ≥ 1: a count of sites per round; in (0, 1): a fraction of the connected sites; 0: all
+    sites_per_round: float = 0.0
+    min_sites_per_round: int = 2  # floor when sampling by fraction
+    round_timeout: float = 600.0  # seconds to wait for the sites' replies in one round
+    client_cpus: float = 1.0  # Ray resources per simulated site
+    ray_address: str = ""  # "" = local Ray; "auto" or "ray://host:10001" = an existing cluster
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy (filled in by the privacy issue); "none" = off."""
+
+    name: str = "none"
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation (filled in by the secure-aggregation issue); "off" = plain sums."""
+
+    name: str = "off"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the resolved Hydra config and the Flower run config both map here."""
+
+    rounds: int = 5
+    seed: int = 0
+    output_dir: str = ""  # where the ServerApp writes metrics.json, model.safetensors, plots/
+    progress: bool = True  # print a line per round
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+
+def to_flower_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
+    """Flatten to Flower's run config: nested fields become dotted keys (``"dataset.name"``)."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{key}.")
+            else:
+                flat[key] = value
+
+    walk(cfg, "")
+    return flat
+
+
+def from_flower_config(flat: dict[str, Any]) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from Flower's flat run config, checking names and types."""
+    cfg = RunConfig()
+    known = to_flower_config(cfg)
+    for key, value in flat.items():
+        if key not in known:
+            raise ConfigError(f"run config: unknown key '{key}' (known keys: {', '.join(known)})")
+        *parents, leaf = key.split(".")
+        target: Any = cfg
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, _coerce(key, value, type(known[key])))
+    validate(cfg)
+    return cfg
+
+
+def from_mapping(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from a nested mapping (a resolved Hydra config)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(data, "")
+    return from_flower_config(flat)
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"run config: '{key}' = {value!r} has type {type(value).__name__}, "
+            f"expected {expected.__name__}"
+        )
+    return value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ranges and names that the types alone cannot; raise ConfigError naming the field."""
+    from fedgov.datasets import DATASET_NAMES
+
+    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+    def at_least(key: str, value: float, low: float) -> None:
+        if value < low:
+            raise ConfigError(f"{key}: {value} is below its minimum {low}")
+
+    choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
+    choice("dataset.partitioner", cfg.dataset.partitioner, PARTITIONERS)
+    choice("model.name", cfg.model.name, MODEL_NAMES)
+    choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
+    choice("privacy.name", cfg.privacy.name, ("none",))
+    choice("secagg.name", cfg.secagg.name, ("off",))
+    at_least("rounds", cfg.rounds, 1)
+    at_least("federation.num_sites", cfg.federation.num_sites, 0)
+    at_least("federation.sites_per_round", cfg.federation.sites_per_round, 0)
+    at_least("federation.min_sites_per_round", cfg.federation.min_sites_per_round, 1)
+    at_least("federation.round_timeout", cfg.federation.round_timeout, 1)
+    at_least("train.local_epochs", cfg.train.local_epochs, 1)
+    at_least("train.batch_size", cfg.train.batch_size, 1)
+    at_least("model.hidden", cfg.model.hidden, 1)
+    if (
+        cfg.federation.sites_per_round >= 1
+        and not float(cfg.federation.sites_per_round).is_integer()
+    ):
+        raise ConfigError(
+            f"federation.sites_per_round: {cfg.federation.sites_per_round} must be a whole count "
+            "(≥ 1) or a fraction in (0, 1)"
+        )
+    if not 0 < cfg.train.lr <= 10:
+        raise ConfigError(f"train.lr: {cfg.train.lr} must be in (0, 10]")
+    if not 0 <= cfg.dataset.holdout_fraction < 1:
+        raise ConfigError(f"dataset.holdout_fraction: {cfg.dataset.holdout_fraction} not in [0, 1)")
+    if not 0 <= cfg.dataset.test_fraction < 1:
+        raise ConfigError(f"dataset.test_fraction: {cfg.dataset.test_fraction} not in [0, 1)")
+    if cfg.dataset.alpha <= 0:
+        raise ConfigError(f"dataset.alpha: {cfg.dataset.alpha} must be > 0")
+    if not 0 <= cfg.strategy.trim_beta < 0.5:
+        raise ConfigError(f"strategy.trim_beta: {cfg.strategy.trim_beta} not in [0, 0.5)")
+    at_least("strategy.proximal_mu", cfg.strategy.proximal_mu, 0)
+    at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
+    image = cfg.dataset.name in ("digits", "mnist5k")
+    if image != (cfg.model.name == "cnn") and cfg.model.name == "cnn":
+        raise ConfigError(
+            f"model.name: 'cnn' needs an image dataset (digits, mnist5k), not '{cfg.dataset.name}'"
+        )

@@ -1,0 +1,34 @@
+"""The keys of the records fedgov sends: every message is a Flower RecordDict, nothing else.
+
+Server → site (train/evaluate): ``ARRAYS`` (ArrayRecord, the global weights) and ``CONFIG``
+(ConfigRecord: ``server-round``, plus ``proximal-mu`` under FedProx).
+Site → server, train: ``ARRAYS`` (updated weights), ``METRICS`` (``train_loss``,
+``num-examples``, ``steps``) and ``SITE`` (ConfigRecord: ``site-id``).
+Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-examples``), ``SITE``.
+Site → server, query: ``SITE`` (``site-id``, ``num-train``, ``num-test``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Message
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
+SITE_ID = "site-id"
+SERVER_ROUND = "server-round"
+
+
+def site_record(site_id: str, **fields: int | float | str) -> ConfigRecord:
+    """The ConfigRecord identifying the replying site."""
+    return ConfigRecord({SITE_ID: site_id, **fields})
+
+
+def reply_site_id(reply: Message) -> str:
+    """The site id a reply carries ("" when the reply has none, e.g. an error reply)."""
+    if reply.has_error() or SITE not in reply.content.config_records:
+        return ""
+    return str(reply.content.config_records[SITE][SITE_ID])

@@ -1,0 +1,73 @@
+"""Weights across the wire and on disk: Flower ArrayRecords and safetensors files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from safetensors.numpy import load_file, save_file
+
+
+def to_array_record(model: torch.nn.Module) -> ArrayRecord:
+    """The model's state dict as an ArrayRecord (the one wire format for weights)."""
+    return ArrayRecord(model.state_dict())
+
+
+def load_array_record(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Load weights from the server into ``model`` (strict: names and shapes must match)."""
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """Name → numpy array, in the record's order."""
+    return OrderedDict((name, array.numpy()) for name, array in arrays.items())
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_safetensors(
+    path: str | Path, arrays: ArrayRecord, metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically save weights as a safetensors file (tensor names = state-dict keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.ascontiguousarray(a) for name, a in arrays_to_numpy(arrays).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Load a safetensors weights file as name → numpy array."""
+    return load_file(str(path))

@@ -1,0 +1,86 @@
+"""The ServerApp: one entry point for simulation (Ray) and deployment (SuperLink) alike."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgov.config import RunConfig, from_flower_config
+from fedgov.datasets import DatasetSchema
+from fedgov.evaluation import EvalResult, evaluate
+from fedgov.models import build_model, initial_model
+from fedgov.records import load_array_record
+from server.outputs import write_run_outputs
+from server.rounds import RoundRecord, run_rounds
+from simulations.federation import simulated_federation
+from strategies.registry import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Read the run config, train for ``rounds`` rounds, write the run's outputs."""
+    cfg = from_flower_config(context.run_config)
+    run_federation(grid, cfg)
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> None:
+    """The whole run: initial model, rounds with progress lines, ``metrics.json`` and weights."""
+    torch.set_num_threads(1)
+    # Flower logs every sampling and aggregation at INFO; fedgov prints one line per round.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    started = time.monotonic()
+    federation = simulated_federation(cfg)
+    schema = federation.pool.schema
+    model = initial_model(
+        cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
+    )
+    central = (
+        _central_evaluator(cfg, schema, federation.holdout) if len(federation.holdout.y) else None
+    )
+    result = run_rounds(
+        grid,
+        cfg,
+        build_strategy(cfg.strategy),
+        ArrayRecord(model.state_dict()),
+        central,
+        on_round=_progress_printer(cfg) if cfg.progress else None,
+    )
+    if cfg.output_dir:
+        write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)
+
+
+def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callable:
+    model = build_model(cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden)
+
+    def central_evaluate(arrays: ArrayRecord) -> EvalResult:
+        load_array_record(model, arrays)
+        return evaluate(model, holdout)
+
+    return central_evaluate
+
+
+def _progress_printer(cfg: RunConfig):
+    def show(record: RoundRecord) -> None:
+        parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
+        if record.declined:
+            parts.append(f"{len(record.declined)} declined")
+        if record.failures:
+            parts.append(f"{len(record.failures)} failed")
+        for label, value in (
+            ("train_loss", record.train_loss),
+            ("eval_acc", record.eval_accuracy),
+            ("central_acc", record.central_eval_accuracy),
+        ):
+            if value is not None:
+                parts.append(f"{label} {value:.4f}")
+        parts.append(f"{record.seconds:.1f} s")
+        print("[fedgov] " + " · ".join(parts), file=sys.stderr, flush=True)
+
+    return show

@@ -1,0 +1,73 @@
+"""Sending messages to sites and collecting replies, with a short poll.
+
+Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls on a real SuperLink; this loop pushes
+the messages and polls with a back-off from 10 ms to 250 ms, so a round ends as soon as the last
+site answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+FIRST_POLL_SECONDS = 0.01
+MAX_POLL_SECONDS = 0.25
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and return the replies that arrive within ``timeout`` seconds."""
+    pending = set(grid.push_messages(list(messages)))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    pause = FIRST_POLL_SECONDS
+    while pending and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if pending and not arrived:
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, MAX_POLL_SECONDS)
+        elif arrived:
+            pause = FIRST_POLL_SECONDS
+    return replies
+
+
+class SampledGrid(Grid):
+    """A view of ``grid`` that shows only the sampled nodes.
+
+    Flower's strategies sample with an unseeded ``random.sample`` over ``get_node_ids()``; giving
+    them this view with ``fraction_train=1.0`` makes them address exactly the sites fedgov chose.
+    Everything else is delegated to the real grid.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)

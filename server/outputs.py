@@ -1,0 +1,67 @@
+"""What a run leaves in its directory: ``metrics.json`` and ``model.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedgov.config import RunConfig, to_flower_config
+from fedgov.records import atomic_write_json, save_safetensors
+from server.rounds import RunResult, round_as_dict
+
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.safetensors"
+
+
+def metrics_document(cfg: RunConfig, result: RunResult, wall_seconds: float) -> dict[str, Any]:
+    """The ``metrics.json`` document (keys as in docs/architecture.md, plus more)."""
+    rounds = [round_as_dict(r) for r in result.rounds]
+    last = result.rounds[-1] if result.rounds else None
+    final = {
+        "eval_loss": last.eval_loss if last else None,
+        "eval_accuracy": last.eval_accuracy if last else None,
+        "central_eval_loss": last.central_eval_loss if last else None,
+        "central_eval_accuracy": last.central_eval_accuracy if last else None,
+    }
+    sites = {
+        site_id: {"num_train": info.num_train, "num_test": info.num_test}
+        for site_id, info in sorted(result.sites.items())
+    }
+    return {
+        "rounds": rounds,
+        "final": final,
+        "wall_seconds": wall_seconds,
+        "sites": sites,
+        "config": to_flower_config(cfg),
+    }
+
+
+def write_run_outputs(
+    run_dir: str | Path, cfg: RunConfig, result: RunResult, wall_seconds: float
+) -> dict[str, Path]:
+    """Atomically write ``metrics.json`` and ``model.safetensors`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    model_path = run_dir / MODEL_FILE
+    save_safetensors(model_path, result.arrays, metadata=_model_metadata(cfg))
+    atomic_write_json(metrics_path, metrics_document(cfg, result, wall_seconds))
+    return {"metrics": metrics_path, "model": model_path}
+
+
+def _model_metadata(cfg: RunConfig) -> dict[str, str]:
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "strategy": cfg.strategy.name,
+        "rounds": str(cfg.rounds),
+        "seed": str(cfg.seed),
+    }
+
+
+def load_final_arrays(run_dir: str | Path) -> ArrayRecord:
+    """The final global weights of a finished run, as an ArrayRecord."""
+    from fedgov.records import load_safetensors
+
+    return ArrayRecord(load_safetensors(Path(run_dir) / MODEL_FILE))

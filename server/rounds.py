@@ -1,0 +1,199 @@
+"""The round loop: discover sites, sample, train, aggregate with the strategy, evaluate, record.
+
+fedgov drives Flower's strategies through their own hooks (``configure_train`` /
+``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate``) but owns the loop, because
+it needs what ``Strategy.start`` does not give: seeded sampling by site id (Flower's node ids are
+random per run), replies aggregated in a fixed order (same seed → same bits), per-site
+participation, declines and failures recorded per round, and a short reply poll.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedgov import messages as keys
+from fedgov.config import RunConfig
+from fedgov.errors import FedgovError
+from fedgov.evaluation import EvalResult
+from server.messaging import SampledGrid, exchange
+from server.sampling import sample_sites, sites_per_round
+
+DISCOVERY_POLL_SECONDS = 0.5
+
+
+@dataclass
+class SiteInfo:
+    """A connected site as the server knows it: never more than its id and row counts."""
+
+    site_id: str
+    num_train: int
+    num_test: int
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (one entry of ``metrics.json``'s ``rounds``)."""
+
+    round: int
+    participants: list[str]
+    declined: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    central_eval_loss: float | None = None
+    central_eval_accuracy: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """The final global weights, the round records and the sites seen."""
+
+    arrays: ArrayRecord
+    rounds: list[RoundRecord]
+    sites: dict[str, SiteInfo]
+
+
+class SiteDirectory:
+    """Maps Flower node ids to fedgov site ids, asking each new node who it is (a query message)."""
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self._grid = grid
+        self._timeout = timeout
+        self.by_node: dict[int, SiteInfo] = {}
+
+    def refresh(self) -> None:
+        """Query nodes that connected since the last call; forget nodes that left."""
+        online = set(self._grid.get_node_ids())
+        for node_id in list(self.by_node):
+            if node_id not in online:
+                del self.by_node[node_id]
+        new = sorted(online - set(self.by_node))
+        if not new:
+            return
+        queries = [
+            Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY)
+            for node_id in new
+        ]
+        known_ids = {info.site_id for info in self.by_node.values()}
+        for reply in exchange(self._grid, queries, self._timeout):
+            if reply.has_error():
+                log(WARNING, "node %s failed discovery: %s", reply.metadata.src_node_id,
+                    reply.error.reason)  # fmt: skip
+                continue
+            site = reply.content.config_records[keys.SITE]
+            info = SiteInfo(str(site[keys.SITE_ID]), int(site["num-train"]), int(site["num-test"]))
+            if info.site_id in known_ids:
+                log(WARNING, "two nodes claim site id %s; ignoring node %s", info.site_id,
+                    reply.metadata.src_node_id)  # fmt: skip
+                continue
+            known_ids.add(info.site_id)
+            self.by_node[reply.metadata.src_node_id] = info
+
+    def wait_for(self, count: int) -> None:
+        """Block until ``count`` sites are known, or raise after the timeout."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            self.refresh()
+            if len(self.by_node) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise FedgovError(
+                    f"federation: only {len(self.by_node)} of {count} sites connected within "
+                    f"{self._timeout:.0f} s (federation.round_timeout)"
+                )
+            time.sleep(DISCOVERY_POLL_SECONDS)
+
+    def node_of(self) -> dict[str, int]:
+        return {info.site_id: node_id for node_id, info in self.by_node.items()}
+
+
+def _by_site(replies: list[Message], directory: SiteDirectory) -> list[tuple[str, Message]]:
+    """Replies paired with their site id, sorted by site id (a fixed aggregation order)."""
+    pairs = []
+    for reply in replies:
+        info = directory.by_node.get(reply.metadata.src_node_id)
+        pairs.append((info.site_id if info else f"node-{reply.metadata.src_node_id}", reply))
+    return sorted(pairs, key=lambda pair: pair[0])
+
+
+def _metric(record: object, name: str) -> float | None:
+    if record is None or name not in record:  # type: ignore[operator]
+        return None
+    return float(record[name])  # type: ignore[index]
+
+
+def run_rounds(
+    grid: Grid,
+    cfg: RunConfig,
+    strategy: Strategy,
+    initial_arrays: ArrayRecord,
+    central_evaluate: Callable[[ArrayRecord], EvalResult] | None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> RunResult:
+    """Run ``cfg.rounds`` rounds of federated training and evaluation."""
+    fed = cfg.federation
+    directory = SiteDirectory(grid, fed.round_timeout)
+    directory.wait_for(fed.num_sites or fed.min_sites_per_round)
+    arrays = initial_arrays
+    records: list[RoundRecord] = []
+    seen: dict[str, SiteInfo] = {}
+    for server_round in range(1, cfg.rounds + 1):
+        started = time.monotonic()
+        directory.refresh()
+        seen.update({info.site_id: info for info in directory.by_node.values()})
+        node_of = directory.node_of()
+        count = sites_per_round(len(node_of), fed.sites_per_round, fed.min_sites_per_round)
+        chosen = sample_sites(list(node_of), count, cfg.seed, server_round)
+        view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
+        record = RoundRecord(round=server_round, participants=[])
+
+        train_msgs = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
+        train_replies = _by_site(exchange(grid, train_msgs, fed.round_timeout), directory)
+        answered = {site_id for site_id, _ in train_replies}
+        record.failures.update(
+            {s: "no reply before the timeout" for s in chosen if s not in answered}
+        )
+        good: list[Message] = []
+        for site_id, reply in train_replies:
+            if reply.has_error():
+                record.failures[site_id] = reply.error.reason
+            else:
+                good.append(reply)
+                record.participants.append(site_id)
+        if good:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
+            if new_arrays is not None:
+                arrays = new_arrays
+            record.train_loss = _metric(train_metrics, "train_loss")
+
+        eval_msgs = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
+        eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
+        good_eval = [reply for _, reply in eval_replies if not reply.has_error()]
+        if good_eval:
+            eval_metrics = strategy.aggregate_evaluate(server_round, good_eval)
+            record.eval_loss = _metric(eval_metrics, "eval_loss")
+            record.eval_accuracy = _metric(eval_metrics, "eval_accuracy")
+        if central_evaluate is not None:
+            central = central_evaluate(arrays)
+            record.central_eval_loss = central.loss
+            record.central_eval_accuracy = central.accuracy
+        record.seconds = time.monotonic() - started
+        records.append(record)
+        if on_round is not None:
+            on_round(record)
+    return RunResult(arrays=arrays, rounds=records, sites=seen)
+
+
+def round_as_dict(record: RoundRecord) -> dict[str, object]:
+    """A round record as plain JSON-able data."""
+    return asdict(record)

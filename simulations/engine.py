@@ -1,0 +1,106 @@
+"""Run the fedgov Flower app on Flower's simulation engine (Ray backend), in this process.
+
+This is what ``flwr run`` does for a simulation federation (``flwr.simulation.app``): the same
+ServerApp and ClientApp, loaded from the components in ``pyproject.toml``, with the run config as
+Flower's override config. Run in-process, it needs no SuperLink and returns when the run ends.
+To use a Ray cluster, set ``federation.ray_address`` (e.g. ``auto`` on a cluster node).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+from flwr.common.config import get_fused_config_from_dir, get_project_config
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from fedgov.config import RunConfig, to_flower_config, validate
+from fedgov.errors import ConfigError
+from simulations.federation import resolved_num_sites
+
+FLOWER_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def app_dir() -> Path:
+    """The Flower app's directory: the project root holding ``pyproject.toml``."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(f"flower app: no pyproject.toml in {root} (install fedgov with pip -e)")
+    return root
+
+
+def set_flower_environment(flwr_home: Path | None = None) -> None:
+    """Telemetry off, no runtime dependency installation, FLWR_HOME inside the run if given."""
+    for name, value in FLOWER_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if flwr_home is not None:
+        os.environ["FLWR_HOME"] = str(flwr_home)
+
+
+def quiet_flower_logs() -> None:
+    """Flower's own handler prints warnings and errors; its INFO/DEBUG chatter stays out."""
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.setLevel(logging.WARNING)
+    flower_logger.propagate = False
+
+
+def run_simulation(cfg: RunConfig) -> None:
+    """Run ``cfg`` to the end on the Ray simulation engine; outputs go to ``cfg.output_dir``."""
+    validate(cfg)
+    cfg.federation.num_sites = resolved_num_sites(cfg)  # also checks the data before Ray starts
+    set_flower_environment()
+    quiet_flower_logs()
+    project = app_dir()
+    components = get_project_config(project)["tool"]["flwr"]["app"]["components"]
+    override = to_flower_config(cfg)
+    run = Run.create_empty(run_id=secrets.randbits(63))
+    run.override_config = override
+    run.primary_task_id = secrets.randbits(63)
+    run.federation_id = NOOP_FEDERATION_ID
+    # Messages the ServerApp creates are stamped with this process's task identity.
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=get_fused_config_from_dir(project, override),
+    )
+    init_args: dict[str, object] = {"logging_level": "ERROR", "log_to_driver": True}
+    if cfg.federation.ray_address:
+        init_args["address"] = cfg.federation.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+    _run_simulation(
+        num_supernodes=cfg.federation.num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=components["serverapp"],
+        client_app_attr=components["clientapp"],
+        backend_name="ray",
+        backend_config=backend_config,
+        app_dir=str(project),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+    )
