@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedgov.config import RunConfig
-from fedgov.datasets import Dataset, load_dataset, split_holdout
+from fedgov.datasets import DEFAULT_SYNTHETIC_SITES, Dataset, load_dataset, split_holdout
 from fedgov.errors import ConfigError
 from simulations.partitioners import partition
-
-DEFAULT_SYNTHETIC_SITES = 10
 
 
 @dataclass(frozen=True)
