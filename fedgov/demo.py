@@ -17,27 +17,16 @@ DEMO_OVERRIDES = [
 ]
 
 
-def conf_dir() -> Path:
-    """The project's Hydra config folder."""
-    path = Path(__file__).resolve().parent.parent / "conf"
-    if not (path / "config.yaml").is_file():
-        raise FedgovError(f"config: {path}/config.yaml is missing (is fedgov installed with -e?)")
-    return path
-
-
 def run_demo(out: str | Path, rounds: int = 5) -> dict:
     """Run the demo federation; everything goes under ``out``; returns metrics.json's data."""
-    from hydra import compose, initialize_config_dir
-
-    from simulations.run import run_from_hydra
+    from simulations.run import compose_config, run_from_hydra
 
     out = Path(out).resolve()
     run_dir = out / "run"
     if out.exists() and not out.is_dir():
         raise FedgovError(f"--out: {out} exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*DEMO_OVERRIDES, f"rounds={rounds}"])
+    cfg = compose_config([*DEMO_OVERRIDES, f"rounds={rounds}"])
     print(
         f"fedgov demo: {rounds} rounds of federated training across 6 hospital sites "
         "(RAND HIE, Flower simulation engine)",

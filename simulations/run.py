@@ -24,6 +24,18 @@ from fedgov.errors import FedgovError
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides``, as the command line would."""
+    from hydra import compose, initialize_config_dir
+
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise FedgovError(f"config: {CONF_DIR}/config.yaml is missing (install fedgov with -e)")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
 
 def run_from_hydra(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the simulation described by a composed Hydra config; return ``metrics.json``'s data."""
