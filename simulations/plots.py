@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
@@ -30,6 +31,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
