@@ -1,7 +1,7 @@
 """Sending messages to sites and collecting replies, with a short poll.
 
 Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls on a real SuperLink; this loop pushes
-the messages and polls with a back-off from 10 ms to 250 ms, so a round ends as soon as the last
+the messages and polls with a back-off from 10 ms to 100 ms, so a round ends as soon as the last
 site answers.
 """
 
@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 FIRST_POLL_SECONDS = 0.01
-MAX_POLL_SECONDS = 0.25
+MAX_POLL_SECONDS = 0.1
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
