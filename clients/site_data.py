@@ -46,7 +46,7 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)  # one entry per site this process serves
+@functools.cache  # one entry per site this process serves
 def _load(
     node_items: tuple[tuple[str, Any], ...],
     name: str,
