@@ -10,16 +10,14 @@ import functools
 import warnings
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.site_data import SiteData, load_site_data
-from clients.training import site_round_seed, train_local
+from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov.config import RunConfig, from_flower_config
 from fedgov.evaluation import evaluate
-from fedgov.models import build_model
-from fedgov.records import load_array_record
 
 app = ClientApp()
 
@@ -39,13 +37,6 @@ def _prepare(context: Context) -> tuple[RunConfig, SiteData]:
     return cfg, load_site_data(cfg, context.node_config)
 
 
-def _model(cfg: RunConfig, site: SiteData, msg: Message) -> torch.nn.Module:
-    schema = site.schema
-    model = build_model(cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden)
-    load_array_record(model, msg.content.array_records[keys.ARRAYS])
-    return model
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this site is and how many rows it holds (no data leaves the site)."""
@@ -60,24 +51,21 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's rows and return the new weights."""
     cfg, site = _prepare(context)
-    model = _model(cfg, site, msg)
-    config = msg.content.config_records[keys.CONFIG]
-    server_round = int(config.get(keys.SERVER_ROUND, 0))
-    result = train_local(
-        model,
-        site.train,
-        cfg.train,
-        seed=site_round_seed(cfg.seed, server_round, site.site_id),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
-    metrics = MetricRecord(
-        {"train_loss": result.train_loss, keys.NUM_EXAMPLES: result.num_examples,
-         "steps": result.steps}
-    )  # fmt: skip
+    try:
+        update = compute_update(
+            cfg,
+            site,
+            msg.content.array_records[keys.ARRAYS],
+            msg.content.config_records[keys.CONFIG],
+            context,
+        )
+    except SiteDeclined as declined:
+        return Message(keys.decline_content(site.site_id, declined.reason, **declined.details),
+                       reply_to=msg)  # fmt: skip
     content = RecordDict(
         {
-            keys.ARRAYS: ArrayRecord(model.state_dict()),
-            keys.METRICS: metrics,
+            keys.ARRAYS: update.arrays,
+            keys.METRICS: update.metrics,
             keys.SITE: keys.site_record(site.site_id),
         }
     )
@@ -88,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out rows."""
     cfg, site = _prepare(context)
-    result = evaluate(_model(cfg, site, msg), site.test)
+    result = evaluate(site_model(cfg, site, msg.content.array_records[keys.ARRAYS]), site.test)
     metrics = MetricRecord(
         {"eval_loss": result.loss, "eval_accuracy": result.accuracy,
          keys.NUM_EXAMPLES: result.num_examples}

@@ -6,16 +6,19 @@ Site → server, train: ``ARRAYS`` (updated weights), ``METRICS`` (``train_loss`
 ``num-examples``, ``steps``) and ``SITE`` (ConfigRecord: ``site-id``).
 Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-examples``), ``SITE``.
 Site → server, query: ``SITE`` (``site-id``, ``num-train``, ``num-test``).
+Site → server, a refusal to train: ``SITE`` and ``DECLINE`` (ConfigRecord: ``reason`` plus any
+details such as ε spent and cap); the server records it and carries on with the other sites.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+DECLINE = "decline"
 
 NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
 SITE_ID = "site-id"
@@ -32,3 +35,17 @@ def reply_site_id(reply: Message) -> str:
     if reply.has_error() or SITE not in reply.content.config_records:
         return ""
     return str(reply.content.config_records[SITE][SITE_ID])
+
+
+def decline_content(site_id: str, reason: str, **details: int | float | str) -> RecordDict:
+    """The reply content of a site that refuses this round."""
+    return RecordDict(
+        {SITE: site_record(site_id), DECLINE: ConfigRecord({"reason": reason, **details})}
+    )
+
+
+def decline_reason(reply: Message) -> str | None:
+    """The reason a reply declines the round, or None when it does not decline."""
+    if reply.has_error() or DECLINE not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records[DECLINE]["reason"])

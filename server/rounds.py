@@ -45,6 +45,7 @@ class RoundRecord:
     round: int
     participants: list[str]
     declined: list[str] = field(default_factory=list)
+    decline_reasons: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     train_loss: float | None = None
     eval_loss: float | None = None
@@ -167,6 +168,9 @@ def run_rounds(
         for site_id, reply in train_replies:
             if reply.has_error():
                 record.failures[site_id] = reply.error.reason
+            elif (reason := keys.decline_reason(reply)) is not None:
+                record.declined.append(site_id)
+                record.decline_reasons[site_id] = reason
             else:
                 good.append(reply)
                 record.participants.append(site_id)

@@ -164,3 +164,21 @@ def test_train_is_deterministic_for_a_seed():
         train_local(model, rows, cfg.train, seed=123)
         states.append(np.concatenate([p.detach().numpy().ravel() for p in model.parameters()]))
     assert np.array_equal(states[0], states[1])
+
+
+def test_a_declining_site_replies_with_its_reason_and_no_weights(monkeypatch):
+    from clients import update
+    from fedgov import messages
+
+    def refuse(*args, **kwargs):
+        raise update.SiteDeclined("budget exhausted", epsilon_spent=7.5, cap=8.0)
+
+    monkeypatch.setattr(client_app, "compute_update", refuse)
+    cfg = _cfg()
+    schema = simulated_federation(cfg).pool.schema
+    model = build_model("mlp", schema.input_shape, len(schema.classes))
+    msg = _incoming(MessageType.TRAIN, ArrayRecord(model.state_dict()), {"server-round": 3})
+    reply = client_app.train(msg, _context(cfg, {"partition-id": 0}))
+    assert messages.decline_reason(reply) == "budget exhausted"
+    assert reply.content.config_records["decline"]["cap"] == 8.0
+    assert not reply.content.array_records
