@@ -91,6 +91,19 @@ class SecAggConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """Publishing the final model to the governed registry (``server/registry``) after the run."""
+
+    publish: bool = False  # publish the final global model as a new candidate version
+    path: str = ""  # registry folder; "" = $FEDGOV_REGISTRY or ./.fedgov/registry
+    db_url: str = ""  # SQLAlchemy URL of its metadata; "" = SQLite in the folder (registry.db)
+    model_name: str = ""  # "" = "<dataset>-<model>" (e.g. randhie-mlp)
+    # The server's Ed25519 private key (PEM) that signs manifests; "" = <path>/keys/publisher.key.
+    # Generated on first use when absent; the policy must list its public key as a publisher.
+    signing_key: str = ""
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; the resolved Hydra config and the Flower run config both map here."""
 
@@ -105,6 +118,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def to_flower_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
@@ -194,6 +208,7 @@ def validate(cfg: RunConfig) -> None:
     at_least("train.local_epochs", cfg.train.local_epochs, 1)
     at_least("train.batch_size", cfg.train.batch_size, 1)
     at_least("model.hidden", cfg.model.hidden, 1)
+    validate_registry(cfg)
     if (
         cfg.federation.sites_per_round >= 1
         and not float(cfg.federation.sites_per_round).is_integer()
@@ -218,4 +233,16 @@ def validate(cfg: RunConfig) -> None:
     if image != (cfg.model.name == "cnn") and cfg.model.name == "cnn":
         raise ConfigError(
             f"model.name: 'cnn' needs an image dataset (digits, mnist5k), not '{cfg.dataset.name}'"
+        )
+
+
+def validate_registry(cfg: RunConfig) -> None:
+    """The registry settings: a model name the registry accepts (checked before any training)."""
+    import re
+
+    name = cfg.registry.model_name
+    if name and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise ConfigError(
+            f"registry.model_name: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting "
+            "with a letter or digit"
         )

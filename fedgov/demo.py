@@ -26,7 +26,10 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
     if out.exists() and not out.is_dir():
         raise FedgovError(f"--out: {out} exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config([*DEMO_OVERRIDES, f"rounds={rounds}"])
+    from server.registry.demo import prepare_keys, registry_overrides
+
+    public_keys = prepare_keys(out)  # demo principals' keys under DIR/keys (made once)
+    cfg = compose_config([*DEMO_OVERRIDES, f"rounds={rounds}", *registry_overrides(out)])
     print(
         f"fedgov demo: {rounds} rounds of federated training across 6 hospital sites "
         "(RAND HIE, Flower simulation engine)",
@@ -34,7 +37,44 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
     )
     metrics = run_from_hydra(cfg, run_dir)
     print_summary(metrics, run_dir)
+    print_governance(out, run_dir, public_keys)
     return metrics
+
+
+def print_governance(out: Path, run_dir: Path, public_keys: dict[str, str]) -> None:
+    """Write the demo policy for the published candidate; print the commands to govern it."""
+    from server.registry.demo import demo_policy, governance_commands, write_policy
+    from server.registry.governance import gate_report
+    from server.registry.registry import Registry
+
+    registry = Registry(out / "registry")
+    with registry.store.read() as session:
+        candidates = [
+            v
+            for v in registry.store.versions(session)
+            if v.manifest["lineage"].get("run_dir") == str(run_dir)
+        ]
+    if not candidates:
+        raise FedgovError(f"demo: the run in {run_dir} published no model to {registry.path}")
+    record = candidates[-1]
+    policy_path = write_policy(out, demo_policy(public_keys, record.manifest))
+    policy = registry.load_policy(policy_path)
+    with registry.store.read() as session:
+        gates = gate_report(registry, session, record, policy, "production")
+    registry.close()
+    write = sys.stdout.write
+    write(f"\n registry        {registry.path}\n")
+    write(f"   candidate     {record.ref} (manifest sha256 {record.manifest_sha256[:16]}…, "
+          "signed by fl-server)\n")  # fmt: skip
+    write(f"   policy        {policy_path}\n")
+    write(f"   keys          {out / 'keys'} (demo principals: {', '.join(public_keys)})\n")
+    write("   gates of @production now:\n")
+    for gate in gates.results:
+        write(f"     {'ok  ' if gate.passed else 'todo'} {gate.gate}: {gate.detail}\n")
+    write("\n Govern it: approve (2 of 3, one the privacy officer), promote, serve:\n")
+    for what, command in governance_commands(out, record.ref):
+        write(f"   # {what}\n   {command}\n")
+    sys.stdout.flush()
 
 
 def print_summary(metrics: dict, run_dir: Path) -> None:

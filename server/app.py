@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgov.config import RunConfig, from_flower_config
 from fedgov.datasets import DatasetSchema
+from fedgov.errors import ConfigError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
@@ -27,11 +28,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, train for ``rounds`` rounds, write the run's outputs."""
     cfg = from_flower_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(grid, cfg, run_id=context.run_id)
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> None:
-    """The whole run: initial model, rounds with progress lines, ``metrics.json`` and weights."""
+def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None:
+    """The whole run: initial model, rounds with progress lines, ``metrics.json`` and weights.
+
+    With ``registry.publish`` the final model becomes a new candidate version in the registry.
+    """
+    if cfg.registry.publish and not cfg.output_dir:
+        raise ConfigError("registry.publish: needs output_dir (the run directory it publishes)")
     torch.set_num_threads(1)
     # Flower logs every sampling and aggregation at INFO; fedgov prints one line per round.
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -54,6 +60,31 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     )
     if cfg.output_dir:
         write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)
+    # Last: every output of the run (privacy_report.json included) must be written before this.
+    if cfg.registry.publish:
+        _publish(cfg, schema, run_id)
+
+
+def _publish(cfg: RunConfig, schema: DatasetSchema, run_id: int | None) -> None:
+    from server.registry.publish import publish_run
+
+    published = publish_run(cfg.output_dir, cfg, schema, run_id)
+    if published.key_created:
+        print(
+            f"[fedgov] note: generated the publisher signing key {published.key_path} (public key "
+            f"{published.key_path}.pub); list that public key with role 'publisher' in the "
+            "registry policy, or the version cannot be approved or served",
+            file=sys.stderr,
+            flush=True,
+        )
+    record = published.record
+    print(
+        f"[fedgov] published {record.ref} to {published.registry_path} as a candidate "
+        f"(manifest sha256 {record.manifest_sha256[:16]}…, signed by key "
+        f"{record.manifest['publisher']['key_id']})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callable:
