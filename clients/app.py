@@ -13,11 +13,14 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import secagg
 from clients.site_data import SiteData, load_site_data
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov.config import RunConfig, from_flower_config
 from fedgov.evaluation import evaluate
+from privacy.secagg.protocol import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
+from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
 app = ClientApp()
 
@@ -27,6 +30,10 @@ warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 @functools.lru_cache(maxsize=4)
 def _run_config(items: tuple[tuple[str, object], ...]) -> RunConfig:
     return from_flower_config(dict(items))
+
+
+def _config(context: Context) -> RunConfig:
+    return _run_config(tuple(sorted(context.run_config.items())))
 
 
 def _prepare(context: Context) -> tuple[RunConfig, SiteData]:
@@ -67,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.ARRAYS: update.arrays,
             keys.METRICS: update.metrics,
             keys.SITE: keys.site_record(site.site_id),
+            **update.extra_records(),  # the signed privacy receipt under sample-level DP
         }
     )
     return Message(content, reply_to=msg)
@@ -83,3 +91,30 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     )  # fmt: skip
     content = RecordDict({keys.METRICS: metrics, keys.SITE: keys.site_record(site.site_id)})
     return Message(content, reply_to=msg)
+
+
+# ---- secure aggregation (SecAgg+): one custom train action per stage, see clients/secagg.py ----
+@app.train(SECAGG_ACTIONS[SETUP])
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 1 ("train.secagg_setup"): this round's keys."""
+    return secagg.handle_setup(msg, context, _config(context))
+
+
+@app.train(SECAGG_ACTIONS[SHARE_KEYS])
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2 ("train.secagg_share_keys"): encrypted shares for the neighbours."""
+    return secagg.handle_share_keys(msg, context, _config(context))
+
+
+@app.train(SECAGG_ACTIONS[MASKED_INPUT])
+def secagg_masked_input(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 3 ("train.secagg_masked_input"): train, then send the masked update."""
+    return secagg.handle_masked_input(
+        msg, context, _config(context), load_site=lambda: _prepare(context)[1]
+    )
+
+
+@app.train(SECAGG_ACTIONS[UNMASK])
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4 ("train.secagg_unmask"): shares that remove the leftover masks."""
+    return secagg.handle_unmask(msg, context, _config(context))

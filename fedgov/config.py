@@ -18,6 +18,9 @@ from fedgov.errors import ConfigError
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
 MODEL_NAMES = ("mlp", "logreg", "cnn")
 PARTITIONERS = ("natural", "iid", "dirichlet")
+SECAGG_NAMES = ("off", "secaggplus")
+# Strategies whose aggregate is a weighted mean, so a secure sum of the updates is all they need.
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
 @dataclass
@@ -85,9 +88,22 @@ class PrivacyConfig:
 
 @dataclass
 class SecAggConfig:
-    """Secure aggregation (filled in by the secure-aggregation issue); "off" = plain sums."""
+    """Secure aggregation: "off" (the server sees each update) or "secaggplus" (only the sum).
+
+    secaggplus: SecAgg+ (Bell et al. 2020) on Flower's Message API, see privacy/secagg/. Each
+    site's update (local − global) is clipped to ±``clip_range`` per value, weighted, quantised
+    into the ring Z_{2^bits} and masked; the server unmasks only the sum of the survivors.
+    """
 
     name: str = "off"
+    # Shares needed to rebuild a site's secrets: a fraction in (0.5, 1] of its share group (the
+    # site and its neighbours) or a count ≥ 2; never less than a strict majority of the group.
+    threshold: float = 0.66
+    neighbours: int = 0  # k, mask partners per site; 0 = all sites up to 64, then 8·⌈log2 n⌉
+    clip_range: float = 1.0  # each value of a site's update is clipped to [−clip_range, clip_range]
+    bits: int = 32  # the ring Z_{2^bits}: 32 (uint32 on the wire) or 64 (finer, twice the bytes)
+    max_weight: int = 100_000  # the largest weight (example count) a site may claim
+    timeout: float = 0.0  # seconds to wait for each stage's replies; 0 = federation.round_timeout
 
 
 @dataclass
@@ -199,7 +215,7 @@ def validate(cfg: RunConfig) -> None:
     choice("model.name", cfg.model.name, MODEL_NAMES)
     choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
     choice("privacy.name", cfg.privacy.name, ("none",))
-    choice("secagg.name", cfg.secagg.name, ("off",))
+    choice("secagg.name", cfg.secagg.name, SECAGG_NAMES)
     at_least("rounds", cfg.rounds, 1)
     at_least("federation.num_sites", cfg.federation.num_sites, 0)
     at_least("federation.sites_per_round", cfg.federation.sites_per_round, 0)
@@ -229,11 +245,39 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy.trim_beta: {cfg.strategy.trim_beta} not in [0, 0.5)")
     at_least("strategy.proximal_mu", cfg.strategy.proximal_mu, 0)
     at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
+    validate_secagg(cfg)
     image = cfg.dataset.name in ("digits", "mnist5k")
     if image != (cfg.model.name == "cnn") and cfg.model.name == "cnn":
         raise ConfigError(
             f"model.name: 'cnn' needs an image dataset (digits, mnist5k), not '{cfg.dataset.name}'"
         )
+
+
+def validate_secagg(cfg: RunConfig) -> None:
+    """Secure aggregation's ranges, and the strategies it can serve."""
+    s = cfg.secagg
+    if s.name == "off":
+        return
+    if cfg.strategy.name not in SECAGG_STRATEGIES:
+        raise ConfigError(
+            f"secagg.name: '{s.name}' hides individual updates, but strategy "
+            f"'{cfg.strategy.name}' needs them; use one of {', '.join(SECAGG_STRATEGIES)} or "
+            "secagg=off"
+        )
+    if not (0.5 < s.threshold <= 1 or (s.threshold >= 2 and float(s.threshold).is_integer())):
+        raise ConfigError(
+            f"secagg.threshold: {s.threshold} must be a fraction in (0.5, 1] or a whole count ≥ 2"
+        )
+    if s.neighbours < 0:
+        raise ConfigError(f"secagg.neighbours: {s.neighbours} must be ≥ 0 (0 = automatic)")
+    if not s.clip_range > 0:
+        raise ConfigError(f"secagg.clip_range: {s.clip_range} must be > 0")
+    if s.bits not in (32, 64):
+        raise ConfigError(f"secagg.bits: {s.bits} is not one of 32, 64")
+    if not 1 <= s.max_weight <= 2**53:
+        raise ConfigError(f"secagg.max_weight: {s.max_weight} must be in [1, 2^53]")
+    if s.timeout < 0:
+        raise ConfigError(f"secagg.timeout: {s.timeout} must be ≥ 0 (0 = round_timeout)")
 
 
 def validate_registry(cfg: RunConfig) -> None:

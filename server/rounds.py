@@ -25,6 +25,7 @@ from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
 from server.messaging import SampledGrid, exchange
 from server.sampling import sample_sites, sites_per_round
+from server.secagg_round import run_secagg_round
 
 DISCOVERY_POLL_SECONDS = 0.5
 
@@ -53,6 +54,12 @@ class RoundRecord:
     central_eval_loss: float | None = None
     central_eval_accuracy: float | None = None
     seconds: float = 0.0
+    # Secure aggregation: sites whose input is not in the sum (site → stage, reason), and a
+    # round that could not finish securely (the global model is then kept).
+    dropouts: dict[str, dict[str, str]] = field(default_factory=dict)
+    aborted: bool = False
+    abort_reason: str | None = None
+    secagg: dict[str, object] | None = None
 
 
 @dataclass
@@ -158,27 +165,16 @@ def run_rounds(
         view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
         record = RoundRecord(round=server_round, participants=[])
 
-        train_msgs = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
-        train_replies = _by_site(exchange(grid, train_msgs, fed.round_timeout), directory)
-        answered = {site_id for site_id, _ in train_replies}
-        record.failures.update(
-            {s: "no reply before the timeout" for s in chosen if s not in answered}
-        )
-        good: list[Message] = []
-        for site_id, reply in train_replies:
-            if reply.has_error():
-                record.failures[site_id] = reply.error.reason
-            elif (reason := keys.decline_reason(reply)) is not None:
-                record.declined.append(site_id)
-                record.decline_reasons[site_id] = reason
-            else:
-                good.append(reply)
-                record.participants.append(site_id)
-        if good:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
-            if new_arrays is not None:
-                arrays = new_arrays
-            record.train_loss = _metric(train_metrics, "train_loss")
+        if cfg.secagg.name == "secaggplus":
+            num_train = {site_id: info.num_train for site_id, info in seen.items()}
+            arrays, view = _train_secagg(
+                grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record
+            )
+        else:
+            arrays = _train_plain(
+                grid, fed.round_timeout, strategy, server_round, arrays, view, directory, chosen,
+                record,
+            )  # fmt: skip
 
         eval_msgs = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
         eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
@@ -196,6 +192,71 @@ def run_rounds(
         if on_round is not None:
             on_round(record)
     return RunResult(arrays=arrays, rounds=records, sites=seen)
+
+
+def _train_plain(
+    grid: Grid,
+    timeout: float,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    view: Grid,
+    directory: SiteDirectory,
+    chosen: list[str],
+    record: RoundRecord,
+) -> ArrayRecord:
+    """Train without secure aggregation: the strategy sees each site's weights."""
+    train_msgs = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
+    train_replies = _by_site(exchange(grid, train_msgs, timeout), directory)
+    answered = {site_id for site_id, _ in train_replies}
+    record.failures.update({s: "no reply before the timeout" for s in chosen if s not in answered})
+    good: list[Message] = []
+    for site_id, reply in train_replies:
+        if reply.has_error():
+            record.failures[site_id] = reply.error.reason
+        elif (reason := keys.decline_reason(reply)) is not None:
+            record.declined.append(site_id)
+            record.decline_reasons[site_id] = reason
+        else:
+            good.append(reply)
+            record.participants.append(site_id)
+    if good:
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
+        if new_arrays is not None:
+            arrays = new_arrays
+        record.train_loss = _metric(train_metrics, "train_loss")
+    return arrays
+
+
+def _train_secagg(
+    grid: Grid,
+    cfg: RunConfig,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    view: SampledGrid,
+    node_of: dict[str, int],
+    chosen: list[str],
+    num_train: dict[str, int],
+    record: RoundRecord,
+) -> tuple[ArrayRecord, SampledGrid]:
+    """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
+
+    Returns the new global weights and the sites to evaluate: the sampled ones minus those that
+    stopped answering during the round.
+    """
+    outcome = run_secagg_round(
+        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train
+    )
+    record.participants = outcome.participants
+    record.declined = sorted(outcome.declined)
+    record.decline_reasons = dict(sorted(outcome.declined.items()))
+    record.dropouts = outcome.dropouts
+    record.aborted, record.abort_reason = outcome.aborted, outcome.abort_reason
+    record.secagg = outcome.summary
+    record.train_loss = _metric(outcome.train_metrics, "train_loss")
+    reachable = [node_of[s] for s in chosen if s not in outcome.unreachable]
+    return (outcome.arrays or arrays), SampledGrid(grid, reachable)
 
 
 def round_as_dict(record: RoundRecord) -> dict[str, object]:

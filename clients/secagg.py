@@ -1,0 +1,178 @@
+"""The site's side of SecAgg+: the four stage handlers behind the ClientApp's custom actions.
+
+Each handler reads the request records, runs the site's :class:`SiteSecAgg` (kept between
+messages in ``context.state`` under ``privacy.secagg.records.STATE``) and replies with records.
+The site's update comes from :func:`clients.update.compute_update`, like every release of a
+site's update; a :class:`SiteDeclined` there makes the site a dropout of this round, with its
+reason. A request that breaks the protocol (another round's, out of order, asking for both
+secrets of one site, a threshold weaker than the run's) gets a refusal, never secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from clients.site_data import SiteData
+from clients.update import SiteDeclined, compute_update
+from fedgov import messages as keys
+from fedgov.config import RunConfig
+from privacy.secagg import records
+from privacy.secagg.client import SiteSecAgg
+from privacy.secagg.layout import VectorLayout
+from privacy.secagg.protocol import (
+    MASKED_INPUT,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    MaskedInput,
+    ProtocolRefusal,
+)
+from privacy.secagg.quantise import quantise, ring_scale
+
+logger = logging.getLogger("fedgov.secagg")
+
+
+def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Stage 1: fresh keys for this round; reply with the public halves."""
+
+    def run() -> RecordDict:
+        request = records.parse_setup_request(msg.content)
+        previous = _load(context)
+        if previous is not None and (
+            previous.round_id == request.round_id or previous.server_round > request.server_round
+        ):
+            raise ProtocolRefusal(
+                f"setup for round {request.server_round} after round {previous.server_round} "
+                "(replayed or stale)"
+            )
+        site = SiteSecAgg(request, cfg.secagg.threshold, cfg.secagg.max_weight)
+        _save(context, site)
+        return RecordDict(
+            {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}
+        )
+
+    return _reply(msg, context, SETUP, run)
+
+
+def handle_share_keys(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Stage 2: Shamir-split both secrets among the live neighbours, one ciphertext each."""
+
+    def run() -> RecordDict:
+        request = records.parse_share_keys_request(msg.content)
+        site = _require(context)
+        ciphertexts = site.share_keys(request)
+        _save(context, site)
+        record = records.ciphertexts_record(site.round_id, site.index, ciphertexts)
+        return RecordDict({records.SECAGG: record})
+
+    return _reply(msg, context, SHARE_KEYS, run)
+
+
+def handle_masked_input(
+    msg: Message, context: Context, cfg: RunConfig, load_site: Callable[[], SiteData]
+) -> Message:
+    """Stage 3: open the neighbours' shares, train (or decline), reply with the masked update."""
+
+    def run() -> RecordDict:
+        request = records.parse_masked_input_request(msg.content)
+        site_round = _require(context)
+        bad_shares = site_round.accept_shares(request)
+        for sender, reason in bad_shares.items():
+            logger.warning("secagg: the share from site index %d failed: %s", sender, reason)
+        site = load_site()
+        global_arrays = msg.content.array_records[keys.ARRAYS]
+        header = records.reply_header(MASKED_INPUT, site_round.round_id, site_round.index)
+        try:
+            update = compute_update(
+                cfg, site, global_arrays, msg.content.config_records[keys.CONFIG], context
+            )
+        except SiteDeclined as declined:
+            site_round.decline()
+            _save(context, site_round)
+            content = keys.decline_content(site.site_id, declined.reason, **declined.details)
+            content[records.SECAGG] = ConfigRecord(header)
+            return content
+        layout = VectorLayout.of(global_arrays)
+        settings = cfg.secagg
+        weight = min(int(update.metrics[keys.NUM_EXAMPLES]), site_round.weight_scale)
+        try:
+            quantised, clipped = quantise(
+                layout.update_vector(update.arrays, global_arrays),
+                clip_range=settings.clip_range,
+                weight=weight,
+                max_weight=site_round.weight_scale,
+                scale=ring_scale(site_round.num_sites, settings.bits),
+                bits=settings.bits,
+            )
+        except ValueError as error:  # NaN/inf or a mismatched model: send nothing of it
+            site_round.decline()  # it can still help rebuild the others' secrets
+            _save(context, site_round)
+            raise ProtocolRefusal(f"cannot quantise this site's update: {error}") from None
+        if clipped:
+            logger.warning(
+                "secagg: %d of %d update values exceeded secagg.clip_range %g and were clipped",
+                clipped, layout.length, settings.clip_range,
+            )  # fmt: skip
+        masked = MaskedInput(
+            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares, clipped=clipped
+        )
+        _save(context, site_round)
+        config, arrays = records.masked_input_records(site_round.round_id, site_round.index, masked)
+        return RecordDict(
+            {
+                records.SECAGG: config,
+                records.MASKED: arrays,
+                keys.METRICS: MetricRecord(dict(update.metrics)),
+                keys.SITE: keys.site_record(site.site_id),
+            }
+        )
+
+    return _reply(msg, context, MASKED_INPUT, run)
+
+
+def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Stage 4: reveal shares (one kind per site, once per round), then forget the round."""
+
+    def run() -> RecordDict:
+        request = records.parse_unmask_request(msg.content)
+        site = _require(context)
+        shares = site.reveal(request)
+        _save(context, site)  # wiped: only the round id and "done" are left
+        record = records.unmask_shares_record(site.round_id, site.index, shares)
+        return RecordDict({records.SECAGG: record})
+
+    return _reply(msg, context, UNMASK, run)
+
+
+def _reply(msg: Message, context: Context, stage: str, run: Callable[[], RecordDict]) -> Message:
+    try:
+        content = run()
+    except (ProtocolRefusal, records.MalformedReply) as refusal:
+        reason = getattr(refusal, "reason", str(refusal))
+        logger.warning("secagg: refused the %s request: %s", stage, reason)
+        site = _load(context)
+        index = site.index if site is not None else 0
+        round_id = records.request_round_id(msg.content)
+        content = RecordDict(
+            {records.SECAGG: records.refusal_record(stage, round_id, index, reason)}
+        )
+    return Message(content, reply_to=msg)
+
+
+def _load(context: Context) -> SiteSecAgg | None:
+    state = context.state.config_records.get(records.STATE)
+    return None if state is None else SiteSecAgg.from_state_dict(state)
+
+
+def _require(context: Context) -> SiteSecAgg:
+    site = _load(context)
+    if site is None:
+        raise ProtocolRefusal("no secure-aggregation round in progress at this site")
+    return site
+
+
+def _save(context: Context, site: SiteSecAgg) -> None:
+    context.state[records.STATE] = ConfigRecord(site.state_dict())

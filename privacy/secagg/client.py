@@ -1,0 +1,298 @@
+"""A site's half of SecAgg+: a thin stateful object over the pure functions.
+
+One :class:`SiteSecAgg` lives for one round. Between messages it is kept in the site's
+``context.state`` (:meth:`state_dict` / :meth:`from_state_dict`); its secrets are dropped as soon
+as they are no longer needed: the self-mask seed and mask key once the input is masked,
+everything but the round id once the unmasking request is answered. Every method checks that the
+request belongs to this round and comes in order, and raises :class:`ProtocolRefusal` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from privacy.secagg import keys, masking, shamir
+from privacy.secagg.graph import share_threshold
+from privacy.secagg.protocol import (
+    MASKED_INPUT,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    KeyAdvert,
+    MaskedInputRequest,
+    ProtocolRefusal,
+    SetupRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+)
+
+# Where the site is in its round: the next stage it accepts.
+_AFTER = {SETUP: SHARE_KEYS, SHARE_KEYS: MASKED_INPUT, MASKED_INPUT: UNMASK, UNMASK: "done"}
+_PAYLOAD_BYTES = 2 * shamir.SHARE_BYTES  # share of the self-mask seed ‖ share of the mask key
+
+
+class SiteSecAgg:
+    """The per-round secrets and progress of one site."""
+
+    def __init__(self, request: SetupRequest, min_threshold: float, max_weight: int) -> None:
+        _check_setup(request, min_threshold, max_weight)
+        self.round_id = request.round_id
+        self.server_round = request.server_round
+        self.index = request.index
+        self.num_sites = request.num_sites
+        self.threshold = request.threshold
+        self.neighbours = tuple(request.neighbours)
+        self.weight_scale = request.weight_scale
+        self.expects = SHARE_KEYS
+        self.enc_private, self.enc_public = keys.new_keypair()
+        self.mask_private, self.mask_public = keys.new_keypair()
+        self.self_seed = keys.random_seed()
+        self.peers: dict[int, KeyAdvert] = {}
+        self.own_share = b""  # this site's own shares of its two secrets (66 + 66 bytes)
+        self.held: dict[int, bytes] = {}  # owner → its shares for this site (66 + 66 bytes)
+        self.partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in the input
+
+    # ---- stage 1 ---------------------------------------------------------------------------------
+    def advert(self) -> KeyAdvert:
+        """The public half of this round's keys and the self-mask commitment."""
+        return KeyAdvert(
+            enc_key=self.enc_public,
+            mask_key=self.mask_public,
+            commitment=keys.commitment(self.round_id, self.index, self.self_seed),
+        )
+
+    # ---- stage 2 ---------------------------------------------------------------------------------
+    def share_keys(self, request: ShareKeysRequest) -> dict[int, bytes]:
+        """Split both secrets among itself and its live neighbours: recipient → ciphertext."""
+        self._expect(SHARE_KEYS, request.round_id)
+        unknown = set(request.peers) - set(self.neighbours)
+        if unknown:
+            raise ProtocolRefusal(f"keys offered for sites {sorted(unknown)}, not neighbours")
+        if len(request.peers) + 1 < self.threshold:
+            raise ProtocolRefusal(
+                f"only {len(request.peers)} neighbours left, {self.threshold - 1} needed "
+                f"to share secrets with threshold {self.threshold}"
+            )
+        holders = [self.index, *sorted(request.peers)]
+        seed_shares = shamir.split(self.self_seed, self.threshold, holders)
+        key_shares = shamir.split(self.mask_private, self.threshold, holders)
+        ciphertexts: dict[int, bytes] = {}
+        for peer, advert in sorted(request.peers.items()):
+            try:
+                key = keys.agree(
+                    self.enc_private, advert.enc_key, self.round_id, keys.PURPOSE_SHARES,
+                    self.index, peer,
+                )  # fmt: skip
+                keys.agree(  # the mask key must work too, or masking fails later
+                    self.mask_private, advert.mask_key, self.round_id, keys.PURPOSE_MASK,
+                    self.index, peer,
+                )  # fmt: skip
+            except keys.KeyAgreementError as error:
+                raise ProtocolRefusal(f"site {peer}'s public key: {error}") from None
+            payload = _payload(seed_shares[peer], key_shares[peer])
+            ciphertexts[peer] = keys.encrypt_share(key, self.round_id, self.index, peer, payload)
+        self.peers = dict(request.peers)
+        self.own_share = _payload(seed_shares[self.index], key_shares[self.index])
+        self.expects = MASKED_INPUT
+        return ciphertexts
+
+    # ---- stage 3 ---------------------------------------------------------------------------------
+    def accept_shares(self, request: MaskedInputRequest) -> dict[int, str]:
+        """Open the shares the neighbours sent; return sender → reason for each that failed.
+
+        Every sender's pairwise mask goes into the input, opened or not: the server treats a
+        sender whose share failed as a dropout and removes its masks from the sum.
+        """
+        self._expect(MASKED_INPUT, request.round_id)
+        unknown = set(request.shares) - set(self.peers)
+        if unknown:
+            raise ProtocolRefusal(f"shares from sites {sorted(unknown)} that sent no keys")
+        bad: dict[int, str] = {}
+        for sender, blob in sorted(request.shares.items()):
+            key = keys.agree(
+                self.enc_private, self.peers[sender].enc_key, self.round_id,
+                keys.PURPOSE_SHARES, self.index, sender,
+            )  # fmt: skip
+            try:
+                payload = keys.decrypt_share(key, self.round_id, sender, self.index, blob)
+                _split_payload(payload)
+            except (keys.ShareDecryptionError, shamir.ShareError) as error:
+                bad[sender] = str(error)
+                continue
+            self.held[sender] = payload
+        self.partners = tuple(sorted(request.shares))
+        return bad
+
+    def mask(self, quantised: np.ndarray) -> np.ndarray:
+        """The masked input for ``quantised`` (a ring vector); forgets the masking secrets."""
+        self._expect(MASKED_INPUT, self.round_id)
+        pair_seeds = [(peer, self._pair_seed(peer)) for peer in self.partners]
+        masked = masking.mask_input(quantised, self.index, self.self_seed, pair_seeds)
+        self._finish_input()
+        return masked
+
+    def _pair_seed(self, peer: int) -> bytes:
+        return keys.agree(
+            self.mask_private, self.peers[peer].mask_key, self.round_id, keys.PURPOSE_MASK,
+            self.index, peer,
+        )  # fmt: skip
+
+    def decline(self) -> None:
+        """The site sends no input this round; it can still help rebuild others' secrets."""
+        self._expect(MASKED_INPUT, self.round_id)
+        self._finish_input()
+
+    # ---- stage 4 ---------------------------------------------------------------------------------
+    def reveal(self, request: UnmaskRequest) -> UnmaskShares:
+        """Shares of the survivors' self-mask seeds and of the dropped sites' mask keys.
+
+        Refuses a second request in the same round, a site named as both survivor and dropped,
+        and fewer survivors than the threshold (their sum would say too much about each).
+        """
+        self._expect(UNMASK, request.round_id)
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        both = survivors & dropped
+        if both:
+            raise ProtocolRefusal(
+                f"asked for both the self mask and the mask key of sites {sorted(both)}"
+            )
+        if len(survivors) < self.threshold:
+            raise ProtocolRefusal(
+                f"only {len(survivors)} survivors, fewer than the threshold {self.threshold}"
+            )
+        outside = (survivors | dropped) - set(range(1, self.num_sites + 1))
+        if outside:
+            raise ProtocolRefusal(f"sites {sorted(outside)} are not in this round")
+        held = {**self.held, self.index: self.own_share} if self.own_share else dict(self.held)
+        self_shares, key_shares = {}, {}
+        for owner, payload in held.items():
+            seed_share, key_share = payload[: shamir.SHARE_BYTES], payload[shamir.SHARE_BYTES :]
+            if owner in survivors:
+                self_shares[owner] = seed_share
+            elif owner in dropped:
+                key_shares[owner] = key_share
+        self._wipe()
+        return UnmaskShares(self_shares=self_shares, key_shares=key_shares)
+
+    # ---- persistence between messages ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Flat ConfigRecord-compatible values (bytes, ints, lists) for ``context.state``."""
+        peers = sorted(self.peers)
+        held = sorted(self.held)
+        return {
+            "round-id": self.round_id,
+            "server-round": self.server_round,
+            "index": self.index,
+            "num-sites": self.num_sites,
+            "threshold": self.threshold,
+            "neighbours": list(self.neighbours),
+            "weight-scale": self.weight_scale,
+            "expects": self.expects,
+            "enc-private": self.enc_private,
+            "mask-private": self.mask_private,
+            "self-seed": self.self_seed,
+            "peers": peers,
+            "peer-enc-keys": [self.peers[p].enc_key for p in peers],
+            "peer-mask-keys": [self.peers[p].mask_key for p in peers],
+            "own-share": self.own_share,
+            "held-owners": held,
+            "held-shares": [self.held[o] for o in held],
+            "partners": list(self.partners),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> SiteSecAgg:
+        """Restore the object :meth:`state_dict` saved."""
+        site = cls.__new__(cls)
+        site.round_id = bytes(state["round-id"])
+        site.server_round = int(state["server-round"])
+        site.index = int(state["index"])
+        site.num_sites = int(state["num-sites"])
+        site.threshold = int(state["threshold"])
+        site.neighbours = tuple(int(i) for i in state["neighbours"])
+        site.weight_scale = int(state["weight-scale"])
+        site.expects = str(state["expects"])
+        site.enc_private = bytes(state["enc-private"])
+        site.mask_private = bytes(state["mask-private"])
+        site.self_seed = bytes(state["self-seed"])
+        site.enc_public = keys.public_key_of(site.enc_private) if site.enc_private else b""
+        site.mask_public = keys.public_key_of(site.mask_private) if site.mask_private else b""
+        site.peers = {
+            int(p): KeyAdvert(bytes(e), bytes(m), b"")
+            for p, e, m in zip(
+                state["peers"], state["peer-enc-keys"], state["peer-mask-keys"], strict=True
+            )
+        }
+        site.own_share = bytes(state["own-share"])
+        site.held = {
+            int(o): bytes(s)
+            for o, s in zip(state["held-owners"], state["held-shares"], strict=True)
+        }
+        site.partners = tuple(int(p) for p in state["partners"])
+        return site
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _expect(self, stage: str, round_id: bytes) -> None:
+        if round_id != self.round_id:
+            raise ProtocolRefusal(
+                f"{stage} request for round id {round_id.hex()[:12]}…, this site is in round "
+                f"{self.server_round} ({self.round_id.hex()[:12]}…): replayed or stale"
+            )
+        if stage != self.expects:
+            raise ProtocolRefusal(
+                f"{stage} request out of order: this site expects {self.expects} "
+                f"in round {self.server_round}"
+            )
+
+    def _finish_input(self) -> None:
+        self.self_seed = b""
+        self.mask_private = b""
+        self.mask_public = b""
+        self.expects = UNMASK
+
+    def _wipe(self) -> None:
+        self.enc_private = self.enc_public = b""
+        self.mask_private = self.mask_public = self.self_seed = b""
+        self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
+        self.expects = _AFTER[UNMASK]
+
+
+def _check_setup(request: SetupRequest, min_threshold: float, max_weight: int) -> None:
+    """A site's own checks on the round the server proposes (refuses a weak or bogus one)."""
+    n, index, neighbours = request.num_sites, request.index, request.neighbours
+    if not 1 <= request.weight_scale <= max_weight:
+        raise ProtocolRefusal(
+            f"weight scale {request.weight_scale} outside [1, {max_weight}] (secagg.max_weight)"
+        )
+    if len(request.round_id) != keys.ROUND_ID_BYTES:
+        raise ProtocolRefusal(f"round id of {len(request.round_id)} bytes")
+    if n < 2 or not 1 <= index <= n:
+        raise ProtocolRefusal(f"index {index} of {n} sites")
+    if len(set(neighbours)) != len(neighbours) or any(
+        not 1 <= j <= n or j == index for j in neighbours
+    ):
+        raise ProtocolRefusal(f"bad neighbour list {list(neighbours)} for site {index} of {n}")
+    group = len(neighbours) + 1
+    lowest = share_threshold(group, min_threshold)
+    if not lowest <= request.threshold <= group:
+        raise ProtocolRefusal(
+            f"threshold {request.threshold} for a share group of {group}: this site accepts "
+            f"{lowest} … {group} (secagg.threshold)"
+        )
+
+
+def _payload(seed_share: int, key_share: int) -> bytes:
+    return shamir.share_to_bytes(seed_share) + shamir.share_to_bytes(key_share)
+
+
+def _split_payload(payload: bytes) -> tuple[int, int]:
+    if len(payload) != _PAYLOAD_BYTES:
+        raise shamir.ShareError(f"share payload of {len(payload)} bytes, expected {_PAYLOAD_BYTES}")
+    return (
+        shamir.share_from_bytes(payload[: shamir.SHARE_BYTES]),
+        shamir.share_from_bytes(payload[shamir.SHARE_BYTES :]),
+    )

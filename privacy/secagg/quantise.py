@@ -1,0 +1,84 @@
+"""Fixed-point quantisation of clipped, weighted updates into the ring Z_{2^bits} and back.
+
+A site's update u = local weights − global weights is clipped coordinate-wise to [−c, c] (c =
+``clip_range``), weighted by r = w / W_max (w its example count, W_max ``max_weight``, so r ≤ 1)
+and scaled to an integer q = round(r · u · L / c), |q| ≤ L. The scale L = ⌊(2^(bits−1) − 1) / n⌋
+for the n sites of the round (capped at 2^53, where float64 stops being exact), so the sum of up
+to n such integers never wraps around the ring: read as a signed integer, it is the exact sum.
+The server turns it back into the weighted mean update Σ r_i u_i / Σ r_i = S · c · W_max / (L · W)
+with W = Σ w_i. Each site's rounding moves its term by at most half a unit, so the mean is within
+``mean_error_bound`` = n_s · c · W_max / (2 · L · W) of the exact weighted mean of the clipped
+updates (n_s the survivors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from privacy.secagg.masking import ring_dtype
+
+FLOAT_EXACT = 2**53  # the largest scale whose integers float64 represents exactly
+
+
+def ring_scale(num_sites: int, bits: int) -> int:
+    """L: the integer that stands for the clip range c, so that n terms never wrap the ring."""
+    if num_sites < 1:
+        raise ValueError(f"ring scale for {num_sites} sites")
+    ring_dtype(bits)
+    return max(1, min((2 ** (bits - 1) - 1) // num_sites, FLOAT_EXACT))
+
+
+def quantise(
+    update: np.ndarray,
+    *,
+    clip_range: float,
+    weight: int,
+    max_weight: int,
+    scale: int,
+    bits: int,
+) -> tuple[np.ndarray, int]:
+    """(q as a ring vector, how many coordinates were clipped) for one site's flat update."""
+    if not 0 <= weight <= max_weight:
+        raise ValueError(f"weight {weight} outside [0, {max_weight}]")
+    values = np.asarray(update, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("the update holds NaN or infinite values")
+    clipped = int(np.count_nonzero(np.abs(values) > clip_range))
+    factor = (weight / max_weight) * (scale / clip_range)
+    scaled = np.clip(values, -clip_range, clip_range)
+    scaled *= factor
+    np.rint(scaled, out=scaled)
+    integers = scaled.astype(np.int64)
+    np.clip(integers, -scale, scale, out=integers)  # rounding can never push |q| past L
+    dtype = ring_dtype(bits)
+    ring = integers.view(np.uint64) if bits == 64 else integers.astype(dtype)
+    return np.ascontiguousarray(ring, dtype=dtype), clipped
+
+
+def to_signed(ring_values: np.ndarray, bits: int) -> np.ndarray:
+    """Ring elements read as two's-complement signed integers (int64)."""
+    signed = np.int32 if bits == 32 else np.int64
+    return np.asarray(ring_values, dtype=ring_dtype(bits)).view(signed).astype(np.int64)
+
+
+def dequantise_mean(
+    ring_sum: np.ndarray,
+    *,
+    clip_range: float,
+    total_weight: int,
+    max_weight: int,
+    scale: int,
+    bits: int,
+) -> np.ndarray:
+    """The weighted mean update (float64) from the unmasked ring sum of the survivors' inputs."""
+    if total_weight <= 0:
+        raise ValueError("the survivors' total weight is zero")
+    factor = (clip_range / scale) * (max_weight / total_weight)
+    return to_signed(ring_sum, bits).astype(np.float64) * factor
+
+
+def mean_error_bound(
+    num_survivors: int, *, clip_range: float, total_weight: int, max_weight: int, scale: int
+) -> float:
+    """The largest distance between the dequantised mean and the exact weighted mean (per value)."""
+    return num_survivors * clip_range * max_weight / (2 * scale * total_weight)

@@ -1,0 +1,349 @@
+"""SecAgg+ on the wire: every stage's request and reply as Flower records, with documented keys.
+
+Message types (``<category>.<action>``, routed by the ClientApp): ``train.secagg_setup``,
+``train.secagg_share_keys``, ``train.secagg_masked_input``, ``train.secagg_unmask``.
+
+Every request and reply carries the ConfigRecord ``SECAGG`` (``"secagg"``) with the header
+``stage`` (str), ``round-id`` (16 bytes, fresh per round) and, in replies, ``index`` (the site's
+index in the round). The rest of ``SECAGG`` by stage:
+
+- setup request: ``server-round``, ``num-sites``, ``threshold``, ``weight-scale`` (int),
+  ``neighbours`` (list[int]);
+  reply: ``enc-key``, ``mask-key`` (32-byte X25519 public keys), ``commitment`` (32 bytes).
+- share_keys request: ``peers`` (list[int]), ``peer-enc-keys``, ``peer-mask-keys`` (list[bytes]);
+  reply: ``recipients`` (list[int]) and ``ciphertexts`` (list[bytes], AES-GCM, one per recipient).
+- masked_input request: ``senders`` (list[int]), ``ciphertexts`` (list[bytes]); the message also
+  holds the strategy's ``arrays`` (global weights) and ``config`` records, as a plain train message.
+  Reply: ``weight`` (int), ``clipped`` (int), ``bad-senders`` (list[int]), ``bad-reasons``
+  (list[str]); the ArrayRecord ``MASKED`` (``"secagg-masked"``) with the one array ``"masked"``
+  (uint32 or uint64, the model's floating-point values flattened in record order); the
+  MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord ``site``.
+  A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
+- unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
+  ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
+
+A site that refuses a request replies with the header and ``refused`` (str, the reason).
+Parsing never trusts a reply: anything missing, mistyped or from another round or stage raises
+:class:`MalformedReply`, which the server records as that site's dropout reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from privacy.secagg.protocol import (
+    MASKED_INPUT,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    KeyAdvert,
+    MaskedInput,
+    MaskedInputRequest,
+    SetupRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+)
+
+SECAGG = "secagg"
+MASKED = "secagg-masked"
+MASKED_ARRAY = "masked"
+STATE = "secagg-state"  # the site's per-round secrets in context.state
+
+MESSAGE_TYPES = {
+    SETUP: "train.secagg_setup",
+    SHARE_KEYS: "train.secagg_share_keys",
+    MASKED_INPUT: "train.secagg_masked_input",
+    UNMASK: "train.secagg_unmask",
+}
+ACTIONS = {stage: message_type.split(".", 1)[1] for stage, message_type in MESSAGE_TYPES.items()}
+
+
+class MalformedReply(ValueError):
+    """A reply (or request) that does not follow the protocol; the message says how."""
+
+
+class SiteRefused(MalformedReply):
+    """The site refused the request; the message is its reason."""
+
+
+# ---- requests (server → site) --------------------------------------------------------------------
+def setup_request_record(request: SetupRequest) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            **_header(SETUP, request.round_id),
+            "server-round": request.server_round,
+            "index": request.index,
+            "num-sites": request.num_sites,
+            "threshold": request.threshold,
+            "neighbours": list(request.neighbours),
+            "weight-scale": request.weight_scale,
+        }
+    )
+
+
+def parse_setup_request(content: RecordDict) -> SetupRequest:
+    record = _secagg(content, SETUP)
+    return SetupRequest(
+        round_id=_bytes(record, "round-id"),
+        server_round=_int(record, "server-round"),
+        index=_int(record, "index"),
+        num_sites=_int(record, "num-sites"),
+        threshold=_int(record, "threshold"),
+        neighbours=tuple(_ints(record, "neighbours")),
+        weight_scale=_int(record, "weight-scale"),
+    )
+
+
+def share_keys_request_record(request: ShareKeysRequest) -> ConfigRecord:
+    peers = sorted(request.peers)
+    return ConfigRecord(
+        {
+            **_header(SHARE_KEYS, request.round_id),
+            "peers": peers,
+            "peer-enc-keys": [request.peers[p].enc_key for p in peers],
+            "peer-mask-keys": [request.peers[p].mask_key for p in peers],
+        }
+    )
+
+
+def parse_share_keys_request(content: RecordDict) -> ShareKeysRequest:
+    record = _secagg(content, SHARE_KEYS)
+    peers = _zip(
+        _ints(record, "peers"), _bytes_list(record, "peer-enc-keys"),
+        _bytes_list(record, "peer-mask-keys"),
+    )  # fmt: skip
+    return ShareKeysRequest(
+        round_id=_bytes(record, "round-id"),
+        peers={p: KeyAdvert(enc, mask, b"") for p, enc, mask in peers},
+    )
+
+
+def masked_input_request_record(request: MaskedInputRequest) -> ConfigRecord:
+    senders = sorted(request.shares)
+    return ConfigRecord(
+        {
+            **_header(MASKED_INPUT, request.round_id),
+            "senders": senders,
+            "ciphertexts": [request.shares[s] for s in senders],
+        }
+    )
+
+
+def parse_masked_input_request(content: RecordDict) -> MaskedInputRequest:
+    record = _secagg(content, MASKED_INPUT)
+    pairs = _zip(_ints(record, "senders"), _bytes_list(record, "ciphertexts"))
+    return MaskedInputRequest(round_id=_bytes(record, "round-id"), shares=dict(pairs))
+
+
+def unmask_request_record(request: UnmaskRequest) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            **_header(UNMASK, request.round_id),
+            "survivors": list(request.survivors),
+            "dropped": list(request.dropped),
+        }
+    )
+
+
+def parse_unmask_request(content: RecordDict) -> UnmaskRequest:
+    record = _secagg(content, UNMASK)
+    return UnmaskRequest(
+        round_id=_bytes(record, "round-id"),
+        survivors=tuple(_ints(record, "survivors")),
+        dropped=tuple(_ints(record, "dropped")),
+    )
+
+
+def request_round_id(content: RecordDict) -> bytes:
+    """The round id a request carries (for refusal replies to malformed requests)."""
+    record = content.config_records.get(SECAGG)
+    value = record.get("round-id") if record is not None else None
+    return value if isinstance(value, bytes) else b""
+
+
+# ---- replies (site → server) ---------------------------------------------------------------------
+def reply_header(stage: str, round_id: bytes, index: int) -> dict[str, Any]:
+    return {**_header(stage, round_id), "index": index}
+
+
+def refusal_record(stage: str, round_id: bytes, index: int, reason: str) -> ConfigRecord:
+    return ConfigRecord({**reply_header(stage, round_id, index), "refused": reason})
+
+
+def advert_record(round_id: bytes, index: int, advert: KeyAdvert) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            **reply_header(SETUP, round_id, index),
+            "enc-key": advert.enc_key,
+            "mask-key": advert.mask_key,
+            "commitment": advert.commitment,
+        }
+    )
+
+
+def parse_advert(content: RecordDict, round_id: bytes, index: int) -> KeyAdvert:
+    record = _reply(content, SETUP, round_id, index)
+    return KeyAdvert(
+        enc_key=_bytes(record, "enc-key"),
+        mask_key=_bytes(record, "mask-key"),
+        commitment=_bytes(record, "commitment"),
+    )
+
+
+def ciphertexts_record(round_id: bytes, index: int, ciphertexts: dict[int, bytes]) -> ConfigRecord:
+    recipients = sorted(ciphertexts)
+    return ConfigRecord(
+        {
+            **reply_header(SHARE_KEYS, round_id, index),
+            "recipients": recipients,
+            "ciphertexts": [ciphertexts[r] for r in recipients],
+        }
+    )
+
+
+def parse_ciphertexts(content: RecordDict, round_id: bytes, index: int) -> dict[int, bytes]:
+    record = _reply(content, SHARE_KEYS, round_id, index)
+    pairs = _zip(_ints(record, "recipients"), _bytes_list(record, "ciphertexts"))
+    recipients = [r for r, _ in pairs]
+    if len(set(recipients)) != len(recipients):
+        raise MalformedReply("the same recipient twice in the encrypted shares")
+    return dict(pairs)
+
+
+def masked_input_records(
+    round_id: bytes, index: int, masked: MaskedInput
+) -> tuple[ConfigRecord, ArrayRecord]:
+    bad = sorted(masked.bad_shares)
+    config = ConfigRecord(
+        {
+            **reply_header(MASKED_INPUT, round_id, index),
+            "weight": masked.weight,
+            "clipped": masked.clipped,
+            "bad-senders": bad,
+            "bad-reasons": [masked.bad_shares[s] for s in bad],
+        }
+    )
+    arrays = ArrayRecord({MASKED_ARRAY: Array(np.ascontiguousarray(masked.vector))})
+    return config, arrays
+
+
+def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> MaskedInput:
+    record = _reply(content, MASKED_INPUT, round_id, index)
+    arrays = content.array_records.get(MASKED)
+    if arrays is None or list(arrays.keys()) != [MASKED_ARRAY]:
+        raise MalformedReply(f"no '{MASKED}' record holding exactly one '{MASKED_ARRAY}' array")
+    try:
+        vector = arrays[MASKED_ARRAY].numpy()
+    except Exception as error:  # a corrupt or non-numpy payload
+        raise MalformedReply(f"unreadable masked input: {error}") from None
+    bad = _zip(_ints(record, "bad-senders"), _strs(record, "bad-reasons"))
+    return MaskedInput(
+        vector=vector,
+        weight=_int(record, "weight"),
+        bad_shares=dict(bad),
+        clipped=_int(record, "clipped"),
+    )
+
+
+def unmask_shares_record(round_id: bytes, index: int, shares: UnmaskShares) -> ConfigRecord:
+    seed_owners, key_owners = sorted(shares.self_shares), sorted(shares.key_shares)
+    return ConfigRecord(
+        {
+            **reply_header(UNMASK, round_id, index),
+            "seed-share-owners": seed_owners,
+            "seed-shares": [shares.self_shares[o] for o in seed_owners],
+            "key-share-owners": key_owners,
+            "key-shares": [shares.key_shares[o] for o in key_owners],
+        }
+    )
+
+
+def parse_unmask_shares(content: RecordDict, round_id: bytes, index: int) -> UnmaskShares:
+    record = _reply(content, UNMASK, round_id, index)
+    seeds = _zip(_ints(record, "seed-share-owners"), _bytes_list(record, "seed-shares"))
+    key_shares = _zip(_ints(record, "key-share-owners"), _bytes_list(record, "key-shares"))
+    return UnmaskShares(self_shares=dict(seeds), key_shares=dict(key_shares))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _header(stage: str, round_id: bytes) -> dict[str, Any]:
+    return {"stage": stage, "round-id": round_id}
+
+
+def _secagg(content: RecordDict, stage: str) -> ConfigRecord:
+    record = content.config_records.get(SECAGG)
+    if record is None:
+        raise MalformedReply(f"no '{SECAGG}' record")
+    if record.get("stage") != stage:
+        raise MalformedReply(f"a '{record.get('stage')}' message where '{stage}' was expected")
+    return record
+
+
+def _reply(content: RecordDict, stage: str, round_id: bytes, index: int) -> ConfigRecord:
+    record = _secagg(content, stage)
+    if _bytes(record, "round-id") != round_id:
+        raise MalformedReply(
+            f"{stage} reply for another round (round id "
+            f"{_bytes(record, 'round-id').hex()[:12]}…): replayed or stale"
+        )
+    if "refused" in record:
+        raise SiteRefused(f"refused: {record['refused']}")
+    if _int(record, "index") != index:
+        raise MalformedReply(f"reply claims index {record.get('index')}, expected {index}")
+    return record
+
+
+def _value(record: ConfigRecord, key: str) -> Any:
+    if key not in record:
+        raise MalformedReply(f"'{key}' is missing")
+    return record[key]
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    value = _value(record, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedReply(f"'{key}' = {value!r} is not an integer")
+    return value
+
+
+def _bytes(record: ConfigRecord, key: str) -> bytes:
+    value = _value(record, key)
+    if not isinstance(value, bytes):
+        raise MalformedReply(f"'{key}' is not bytes")
+    return value
+
+
+def _list(record: ConfigRecord, key: str, kind: type) -> list[Any]:
+    value = _value(record, key)
+    if not isinstance(value, list) or any(
+        not isinstance(v, kind) or isinstance(v, bool) for v in value
+    ):
+        raise MalformedReply(f"'{key}' is not a list of {kind.__name__}")
+    return list(value)
+
+
+def _ints(record: ConfigRecord, key: str) -> list[int]:
+    return _list(record, key, int)
+
+
+def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
+    return _list(record, key, bytes)
+
+
+def _strs(record: ConfigRecord, key: str) -> list[str]:
+    return _list(record, key, str)
+
+
+def _zip(*columns: Sequence[Any]) -> list[tuple[Any, ...]]:
+    if len({len(c) for c in columns}) > 1:
+        raise MalformedReply(f"lists of different lengths {[len(c) for c in columns]}")
+    rows = list(zip(*columns, strict=True))
+    keys = [row[0] for row in rows]
+    if len(set(keys)) != len(keys):
+        raise MalformedReply("a site index listed twice")
+    return rows

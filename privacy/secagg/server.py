@@ -1,0 +1,347 @@
+"""The server's half of SecAgg+: a thin stateful object over the pure functions.
+
+One :class:`ServerSecAgg` runs one round over n sites with indices 1 … n. It builds each stage's
+requests, takes the replies that arrived (the messaging layer records every site that sent
+nothing usable with :meth:`drop`), and keeps the survivor sets U1 ⊇ U2 ⊇ U3 of the paper. It
+aborts (:class:`RoundAborted`) as soon as fewer than t sites remain, and after the unmasking
+returns the exact ring sum of the survivors' inputs, or aborts if a needed secret cannot be
+rebuilt and checked. It never holds anything from which one site's input could be read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from privacy.secagg import keys, masking, shamir
+from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
+from privacy.secagg.protocol import (
+    MASKED_INPUT,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    KeyAdvert,
+    MaskedInput,
+    MaskedInputRequest,
+    RoundAborted,
+    SetupRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from privacy.secagg.quantise import ring_scale
+
+MAX_RECONSTRUCTION_TRIES = 256  # share subsets tried per secret when some shares are bad
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The run's SecAgg+ settings (``secagg.*`` in the run config)."""
+
+    threshold: float = 0.66
+    neighbours: int = 0
+    clip_range: float = 1.0
+    bits: int = 32
+    max_weight: int = 100_000
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Why a site's input is not in the sum: the stage it was lost at and the reason."""
+
+    stage: str
+    reason: str
+
+
+@dataclass
+class UnmaskedSum:
+    """The outcome of a completed round: the survivors' exact ring sum and their weights."""
+
+    ring_sum: np.ndarray
+    survivors: tuple[int, ...]
+    weights: dict[int, int]
+    clipped: int
+    silent_at_unmask: tuple[int, ...] = ()
+
+    @property
+    def total_weight(self) -> int:
+        return sum(self.weights.values())
+
+
+class ServerSecAgg:
+    """One SecAgg+ round as the server runs it."""
+
+    def __init__(
+        self,
+        num_sites: int,
+        settings: SecAggSettings,
+        vector_length: int,
+        server_round: int,
+        round_id: bytes | None = None,
+        weight_scale: int | None = None,
+    ) -> None:
+        self.num_sites = num_sites
+        # Weights are quantised as w / weight_scale: the closer it is to the largest weight,
+        # the finer the mean (see quantise.mean_error_bound).
+        self.weight_scale = min(max(1, weight_scale or settings.max_weight), settings.max_weight)
+        self.settings = settings
+        self.vector_length = vector_length
+        self.server_round = server_round
+        self.round_id = round_id or keys.new_round_id()
+        self.degree = resolve_degree(num_sites, settings.neighbours)
+        self.graph = neighbour_graph(num_sites, self.degree, self.round_id)
+        self.group_size = self.degree + 1
+        self.threshold = share_threshold(self.group_size, settings.threshold)
+        self.scale = ring_scale(max(num_sites, 1), settings.bits)
+        self.dtype = masking.ring_dtype(settings.bits)
+        self.dropouts: dict[int, Dropout] = {}
+        self.unreachable: set[int] = set()  # sent nothing at some stage: not asked again
+        self.adverts: dict[int, KeyAdvert] = {}
+        self.ciphertexts: dict[int, dict[int, bytes]] = {}  # sender → recipient → ciphertext
+        self.partners: dict[int, tuple[int, ...]] = {}  # pairwise masks in each site's input
+        self.inputs: dict[int, MaskedInput] = {}
+        if num_sites < 2:
+            raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
+        if self.threshold > self.group_size:
+            raise RoundAborted(
+                SETUP,
+                f"threshold {self.threshold} exceeds the share group of {self.group_size} "
+                f"(each site and its {self.degree} neighbours; secagg.threshold)",
+            )
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def sites(self) -> range:
+        return range(1, self.num_sites + 1)
+
+    def alive(self) -> list[int]:
+        """Sites still in the round (not dropped), in index order."""
+        return [i for i in self.sites if i not in self.dropouts]
+
+    def drop(self, index: int, stage: str, reason: str, *, reachable: bool = False) -> None:
+        """Take ``index`` out of the sum; ``reachable``: it answered, so it can help unmask."""
+        if index not in self.dropouts:
+            self.dropouts[index] = Dropout(stage, reason)
+        if not reachable:
+            self.unreachable.add(index)
+
+    def _require_threshold(self, stage: str) -> None:
+        alive = len(self.alive())
+        if alive < self.threshold:
+            raise RoundAborted(
+                stage,
+                f"only {alive} of {self.num_sites} sites remain after {stage}, "
+                f"below the threshold {self.threshold}",
+            )
+
+    def _drop_silent(self, stage: str, answered: Iterable[int]) -> None:
+        answered = set(answered)
+        for index in self.alive():
+            if index not in answered:
+                self.drop(index, stage, "no reply")
+
+    # ---- stage 1: setup and key advertisement ----------------------------------------------------
+    def setup_request(self, index: int) -> SetupRequest:
+        return SetupRequest(
+            round_id=self.round_id,
+            server_round=self.server_round,
+            index=index,
+            num_sites=self.num_sites,
+            threshold=self.threshold,
+            neighbours=self.graph[index],
+            weight_scale=self.weight_scale,
+        )
+
+    def receive_adverts(self, adverts: Mapping[int, KeyAdvert]) -> None:
+        """Keep each site's public keys; drop sites that sent none or unusable ones."""
+        probe_private, _ = keys.new_keypair()
+        for index, advert in sorted(adverts.items()):
+            if index in self.dropouts:
+                continue
+            problem = _advert_problem(advert, probe_private, self.round_id)
+            if problem:
+                self.drop(index, SETUP, problem, reachable=True)
+                continue
+            self.adverts[index] = advert
+        self._drop_silent(SETUP, self.adverts)
+        self._require_threshold(SETUP)
+
+    # ---- stage 2: share distribution -------------------------------------------------------------
+    def share_keys_request(self, index: int) -> ShareKeysRequest:
+        peers = {j: self.adverts[j] for j in self.graph[index] if j in self.adverts}
+        return ShareKeysRequest(round_id=self.round_id, peers=peers)
+
+    def receive_ciphertexts(self, replies: Mapping[int, Mapping[int, bytes]]) -> None:
+        """Keep each site's encrypted shares: exactly one per live neighbour, or it drops."""
+        for index, shares in sorted(replies.items()):
+            if index in self.dropouts:
+                continue
+            expected = {j for j in self.graph[index] if j in self.adverts}
+            if set(shares) != expected:
+                self.drop(
+                    index, SHARE_KEYS,
+                    f"shares addressed to {sorted(shares)}, expected {sorted(expected)}",
+                    reachable=True,
+                )  # fmt: skip
+                continue
+            if any(not isinstance(blob, bytes) or len(blob) > 1024 for blob in shares.values()):
+                self.drop(index, SHARE_KEYS, "malformed encrypted share", reachable=True)
+                continue
+            self.ciphertexts[index] = dict(shares)
+        self._drop_silent(SHARE_KEYS, self.ciphertexts)
+        self._require_threshold(SHARE_KEYS)
+        sharing = set(self.alive())
+        self.partners = {
+            i: tuple(j for j in self.graph[i] if j in sharing) for i in sorted(sharing)
+        }
+
+    # ---- stage 3: masked inputs ------------------------------------------------------------------
+    def masked_input_request(self, index: int) -> MaskedInputRequest:
+        shares = {j: self.ciphertexts[j][index] for j in self.partners[index]}
+        return MaskedInputRequest(round_id=self.round_id, shares=shares)
+
+    def receive_masked_inputs(self, replies: Mapping[int, MaskedInput]) -> None:
+        """Check each masked input; drop a malformed one, and any site whose share failed."""
+        max_weight = self.weight_scale
+        accused: dict[int, str] = {}
+        for index, masked in sorted(replies.items()):
+            if index in self.dropouts:
+                continue
+            vector = masked.vector
+            if not isinstance(vector, np.ndarray) or vector.dtype != self.dtype:
+                dtype = getattr(vector, "dtype", type(vector).__name__)
+                problem = f"masked input of dtype {dtype}, expected {self.dtype}"
+            elif vector.shape != (self.vector_length,):
+                problem = f"masked input of shape {vector.shape}, expected ({self.vector_length},)"
+            elif isinstance(masked.weight, bool) or not isinstance(masked.weight, int):
+                problem = f"weight {masked.weight!r} is not a whole number"
+            elif not 0 <= masked.weight <= max_weight:
+                problem = (
+                    f"weight {masked.weight} outside [0, {max_weight}] (this round's weight "
+                    f"scale: the largest site's rows, at most secagg.max_weight "
+                    f"{self.settings.max_weight})"
+                )
+            else:
+                problem = ""
+            if problem:
+                self.drop(index, MASKED_INPUT, problem, reachable=True)
+                continue
+            for sender, reason in masked.bad_shares.items():
+                if sender in self.partners.get(index, ()):
+                    accused.setdefault(sender, f"site {index} could not open its share ({reason})")
+            self.inputs[index] = masked
+        for sender, reason in sorted(accused.items()):
+            self.drop(sender, SHARE_KEYS, reason, reachable=sender in self.inputs)
+        self._drop_silent(MASKED_INPUT, self.inputs)
+        self._require_threshold(MASKED_INPUT)
+        if sum(self.inputs[i].weight for i in self.alive()) == 0:
+            raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
+
+    # ---- stage 4: unmasking ----------------------------------------------------------------------
+    def unmask_request(self) -> UnmaskRequest:
+        """The same request for every helper: rebuild survivors' seeds and needed mask keys."""
+        survivors = tuple(self.alive())
+        kept = set(survivors)
+        dropped = tuple(
+            j for j in sorted(set(self.partners) - kept) if kept & set(self.partners[j])
+        )
+        return UnmaskRequest(round_id=self.round_id, survivors=survivors, dropped=dropped)
+
+    def unmask_targets(self) -> list[int]:
+        """Every site that shared keys and still answers (a declined site helps too)."""
+        return [i for i in sorted(self.partners) if i not in self.unreachable]
+
+    def finish(self, replies: Mapping[int, UnmaskShares]) -> UnmaskedSum:
+        """Rebuild the secrets from the shares, remove every leftover mask: the exact sum."""
+        request = self.unmask_request()
+        survivors, kept = request.survivors, set(request.survivors)
+        seed_shares: dict[int, dict[int, int]] = {i: {} for i in survivors}
+        key_shares: dict[int, dict[int, int]] = {j: {} for j in request.dropped}
+        for holder, answer in sorted(replies.items()):
+            self._collect(seed_shares, holder, answer.self_shares)
+            self._collect(key_shares, holder, answer.key_shares)
+        seeds = [
+            self._rebuild(
+                owner, seed_shares[owner], "self-mask seed",
+                lambda s, o=owner: keys.commitment(self.round_id, o, s)
+                == self.adverts[o].commitment,
+            )
+            for owner in survivors
+        ]  # fmt: skip
+        pair_terms = []
+        for owner in request.dropped:
+            mask_private = self._rebuild(
+                owner, key_shares[owner], "mask key",
+                lambda s, o=owner: keys.public_key_of(s) == self.adverts[o].mask_key,
+            )  # fmt: skip
+            for survivor in (i for i in self.partners[owner] if i in kept):
+                seed = keys.agree(
+                    mask_private, self.adverts[survivor].mask_key, self.round_id,
+                    keys.PURPOSE_MASK, owner, survivor,
+                )  # fmt: skip
+                pair_terms.append((survivor, owner, seed))
+        total = np.zeros(self.vector_length, dtype=self.dtype)
+        for index in survivors:
+            np.add(total, self.inputs[index].vector, out=total)
+        masking.remove_masks(total, seeds, pair_terms)
+        return UnmaskedSum(
+            ring_sum=total,
+            survivors=survivors,
+            weights={i: self.inputs[i].weight for i in survivors},
+            clipped=sum(self.inputs[i].clipped for i in survivors),
+            silent_at_unmask=tuple(i for i in self.unmask_targets() if i not in replies),
+        )
+
+    def _collect(
+        self, table: dict[int, dict[int, int]], holder: int, shares: Mapping[int, bytes]
+    ) -> None:
+        """File ``holder``'s shares by owner, ignoring any it cannot hold or was not asked."""
+        for owner, blob in shares.items():
+            if owner not in table or (holder != owner and holder not in self.graph[owner]):
+                continue
+            try:
+                table[owner][holder] = shamir.share_from_bytes(blob)
+            except shamir.ShareError:
+                continue  # unusable; the remaining shares may still suffice
+
+    def _rebuild(self, owner: int, shares: dict[int, int], what: str, valid) -> bytes:
+        """A secret from ``threshold`` of ``shares`` that passes ``valid``, or abort the round."""
+        if len(shares) < self.threshold:
+            raise RoundAborted(
+                UNMASK,
+                f"only {len(shares)} shares of site {owner}'s {what} came back, "
+                f"{self.threshold} needed",
+            )
+        holders = sorted(shares)
+        for subset in itertools.islice(
+            itertools.combinations(holders, self.threshold), MAX_RECONSTRUCTION_TRIES
+        ):
+            try:
+                secret = shamir.reconstruct({h: shares[h] for h in subset})
+            except shamir.ShareError:
+                continue
+            if valid(secret):
+                return secret
+        raise RoundAborted(UNMASK, f"the shares of site {owner}'s {what} do not rebuild it")
+
+
+def _advert_problem(advert: KeyAdvert, probe_private: bytes, round_id: bytes) -> str:
+    """Why a key advertisement is unusable ("" when it is fine)."""
+    for name, value, size in (
+        ("encryption key", advert.enc_key, keys.KEY_BYTES),
+        ("mask key", advert.mask_key, keys.KEY_BYTES),
+        ("commitment", advert.commitment, 32),
+    ):
+        if not isinstance(value, bytes) or len(value) != size:
+            return f"{name} is not {size} bytes"
+    if advert.enc_key == advert.mask_key:
+        return "the same public key for encryption and masks"
+    for name, value in (("encryption key", advert.enc_key), ("mask key", advert.mask_key)):
+        try:
+            keys.agree(probe_private, value, round_id, b"probe", 0, 0)
+        except keys.KeyAgreementError as error:
+            return f"{name}: {error}"
+    return ""

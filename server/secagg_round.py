@@ -1,0 +1,305 @@
+"""One training round under SecAgg+: four Message exchanges, then the strategy sees only the sum.
+
+``run_rounds`` branches here when ``secagg.name`` is ``secaggplus``. The stages (see
+``privacy.secagg.protocol``) run over the sampled sites; a site that does not answer in time,
+answers with an error, refuses, or sends anything malformed (another round's reply, a share that
+does not open, a masked vector of the wrong length or dtype, a weight above ``secagg.max_weight``)
+is excluded from the sum as a dropout, with the stage and reason in ``metrics.json``. With fewer
+than t sites left, or a secret that cannot be rebuilt, the round is *aborted*: the global model
+stays as it was and the round record says ``aborted`` with the reason.
+
+The unmasked ring sum becomes the weighted mean update Σ w_i·u_i / Σ w_i of the survivors'
+clipped updates; the global weights plus that mean, with weight Σ w_i, go to
+``strategy.aggregate_train`` as the round's one reply, so FedAvg/FedProx keep it and FedAdam
+applies its server optimiser to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedgov import messages as keys
+from fedgov.config import RunConfig
+from privacy.secagg import records
+from privacy.secagg.layout import VectorLayout
+from privacy.secagg.protocol import (
+    MASKED_INPUT,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    RoundAborted,
+)
+from privacy.secagg.quantise import dequantise_mean, mean_error_bound
+from privacy.secagg.server import SecAggSettings, ServerSecAgg
+from server.messaging import exchange
+
+T = TypeVar("T")
+MAX_REASON_CHARS = 300
+
+
+@dataclass
+class SecAggRoundResult:
+    """What one SecAgg+ round produced, for the round loop to record."""
+
+    arrays: ArrayRecord | None = None  # the new global weights (None: keep the old ones)
+    train_metrics: MetricRecord | None = None
+    participants: list[str] = field(default_factory=list)  # the survivors: inputs in the sum
+    declined: dict[str, str] = field(default_factory=dict)  # site → reason (SiteDeclined)
+    dropouts: dict[str, dict[str, str]] = field(default_factory=dict)  # site → stage, reason
+    unreachable: set[str] = field(default_factory=set)  # stopped answering: not evaluated
+    aborted: bool = False
+    abort_reason: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
+
+
+def settings_of(cfg: RunConfig) -> SecAggSettings:
+    s = cfg.secagg
+    return SecAggSettings(
+        threshold=s.threshold,
+        neighbours=s.neighbours,
+        clip_range=s.clip_range,
+        bits=s.bits,
+        max_weight=s.max_weight,
+    )
+
+
+def run_secagg_round(
+    grid: Grid,
+    cfg: RunConfig,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    view: Grid,
+    node_of: Mapping[str, int],
+    sites: list[str],
+    num_train: Mapping[str, int] | None = None,
+) -> SecAggRoundResult:
+    """Run the four SecAgg+ stages over ``sites`` and aggregate the unmasked sum.
+
+    ``num_train``: the row counts the sites reported when they joined; the largest (capped at
+    ``secagg.max_weight``) is the round's weight scale.
+    """
+    sites = sorted(sites)
+    timeout = cfg.secagg.timeout or cfg.federation.round_timeout
+    index_of = {site: i for i, site in enumerate(sites, start=1)}
+    site_of = {i: site for site, i in index_of.items()}
+    node_index = {node_of[site]: index_of[site] for site in sites}
+    layout = VectorLayout.of(arrays)
+    result = SecAggRoundResult()
+    timings: dict[str, float] = {}
+    server: ServerSecAgg | None = None
+    declined: set[int] = set()
+    site_metrics: dict[int, MetricRecord] = {}
+
+    def send(stage: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+        started = time.monotonic()
+        messages = [
+            Message(
+                content,
+                dst_node_id=node_of[site_of[i]],
+                message_type=records.MESSAGE_TYPES[stage],
+                group_id=str(server_round),
+            )
+            for i, content in sorted(contents.items())
+        ]
+        replies: dict[int, Message] = {}
+        for reply in exchange(grid, messages, timeout):
+            index = node_index.get(reply.metadata.src_node_id)
+            if index is not None and index in contents and index not in replies:
+                replies[index] = reply
+        timings[stage] = round(time.monotonic() - started, 3)
+        return replies
+
+    def parsed(
+        stage: str, replies: Mapping[int, Message], parse: Callable[[RecordDict, int], T]
+    ) -> dict[int, T]:
+        """Valid replies of ``stage``; every other site asked is dropped with the reason."""
+        assert server is not None
+        good: dict[int, T] = {}
+        for index, reply in sorted(replies.items()):
+            if reply.has_error():
+                server.drop(index, stage, _one_line(f"error: {reply.error.reason}"))
+                continue
+            if stage == MASKED_INPUT and (reason := keys.decline_reason(reply)) is not None:
+                declined.add(index)
+                result.declined[site_of[index]] = reason
+                server.drop(index, stage, f"declined: {reason}", reachable=True)
+                continue
+            try:
+                good[index] = parse(reply.content, index)
+            except records.MalformedReply as error:
+                server.drop(index, stage, _one_line(str(error)), reachable=True)
+            except Exception as error:  # never let one site's bytes crash the round
+                server.drop(index, stage, _one_line(f"unreadable reply: {error!r}"), True)
+        return good
+
+    try:
+        rows = [int((num_train or {}).get(site, 0)) for site in sites]
+        server = ServerSecAgg(
+            len(sites), settings_of(cfg), layout.length, server_round,
+            weight_scale=max(rows, default=0) or cfg.secagg.max_weight,
+        )  # fmt: skip
+        round_id = server.round_id
+
+        # 1. setup: keys and commitments
+        replies = send(SETUP, {i: _content(records.setup_request_record(server.setup_request(i)))
+                               for i in server.alive()})  # fmt: skip
+        server.receive_adverts(
+            parsed(SETUP, replies, lambda c, i: records.parse_advert(c, round_id, i))
+        )
+
+        # 2. share keys: encrypted Shamir shares for the neighbours
+        replies = send(
+            SHARE_KEYS,
+            {i: _content(records.share_keys_request_record(server.share_keys_request(i)))
+             for i in server.alive()},
+        )  # fmt: skip
+        server.receive_ciphertexts(
+            parsed(SHARE_KEYS, replies, lambda c, i: records.parse_ciphertexts(c, round_id, i))
+        )
+
+        # 3. masked input: the strategy's train message plus the shares each site receives
+        train_content = _train_contents(strategy, server_round, arrays, view)
+        contents: dict[int, RecordDict] = {}
+        for i in server.alive():
+            content = train_content.get(node_of[site_of[i]])
+            if content is None:
+                server.drop(i, MASKED_INPUT, "the strategy sent it no train message", True)
+                continue
+            request = records.masked_input_request_record(server.masked_input_request(i))
+            contents[i] = RecordDict({**dict(content.items()), records.SECAGG: request})
+        replies = send(MASKED_INPUT, contents)
+
+        def parse_input(content: RecordDict, index: int):
+            masked = records.parse_masked_input(content, round_id, index)
+            metrics = content.metric_records.get(keys.METRICS)
+            site_metrics[index] = metrics if metrics is not None else MetricRecord()
+            return masked
+
+        server.receive_masked_inputs(parsed(MASKED_INPUT, replies, parse_input))
+
+        # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys
+        request = records.unmask_request_record(server.unmask_request())
+        replies = send(UNMASK, {i: _content(request) for i in server.unmask_targets()})
+        shares = {}
+        for index, reply in replies.items():
+            try:
+                if not reply.has_error():
+                    shares[index] = records.parse_unmask_shares(reply.content, round_id, index)
+            except records.MalformedReply as error:
+                log(WARNING, "secagg round %d: site %s's unmask reply ignored: %s",
+                    server_round, site_of[index], error)  # fmt: skip
+        started = time.monotonic()
+        unmasked = server.finish(shares)
+        timings["unmask-compute"] = round(time.monotonic() - started, 3)
+    except RoundAborted as aborted:
+        result.aborted = True
+        result.abort_reason = f"{aborted.stage}: {aborted.reason}"
+        log(WARNING, "secagg round %d aborted at %s: %s (the global model is kept)",
+            server_round, aborted.stage, aborted.reason)  # fmt: skip
+        unmasked = None
+
+    if server is not None:
+        for index, dropout in sorted(server.dropouts.items()):
+            if index in declined:
+                continue
+            result.dropouts[site_of[index]] = {"stage": dropout.stage, "reason": dropout.reason}
+            log(WARNING, "secagg round %d: site %s excluded at %s: %s",
+                server_round, site_of[index], dropout.stage, dropout.reason)  # fmt: skip
+        result.unreachable = {site_of[i] for i in server.unreachable}
+        result.summary = {
+            "sites": server.num_sites,
+            "threshold": server.threshold,
+            "neighbours": server.degree,
+            "bits": cfg.secagg.bits,
+            "scale": server.scale,
+            "weight_scale": server.weight_scale,
+            "stage_seconds": timings,
+        }
+    if unmasked is None:
+        return result
+
+    s = cfg.secagg
+    total_weight = unmasked.total_weight
+    mean_update = dequantise_mean(
+        unmasked.ring_sum, clip_range=s.clip_range, total_weight=total_weight,
+        max_weight=server.weight_scale, scale=server.scale, bits=s.bits,
+    )  # fmt: skip
+    result.participants = [site_of[i] for i in unmasked.survivors]
+    result.summary.update(
+        {
+            "total_weight": total_weight,
+            "clipped_values": unmasked.clipped,
+            "quantisation_error_bound": mean_error_bound(
+                len(unmasked.survivors),
+                clip_range=s.clip_range,
+                total_weight=total_weight,
+                max_weight=server.weight_scale,
+                scale=server.scale,
+            ),
+            "sum_sha256": hashlib.sha256(unmasked.ring_sum.tobytes()).hexdigest(),
+            "silent_at_unmask": [site_of[i] for i in unmasked.silent_at_unmask],
+        }
+    )
+    aggregate = Message(
+        RecordDict(
+            {
+                keys.ARRAYS: layout.apply(arrays, mean_update),
+                keys.METRICS: _mean_metrics(
+                    {i: site_metrics.get(i, MetricRecord()) for i in unmasked.survivors},
+                    unmasked.weights,
+                ),
+            }
+        ),
+        dst_node_id=0,
+        message_type=records.MESSAGE_TYPES[MASKED_INPUT],
+        group_id=str(server_round),
+    )
+    result.arrays, result.train_metrics = strategy.aggregate_train(server_round, [aggregate])
+    return result
+
+
+def _content(request: ConfigRecord) -> RecordDict:
+    return RecordDict({records.SECAGG: request})
+
+
+def _train_contents(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, view: Grid
+) -> dict[int, RecordDict]:
+    """Node id → the content of the train message the strategy would send it this round."""
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
+    return {message.metadata.dst_node_id: message.content for message in messages}
+
+
+def _mean_metrics(metrics: Mapping[int, MetricRecord], weights: Mapping[int, int]) -> MetricRecord:
+    """The weighted mean of the survivors' train metrics, with num-examples = the total weight.
+
+    Only the metrics every survivor reported are averaged (as Flower's strategies require).
+    """
+    total = sum(weights.values())
+    common = set.intersection(*(set(m.keys()) for m in metrics.values())) if metrics else set()
+    common.discard(keys.NUM_EXAMPLES)
+    mean: dict[str, float | int] = {keys.NUM_EXAMPLES: total}
+    for name in sorted(common):
+        values = [(metrics[i][name], weights[i]) for i in metrics]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in values):
+            mean[name] = sum(float(v) * w for v, w in values) / total if total else 0.0
+    return MetricRecord(mean)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    if len(lines) > 1:
+        line = f"{lines[0]} … {line}"
+    return line[:MAX_REASON_CHARS]
