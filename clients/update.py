@@ -13,11 +13,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 
 from clients.site_data import SiteData
-from clients.training import site_round_seed, train_local
+from clients.training import TrainResult, site_round_seed, train_local
 from fedgov import messages as keys
-from fedgov.config import RunConfig
+from fedgov.config import RunConfig, sample_level_on, site_level_on
 from fedgov.models import build_model
-from fedgov.records import load_array_record
+from fedgov.records import arrays_to_numpy, load_array_record
 
 
 class SiteDeclined(Exception):
@@ -31,10 +31,19 @@ class SiteDeclined(Exception):
 
 @dataclass
 class SiteUpdate:
-    """The locally trained weights and the metrics that go back with them."""
+    """The locally trained weights and the metrics that go back with them.
+
+    ``receipt``: under sample-level DP, the site's signed privacy receipt for this release; every
+    reply that carries the update must carry it too (:meth:`extra_records`).
+    """
 
     arrays: ArrayRecord
     metrics: MetricRecord
+    receipt: ConfigRecord | None = None
+
+    def extra_records(self) -> dict[str, ConfigRecord]:
+        """Records to add to the reply next to the update (the receipt, under ``receipt``)."""
+        return {keys.RECEIPT: self.receipt} if self.receipt is not None else {}
 
 
 def site_model(cfg: RunConfig, site: SiteData, arrays: ArrayRecord) -> torch.nn.Module:
@@ -52,18 +61,101 @@ def compute_update(
     config: ConfigRecord,
     context: Context,
 ) -> SiteUpdate:
-    """Train ``global_arrays`` on the site's rows; raise :class:`SiteDeclined` to refuse."""
+    """Train ``global_arrays`` on the site's rows; raise :class:`SiteDeclined` to refuse.
+
+    Under sample-level DP the site first reserves the round in its own ledger against its own
+    cap (node config), trains with DP-SGD and signs a receipt; under site-level DP it clips its
+    update to ``privacy.clipping_norm`` (and, with secure aggregation, adds its noise share).
+    Metrics computed from the training rows (``train_loss``) stay at the site when DP is on.
+    """
     model = site_model(cfg, site, global_arrays)
     server_round = int(config.get(keys.SERVER_ROUND, 0))
-    result = train_local(
-        model,
-        site.train,
-        cfg.train,
-        seed=site_round_seed(cfg.seed, server_round, site.site_id),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    proximal_mu = float(config.get("proximal-mu", 0.0))
+    budget = None
+    if sample_level_on(cfg):
+        from clients.dp_training import train_local_dp
+        from clients.site_privacy import BudgetRefusal, arrays_sha256, reserve_round
+
+        try:
+            budget = reserve_round(
+                cfg, context.node_config, site.site_id, len(site.train.y), str(context.run_id),
+                server_round, arrays_sha256(arrays_to_numpy(global_arrays)),
+            )  # fmt: skip
+        except BudgetRefusal as refusal:
+            raise SiteDeclined(refusal.reason, **refusal.details) from None
+        sampling_seed, noise_seed = budget.seeds()
+        result = train_local_dp(
+            model, site.train, cfg.train, budget.plan, sampling_seed=sampling_seed,
+            noise_seed=noise_seed, grad_sample_mode=cfg.privacy.grad_sample_mode,
+            proximal_mu=proximal_mu,
+        )  # fmt: skip
+    else:
+        result = train_local(
+            model,
+            site.train,
+            cfg.train,
+            seed=site_round_seed(cfg.seed, server_round, site.site_id),
+            proximal_mu=proximal_mu,
+        )
+    arrays = ArrayRecord(model.state_dict())
+    if site_level_on(cfg):
+        arrays = _site_level_release(cfg, global_arrays, arrays, config)
+    receipt = None
+    if budget is not None:
+        from clients.site_privacy import arrays_sha256
+
+        signed = budget.release(arrays_sha256(arrays_to_numpy(arrays)))
+        receipt = ConfigRecord(signed.to_record())
+    return SiteUpdate(arrays=arrays, metrics=_metrics(cfg, result), receipt=receipt)
+
+
+def _metrics(cfg: RunConfig, result: TrainResult) -> MetricRecord:
+    metrics: dict[str, int | float] = {
+        keys.NUM_EXAMPLES: result.num_examples, "steps": result.steps
+    }  # fmt: skip
+    if cfg.privacy.name == "none":
+        metrics["train_loss"] = result.train_loss
+    return MetricRecord(metrics)
+
+
+def _site_level_release(
+    cfg: RunConfig,
+    global_arrays: ArrayRecord,
+    trained: ArrayRecord,
+    config: ConfigRecord,
+) -> ArrayRecord:
+    """global + clip_C(trained − global), plus this site's noise share under secure aggregation.
+
+    The noise share (std z·C/√t, t = ``dp-min-survivors`` in the round's config, the number of
+    survivors secure aggregation guarantees before it unmasks) is drawn from the site's own
+    secret randomness; without t the site refuses rather than release an un-noised update.
+    """
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from privacy.site_dp import clip_update, gaussian_noise_like, noise_share_std
+
+    start = arrays_to_numpy(global_arrays)
+    local = arrays_to_numpy(trained)
+    clipped, _ = clip_update(
+        {name: local[name] - start[name] for name in start}, cfg.privacy.clipping_norm
     )
-    metrics = MetricRecord(
-        {"train_loss": result.train_loss, keys.NUM_EXAMPLES: result.num_examples,
-         "steps": result.steps}
-    )  # fmt: skip
-    return SiteUpdate(arrays=ArrayRecord(model.state_dict()), metrics=metrics)
+    if cfg.secagg.name != "off":
+        survivors = int(config.get(keys.DP_MIN_SURVIVORS, 0))
+        if survivors < 1:
+            raise SiteDeclined(
+                "site-level DP under secure aggregation needs the round's "
+                f"'{keys.DP_MIN_SURVIVORS}' to size this site's noise share"
+            )
+        std = noise_share_std(cfg.privacy.site_noise_multiplier, cfg.privacy.clipping_norm,
+                              survivors)  # fmt: skip
+        rng = np.random.default_rng()  # OS entropy: the server must not be able to predict it
+        noise = gaussian_noise_like(clipped, std, rng)
+        clipped = {name: clipped[name] + noise[name] for name in clipped}
+    return ArrayRecord(
+        OrderedDict(
+            (name, torch.from_numpy(np.ascontiguousarray(start[name] + clipped[name])))
+            for name in start
+        )
+    )

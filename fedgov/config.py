@@ -21,6 +21,12 @@ PARTITIONERS = ("natural", "iid", "dirichlet")
 SECAGG_NAMES = ("off", "secaggplus")
 # Strategies whose aggregate is a weighted mean, so a secure sum of the updates is all they need.
 SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+PRIVACY_NAMES = ("none", "sample_dp", "site_dp", "both")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("fused", "hooks", "ghost", "ew", "functorch")
+SECAGG_DROPOUT_POLICIES = ("abort", "account")
+# Strategies that take a mean of the updates: site-level DP noise on the sum stays a mean of them.
+SITE_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
 @dataclass
@@ -77,13 +83,38 @@ class FederationConfig:
     round_timeout: float = 600.0  # seconds to wait for the sites' replies in one round
     client_cpus: float = 1.0  # Ray resources per simulated site
     ray_address: str = ""  # "" = local Ray; "auto" or "ray://host:10001" = an existing cluster
+    # Simulation: where each simulated site keeps its own state (ledger, keys) as
+    # <sites_dir>/<site-id>/ ("" = <run directory>/sites); reaches sites via their node config.
+    sites_dir: str = ""
 
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy (filled in by the privacy issue); "none" = off."""
+    """Differential privacy: none | sample_dp | site_dp | both (see privacy/ and the README).
+
+    sample_dp: DP-SGD (Opacus accounting) at every site; each site checks its own ledger and cap.
+    site_dp: DP-FedAvg; sites clip their update to ``clipping_norm``, Gaussian noise of multiplier
+    ``site_noise_multiplier`` goes on the sum. both: the two guarantees together.
+    """
 
     name: str = "none"
+    delta: float = 1e-5  # δ of every (ε, δ) guarantee; must be below 1/n (records, or sites)
+    accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
+    # -- sample-level (a record at one site): DP-SGD at each site
+    noise_multiplier: float = 1.0  # σ of DP-SGD; ignored when target_epsilon > 0
+    target_epsilon: float = 0.0  # > 0: each site picks σ so that `rounds` rounds spend this ε
+    max_grad_norm: float = 1.0  # per-record gradient clipping norm
+    grad_sample_mode: str = "fused"  # fused (fedgov's) | hooks | ghost | ew | functorch (Opacus)
+    # Simulation only: stands for every simulated site's own cap, which reaches the sites through
+    # their node config (epsilon-cap), never through the server's messages.
+    site_epsilon_cap: float = 8.0
+    # -- site-level (a whole site): DP-FedAvg
+    clipping_norm: float = 1.0  # L2 norm a site's update is clipped to (C)
+    site_noise_multiplier: float = 1.0  # z: noise std on the sum of updates is z·C
+    # With secure aggregation: each site adds noise for `secagg_min_survivors` survivors; fewer
+    # survivors than that → "abort" the round or "account" for the smaller noise.
+    secagg_min_survivors: int = 0  # 0 = every sampled site
+    secagg_dropout: str = "abort"
 
 
 @dataclass
@@ -214,7 +245,7 @@ def validate(cfg: RunConfig) -> None:
     choice("dataset.partitioner", cfg.dataset.partitioner, PARTITIONERS)
     choice("model.name", cfg.model.name, MODEL_NAMES)
     choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
-    choice("privacy.name", cfg.privacy.name, ("none",))
+    choice("privacy.name", cfg.privacy.name, PRIVACY_NAMES)
     choice("secagg.name", cfg.secagg.name, SECAGG_NAMES)
     at_least("rounds", cfg.rounds, 1)
     at_least("federation.num_sites", cfg.federation.num_sites, 0)
@@ -245,11 +276,93 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy.trim_beta: {cfg.strategy.trim_beta} not in [0, 0.5)")
     at_least("strategy.proximal_mu", cfg.strategy.proximal_mu, 0)
     at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
+    validate_privacy(cfg)
     validate_secagg(cfg)
     image = cfg.dataset.name in ("digits", "mnist5k")
     if image != (cfg.model.name == "cnn") and cfg.model.name == "cnn":
         raise ConfigError(
             f"model.name: 'cnn' needs an image dataset (digits, mnist5k), not '{cfg.dataset.name}'"
+        )
+
+
+def sample_level_on(cfg: RunConfig) -> bool:
+    """Whether DP-SGD runs at the sites (privacy sample_dp or both)."""
+    return cfg.privacy.name in ("sample_dp", "both")
+
+
+def site_level_on(cfg: RunConfig) -> bool:
+    """Whether DP-FedAvg protects whole sites (privacy site_dp or both)."""
+    return cfg.privacy.name in ("site_dp", "both")
+
+
+def validate_privacy(cfg: RunConfig) -> None:
+    """The privacy settings' ranges; data-dependent limits (δ < 1/n, batch ≤ a site's rows, a
+    reachable target ε) are checked by ``privacy.planning`` where the sites' sizes are known."""
+    p = cfg.privacy
+    if p.accountant not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant: '{p.accountant}' is not one of rdp, prv")
+    if p.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"privacy.grad_sample_mode: '{p.grad_sample_mode}' is not one of "
+            f"{', '.join(GRAD_SAMPLE_MODES)}"
+        )
+    if p.secagg_dropout not in SECAGG_DROPOUT_POLICIES:
+        raise ConfigError(
+            f"privacy.secagg_dropout: '{p.secagg_dropout}' is not one of abort, account"
+        )
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta: {p.delta} must be in (0, 1/n), n the records of a site")
+    if p.noise_multiplier < 0:
+        raise ConfigError(f"privacy.noise_multiplier: {p.noise_multiplier} must be > 0")
+    if p.target_epsilon < 0:
+        raise ConfigError(
+            f"privacy.target_epsilon: {p.target_epsilon} must be > 0 (or 0 to use "
+            "privacy.noise_multiplier)"
+        )
+    if p.site_epsilon_cap <= 0:
+        raise ConfigError(f"privacy.site_epsilon_cap: {p.site_epsilon_cap} must be > 0")
+    if p.max_grad_norm <= 0:
+        raise ConfigError(f"privacy.max_grad_norm: {p.max_grad_norm} must be > 0")
+    if p.clipping_norm <= 0:
+        raise ConfigError(f"privacy.clipping_norm: {p.clipping_norm} must be > 0")
+    if p.site_noise_multiplier < 0:
+        raise ConfigError(f"privacy.site_noise_multiplier: {p.site_noise_multiplier} must be > 0")
+    if p.secagg_min_survivors < 0:
+        raise ConfigError(
+            f"privacy.secagg_min_survivors: {p.secagg_min_survivors} must be ≥ 0 "
+            "(0 = every sampled site)"
+        )
+    if sample_level_on(cfg):
+        if p.target_epsilon == 0 and p.noise_multiplier == 0:
+            raise ConfigError(
+                "privacy.noise_multiplier: 0 gives no privacy; it must be > 0 "
+                "(or set privacy.target_epsilon > 0)"
+            )
+        if p.target_epsilon > p.site_epsilon_cap:
+            raise ConfigError(
+                f"privacy.target_epsilon: {p.target_epsilon} is unreachable: the sites stop at "
+                f"their cap (privacy.site_epsilon_cap {p.site_epsilon_cap}); allowed range "
+                f"(0, {p.site_epsilon_cap}]"
+            )
+    if site_level_on(cfg):
+        if p.site_noise_multiplier == 0:
+            raise ConfigError("privacy.site_noise_multiplier: 0 gives no privacy; it must be > 0")
+        if cfg.strategy.name not in SITE_DP_STRATEGIES:
+            raise ConfigError(
+                f"strategy.name: '{cfg.strategy.name}' needs each site's update, which site-level "
+                f"DP hides; with privacy.name={p.name} use one of {', '.join(SITE_DP_STRATEGIES)}"
+            )
+
+
+def validate_registry(cfg: RunConfig) -> None:
+    """The registry settings: a model name the registry accepts (checked before any training)."""
+    import re
+
+    name = cfg.registry.model_name
+    if name and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise ConfigError(
+            f"registry.model_name: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting "
+            "with a letter or digit"
         )
 
 
@@ -278,15 +391,3 @@ def validate_secagg(cfg: RunConfig) -> None:
         raise ConfigError(f"secagg.max_weight: {s.max_weight} must be in [1, 2^53]")
     if s.timeout < 0:
         raise ConfigError(f"secagg.timeout: {s.timeout} must be ≥ 0 (0 = round_timeout)")
-
-
-def validate_registry(cfg: RunConfig) -> None:
-    """The registry settings: a model name the registry accepts (checked before any training)."""
-    import re
-
-    name = cfg.registry.model_name
-    if name and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
-        raise ConfigError(
-            f"registry.model_name: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting "
-            "with a letter or digit"
-        )

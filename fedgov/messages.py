@@ -8,6 +8,12 @@ Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-
 Site → server, query: ``SITE`` (``site-id``, ``num-train``, ``num-test``).
 Site → server, a refusal to train: ``SITE`` and ``DECLINE`` (ConfigRecord: ``reason`` plus any
 details such as ε spent and cap); the server records it and carries on with the other sites.
+Under sample-level DP a train reply also carries ``RECEIPT`` (ConfigRecord: ``payload``, the
+receipt's canonical JSON; ``signature`` and ``public-key``, Ed25519 bytes, see privacy/receipts.py),
+and a budget decline carries the same as ``receipt-payload``/``receipt-signature``/
+``receipt-public-key`` (hex) inside ``DECLINE``.
+Server → site under site-level DP with secure aggregation: ``dp-min-survivors`` in ``CONFIG``, the
+survivors secure aggregation guarantees before unmasking; each site sizes its noise share by it.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 DECLINE = "decline"
+RECEIPT = "receipt"
 
 NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
 SITE_ID = "site-id"
 SERVER_ROUND = "server-round"
+DP_MIN_SURVIVORS = "dp-min-survivors"
 
 
 def site_record(site_id: str, **fields: int | float | str) -> ConfigRecord:

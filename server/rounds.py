@@ -24,6 +24,7 @@ from fedgov.config import RunConfig
 from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
 from server.messaging import SampledGrid, exchange
+from server.privacy_round import PrivacyRound
 from server.sampling import sample_sites, sites_per_round
 from server.secagg_round import run_secagg_round
 
@@ -147,8 +148,13 @@ def run_rounds(
     initial_arrays: ArrayRecord,
     central_evaluate: Callable[[ArrayRecord], EvalResult] | None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    privacy: PrivacyRound | None = None,
 ) -> RunResult:
-    """Run ``cfg.rounds`` rounds of federated training and evaluation."""
+    """Run ``cfg.rounds`` rounds of federated training and evaluation.
+
+    ``privacy`` (server/privacy_round.py), when DP is on: Poisson site sampling under site-level
+    DP, receipts and declines kept per site, and the noisy DP-FedAvg aggregate.
+    """
     fed = cfg.federation
     directory = SiteDirectory(grid, fed.round_timeout)
     directory.wait_for(fed.num_sites or fed.min_sites_per_round)
@@ -162,6 +168,8 @@ def run_rounds(
         node_of = directory.node_of()
         count = sites_per_round(len(node_of), fed.sites_per_round, fed.min_sites_per_round)
         chosen = sample_sites(list(node_of), count, cfg.seed, server_round)
+        if privacy is not None and (poisson := privacy.sample(list(node_of), count)) is not None:
+            chosen = poisson  # site-level DP: Poisson sampling, accounted at its rate
         view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
         record = RoundRecord(round=server_round, participants=[])
 
@@ -173,10 +181,15 @@ def run_rounds(
         else:
             arrays = _train_plain(
                 grid, fed.round_timeout, strategy, server_round, arrays, view, directory, chosen,
-                record,
+                record, privacy,
             )  # fmt: skip
 
-        eval_msgs = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
+        # A Flower strategy waits forever when shown no nodes (Poisson sampling can pick none).
+        eval_msgs = (
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
+            if list(view.get_node_ids())
+            else []
+        )
         eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
         good_eval = [reply for _, reply in eval_replies if not reply.has_error()]
         if good_eval:
@@ -204,9 +217,12 @@ def _train_plain(
     directory: SiteDirectory,
     chosen: list[str],
     record: RoundRecord,
+    privacy: PrivacyRound | None = None,
 ) -> ArrayRecord:
     """Train without secure aggregation: the strategy sees each site's weights."""
-    train_msgs = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
+    train_msgs = (
+        strategy.configure_train(server_round, arrays, ConfigRecord(), view) if chosen else []
+    )
     train_replies = _by_site(exchange(grid, train_msgs, timeout), directory)
     answered = {site_id for site_id, _ in train_replies}
     record.failures.update({s: "no reply before the timeout" for s in chosen if s not in answered})
@@ -220,7 +236,12 @@ def _train_plain(
         else:
             good.append(reply)
             record.participants.append(site_id)
-    if good:
+    if privacy is not None:
+        privacy.observe_train(server_round, train_replies)  # receipts, declines with ε and cap
+    if privacy is not None and privacy.aggregates:  # noise on every round, even an empty one
+        new_arrays, _ = privacy.aggregate_train(server_round, arrays, good, strategy)
+        arrays = new_arrays if new_arrays is not None else arrays
+    elif good:
         new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
         if new_arrays is not None:
             arrays = new_arrays

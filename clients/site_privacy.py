@@ -1,0 +1,295 @@
+"""A site's own privacy budget: its settings (node config), key, ledger, and the per-round check.
+
+What the site enforces comes from the site, never from the server's messages:
+
+- node config ``site-dir``: the folder holding the site's ledger (``privacy_ledger.json``) and
+  signing key (``site_key.pem``/``site_key.pub``); created on first use;
+- node config ``epsilon-cap``: the most ε (sample-level) the site will ever spend, across rounds
+  and runs; the run config cannot raise it;
+- node config ``delta`` (optional): the δ the site accounts at; else the run's ``privacy.delta``,
+  which the site accepts only below 1/n (n its training records).
+
+In deployment these come from ``flower-supernode --node-config "site-dir=... epsilon-cap=8"``;
+in simulation ``simulations.engine`` gives every simulated site its own (the run's
+``privacy.site_epsilon_cap`` stands for each simulated site's setting). Without ``site-dir`` or
+``epsilon-cap`` a site declines every DP round: a budget nobody set is not a budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from clients.dp_training import DpSgdPlan
+from fedgov.config import RunConfig
+from privacy.accounting import epsilon, noise_multiplier_for, steps_per_round
+from privacy.ledger import LedgerError, LedgerState, SiteLedger, Spend
+from privacy.receipts import (
+    PRIVATE_KEY_FILE,
+    Receipt,
+    create_site_key,
+    load_site_key,
+    public_key_bytes,
+    sign,
+)
+
+NODE_SITE_DIR = "site-dir"
+NODE_EPSILON_CAP = "epsilon-cap"
+NODE_DELTA = "delta"
+
+
+class BudgetRefusal(Exception):
+    """The site will not train this round; ``details`` (ε spent, cap, ...) go back with it."""
+
+    def __init__(self, reason: str, **details: int | float | str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """The site's own privacy settings, read from its node config."""
+
+    site_dir: Path
+    epsilon_cap: float
+    delta: float | None
+
+
+def budget_settings(node_config: Mapping[str, Any]) -> BudgetSettings:
+    """Parse ``site-dir``, ``epsilon-cap`` and ``delta``; refuse (decline) when missing or bad."""
+    site_dir = str(node_config.get(NODE_SITE_DIR, "") or "")
+    if not site_dir:
+        raise BudgetRefusal(
+            f"no privacy ledger: node config '{NODE_SITE_DIR}' (the site's own folder) is not set"
+        )
+    cap = _positive(node_config, NODE_EPSILON_CAP)
+    if cap is None:
+        raise BudgetRefusal(f"no privacy budget: node config '{NODE_EPSILON_CAP}' is not set")
+    delta = _positive(node_config, NODE_DELTA)
+    if delta is not None and not delta < 1:
+        raise BudgetRefusal(f"node config '{NODE_DELTA}': {delta} must be in (0, 1)")
+    return BudgetSettings(Path(site_dir), cap, delta)
+
+
+def _positive(node_config: Mapping[str, Any], key: str) -> float | None:
+    if key not in node_config or node_config[key] in ("", None):
+        return None
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError):
+        raise BudgetRefusal(f"node config '{key}': {node_config[key]!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise BudgetRefusal(f"node config '{key}': {value} must be a number > 0")
+    return value
+
+
+def open_site_state(site_dir: Path, site_id: str) -> tuple[Ed25519PrivateKey, SiteLedger]:
+    """The site's signing key and ledger, initialising both on first use.
+
+    Initialisation writes an empty ledger first, then the key, then binds the ledger to the key,
+    so a crash part-way leaves a state this function completes. A key without a ledger means the
+    ledger was lost (:class:`LedgerError`); so does a ledger with spends but no key, or a ledger
+    bound to another key.
+    """
+    ledger = SiteLedger(site_dir, site_id, PRIVATE_KEY_FILE)
+    key_path = Path(site_dir) / PRIVATE_KEY_FILE
+    with ledger.locked():
+        if not ledger.exists() and not key_path.exists():
+            ledger.write(LedgerState(site_id=site_id))
+        state = ledger.read()  # raises LedgerError when missing with a key, or unreadable
+        if key_path.exists():
+            try:
+                key = load_site_key(site_dir)
+            except (OSError, ValueError) as error:
+                raise LedgerError(f"site key {key_path} is unreadable ({error})") from None
+        elif state.spends:
+            raise LedgerError(
+                f"site key {key_path} is missing but the ledger holds spends; restore the key"
+            )
+        else:
+            key = create_site_key(site_dir)
+        public = public_key_bytes(key).hex()
+        if not state.public_key:
+            state.public_key = public
+            ledger.write(state)
+        elif state.public_key != public:
+            raise LedgerError(f"privacy ledger {ledger.path} is bound to another site key")
+    return key, ledger
+
+
+def secret_seeds(key: Ed25519PrivateKey, *labels: object) -> tuple[int, int]:
+    """Two 63-bit seeds (sampling, noise) only the site can compute: HKDF-SHA256 of its key."""
+    from cryptography.hazmat.primitives import serialization
+
+    material = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    info = ("fedgov dp-sgd|" + "|".join(str(label) for label in labels)).encode()
+    okm = HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(material)
+    return int.from_bytes(okm[:8], "big") >> 1, int.from_bytes(okm[8:], "big") >> 1
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``arrays`` in order."""
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def plan_dp_sgd(cfg: RunConfig, num_records: int, delta: float) -> DpSgdPlan:
+    """This round's DP-SGD at a site of ``num_records`` rows: q and steps as Opacus defines them,
+    σ from ``privacy.noise_multiplier`` or, with ``privacy.target_epsilon``, the σ that spends the
+    target over ``rounds`` rounds (assuming the site trains in every one of them)."""
+    rate, steps = steps_per_round(num_records, cfg.train.batch_size, cfg.train.local_epochs)
+    p = cfg.privacy
+    if p.target_epsilon > 0:
+        try:
+            sigma = noise_multiplier_for(
+                p.target_epsilon, delta, rate, steps * cfg.rounds, p.accountant
+            )
+        except ValueError as error:
+            raise BudgetRefusal(f"privacy.target_epsilon: {error}") from None
+    else:
+        sigma = p.noise_multiplier
+    return DpSgdPlan(sigma, rate, steps, p.max_grad_norm, num_records)
+
+
+@dataclass
+class RoundBudget:
+    """A reserved (pending) spend of this round and what signing its receipt needs."""
+
+    key: Ed25519PrivateKey
+    ledger: SiteLedger
+    spend: Spend
+    plan: DpSgdPlan
+    site_id: str
+    cap: float
+    history: list[tuple[float, float, int]]  # the ledger's history including this spend
+
+    def seeds(self) -> tuple[int, int]:
+        return secret_seeds(self.key, self.spend.run_id, self.spend.round, self.spend.input_sha256)
+
+    def release(self, released_sha256: str) -> Receipt:
+        """Sign the receipt and mark the spend released (call just before replying)."""
+        receipt = sign(
+            self.key,
+            {
+                "kind": "dp-sgd",
+                "site": self.site_id,
+                "run": self.spend.run_id,
+                "round": self.spend.round,
+                "steps": self.plan.steps,
+                "noise_multiplier": self.plan.noise_multiplier,
+                "sample_rate": self.plan.sample_rate,
+                "max_grad_norm": self.plan.max_grad_norm,
+                "delta": self.spend.delta,
+                "accountant": self.spend.accountant,
+                "epsilon": self.spend.epsilon_after,
+                "cap": self.cap,
+                "history": [list(entry) for entry in self.history],
+                "input_sha256": self.spend.input_sha256,
+                "update_sha256": released_sha256,
+            },
+        )
+        self.ledger.release(self.spend, receipt.signature.hex())
+        return receipt
+
+
+def reserve_round(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    site_id: str,
+    num_records: int,
+    run_id: str,
+    server_round: int,
+    input_sha256: str,
+) -> RoundBudget:
+    """Check this round against the site's cap and reserve it in the ledger (write-ahead).
+
+    Raises :class:`BudgetRefusal` (→ a decline) when the settings are missing, the ledger cannot
+    be trusted, δ is not below 1/n, or the round would take ε above the cap.
+    """
+    settings = budget_settings(node_config)
+    try:
+        key, ledger = open_site_state(settings.site_dir, site_id)
+    except LedgerError as error:
+        raise BudgetRefusal(f"privacy ledger unusable, failing closed: {error}") from None
+    delta = settings.delta if settings.delta is not None else cfg.privacy.delta
+    if not delta < 1 / num_records:
+        raise BudgetRefusal(
+            f"privacy.delta: {delta:g} must be in (0, 1/n) = (0, {1 / num_records:.3g}) for this "
+            f"site's {num_records} records",
+            cap=settings.epsilon_cap,
+        )
+    plan = plan_dp_sgd(cfg, num_records, delta)
+    spend = Spend(
+        run_id=run_id,
+        round=server_round,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        delta=delta,
+        accountant=cfg.privacy.accountant,
+        epsilon_after=0.0,
+        input_sha256=input_sha256,
+    )
+    try:
+        reservation = ledger.reserve(spend, settings.epsilon_cap)
+    except LedgerError as error:
+        raise BudgetRefusal(f"privacy ledger unusable, failing closed: {error}") from None
+    if reservation.spend is None:
+        receipt = sign(
+            key,
+            {
+                "kind": "decline",
+                "site": site_id,
+                "run": run_id,
+                "round": server_round,
+                "reason": "privacy budget exhausted",
+                "delta": delta,
+                "accountant": cfg.privacy.accountant,
+                "epsilon": reservation.epsilon_spent,
+                "epsilon_requested": reservation.epsilon_after,
+                "cap": settings.epsilon_cap,
+                "history": [list(entry) for entry in reservation.history],
+            },
+        )
+        raise BudgetRefusal(
+            "privacy budget exhausted: this round would bring the site to "
+            f"ε = {reservation.epsilon_after:.4g} > cap {settings.epsilon_cap:g}",
+            epsilon_spent=reservation.epsilon_spent,
+            epsilon_requested=reservation.epsilon_after,
+            cap=settings.epsilon_cap,
+            **receipt_fields(receipt),
+        )
+    return RoundBudget(
+        key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history
+    )
+
+
+def receipt_fields(receipt: Receipt) -> dict[str, str]:
+    """A receipt as string fields of a decline record (``receipt-payload`` etc.)."""
+    record = receipt.to_record()
+    return {
+        "receipt-payload": str(record["payload"]),
+        "receipt-signature": receipt.signature.hex(),
+        "receipt-public-key": receipt.public_key.hex(),
+    }
+
+
+def site_epsilon(ledger_state: LedgerState, accountant: str, delta: float) -> float:
+    """ε of everything a site's ledger holds."""
+    return epsilon(ledger_state.history(), delta, accountant)

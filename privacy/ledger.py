@@ -1,0 +1,250 @@
+"""A site's privacy ledger: every sample-level spend the site has made, kept in its own directory.
+
+The ledger is the site's, not the server's: it lives in the site's directory (node config
+``site-dir``) next to its signing key, and the site checks it before every round. Rules:
+
+- **Atomic**: every change rewrites ``privacy_ledger.json`` through a temporary file, ``fsync`` and
+  ``os.replace`` (and an fsync of the folder), under an exclusive ``flock``; a crash leaves the old
+  ledger or the new one, never a mix.
+- **Write-ahead**: a spend is written as ``pending`` *before* training and becomes ``released`` with
+  the receipt's signature just before the update leaves the site. A pending spend counts in ε like
+  a released one, so a crash between training and reply never under-counts. A retry of the same
+  (run, round, input weights) replaces its own pending entry instead of adding a second one (that
+  attempt released nothing: ``released`` is written before any reply), so nothing is counted twice.
+- **Fail closed**: a ledger that is unreadable (bad JSON, wrong format, checksum mismatch, another
+  site's or key's ledger) or missing while the site's key exists (the key proves the site was
+  initialised, hence may have history) raises :class:`LedgerError`; the site then declines every
+  round with that message until an operator restores the ledger. It never starts over at zero.
+
+The file holds a SHA-256 checksum of its own canonical content, so a truncated or hand-edited
+ledger is detected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import HistoryEntry, epsilon, epsilon_after, normalise_history
+
+LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = ".privacy_ledger.lock"
+LEDGER_FORMAT = "fedgov-privacy-ledger"
+LEDGER_VERSION = 1
+PENDING, RELEASED = "pending", "released"
+
+
+class LedgerError(Exception):
+    """The ledger cannot be trusted (unreadable, missing with history, someone else's)."""
+
+
+@dataclass
+class Spend:
+    """One round's DP-SGD at the site: what it spends and whether the update left the site."""
+
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    epsilon_after: float  # ε of the whole ledger once this spend is composed
+    input_sha256: str  # the global weights trained from (identifies a retry of the same round)
+    status: str = PENDING
+    signature: str = ""  # the receipt's signature (hex) once released
+    recorded_at: float = field(default_factory=time.time)
+
+    @property
+    def entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass
+class Decline:
+    """A round the site refused, and why."""
+
+    run_id: str
+    round: int
+    reason: str
+    epsilon_spent: float
+    cap: float
+    recorded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class LedgerState:
+    """The ledger's content."""
+
+    site_id: str
+    public_key: str = ""  # hex of the site's Ed25519 public key, bound at initialisation
+    spends: list[Spend] = field(default_factory=list)
+    declines: list[Decline] = field(default_factory=list)
+
+    def history(self) -> list[HistoryEntry]:
+        """Every spend (pending ones included) as Opacus accountant history."""
+        return normalise_history(spend.entry for spend in self.spends)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {
+            "format": LEDGER_FORMAT,
+            "version": LEDGER_VERSION,
+            "site_id": self.site_id,
+            "public_key": self.public_key,
+            "spends": [asdict(s) for s in self.spends],
+            "declines": [asdict(d) for d in self.declines],
+        }
+        return {**body, "checksum": _checksum(body)}
+
+    @classmethod
+    def from_json(cls, data: Any, where: Path) -> LedgerState:
+        if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
+            raise LedgerError(f"privacy ledger {where} is not a fedgov ledger")
+        if data.get("version") != LEDGER_VERSION:
+            raise LedgerError(f"privacy ledger {where} has unknown version {data.get('version')}")
+        body = {k: v for k, v in data.items() if k != "checksum"}
+        if data.get("checksum") != _checksum(body):
+            raise LedgerError(f"privacy ledger {where} fails its checksum (damaged or edited)")
+        try:
+            return cls(
+                site_id=str(data["site_id"]),
+                public_key=str(data["public_key"]),
+                spends=[Spend(**s) for s in data["spends"]],
+                declines=[Decline(**d) for d in data["declines"]],
+            )
+        except (KeyError, TypeError) as error:
+            raise LedgerError(f"privacy ledger {where} is malformed ({error})") from None
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of :meth:`SiteLedger.reserve`: the pending spend (None when over the cap), the
+    ε spent before it, the ε it would bring the site to, and the history behind the latter."""
+
+    spend: Spend | None
+    epsilon_spent: float
+    epsilon_after: float
+    history: list[HistoryEntry]  # the ledger's history (with the spend when reserved)
+
+
+class SiteLedger:
+    """The ledger file of one site directory; every method re-reads it under the lock."""
+
+    def __init__(self, site_dir: str | Path, site_id: str, key_file: str) -> None:
+        self.site_dir = Path(site_dir)
+        self.site_id = site_id
+        self.path = self.site_dir / LEDGER_FILE
+        self._key_path = self.site_dir / key_file
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive access to the ledger across processes (an flock on a side file)."""
+        self.site_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.site_dir / LOCK_FILE, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> LedgerState:
+        """The ledger's state; raises :class:`LedgerError` instead of ever starting over."""
+        if not self.path.exists():
+            if self._key_path.exists():
+                raise LedgerError(
+                    f"privacy ledger {self.path} is missing but the site's key exists, so the "
+                    "site may have spent budget before; restore the ledger from a backup"
+                )
+            return LedgerState(site_id=self.site_id)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LedgerError(f"privacy ledger {self.path} is unreadable ({error})") from None
+        state = LedgerState.from_json(data, self.path)
+        if state.site_id != self.site_id:
+            raise LedgerError(
+                f"privacy ledger {self.path} belongs to site '{state.site_id}', "
+                f"not '{self.site_id}'"
+            )
+        return state
+
+    def write(self, state: LedgerState) -> None:
+        """Atomically replace the ledger (temporary file, fsync, rename, fsync of the folder)."""
+        from fedgov.records import atomic_write_bytes
+
+        payload = json.dumps(state.to_json(), indent=1, allow_nan=False) + "\n"
+        atomic_write_bytes(self.path, payload.encode("utf-8"))
+        directory = os.open(self.site_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def reserve(self, spend: Spend, cap: float) -> Reservation:
+        """Check ``spend`` against ``cap`` and, if it fits, write it as pending — one locked step.
+
+        ``spend.epsilon_after`` is recomputed here from the ledger's own history (a pending entry
+        of the same attempt is replaced, not added to). Over the cap, the decline is recorded and
+        nothing is reserved.
+        """
+        with self.locked():
+            state = self.read()
+            state.spends = [s for s in state.spends if not _same_attempt(s, spend)]
+            history = state.history()
+            spent = epsilon(history, spend.delta, spend.accountant)
+            spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
+            if spend.epsilon_after > cap:
+                state.declines.append(
+                    Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
+                )
+                self.write(state)
+                return Reservation(None, spent, spend.epsilon_after, history)
+            state.spends.append(spend)
+            self.write(state)
+            return Reservation(spend, spent, spend.epsilon_after, state.history())
+
+    def release(self, spend: Spend, signature: str) -> None:
+        """Mark ``spend`` released with its receipt's signature (before the reply leaves)."""
+        with self.locked():
+            state = self.read()
+            for entry in state.spends:
+                if _same_attempt(entry, spend) and entry.recorded_at == spend.recorded_at:
+                    entry.status, entry.signature = RELEASED, signature
+                    break
+            else:
+                raise LedgerError(
+                    f"privacy ledger {self.path} lost the pending spend of round {spend.round}"
+                )
+            self.write(state)
+
+    def record_decline(self, decline: Decline) -> None:
+        with self.locked():
+            state = self.read()
+            state.declines.append(decline)
+            self.write(state)
+
+
+def _same_attempt(existing: Spend, new: Spend) -> bool:
+    """A pending spend of the same run, round and input: a retry after a crash, never released."""
+    return (
+        existing.status == PENDING
+        and existing.run_id == new.run_id
+        and existing.round == new.round
+        and existing.input_sha256 == new.input_sha256
+    )

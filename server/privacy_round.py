@@ -1,0 +1,250 @@
+"""The server's side of differential privacy in a run: receipts, declines and site-level DP.
+
+``server.rounds.run_rounds`` calls four hooks when privacy is on:
+
+- :meth:`PrivacyRound.sample` — under site-level DP sites are **Poisson-sampled**: each connected
+  site joins a round independently with probability q = (sites per round) / (connected sites)
+  (q = 1 when every site trains), drawn from OS randomness so nobody can predict who takes part;
+  the accountant composes the subsampled Gaussian mechanism at that q. ``min_sites_per_round`` does
+  not apply (a floor would break the independence the accounting relies on).
+- :meth:`PrivacyRound.observe_train` — every train reply: a sample-level receipt is verified
+  (Ed25519, the key pinned on first sight for the whole run) and kept; a decline is kept with
+  its reason, ε spent and cap (and its signed receipt, when the site sent one).
+- :meth:`PrivacyRound.aggregate_train` — under site-level DP without secure aggregation: each
+  update is re-clipped to C (so a faulty site cannot exceed the sensitivity), summed, Gaussian
+  noise of std z·C is added, and the sum divided by the expected number of sites q·N moves the
+  global model; the strategy (FedAvg/FedProx/FedAdam) receives that noisy mean as one reply.
+  The noise is added in every round, even one where no site answered.
+- :meth:`PrivacyRound.account_secure_round` — under secure aggregation the sites add the noise
+  (clients.update); given the survivors, it decides abort/account and records the effective
+  noise multiplier z·√(s/t).
+
+:meth:`PrivacyRound.report` gives what ``privacy/report.py`` turns into ``privacy_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
+
+from fedgov import messages as keys
+from fedgov.config import RunConfig, sample_level_on, site_level_on
+from fedgov.records import arrays_to_numpy
+from privacy.accounting import epsilon
+from privacy.receipts import Receipt
+from privacy.site_dp import (
+    clip_update,
+    dropout_decision,
+    effective_noise_multiplier,
+    noisy_mean_update,
+    poisson_sample,
+    site_sampling_rate,
+)
+
+
+@dataclass
+class SiteLedgerView:
+    """What the server learnt about one site's sample-level budget in this run."""
+
+    public_key: bytes | None = None
+    receipts: list[Receipt] = field(default_factory=list)
+    receipt_valid: list[bool] = field(default_factory=list)
+    declines: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SiteLevelRound:
+    """One round of site-level DP as accounted."""
+
+    round: int
+    sampled: int
+    contributed: int
+    sample_rate: float
+    noise_multiplier: float  # the effective z of this round's sum
+    epsilon: float  # site-level ε after this round
+    aborted: bool = False
+    note: str = ""
+
+
+class PrivacyRound:
+    """Privacy bookkeeping of one run on the server (see module doc)."""
+
+    def __init__(self, cfg: RunConfig, rng: np.random.Generator | None = None) -> None:
+        self.cfg = cfg
+        self.sample_level = sample_level_on(cfg)
+        self.site_level = site_level_on(cfg)
+        self.secure_aggregation = cfg.secagg.name != "off"
+        # Sampling and noise from OS entropy: the run's seed is public (metrics.json), so noise
+        # drawn from it could be subtracted again.
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self.sites: dict[str, SiteLedgerView] = {}
+        self.site_level_rounds: list[SiteLevelRound] = []
+        self._rate_this_round = 1.0
+        self._expected_sites = 0.0
+
+    # ---- hooks called by server.rounds ---------------------------------------------------------
+    @property
+    def aggregates(self) -> bool:
+        """Whether this object, not the strategy, aggregates the train replies."""
+        return self.site_level and not self.secure_aggregation
+
+    def sample(self, site_ids: list[str], count: int) -> list[str] | None:
+        """Poisson sampling under site-level DP (None: keep the usual fixed-size sampling)."""
+        if not self.site_level:
+            return None
+        self._rate_this_round = site_sampling_rate(count, len(site_ids)) if site_ids else 1.0
+        self._expected_sites = self._rate_this_round * len(site_ids)
+        return poisson_sample(site_ids, self._rate_this_round, self._rng)
+
+    def observe_train(self, server_round: int, replies: Sequence[tuple[str, Message]]) -> None:
+        """Keep and verify every receipt and decline of this round's train replies."""
+        for site_id, reply in replies:
+            if reply.has_error():
+                continue
+            records = reply.content.config_records
+            if keys.RECEIPT in records:
+                self._keep_receipt(site_id, Receipt.from_record(records[keys.RECEIPT]))
+            if keys.DECLINE in records:
+                self._keep_decline(site_id, server_round, records[keys.DECLINE])
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        current: ArrayRecord,
+        replies: Sequence[Message],
+        strategy: Strategy,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg without secure aggregation: re-clip, sum, add N(0, (zC)²), divide by q·N."""
+        p = self.cfg.privacy
+        start = arrays_to_numpy(current)
+        total = {name: np.zeros_like(array, dtype=np.float64) for name, array in start.items()}
+        for reply in replies:
+            local = arrays_to_numpy(reply.content.array_records[keys.ARRAYS])
+            update = {name: local[name].astype(np.float64) - start[name] for name in start}
+            clipped, _ = clip_update(update, p.clipping_norm)
+            for name in total:
+                total[name] += clipped[name]
+        expected = self._expected_sites or float(len(replies)) or 1.0
+        mean = noisy_mean_update(total, p.site_noise_multiplier, p.clipping_norm, expected,
+                                 self._rng)  # fmt: skip
+        self._account(server_round, len(replies), p.site_noise_multiplier)
+        new_arrays = ArrayRecord(
+            OrderedDict(
+                (name, torch.from_numpy((start[name] + mean[name]).astype(start[name].dtype)))
+                for name in start
+            )
+        )
+        # Hand the strategy one reply holding the noisy mean, so FedAdam & co. treat it as the
+        # round's aggregate (FedAvg/FedProx return it as is).
+        content = RecordDict(
+            {
+                keys.ARRAYS: new_arrays,
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1}),
+            }
+        )
+        synthetic = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, _ = strategy.aggregate_train(server_round, [synthetic])
+        return arrays, None
+
+    def account_secure_round(
+        self, server_round: int, sampled: int, survivors: int, min_survivors: int
+    ) -> bool:
+        """Account a secure-aggregation round whose sites added noise shares sized for
+        ``min_survivors``; returns False when the round must be aborted (never unmasked)."""
+        p = self.cfg.privacy
+        decision = dropout_decision(survivors, min_survivors, p.secagg_dropout)
+        if decision == "abort":
+            self.site_level_rounds.append(
+                SiteLevelRound(server_round, sampled, survivors, self._rate_this_round, 0.0,
+                               self.site_level_epsilon(), aborted=True,
+                               note=f"{survivors} survivors < {min_survivors}: not unmasked")
+            )  # fmt: skip
+            return False
+        z = effective_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
+        self._account(server_round, survivors, z, sampled=sampled)
+        return True
+
+    # ---- state ---------------------------------------------------------------------------------
+    def site_level_history(self) -> list[tuple[float, float, int]]:
+        """Opacus-style history of the site-level mechanism: (z of the round, q, 1) per round."""
+        return [
+            (r.noise_multiplier, r.sample_rate, 1) for r in self.site_level_rounds if not r.aborted
+        ]
+
+    def site_level_epsilon(self) -> float:
+        return epsilon(
+            self.site_level_history(), self.cfg.privacy.delta, self.cfg.privacy.accountant
+        )
+
+    def max_site_epsilon(self) -> float | None:
+        """The largest sample-level ε any site reported (receipts and declines)."""
+        values = [r.payload["epsilon"] for view in self.sites.values() for r in view.receipts]
+        values += [d["epsilon_spent"] for view in self.sites.values() for d in view.declines
+                   if d.get("epsilon_spent") is not None]  # fmt: skip
+        return max(values) if values else None
+
+    def _account(self, server_round: int, contributed: int, z: float, sampled: int = -1) -> None:
+        self.site_level_rounds.append(
+            SiteLevelRound(server_round, sampled if sampled >= 0 else contributed, contributed,
+                           self._rate_this_round, z, 0.0)
+        )  # fmt: skip
+        self.site_level_rounds[-1].epsilon = self.site_level_epsilon()
+
+    def _view(self, site_id: str) -> SiteLedgerView:
+        return self.sites.setdefault(site_id, SiteLedgerView())
+
+    def _keep_receipt(self, site_id: str, receipt: Receipt) -> None:
+        view = self._view(site_id)
+        if view.public_key is None:
+            view.public_key = receipt.public_key
+        valid = receipt.verify(view.public_key) and receipt.payload.get("site") == site_id
+        if not valid:
+            log(WARNING, "site %s sent a privacy receipt that does not verify", site_id)
+        view.receipts.append(receipt)
+        view.receipt_valid.append(valid)
+
+    def _keep_decline(self, site_id: str, server_round: int, record: Any) -> None:
+        details = {key: record[key] for key in record}
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "reason": str(details.get("reason", "")),
+            "epsilon_spent": _float_or_none(details.get("epsilon_spent")),
+            "cap": _float_or_none(details.get("cap")),
+        }
+        if "receipt-payload" in details:
+            receipt = Receipt(
+                payload=json.loads(str(details["receipt-payload"])),
+                signature=bytes.fromhex(str(details["receipt-signature"])),
+                public_key=bytes.fromhex(str(details["receipt-public-key"])),
+            )
+            view = self._view(site_id)
+            if view.public_key is None:
+                view.public_key = receipt.public_key
+            entry["receipt"] = receipt
+            entry["receipt_valid"] = receipt.verify(view.public_key)
+        self._view(site_id).declines.append(entry)
+
+    def decline_round_summary(self) -> dict[str, list[int]]:
+        return {site: [d["round"] for d in view.declines] for site, view in self.sites.items()}
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return None if value is None else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def secure_round_config(min_survivors: int) -> ConfigRecord:
+    """The config entry a secure-aggregation round sends so sites size their noise shares."""
+    return ConfigRecord({keys.DP_MIN_SURVIVORS: int(min_survivors)})
