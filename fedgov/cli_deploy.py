@@ -1,0 +1,252 @@
+"""``fedgov server ...``, ``fedgov site ...`` and ``fedgov run``: a real federation's commands."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedgov.errors import FedgovError
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the deployment commands on the top-level ``fedgov`` parser."""
+    _add_server(commands)
+    _add_site(commands)
+    _add_run(commands)
+
+
+# ---- coordinator ----------------------------------------------------------------------------
+
+
+def _add_server(commands: argparse._SubParsersAction) -> None:
+    server = commands.add_parser(
+        "server", help="run the coordinator (a Flower SuperLink with TLS and site authentication)"
+    )
+    actions = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
+
+    certs = actions.add_parser(
+        "certs",
+        help="create the federation's CA and the coordinator's TLS certificate",
+        description="Write ca.crt, ca.key, server.crt and server.key into --out. "
+        "Give every site ca.crt; keep ca.key and server.key on the coordinator.",
+    )
+    certs.add_argument("--out", default="certs", help="folder for the files (default: %(default)s)")
+    certs.add_argument(
+        "--host", action="append", default=None,
+        help="host name or IP address the sites use to reach the coordinator (repeatable; "
+        "default: 127.0.0.1 and localhost)",
+    )  # fmt: skip
+    certs.add_argument("--federation", default="fedgov", help="federation name in the certificates")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+    certs.set_defaults(handler=_server_certs)
+
+    start = actions.add_parser(
+        "start",
+        help="start the coordinator from server.yaml (TLS and site authentication on)",
+        description="Start a Flower SuperLink with TLS, SuperNode authentication and a "
+        "persistent state database, as server.yaml says. Runs until interrupted.",
+    )
+    start.add_argument(
+        "--config", default="server.yaml", help="server config (default: %(default)s)"
+    )
+    start.add_argument(
+        "--insecure", action="store_true",
+        help="plain HTTP and no site authentication (testing only: prints a warning)",
+    )  # fmt: skip
+    start.set_defaults(handler=_server_start)
+
+    add_site = actions.add_parser(
+        "add-site",
+        help="register a site's public key so its daemon may join",
+        description="Register a site's node-authentication public key (keys/node.key.pub, "
+        "written by `fedgov site init`) with the running coordinator.",
+    )
+    add_site.add_argument("public_key", metavar="PUBKEY", help="the site's node.key.pub")
+    add_site.add_argument(
+        "--config", default="server.yaml", help="server config (default: %(default)s)"
+    )
+    add_site.set_defaults(handler=_server_add_site)
+
+
+def _server_certs(args: argparse.Namespace) -> int:
+    from server.certs import create_federation_certs
+
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    paths = create_federation_certs(args.out, hosts, args.federation, overwrite=args.overwrite)
+    print(f"CA certificate (give to every site): {paths.ca_cert}")
+    print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
+    print(f"private keys (keep on the coordinator): {paths.ca_key}, {paths.server_key}")
+    return 0
+
+
+def _server_start(args: argparse.Namespace) -> int:
+    from server.coordinator import (
+        check_server_files,
+        flower_environment,
+        load_server_settings,
+        superlink_command,
+        write_flwr_connection,
+    )
+
+    settings = load_server_settings(args.config)
+    insecure = args.insecure or settings.insecure
+    if settings.insecure and not args.insecure:
+        raise FedgovError(
+            f"{settings.config_path}: insecure: true needs the explicit --insecure flag as well"
+        )
+    if insecure:
+        print(
+            "fedgov: WARNING: insecure mode: no TLS and no site authentication; anyone who can "
+            f"reach {settings.address} can join and read the traffic. Use it for tests only.",
+            file=sys.stderr,
+        )
+    check_server_files(settings, insecure)
+    settings.database.parent.mkdir(parents=True, exist_ok=True)
+    write_flwr_connection(settings, insecure)
+    print(
+        f"fedgov: coordinator '{settings.federation}' on {settings.address} "
+        f"({'insecure' if insecure else 'TLS, site authentication on'}); state {settings.database}",
+        file=sys.stderr,
+        flush=True,
+    )
+    process = subprocess.Popen(
+        superlink_command(settings, insecure), env=flower_environment(settings)
+    )
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+        return 130
+
+
+def _server_add_site(args: argparse.Namespace) -> int:
+    from server.coordinator import load_server_settings, register_site
+
+    print(register_site(load_server_settings(args.config), args.public_key))
+    return 0
+
+
+# ---- site daemon ----------------------------------------------------------------------------
+
+
+def _add_site(commands: argparse._SubParsersAction) -> None:
+    site = commands.add_parser("site", help="set up and run a site's daemon (a Flower SuperNode)")
+    actions = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
+
+    init = actions.add_parser(
+        "init",
+        help="write site.yaml and the site's keys",
+        description="Create a site folder: site.yaml, keys/node.key (+ .pub to send to the "
+        "coordinator). The data is validated against its schema first.",
+    )
+    init.add_argument("--site-id", required=True, help="this site's name, e.g. hosp-a")
+    init.add_argument("--data", required=True, help="the site's CSV or Parquet file")
+    init.add_argument("--schema", required=True, help="schema file (YAML/JSON) the data must match")
+    init.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
+    init.add_argument("--ca", default=None, help="the federation's ca.crt")
+    init.add_argument(
+        "--epsilon-cap", type=float, default=8.0, help="ε this site will never exceed"
+    )
+    init.add_argument("--port", type=int, default=9094, help="local runtime API port")
+    init.add_argument("--out", default=".", help="site folder (default: current folder)")
+    init.set_defaults(handler=_site_init)
+
+    start = actions.add_parser(
+        "start",
+        help="validate the site's data and config, then join the federation",
+        description="Check data, schema, key and CA first (one line on any problem), then run "
+        "the SuperNode, reconnecting with back-off while the coordinator is away.",
+    )
+    start.add_argument("--config", default="site.yaml", help="site config (default: %(default)s)")
+    start.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    start.add_argument(
+        "--max-wait", type=float, default=None,
+        help="give up after this many seconds without the coordinator (default: never)",
+    )  # fmt: skip
+    start.add_argument("--check", action="store_true", help="only validate, do not connect")
+    start.set_defaults(handler=_site_start)
+
+
+def _site_init(args: argparse.Namespace) -> int:
+    from clients.connector import load_schema_file, read_site_table
+    from clients.daemon import init_site
+
+    _, labels = read_site_table(args.data, load_schema_file(args.schema))
+    config, public_key = init_site(
+        args.out, args.site_id, args.data, args.schema, args.coordinator, args.ca,
+        args.epsilon_cap, args.port,
+    )  # fmt: skip
+    print(f"site {args.site_id}: {len(labels)} rows valid; config {config}")
+    print(f"send this public key to the coordinator (fedgov server add-site): {public_key}")
+    return 0
+
+
+def _site_start(args: argparse.Namespace) -> int:
+    from clients.daemon import check_site, load_site_settings, run_supernode
+
+    settings = load_site_settings(args.config)
+    insecure = args.insecure or settings.insecure
+    rows = check_site(settings, insecure)
+    print(
+        f"fedgov: site {settings.site_id}: {rows} rows valid; joining {settings.coordinator}"
+        + (" (insecure)" if insecure else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.check:
+        return 0
+    return run_supernode(settings, insecure, args.max_wait)
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run",
+        help="train on the real federation from the same Hydra config a simulation uses",
+        description="Compose conf/ with the given Hydra overrides (exactly as "
+        "`python -m simulations.run` does) and launch it on the coordinator with `flwr run`.",
+    )
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 strategy=fedprox")
+    run.add_argument("--config", default="server.yaml", help="server config (default: %(default)s)")
+    run.add_argument(
+        "--out", default=None, help="run directory (default: runs/<time> by server.yaml)"
+    )
+    run.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from fedgov.config import from_mapping, to_flower_config
+    from fedgov.deploy import flower_tool, toml_value
+    from server.coordinator import flower_environment, load_server_settings
+    from simulations.engine import app_dir
+    from simulations.plots import write_plots
+    from simulations.run import compose_config
+
+    settings = load_server_settings(args.config)
+    cfg = from_mapping(OmegaConf.to_container(compose_config(list(args.overrides)), resolve=True))
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(run_dir)
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in to_flower_config(cfg).items())
+    command = [flower_tool("flwr"), "run", str(app_dir()), settings.federation,
+               "--run-config", run_config, "--stream"]  # fmt: skip
+    result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
+    metrics = run_dir / "metrics.json"
+    if result.returncode != 0 or not metrics.is_file():
+        raise FedgovError(
+            f"run: the federation '{settings.federation}' did not finish the run "
+            f"(flwr run exited {result.returncode}; see its output above)"
+        )
+    write_plots(run_dir)
+    print(f"fedgov: run finished; outputs in {run_dir}")
+    return 0

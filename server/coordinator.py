@@ -1,0 +1,168 @@
+"""The coordinator: a Flower SuperLink with TLS, node authentication and a persistent state.
+
+``server.yaml`` (all paths relative to the file's folder)::
+
+    federation: hospitals        # name used by `fedgov run` and `fedgov server add-site`
+    host: 127.0.0.1              # address the SuperLink listens on (sites connect here)
+    port: 9092
+    certs: certs                 # ca.crt, server.crt, server.key (`fedgov server certs`)
+    database: state/superlink.db # the SuperLink's state: registered sites, runs, messages
+    insecure: false              # plain HTTP: only behind the explicit --insecure flag
+
+This module turns the file into typed settings and command lines; the CLI runs them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedgov.deploy import flower_environment as flower_env
+from fedgov.deploy import flower_tool, read_yaml_mapping
+from fedgov.errors import ConfigError, FedgovError
+
+SERVER_KEYS = ("federation", "host", "port", "certs", "database", "insecure")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The coordinator's settings, with paths resolved against ``server.yaml``'s folder."""
+
+    config_path: Path
+    federation: str
+    host: str
+    port: int
+    certs: Path
+    database: Path
+    insecure: bool
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        """FLWR_HOME of the coordinator's own `flwr` CLI calls (connection + app cache)."""
+        return self.config_path.parent / "flwr-home"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+
+def load_server_settings(path: str | Path) -> ServerSettings:
+    """Read and check ``server.yaml``; a mistake raises ConfigError naming the field."""
+    data = read_yaml_mapping(path, "server config")
+    unknown = sorted(set(data) - set(SERVER_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(SERVER_KEYS)})")
+    base = Path(path).resolve().parent
+    port = data.get("port", 9092)
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: port must be a whole number in 1..65535, got {port!r}")
+    return ServerSettings(
+        config_path=Path(path).resolve(),
+        federation=str(data.get("federation", "fedgov")),
+        host=str(data.get("host", "127.0.0.1")),
+        port=port,
+        certs=(base / str(data.get("certs", "certs"))).resolve(),
+        database=(base / str(data.get("database", "state/superlink.db"))).resolve(),
+        insecure=bool(data.get("insecure", False)),
+    )
+
+
+def write_server_config(path: str | Path, **fields: Any) -> Path:
+    """Write a ``server.yaml`` with ``fields`` over the defaults."""
+    defaults: dict[str, Any] = {
+        "federation": "fedgov", "host": "127.0.0.1", "port": 9092, "certs": "certs",
+        "database": "state/superlink.db", "insecure": False,
+    }  # fmt: skip
+    defaults.update(fields)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(defaults, sort_keys=False))
+    return path
+
+
+def check_server_files(settings: ServerSettings, insecure: bool) -> None:
+    """Fail before starting when a certificate or key is missing."""
+    if insecure:
+        return
+    for name in ("ca.crt", "server.crt", "server.key"):
+        if not (settings.certs / name).is_file():
+            raise FedgovError(
+                f"certs: {settings.certs / name} is missing "
+                f"(create them with: fedgov server certs --out {settings.certs})"
+            )
+
+
+def superlink_command(settings: ServerSettings, insecure: bool) -> list[str]:
+    """The flower-superlink command line for these settings."""
+    command = [
+        flower_tool("flower-superlink"),
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--database", str(settings.database),
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if insecure:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-certfile", str(settings.certs / "server.crt"),
+            "--ssl-keyfile", str(settings.certs / "server.key"),
+            "--ssl-ca-certfile", str(settings.ca_cert),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    return command
+
+
+def write_flwr_connection(settings: ServerSettings, insecure: bool) -> Path:
+    """Write FLWR_HOME/config.toml so the coordinator's `flwr` calls reach its SuperLink."""
+    settings.flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{settings.federation}"',
+        "",
+        f"[superlink.{settings.federation}]",
+        f'address = "{settings.address}"',
+    ]
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{settings.ca_cert}"')
+    path = settings.flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flower_environment(settings: ServerSettings) -> dict[str, str]:
+    """The environment for every Flower process the coordinator starts."""
+    return flower_env(settings.flwr_home)
+
+
+def register_site(settings: ServerSettings, public_key: str | Path) -> str:
+    """Register a site's node-authentication public key with the running SuperLink."""
+    key = Path(public_key)
+    if not key.is_file():
+        raise FedgovError(f"add-site: public key {key} does not exist")
+    if not key.read_text().startswith("ecdsa-sha2-"):
+        raise FedgovError(
+            f"add-site: {key} is not an OpenSSH ECDSA public key (expected the site's "
+            "keys/node.key.pub written by `fedgov site init`)"
+        )
+    write_flwr_connection(settings, settings.insecure)
+    result = subprocess.run(
+        [flower_tool("flwr"), "supernode", "register", str(key), settings.federation],
+        env=flower_environment(settings), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0 or "registered successfully" not in output:
+        last = output.splitlines()[-1] if output else f"exit {result.returncode}"
+        raise FedgovError(f"add-site: the coordinator at {settings.address} refused: {last}")
+    return output.splitlines()[-1]
