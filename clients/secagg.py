@@ -127,6 +127,7 @@ def handle_masked_input(
                 records.MASKED: arrays,
                 keys.METRICS: MetricRecord(dict(update.metrics)),
                 keys.SITE: keys.site_record(site.site_id),
+                **update.extra_records(),  # e.g. the sample-level DP receipt of this release
             }
         )
 

@@ -131,7 +131,7 @@ class SecAggConfig:
     # site and its neighbours) or a count ≥ 2; never less than a strict majority of the group.
     threshold: float = 0.66
     neighbours: int = 0  # k, mask partners per site; 0 = all sites up to 64, then 8·⌈log2 n⌉
-    clip_range: float = 1.0  # each value of a site's update is clipped to [−clip_range, clip_range]
+    clip_range: float = 2.0  # each value of a site's update is clipped to [−clip_range, clip_range]
     bits: int = 32  # the ring Z_{2^bits}: 32 (uint32 on the wire) or 64 (finer, twice the bytes)
     max_weight: int = 100_000  # the largest weight (example count) a site may claim
     timeout: float = 0.0  # seconds to wait for each stage's replies; 0 = federation.round_timeout

@@ -176,8 +176,9 @@ def run_rounds(
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
             arrays, view = _train_secagg(
-                grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record
-            )
+                grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record,
+                privacy,
+            )  # fmt: skip
         else:
             arrays = _train_plain(
                 grid, fed.round_timeout, strategy, server_round, arrays, view, directory, chosen,
@@ -260,6 +261,7 @@ def _train_secagg(
     chosen: list[str],
     num_train: dict[str, int],
     record: RoundRecord,
+    privacy: PrivacyRound | None = None,
 ) -> tuple[ArrayRecord, SampledGrid]:
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
 
@@ -267,7 +269,7 @@ def _train_secagg(
     stopped answering during the round.
     """
     outcome = run_secagg_round(
-        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train
+        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy
     )
     record.participants = outcome.participants
     record.declined = sorted(outcome.declined)

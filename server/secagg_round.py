@@ -42,6 +42,7 @@ from privacy.secagg.protocol import (
 from privacy.secagg.quantise import dequantise_mean, mean_error_bound
 from privacy.secagg.server import SecAggSettings, ServerSecAgg
 from server.messaging import exchange
+from server.privacy_round import PrivacyRound
 
 T = TypeVar("T")
 MAX_REASON_CHARS = 300
@@ -83,11 +84,16 @@ def run_secagg_round(
     node_of: Mapping[str, int],
     sites: list[str],
     num_train: Mapping[str, int] | None = None,
+    privacy: PrivacyRound | None = None,
 ) -> SecAggRoundResult:
     """Run the four SecAgg+ stages over ``sites`` and aggregate the unmasked sum.
 
     ``num_train``: the row counts the sites reported when they joined; the largest (capped at
     ``secagg.max_weight``) is the round's weight scale.
+    ``privacy`` (server/privacy_round.py): under site-level DP each site adds a noise share sized
+    for ``dp-min-survivors`` survivors (sent in the train config); with fewer survivors the
+    privacy policy decides, before anything is unmasked, to abort or to account the smaller noise.
+    Receipts and declines of the masked-input replies are kept as for a plain train reply.
     """
     sites = sorted(sites)
     timeout = cfg.secagg.timeout or cfg.federation.round_timeout
@@ -170,6 +176,7 @@ def run_secagg_round(
 
         # 3. masked input: the strategy's train message plus the shares each site receives
         train_content = _train_contents(strategy, server_round, arrays, view)
+        dp_survivors = _dp_min_survivors(cfg, privacy, len(sites))
         contents: dict[int, RecordDict] = {}
         for i in server.alive():
             content = train_content.get(node_of[site_of[i]])
@@ -178,7 +185,13 @@ def run_secagg_round(
                 continue
             request = records.masked_input_request_record(server.masked_input_request(i))
             contents[i] = RecordDict({**dict(content.items()), records.SECAGG: request})
+            if dp_survivors:
+                config = ConfigRecord(dict(content.config_records.get(keys.CONFIG, {})))
+                config[keys.DP_MIN_SURVIVORS] = dp_survivors
+                contents[i][keys.CONFIG] = config
         replies = send(MASKED_INPUT, contents)
+        if privacy is not None:  # receipts and declines, as for a plain train reply
+            privacy.observe_train(server_round, [(site_of[i], r) for i, r in replies.items()])
 
         def parse_input(content: RecordDict, index: int):
             masked = records.parse_masked_input(content, round_id, index)
@@ -187,6 +200,14 @@ def run_secagg_round(
             return masked
 
         server.receive_masked_inputs(parsed(MASKED_INPUT, replies, parse_input))
+        if dp_survivors and privacy is not None:
+            survivors = len(server.alive())
+            if not privacy.account_secure_round(server_round, len(sites), survivors, dp_survivors):
+                raise RoundAborted(
+                    MASKED_INPUT,
+                    f"{survivors} survivors, fewer than the {dp_survivors} the sites sized their "
+                    "DP noise for (privacy.secagg_dropout=abort): not unmasked",
+                )
 
         # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys
         request = records.unmask_request_record(server.unmask_request())
@@ -271,6 +292,13 @@ def run_secagg_round(
 
 def _content(request: ConfigRecord) -> RecordDict:
     return RecordDict({records.SECAGG: request})
+
+
+def _dp_min_survivors(cfg: RunConfig, privacy: PrivacyRound | None, sampled: int) -> int:
+    """Under site-level DP: the survivors each site sizes its noise share for (else 0)."""
+    if privacy is None or not privacy.site_level:
+        return 0
+    return cfg.privacy.secagg_min_survivors or sampled
 
 
 def _train_contents(

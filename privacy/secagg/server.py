@@ -43,7 +43,7 @@ class SecAggSettings:
 
     threshold: float = 0.66
     neighbours: int = 0
-    clip_range: float = 1.0
+    clip_range: float = 2.0
     bits: int = 32
     max_weight: int = 100_000
 
