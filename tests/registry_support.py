@@ -1,0 +1,216 @@
+"""Helpers for the registry and serving tests: keys, policies and small published models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save as save_safetensors_bytes
+
+from fedgov.datasets import DatasetSchema, FeatureSpec
+from fedgov.models import build_model
+from server.registry.publish import ModelSpec, publish_model
+from server.registry.registry import Registry
+from server.registry.signing import SigningKey, generate_key, write_key
+from server.registry.store import VersionRecord
+
+#: A three-feature tabular schema: a float, an int and a log1p column.
+TOY_SCHEMA = DatasetSchema(
+    name="toy",
+    features=(
+        FeatureSpec("age", "float", 50.0, 10.0),
+        FeatureSpec("visits", "int", 2.0, 1.5),
+        FeatureSpec("cost", "float", 5.0, 2.0, log1p=True),
+    ),
+    target="outcome",
+    classes=("no", "yes"),
+    input_shape=(3,),
+    site_column=None,
+)
+
+PRINCIPALS = {
+    "server": ["publisher"],
+    "alice": ["clinical-lead"],
+    "bob": ["privacy-officer"],
+    "carol": ["data-steward"],
+    "dana": ["release-manager"],
+}
+
+
+@dataclass
+class Governance:
+    """Keys (in memory and on disk) and a policy file for one registry."""
+
+    root: Path
+    keys: dict[str, SigningKey]
+    key_paths: dict[str, Path]
+    policy_path: Path
+
+    def write_policy(self, production: dict[str, Any] | None = None) -> Path:
+        """(Re)write the policy with ``production``'s rule (default: 2 of 3, ε ≤ 8, acc ≥ 0.6)."""
+        rule = production or {
+            "quorum": 2,
+            "approver_roles": ["clinical-lead", "privacy-officer", "data-steward"],
+            "required_roles": ["privacy-officer"],
+            "promoter_roles": ["release-manager"],
+            "gates": {
+                "max_epsilon": 8.0,
+                "min_metrics": {"central_eval_accuracy": 0.6},
+                "require_secure_aggregation": False,
+            },
+        }
+        policy = {
+            "principals": {
+                name: {"public_key": self.keys[name].public_key, "roles": roles}
+                for name, roles in PRINCIPALS.items()
+            },
+            "aliases": {
+                "production": rule,
+                "staging": {"quorum": 1, "approver_roles": ["clinical-lead", "privacy-officer"]},
+            },
+        }
+        self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        return self.policy_path
+
+
+def make_governance(root: Path, policy_path: Path | None = None) -> Governance:
+    """Fresh keys for every principal (written under ``root/keys``) and the default policy."""
+    keys, paths = {}, {}
+    for name in [*PRINCIPALS, "mallory"]:
+        keys[name] = generate_key()
+        paths[name] = root / "keys" / f"{name}.key"
+        write_key(paths[name], keys[name])
+    governance = Governance(root, keys, paths, policy_path or root / "registry" / "policy.yaml")
+    governance.policy_path.parent.mkdir(parents=True, exist_ok=True)
+    governance.write_policy()
+    return governance
+
+
+def privacy_report(epsilon: float, secure_aggregation: bool = True) -> dict[str, Any]:
+    """A privacy report in the documented shape, with site-level ε = ``epsilon``."""
+    return {
+        "delta": 1e-5,
+        "secure_aggregation": secure_aggregation,
+        "sample_level": {
+            "accountant": "rdp",
+            "sites": {
+                "site-1": {
+                    "epsilon": epsilon / 2,
+                    "cap": 8.0,
+                    "declined_rounds": [],
+                    "history": [[1.1, 0.01, 100]],
+                },
+            },
+        },
+        "site_level": {
+            "accountant": "rdp",
+            "epsilon": epsilon,
+            "clipping_norm": 1.0,
+            "history": [[1.0, 1.0, 3]],
+        },
+    }
+
+
+def toy_weights(seed: int = 0, hidden: int = 8) -> bytes:
+    """Safetensors bytes of a seeded toy MLP."""
+    torch.manual_seed(seed)
+    model = build_model("mlp", TOY_SCHEMA.input_shape, 2, hidden)
+    return save_safetensors_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+def publish_toy(
+    registry: Registry,
+    key: SigningKey,
+    *,
+    name: str = "toy-mlp",
+    seed: int = 0,
+    accuracy: float = 0.8,
+    report: dict[str, Any] | None = None,
+    secure_aggregation: bool = True,
+) -> VersionRecord:
+    """Publish a seeded toy MLP with the given metrics and privacy report."""
+    return publish_model(
+        registry,
+        name=name,
+        weights=toy_weights(seed),
+        spec=ModelSpec("mlp", 8),
+        schema=TOY_SCHEMA,
+        run_config={"rounds": 3, "seed": seed},
+        lineage={
+            "run_id": f"run-{seed}",
+            "dataset": "toy",
+            "seed": seed,
+            "strategy": "fedavg",
+            "rounds": 3,
+            "rounds_completed": 3,
+            "sites": ["site-1", "site-2", "site-3"],
+            "sites_per_round": [3, 3, 3],
+            "secure_aggregation": {"enabled": secure_aggregation, "settings": {}},
+            "code_commit": None,
+        },
+        metrics={"final": {"central_eval_accuracy": accuracy, "central_eval_loss": 0.4}},
+        privacy_report=report,
+        key=key,
+    )
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PUBLISHER_SCRIPT = """
+import sys, time
+from server.registry.registry import Registry
+from server.registry.signing import load_key
+from registry_support import publish_toy
+path, db, key_path, start, count, seed = sys.argv[1:7]
+registry = Registry(path, db or None, create=True)
+key = load_key(key_path)
+while time.time() < float(start):
+    time.sleep(0.005)
+for i in range(int(count)):
+    record = publish_toy(registry, key, seed=int(seed) * 100 + i)
+    print(record.version, record.manifest_sha256, flush=True)
+"""
+
+
+def concurrent_publish(registry_path: Path, db_url: str, key_path: Path, processes: int, each: int):
+    """Start ``processes`` publishers at the same instant; return {version: manifest sha256}."""
+    start = time.time() + 4.0  # after every process has imported torch
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PUBLISHER_SCRIPT,
+                str(registry_path),
+                db_url,
+                str(key_path),
+                str(start),
+                str(each),
+                str(p),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(processes)
+    ]
+    published: dict[int, str] = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        for line in out.split("\n"):
+            if line:
+                version, digest = line.split()
+                assert int(version) not in published, f"version {version} published twice"
+                published[int(version)] = digest
+    return published
