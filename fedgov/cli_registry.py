@@ -410,9 +410,16 @@ def _audit(args: argparse.Namespace) -> int:
             known = policy.principal_for_key(e.actor_key) if policy else None
             actor = known.name if known else e.actor + (" (key not in policy)" if policy else "")
             rows.append(
-                (str(e.seq), e.at[:19].replace("T", " "), e.action, e.subject, actor,
-                 e.as_dict()["actor_key_id"], e.entry_hash[:16])
-            )  # fmt: skip
+                (
+                    str(e.seq),
+                    e.at[:19].replace("T", " "),
+                    e.action,
+                    e.subject,
+                    actor,
+                    e.as_dict()["actor_key_id"],
+                    e.entry_hash[:16],
+                )
+            )
         _print_table(header, rows)
     if args.verify:
         if not report.ok:
@@ -493,8 +500,9 @@ def _fmt(value: float | None) -> str:
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]  # fmt: skip
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     sys.stdout.write(line.format(*header).rstrip() + "\n")
     for row in rows:

@@ -102,15 +102,21 @@ def governance_commands(out: Path, ref: str, port: int = 8080) -> list[tuple[str
     reg = f"--registry {registry}"
     return [
         ("inspect the candidate and its gates", f"fedgov registry show {ref} {reg}"),
-        ("approve as alice (clinical lead)",
-         f"fedgov registry approve {ref} --key {key['alice']} {reg}"),
-        ("approve as bob (privacy officer)",
-         f"fedgov registry approve {ref} --key {key['bob']} {reg}"),
-        ("promote as dana (release manager)",
-         f"fedgov registry promote {ref} --alias production --key {key['dana']} {reg}"),
+        (
+            "approve as alice (clinical lead)",
+            f"fedgov registry approve {ref} --key {key['alice']} {reg}",
+        ),
+        (
+            "approve as bob (privacy officer)",
+            f"fedgov registry approve {ref} --key {key['bob']} {reg}",
+        ),
+        (
+            "promote as dana (release manager)",
+            f"fedgov registry promote {ref} --alias production --key {key['dana']} {reg}",
+        ),
         ("check the audit chain", f"fedgov registry audit --verify {reg}"),
         ("serve it (verifies first)", f"fedgov serve {name}@production {reg} --port {port}"),
-    ]  # fmt: skip
+    ]
 
 
 def _shown(path: Path) -> str:

@@ -31,8 +31,20 @@ from server.serving.verify import ServedModel
 MAX_INSTANCES = 4096
 KNOWN_PATHS = ("/healthz", "/v1/model", "/v1/predict", "/metrics", "/docs", "/openapi.json")
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class PredictRequest(BaseModel):
