@@ -110,9 +110,10 @@ def compute_update(
 
 
 def _metrics(cfg: RunConfig, result: TrainResult) -> MetricRecord:
-    metrics: dict[str, int | float] = {
-        keys.NUM_EXAMPLES: result.num_examples, "steps": result.steps
-    }  # fmt: skip
+    # Under site-level DP every site weighs the same (its update's norm bounds its influence), so
+    # it reports weight 1 — which secure aggregation then uses as the site's weight in the sum.
+    weight = 1 if site_level_on(cfg) else result.num_examples
+    metrics: dict[str, int | float] = {keys.NUM_EXAMPLES: weight, "steps": result.steps}
     if cfg.privacy.name == "none":
         metrics["train_loss"] = result.train_loss
     return MetricRecord(metrics)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive_int, default=5, help="training rounds (default: %(default)s)"
     )
     demo.set_defaults(handler=_demo)
+    from fedgov import cli_privacy  # fedgov privacy report
+
+    cli_privacy.add_commands(commands)
     from fedgov import cli_registry  # fedgov registry ..., fedgov serve
 
     cli_registry.add_commands(commands)

@@ -48,6 +48,18 @@ def normalise_history(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
     return merged
 
 
+def history_extends(earlier: Iterable[Sequence[float]], later: Iterable[Sequence[float]]) -> bool:
+    """Whether ``later`` composes everything ``earlier`` does, in order, and possibly more."""
+    before, after = normalise_history(earlier), normalise_history(later)
+    if not before:
+        return True
+    if len(before) > len(after) or before[:-1] != after[: len(before) - 1]:
+        return False
+    sigma, rate, steps = before[-1]
+    match = after[len(before) - 1]
+    return match[0] == sigma and match[1] == rate and match[2] >= steps
+
+
 def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` after composing ``history`` (0.0 for an empty history), with Opacus."""
     entries = normalise_history(history)

@@ -16,7 +16,8 @@ from fedgov.errors import ConfigError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
-from server.outputs import write_run_outputs
+from server.outputs import write_privacy_report, write_run_outputs
+from server.privacy_round import PrivacyRound, report_of
 from server.rounds import RoundRecord, run_rounds
 from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
@@ -50,16 +51,20 @@ def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> Non
     central = (
         _central_evaluator(cfg, schema, federation.holdout) if len(federation.holdout.y) else None
     )
+    privacy = PrivacyRound(cfg) if cfg.privacy.name != "none" else None
     result = run_rounds(
         grid,
         cfg,
         build_strategy(cfg.strategy),
         ArrayRecord(model.state_dict()),
         central,
-        on_round=_progress_printer(cfg) if cfg.progress else None,
+        on_round=_progress_printer(cfg, privacy) if cfg.progress else None,
+        privacy=privacy,
     )
     if cfg.output_dir:
         write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)
+        if privacy is not None:
+            write_privacy_report(cfg.output_dir, report_of(privacy, str(run_id or "")))
     # Last: every output of the run (privacy_report.json included) must be written before this.
     if cfg.registry.publish:
         _publish(cfg, schema, run_id)
@@ -97,7 +102,7 @@ def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callab
     return central_evaluate
 
 
-def _progress_printer(cfg: RunConfig):
+def _progress_printer(cfg: RunConfig, privacy: PrivacyRound | None = None):
     def show(record: RoundRecord) -> None:
         parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
         if record.declined:
@@ -111,6 +116,10 @@ def _progress_printer(cfg: RunConfig):
         ):
             if value is not None:
                 parts.append(f"{label} {value:.4f}")
+        if privacy is not None and (site_max := privacy.max_site_epsilon()) is not None:
+            parts.append(f"max site ε {site_max:.2f}")
+        if privacy is not None and privacy.site_level:
+            parts.append(f"site-level ε {privacy.site_level_epsilon():.2f}")
         parts.append(f"{record.seconds:.1f} s")
         print("[fedgov] " + " · ".join(parts), file=sys.stderr, flush=True)
 

@@ -1,4 +1,5 @@
-"""What a run leaves in its directory: ``metrics.json`` and ``model.safetensors``."""
+"""What a run leaves in its directory: ``metrics.json``, ``model.safetensors`` and, with privacy
+on, ``privacy_report.json`` + ``privacy_report.html``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from server.rounds import RunResult, round_as_dict
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.safetensors"
+PRIVACY_REPORT_JSON = "privacy_report.json"
+PRIVACY_REPORT_HTML = "privacy_report.html"
 
 
 def metrics_document(cfg: RunConfig, result: RunResult, wall_seconds: float) -> dict[str, Any]:
@@ -48,6 +51,18 @@ def write_run_outputs(
     save_safetensors(model_path, result.arrays, metadata=_model_metadata(cfg))
     atomic_write_json(metrics_path, metrics_document(cfg, result, wall_seconds))
     return {"metrics": metrics_path, "model": model_path}
+
+
+def write_privacy_report(run_dir: str | Path, document: dict[str, Any]) -> dict[str, Path]:
+    """Atomically write ``privacy_report.json`` and the self-contained ``privacy_report.html``."""
+    from fedgov.records import atomic_write_bytes
+    from privacy.report import render_html
+
+    run_dir = Path(run_dir)
+    json_path, html_path = run_dir / PRIVACY_REPORT_JSON, run_dir / PRIVACY_REPORT_HTML
+    atomic_write_json(json_path, document)
+    atomic_write_bytes(html_path, render_html(document).encode("utf-8"))
+    return {"privacy_report": json_path, "privacy_report_html": html_path}
 
 
 def _model_metadata(cfg: RunConfig) -> dict[str, str]:

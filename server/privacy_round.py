@@ -91,6 +91,7 @@ class PrivacyRound:
         self.site_level_rounds: list[SiteLevelRound] = []
         self._rate_this_round = 1.0
         self._expected_sites = 0.0
+        self._sampled_this_round = 0
 
     # ---- hooks called by server.rounds ---------------------------------------------------------
     @property
@@ -104,7 +105,9 @@ class PrivacyRound:
             return None
         self._rate_this_round = site_sampling_rate(count, len(site_ids)) if site_ids else 1.0
         self._expected_sites = self._rate_this_round * len(site_ids)
-        return poisson_sample(site_ids, self._rate_this_round, self._rng)
+        chosen = poisson_sample(site_ids, self._rate_this_round, self._rng)
+        self._sampled_this_round = len(chosen)
+        return chosen
 
     def observe_train(self, server_round: int, replies: Sequence[tuple[str, Message]]) -> None:
         """Keep and verify every receipt and decline of this round's train replies."""
@@ -174,6 +177,12 @@ class PrivacyRound:
         self._account(server_round, survivors, z, sampled=sampled)
         return True
 
+    def secure_mean_scale(self, total_weight: float) -> float:
+        """Factor turning secure aggregation's mean over ``total_weight`` (the survivors, each of
+        weight 1 under site-level DP) into DP-FedAvg's sum / (q·N)."""
+        expected = self._expected_sites or float(total_weight) or 1.0
+        return float(total_weight) / expected
+
     # ---- state ---------------------------------------------------------------------------------
     def site_level_history(self) -> list[tuple[float, float, int]]:
         """Opacus-style history of the site-level mechanism: (z of the round, q, 1) per round."""
@@ -194,10 +203,10 @@ class PrivacyRound:
         return max(values) if values else None
 
     def _account(self, server_round: int, contributed: int, z: float, sampled: int = -1) -> None:
+        sampled = sampled if sampled >= 0 else self._sampled_this_round
         self.site_level_rounds.append(
-            SiteLevelRound(server_round, sampled if sampled >= 0 else contributed, contributed,
-                           self._rate_this_round, z, 0.0)
-        )  # fmt: skip
+            SiteLevelRound(server_round, sampled, contributed, self._rate_this_round, z, 0.0)
+        )
         self.site_level_rounds[-1].epsilon = self.site_level_epsilon()
 
     def _view(self, site_id: str) -> SiteLedgerView:
@@ -248,3 +257,50 @@ def _float_or_none(value: object) -> float | None:
 def secure_round_config(min_survivors: int) -> ConfigRecord:
     """The config entry a secure-aggregation round sends so sites size their noise shares."""
     return ConfigRecord({keys.DP_MIN_SURVIVORS: int(min_survivors)})
+
+
+def report_of(privacy: PrivacyRound, run_id: str) -> dict[str, Any]:
+    """The ``privacy_report.json`` document of a finished run (privacy/report.py)."""
+    from dataclasses import asdict
+
+    from privacy.report import report_document
+
+    p = privacy.cfg.privacy
+    sample_level = None
+    if privacy.sample_level:
+        sample_level = {
+            "noise_multiplier": None if p.target_epsilon > 0 else p.noise_multiplier,
+            "target_epsilon": p.target_epsilon,
+            "max_grad_norm": p.max_grad_norm,
+            "grad_sample_mode": p.grad_sample_mode,
+            "sites": {
+                site_id: {
+                    "receipts": [r.to_json() for r in view.receipts],
+                    "declines": [
+                        {
+                            **{k: v for k, v in d.items() if k != "receipt_valid"},
+                            "receipt": d["receipt"].to_json() if d.get("receipt") else None,
+                        }
+                        for d in view.declines
+                    ],
+                }
+                for site_id, view in sorted(privacy.sites.items())
+            },
+        }
+    site_level = None
+    if privacy.site_level:
+        site_level = {
+            "clipping_norm": p.clipping_norm,
+            "noise_multiplier": p.site_noise_multiplier,
+            "sampling": "poisson",
+            "rounds": [asdict(r) for r in privacy.site_level_rounds],
+        }
+    return report_document(
+        run_id=run_id,
+        rounds=privacy.cfg.rounds,
+        delta=p.delta,
+        accountant=p.accountant,
+        secure_aggregation=privacy.secure_aggregation,
+        sample_level=sample_level,
+        site_level=site_level,
+    )

@@ -256,6 +256,8 @@ def run_secagg_round(
         unmasked.ring_sum, clip_range=s.clip_range, total_weight=total_weight,
         max_weight=server.weight_scale, scale=server.scale, bits=s.bits,
     )  # fmt: skip
+    if privacy is not None and privacy.site_level:  # DP-FedAvg divides by q·N, not the survivors
+        mean_update = mean_update * privacy.secure_mean_scale(total_weight)
     result.participants = [site_of[i] for i in unmasked.survivors]
     result.summary.update(
         {

@@ -4,14 +4,28 @@ This is what ``flwr run`` does for a simulation federation (``flwr.simulation.ap
 ServerApp and ClientApp, loaded from the components in ``pyproject.toml``, with the run config as
 Flower's override config. Run in-process, it needs no SuperLink and returns when the run ends.
 To use a Ray cluster, set ``federation.ray_address`` (e.g. ``auto`` on a cluster node).
+
+**Each simulated site's own node config.** Flower's simulation engine gives every virtual node the
+node config ``{partition-id, num-partitions}`` only. With privacy on, a site also needs what a
+real site sets on its SuperNode (``flower-supernode --node-config``): ``site-dir`` (its ledger and
+key, here ``<federation.sites_dir or run dir/sites>/<site-id>``), ``epsilon-cap`` (the run's
+``privacy.site_epsilon_cap`` stands for every simulated site's own cap) and ``delta``. These reach
+the sites through their node config — the Context the engine builds in this process and ships to
+the Ray actors with every message — never through the server's messages:
+:func:`_site_node_configs` wraps ``flwr``'s ``vce_api._register_node_info_stores`` for the
+duration of the run and adds each site's keys to the node's config before the Contexts exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, get_project_config
@@ -24,7 +38,7 @@ from flwr.supercore.telemetry import EventType
 
 from fedgov.config import RunConfig, to_flower_config, validate
 from fedgov.errors import ConfigError
-from simulations.federation import resolved_num_sites
+from simulations.federation import resolved_num_sites, simulated_federation
 
 FLOWER_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -63,6 +77,7 @@ def run_simulation(cfg: RunConfig) -> None:
     """Run ``cfg`` to the end on the Ray simulation engine; outputs go to ``cfg.output_dir``."""
     validate(cfg)
     cfg.federation.num_sites = resolved_num_sites(cfg)  # also checks the data before Ray starts
+    node_configs = _privacy_node_configs(cfg)  # also checks δ, batch and target ε per site
     set_flower_environment()
     quiet_flower_logs()
     project = app_dir()
@@ -92,15 +107,73 @@ def run_simulation(cfg: RunConfig) -> None:
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
         "init_args": init_args,
     }
-    _run_simulation(
-        num_supernodes=cfg.federation.num_sites,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        server_app_attr=components["serverapp"],
-        client_app_attr=components["clientapp"],
-        backend_name="ray",
-        backend_config=backend_config,
-        app_dir=str(project),
-        run=run,
-        server_app_context=context,
-        is_app=True,
+    with _site_node_configs(node_configs):
+        _run_simulation(
+            num_supernodes=cfg.federation.num_sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr=components["serverapp"],
+            client_app_attr=components["clientapp"],
+            backend_name="ray",
+            backend_config=backend_config,
+            app_dir=str(project),
+            run=run,
+            server_app_context=context,
+            is_app=True,
+        )
+
+
+def _privacy_node_configs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
+    """partition id → the node-config keys each simulated site holds for its privacy budget."""
+    if cfg.privacy.name == "none":
+        return {}
+    from clients.site_data import load_site_data
+    from clients.site_privacy import NODE_DELTA, NODE_EPSILON_CAP, NODE_SITE_DIR
+    from privacy.planning import check_privacy_plan
+
+    federation = simulated_federation(cfg)
+    count = len(federation.site_ids)
+    records = {
+        site_id: len(load_site_data(cfg, {"partition-id": i, "num-partitions": count}).train.y)
+        for i, site_id in enumerate(federation.site_ids)
+    }
+    check_privacy_plan(cfg, records)
+    root = cfg.federation.sites_dir or (
+        str(Path(cfg.output_dir) / "sites")
+        if cfg.output_dir
+        else tempfile.mkdtemp(prefix="fedgov-sites-")
     )
+    return {
+        index: {
+            NODE_SITE_DIR: str(Path(root).resolve() / site_id),
+            NODE_EPSILON_CAP: float(cfg.privacy.site_epsilon_cap),
+            NODE_DELTA: float(cfg.privacy.delta),
+        }
+        for index, site_id in enumerate(federation.site_ids)
+    }
+
+
+@contextlib.contextmanager
+def _site_node_configs(extra: dict[int, dict[str, Any]]) -> Iterator[None]:
+    """Give every simulated node (by partition id) its extra node-config keys during the run."""
+    if not extra:
+        yield
+        return
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api._register_node_info_stores
+
+    def register(nodes_mapping, *args, **kwargs):
+        stores = original(nodes_mapping, *args, **kwargs)
+        for node_id, partition_id in nodes_mapping.items():
+            keys = extra.get(partition_id, {})
+            store = stores[node_id]
+            store.node_config.update(keys)
+            for info in store.run_infos.values():  # Contexts registered by the original
+                info.context.node_config.update(keys)
+        return stores
+
+    vce_api._register_node_info_stores = register
+    try:
+        yield
+    finally:
+        vce_api._register_node_info_stores = original
