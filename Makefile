@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: demo test lint format install clean postgres
+.PHONY: demo test lint format install clean postgres chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,21 @@ postgres:
 			"the registry's PostgreSQL test will skip"; \
 	fi
 
-test: lint postgres
+# The privacy report's rendering test opens the HTML report in headless Chromium (Debian's
+# chromium package): install it when absent (CI runs as root); without root the test skips.
+chromium:
+	@if [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium (Debian package) for the privacy report's rendering test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium fonts-dejavu-core >/dev/null; \
+	else \
+		echo "note: chromium is absent and this is not root:" \
+			"the privacy report's rendering test will skip"; \
+	fi
+
+test: lint postgres chromium
 	$(BIN)/python -m pytest -q -ra
 
 clean:

@@ -14,6 +14,11 @@ DEMO_OVERRIDES = [
     "strategy=fedavg",
     "federation.num_sites=6",
     "seed=0",
+    # Sample-level DP at every hospital: DP-SGD with σ chosen to spend ε = 3 over the run, each
+    # site enforcing its own cap of 8 across runs (its ledger persists under DIR/sites).
+    "privacy=sample_dp",
+    "privacy.target_epsilon=3.0",
+    "privacy.site_epsilon_cap=8.0",
 ]
 
 
@@ -29,7 +34,10 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
     from server.registry.demo import prepare_keys, registry_overrides
 
     public_keys = prepare_keys(out)  # demo principals' keys under DIR/keys (made once)
-    cfg = compose_config([*DEMO_OVERRIDES, f"rounds={rounds}", *registry_overrides(out)])
+    cfg = compose_config(
+        [*DEMO_OVERRIDES, f"rounds={rounds}", f"federation.sites_dir={out / 'sites'}",
+         *registry_overrides(out)]
+    )  # fmt: skip
     print(
         f"fedgov demo: {rounds} rounds of federated training across 6 hospital sites "
         "(RAND HIE, Flower simulation engine)",
@@ -37,6 +45,7 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
     )
     metrics = run_from_hydra(cfg, run_dir)
     print_summary(metrics, run_dir)
+    print_privacy(run_dir, out / "sites")
     print_governance(out, run_dir, public_keys)
     return metrics
 
@@ -95,6 +104,30 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
     for name in ("metrics.json", "model.safetensors", "plots/accuracy.png", "plots/loss.png",
                  "plots/participation.png"):  # fmt: skip
         write(f"   {name:<24} {run_dir / name}\n")
+    sys.stdout.flush()
+
+
+def print_privacy(run_dir: Path, sites_dir: Path) -> None:
+    """Each site's ε against its cap, and where the privacy report is."""
+    import json
+
+    report_path = run_dir / "privacy_report.json"
+    if not report_path.is_file():
+        return
+    report = json.loads(report_path.read_text())
+    write = sys.stdout.write
+    sample = report.get("sample_level") or {}
+    write("\n privacy (sample-level DP, each site enforcing its own cap)\n")
+    for site_id, site in sample.get("sites", {}).items():
+        declined = ", ".join(map(str, site["declined_rounds"])) or "none"
+        write(f"   {site_id:<10} ε {site['epsilon']:.2f} of cap {site['cap']:g}"
+              f" · declined rounds: {declined}\n")  # fmt: skip
+    verified = report.get("verification", {}).get("ok")
+    write(f"   receipts verified: {'yes' if verified else 'NO'}\n")
+    write(f"   privacy report   {run_dir / 'privacy_report.html'}\n")
+    write(f"                    {report_path}\n")
+    write(f"   site ledgers     {sites_dir}/<site-id>/privacy_ledger.json (kept across runs)\n")
+    write(f"   re-verify        fedgov privacy report {run_dir} --format md\n")
     sys.stdout.flush()
 
 
