@@ -545,3 +545,66 @@ def _flip_one_byte(path: Path, offset: int = 100) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+# ---- an image model -----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_an_image_model_publishes_exports_and_serves_pixel_instances(tmp_path):
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save
+
+    from fedgov.datasets import DIGITS_MEAN, DIGITS_STD, load_dataset
+    from fedgov.models import build_model
+    from server.registry.governance import decide, promote
+    from server.registry.publish import ModelSpec, publish_model
+    from server.serving.app import create_app
+    from server.serving.verify import load_for_serving
+
+    governance = make_governance(tmp_path)
+    governance.write_policy({"quorum": 1})
+    registry = Registry(tmp_path / "registry", create=True)
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("cnn", digits.schema.input_shape, 10, 16).eval()
+    record = publish_model(
+        registry,
+        name="digits-cnn",
+        weights=save({k: v.contiguous() for k, v in model.state_dict().items()}),
+        spec=ModelSpec("cnn", 16),
+        schema=digits.schema,
+        run_config={},
+        lineage={
+            "run_id": "r",
+            "strategy": "fedavg",
+            "rounds": 1,
+            "rounds_completed": 1,
+            "seed": 0,
+            "sites": ["a"],
+            "sites_per_round": [1],
+            "secure_aggregation": {"enabled": False},
+        },
+        metrics={"final": {}},
+        privacy_report=None,
+        key=governance.keys["server"],
+    )
+    assert record.manifest["input_schema"]["kind"] == "image"
+    assert record.manifest["input_schema"]["preprocessing"]["mean"] == DIGITS_MEAN
+    assert record.manifest["model"]["onnx_max_abs_diff"] < 1e-5
+    policy = registry.load_policy()
+    decide(registry, _ref("digits-cnn:1"), "approve", governance.keys["alice"], policy)
+    promote(registry, _ref("digits-cnn:1"), "production", governance.keys["dana"], policy)
+    served = load_for_serving(registry, _ref("digits-cnn@production"), policy)
+    registry.close()
+
+    x = digits.x[:40]
+    pixels = (x.astype(np.float64) * DIGITS_STD + DIGITS_MEAN).clip(0, 1)
+    body = {"instances": [p[0].tolist() for p in pixels]}  # H×W lists
+    answer = TestClient(create_app(served)).post("/v1/predict", json=body).json()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(answer["probabilities"], expected, atol=1e-5)
+    assert answer["class_indices"] == expected.argmax(axis=1).tolist()
+    bad = TestClient(create_app(served)).post("/v1/predict", json={"instances": [[[0.5] * 7] * 8]})
+    assert bad.status_code == 422 and "expected an image of shape [1, 8, 8]" in bad.json()["detail"]
