@@ -31,6 +31,8 @@ class Registry:
 
     def __init__(self, path: str | Path, db_url: str | None = None, *, create: bool = False):
         self.path = Path(path).resolve()
+        if self.path.exists() and not self.path.is_dir():
+            raise RegistryError(f"--registry: {self.path} is not a folder")
         if not create and not self.path.is_dir():
             raise RegistryError(
                 f"--registry: no registry at {self.path} (publish a run into it first, or pass "
@@ -46,7 +48,12 @@ class Registry:
                 )
             db_url = f"sqlite:///{db_path}"
         if create:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise RegistryError(
+                    f"--registry: cannot create {self.path} ({error.strerror})"
+                ) from None
         self.db_url = db_url
         self.store = RegistryStore(db_url)
         self.artifacts = ArtifactStore(self.path / "artifacts")

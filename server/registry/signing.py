@@ -88,7 +88,10 @@ def write_key(path: str | Path, key: SigningKey) -> None:
     Refuses to overwrite an existing key file: losing a key cannot be undone.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RegistryError(f"{path.parent}: cannot create the folder ({error.strerror})") from None
     pem = key.private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -98,6 +101,8 @@ def write_key(path: str | Path, key: SigningKey) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise RegistryError(f"{path}: a key file already exists (not overwritten)") from None
+    except OSError as error:
+        raise RegistryError(f"{path}: cannot create the key file ({error.strerror})") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     public_path(path).write_text(key.public_key + "\n")
@@ -139,5 +144,7 @@ def load_or_create_key(path: str | Path) -> tuple[SigningKey, bool]:
     try:
         write_key(path, key)
     except RegistryError:
+        if not path.exists():
+            raise
         return load_key(path), False
     return key, True
