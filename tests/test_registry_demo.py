@@ -22,6 +22,10 @@ def test_demo_publishes_a_candidate_and_its_printed_commands_govern_and_serve_it
     printed = capsys.readouterr().out
     assert "candidate     randhie-mlp:1" in printed
     assert "todo quorum: 0 of 2 required approvals" in printed
+    todo = [line.strip() for line in printed.splitlines() if line.strip().startswith("todo ")]
+    assert [line.split(":")[0] for line in todo] == ["todo quorum", "todo required_roles"], (
+        f"the demo's run does not meet its own policy's gates (server/registry/demo.py): {todo}"
+    )
     assert (out / "registry" / "policy.yaml").is_file()
     assert sorted(p.name for p in (out / "keys").glob("*.key")) == [
         "alice.key",

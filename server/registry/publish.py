@@ -26,6 +26,7 @@ from fedgov.models import build_model
 from server.registry.errors import RegistryError
 from server.registry.manifest import (
     MANIFEST_FORMAT,
+    canonical_json,
     check_name,
     json_safe,
     manifest_digest,
@@ -182,7 +183,7 @@ def publish_model(
         version,
         manifest["created_at"],
         manifest,
-        json.dumps(manifest),
+        canonical_json(manifest).decode("utf-8"),
         digest,
         signature,
         key.public_key,
