@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedgov import cli_registry  # fedgov registry ..., fedgov serve
 
     cli_registry.add_commands(commands)
+    from fedgov import cli_deploy  # fedgov server ..., fedgov site ..., fedgov run
+
+    cli_deploy.add_commands(commands)
     return parser
 
 
