@@ -104,6 +104,8 @@ def run_secagg_round(
     result = SecAggRoundResult()
     timings: dict[str, float] = {}
     server: ServerSecAgg | None = None
+    silent_at_unmask: set[int] = set()
+    unmask_problems: dict[str, str] = {}  # site → why its unmask reply was not used
     declined: set[int] = set()
     site_metrics: dict[int, MetricRecord] = {}
 
@@ -211,15 +213,19 @@ def run_secagg_round(
 
         # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys
         request = records.unmask_request_record(server.unmask_request())
-        replies = send(UNMASK, {i: _content(request) for i in server.unmask_targets()})
+        targets = server.unmask_targets()
+        replies = send(UNMASK, {i: _content(request) for i in targets})
+        silent_at_unmask = {i for i in targets if i not in replies}
         shares = {}
-        for index, reply in replies.items():
+        for index, reply in sorted(replies.items()):
             try:
-                if not reply.has_error():
-                    shares[index] = records.parse_unmask_shares(reply.content, round_id, index)
-            except records.MalformedReply as error:
+                if reply.has_error():
+                    raise records.MalformedReply(f"error: {reply.error.reason}")
+                shares[index] = records.parse_unmask_shares(reply.content, round_id, index)
+            except Exception as error:  # its shares are not needed if enough others answer
+                unmask_problems[site_of[index]] = _one_line(str(error))
                 log(WARNING, "secagg round %d: site %s's unmask reply ignored: %s",
-                    server_round, site_of[index], error)  # fmt: skip
+                    server_round, site_of[index], unmask_problems[site_of[index]])  # fmt: skip
         started = time.monotonic()
         unmasked = server.finish(shares)
         timings["unmask-compute"] = round(time.monotonic() - started, 3)
@@ -237,7 +243,7 @@ def run_secagg_round(
             result.dropouts[site_of[index]] = {"stage": dropout.stage, "reason": dropout.reason}
             log(WARNING, "secagg round %d: site %s excluded at %s: %s",
                 server_round, site_of[index], dropout.stage, dropout.reason)  # fmt: skip
-        result.unreachable = {site_of[i] for i in server.unreachable}
+        result.unreachable = {site_of[i] for i in server.unreachable | silent_at_unmask}
         result.summary = {
             "sites": server.num_sites,
             "threshold": server.threshold,
@@ -271,7 +277,8 @@ def run_secagg_round(
                 scale=server.scale,
             ),
             "sum_sha256": hashlib.sha256(unmasked.ring_sum.tobytes()).hexdigest(),
-            "silent_at_unmask": [site_of[i] for i in unmasked.silent_at_unmask],
+            "silent_at_unmask": sorted(site_of[i] for i in silent_at_unmask),
+            "refused_at_unmask": unmask_problems,
         }
     )
     aggregate = Message(

@@ -4,7 +4,8 @@ Every message and every site's ``context`` goes through Flower's protobuf serial
 (what a SuperLink and SuperNode do), so records that would not survive the wire fail here too.
 Nothing about the app is replaced: the ServerApp's round loop runs against this grid and the
 ClientApp's real handlers answer. Tests can take a site offline (it never answers, like a killed
-SuperNode), or rewrite a reply in transit (a hostile or broken site) with ``tamper``.
+SuperNode), rewrite a reply in transit (a hostile or broken site) with ``tamper``, or a request
+(a dishonest server) with ``tamper_request``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class InProcessGrid(Grid):
         # (node id, message type) pairs from which on a node goes offline for good
         self.vanish_at: set[tuple[int, str]] = set()
         self.tamper: Tamper | None = None
+        # (node id, request as sent) → the request to deliver (a dishonest server), or None
+        self.tamper_request: Callable[[int, Message], Message] | None = None
         self.log: list[tuple[int, str]] = []  # (node id, message type) of every delivery
 
     # ---- Grid ------------------------------------------------------------------------------------
@@ -82,7 +85,10 @@ class InProcessGrid(Grid):
             if node_id in self.offline or node_id not in self._contexts:
                 continue
             self.log.append((node_id, message.metadata.message_type))
-            reply = self._deliver(node_id, wire(message))
+            delivered = wire(message)
+            if self.tamper_request is not None:
+                delivered = self.tamper_request(node_id, delivered)
+            reply = self._deliver(node_id, delivered)
             if reply is not None:
                 self._replies[message_id] = wire(reply)
         return ids

@@ -64,7 +64,6 @@ class UnmaskedSum:
     survivors: tuple[int, ...]
     weights: dict[int, int]
     clipped: int
-    silent_at_unmask: tuple[int, ...] = ()
 
     @property
     def total_weight(self) -> int:
@@ -292,7 +291,6 @@ class ServerSecAgg:
             survivors=survivors,
             weights={i: self.inputs[i].weight for i in survivors},
             clipped=sum(self.inputs[i].clipped for i in survivors),
-            silent_at_unmask=tuple(i for i in self.unmask_targets() if i not in replies),
         )
 
     def _collect(

@@ -1,0 +1,379 @@
+"""SecAgg+ through the real round loop and the real ClientApp, messages serialised as on the wire.
+
+The grid (tests/inprocess.py) runs every site's ClientApp handlers in this process; sites vanish
+at any stage, send broken or hostile replies, or decline, and a dishonest server asks for both
+secrets. Each test checks the unmasked sum against the sum the test computes itself from each
+survivor's own update (same training, same quantisation): equal bit for bit (its SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess import InProcessGrid
+
+from clients import secagg as client_secagg
+from clients.app import app as client_app
+from clients.site_data import load_site_data
+from clients.update import SiteDeclined, compute_update
+from fedgov import messages as keys
+from fedgov.config import RunConfig, from_flower_config, to_flower_config
+from fedgov.errors import ConfigError
+from fedgov.models import initial_model
+from privacy.secagg import masking, records
+from privacy.secagg.layout import VectorLayout
+from privacy.secagg.quantise import quantise
+from server.outputs import metrics_document
+from server.rounds import run_rounds
+from simulations.federation import simulated_federation
+from strategies.registry import build_strategy
+
+SETUP, SHARE, MASKED, UNMASK = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SITES = ["site-00", "site-01", "site-02", "site-03"]
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages the round loop creates are stamped as the ServerApp's (node 0)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def make_cfg(n: int = 4, secagg: str = "secaggplus", rounds: int = 1, **overrides) -> RunConfig:
+    cfg = RunConfig(rounds=rounds, seed=11, progress=False)
+    cfg.dataset.name, cfg.federation.num_sites = "synthetic", n
+    cfg.secagg.name = secagg
+    cfg.secagg.timeout = 0.25  # a vanished site costs this much per stage
+    cfg.federation.round_timeout = 30.0
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return from_flower_config(to_flower_config(cfg))
+
+
+class Federation:
+    """An in-process federation of ``cfg.federation.num_sites`` synthetic sites."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        n = cfg.federation.num_sites
+        schema = simulated_federation(cfg).pool.schema
+        model = initial_model("mlp", schema.input_shape, len(schema.classes), 64, cfg.seed)
+        self.initial = ArrayRecord(model.state_dict())
+        configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+        self.grid = InProcessGrid(client_app, configs, to_flower_config(cfg))
+        self.global_at: dict[int, ArrayRecord] = {}  # round → the weights the sites trained from
+        self.grid.tamper_request = self._remember
+
+    def _remember(self, node_id: int, message: Message) -> Message:
+        if message.metadata.message_type == MASKED:
+            self.global_at[int(message.metadata.group_id)] = message.content[keys.ARRAYS]
+        return message
+
+    def run(self, strategy: str | None = None):
+        if strategy:
+            self.cfg.strategy.name = strategy
+        return run_rounds(
+            self.grid, self.cfg, build_strategy(self.cfg.strategy), self.initial, None
+        )
+
+    def expected_sum_sha256(self, server_round: int, summary: dict, survivors: list[str]) -> str:
+        """The SHA-256 of Σ quantised updates, each survivor's recomputed here independently."""
+        cfg, n = self.cfg, self.cfg.federation.num_sites
+        start = self.global_at[server_round]
+        layout = VectorLayout.of(start)
+        total = np.zeros(layout.length, dtype=masking.ring_dtype(cfg.secagg.bits))
+        for site_id in survivors:
+            index = int(site_id.split("-")[1])
+            node_config = {"partition-id": index, "num-partitions": n}
+            site = load_site_data(cfg, node_config)
+            context = Context(run_id=1, node_id=index + 1, node_config=node_config,
+                              state=RecordDict(), run_config=to_flower_config(cfg))  # fmt: skip
+            update = compute_update(
+                cfg, site, start, ConfigRecord({keys.SERVER_ROUND: server_round}), context
+            )
+            weight = min(int(update.metrics[keys.NUM_EXAMPLES]), summary["weight_scale"])
+            quantised, _ = quantise(
+                layout.update_vector(update.arrays, start), clip_range=cfg.secagg.clip_range,
+                weight=weight, max_weight=summary["weight_scale"], scale=summary["scale"],
+                bits=cfg.secagg.bits,
+            )  # fmt: skip
+            np.add(total, quantised, out=total)
+        return hashlib.sha256(total.tobytes()).hexdigest()
+
+
+def assert_exact(fed: Federation, record, survivors: list[str]) -> None:
+    assert record.participants == survivors, record
+    assert not record.aborted, record.abort_reason
+    expected = fed.expected_sum_sha256(record.round, record.secagg, survivors)
+    assert record.secagg["sum_sha256"] == expected
+
+
+def max_difference(a: ArrayRecord, b: ArrayRecord) -> float:
+    return max(float(np.abs(a[k].numpy() - b[k].numpy()).max()) for k in a)
+
+
+# ---- equality with the plain round ---------------------------------------------------------------
+def test_secure_and_plain_rounds_give_the_same_model_within_the_quantisation_step():
+    plain = Federation(make_cfg(secagg="off")).run()
+    fed = Federation(make_cfg())
+    secure = fed.run()
+    record = secure.rounds[0]
+    assert_exact(fed, record, SITES)
+    bound = record.secagg["quantisation_error_bound"]
+    assert 0 < bound < 1e-7
+    difference = max_difference(plain.arrays, secure.arrays)
+    # float32 weights: the plain FedAvg's own float32 rounding adds up to a few ulps
+    assert difference <= bound + 2e-7, (difference, bound)
+    assert record.train_loss == pytest.approx(plain.rounds[0].train_loss)
+    assert record.eval_accuracy == pytest.approx(plain.rounds[0].eval_accuracy, abs=1e-9)
+    assert record.dropouts == {} and record.secagg["clipped_values"] == 0
+    # the server's grid carried only masked inputs: never one site's weights
+    assert {t for _, t in fed.grid.log} >= {SETUP, SHARE, MASKED, UNMASK}
+    assert "train" not in {t for _, t in fed.grid.log}
+
+
+def test_fedadam_applies_its_server_optimiser_to_the_secure_mean():
+    overrides = {"strategy__name": "fedadam"}
+    plain = Federation(make_cfg(secagg="off", **overrides)).run()
+    fed = Federation(make_cfg(**overrides))
+    secure = fed.run()
+    fedavg = Federation(make_cfg()).run()
+    assert_exact(fed, secure.rounds[0], SITES)
+    assert max_difference(plain.arrays, secure.arrays) < 1e-5
+    assert max_difference(secure.arrays, fedavg.arrays) > 1e-3  # Adam's step, not the mean
+
+
+# ---- dropouts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [SETUP, SHARE, MASKED])
+def test_a_site_vanishing_at_any_stage_leaves_the_exact_sum_of_the_others(stage):
+    fed = Federation(make_cfg(rounds=2))
+    fed.grid.vanish_at = {(3, stage)}  # node 3 serves site-02
+    result = fed.run()
+    first, second = result.rounds
+    others = ["site-00", "site-01", "site-03"]
+    assert_exact(fed, first, others)
+    assert first.dropouts == {"site-02": {"stage": stage.split("_", 1)[1], "reason": "no reply"}}
+    # gone for good: the next round loses it at setup and still completes
+    assert_exact(fed, second, others)
+    assert second.dropouts["site-02"]["stage"] == "setup"
+
+
+def test_a_site_vanishing_at_unmasking_is_still_in_the_sum():
+    fed = Federation(make_cfg())
+    fed.grid.vanish_at = {(2, UNMASK)}
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, SITES)  # its input is in; the others' shares rebuild its seed
+    assert record.secagg["silent_at_unmask"] == ["site-01"] and record.dropouts == {}
+
+
+def test_below_the_threshold_the_round_is_aborted_and_the_model_kept():
+    fed = Federation(make_cfg())
+    fed.grid.vanish_at = {(1, MASKED), (4, MASKED)}
+    result = fed.run()
+    record = result.rounds[0]
+    assert record.aborted and record.participants == []
+    assert record.abort_reason == (
+        "masked_input: only 2 of 4 sites remain after masked_input, below the threshold 3"
+    )
+    assert max_difference(result.arrays, fed.initial) == 0.0  # the previous model, untouched
+    assert record.eval_accuracy is not None  # the kept model is still evaluated
+    document = metrics_document(fed.cfg, result, 1.0)
+    entry = document["rounds"][0]
+    assert entry["aborted"] is True and entry["abort_reason"] == record.abort_reason
+    assert set(entry["dropouts"]) == {"site-00", "site-03"}
+
+
+def test_a_declining_site_is_recorded_as_declined_and_the_others_are_summed(monkeypatch):
+    def decline_site_01(cfg, site, *args):
+        if site.site_id == "site-01":
+            raise SiteDeclined("privacy budget exhausted", epsilon_spent=7.9, cap=8.0)
+        return compute_update(cfg, site, *args)
+
+    monkeypatch.setattr(client_secagg, "compute_update", decline_site_01)
+    fed = Federation(make_cfg())
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, ["site-00", "site-02", "site-03"])
+    assert record.declined == ["site-01"]
+    assert record.decline_reasons == {"site-01": "privacy budget exhausted"}
+    assert record.dropouts == {}
+
+
+# ---- hostile and broken replies ------------------------------------------------------------------
+def _rewrite(node: int, message_type: str, change):
+    def tamper(request: Message, reply: Message) -> Message:
+        if reply.metadata.src_node_id == node and request.metadata.message_type == message_type:
+            content = change(reply.content)
+            return Message(content, reply_to=request)
+        return reply
+
+    return tamper
+
+
+def _corrupt_first_share(content: RecordDict) -> RecordDict:
+    config = content[records.SECAGG]
+    blobs = list(config["ciphertexts"])
+    blobs[0] = blobs[0][:-1] + bytes([blobs[0][-1] ^ 1])
+    config["ciphertexts"] = blobs
+    return content
+
+
+def _masked_array(change):
+    def rewrite(content: RecordDict) -> RecordDict:
+        vector = content[records.MASKED][records.MASKED_ARRAY].numpy()
+        content[records.MASKED] = ArrayRecord({records.MASKED_ARRAY: Array(change(vector))})
+        return content
+
+    return rewrite
+
+
+def _secagg_field(name, value):
+    def rewrite(content: RecordDict) -> RecordDict:
+        content[records.SECAGG][name] = value
+        return content
+
+    return rewrite
+
+
+def _drop_last_share(content: RecordDict) -> RecordDict:
+    config = content[records.SECAGG]
+    config["recipients"], config["ciphertexts"] = (
+        config["recipients"][:-1],
+        config["ciphertexts"][:-1],
+    )
+    return content
+
+
+def _without(key):
+    def rewrite(content: RecordDict) -> RecordDict:
+        del content[key]
+        return content
+
+    return rewrite
+
+
+@pytest.mark.parametrize(
+    ("message_type", "change", "stage", "reason"),
+    [
+        (SHARE, _corrupt_first_share, "share_keys", "could not open its share"),
+        (MASKED, _masked_array(lambda v: v[:-3]), "masked_input", "(2847,), expected (2850,)"),
+        (MASKED, _masked_array(lambda v: v.astype(np.float32)), "masked_input", "float32"),
+        (MASKED, _masked_array(lambda v: v.astype(np.int64)), "masked_input", "dtype int64"),
+        (MASKED, _secagg_field("weight", 10**9), "masked_input", "weight 1000000000 outside"),
+        (MASKED, _secagg_field("weight", "many"), "masked_input", "'weight' = 'many'"),
+        (MASKED, _without(records.MASKED), "masked_input", "no 'secagg-masked' record"),
+        (SETUP, _secagg_field("mask-key", b"\x00" * 32), "setup", "mask key"),
+        (SETUP, _secagg_field("index", 3), "setup", "claims index 3, expected 2"),
+        (SHARE, _drop_last_share, "share_keys", "addressed to [1, 3], expected [1, 3, 4]"),
+        (SHARE, _without(records.SECAGG), "share_keys", "no 'secagg' record"),
+    ],
+)
+def test_a_broken_or_hostile_reply_excludes_its_site_and_the_rest_sum_exactly(
+    message_type, change, stage, reason
+):
+    fed = Federation(make_cfg())
+    fed.grid.tamper = _rewrite(2, message_type, change)  # node 2 serves site-01
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, ["site-00", "site-02", "site-03"])
+    assert record.dropouts["site-01"]["stage"] == stage
+    assert reason in record.dropouts["site-01"]["reason"], record.dropouts
+
+
+def test_a_reply_replayed_from_an_earlier_round_is_excluded():
+    kept: dict[str, RecordDict] = {}
+
+    def replay(request: Message, reply: Message) -> Message:
+        if reply.metadata.src_node_id == 2 and request.metadata.message_type == MASKED:
+            if request.metadata.group_id == "1":
+                kept["round 1"] = reply.content
+            else:
+                return Message(kept["round 1"], reply_to=request)  # the old masked input again
+        return reply
+
+    fed = Federation(make_cfg(rounds=2))
+    fed.grid.tamper = replay
+    first, second = fed.run().rounds
+    assert_exact(fed, first, SITES)
+    assert_exact(fed, second, ["site-00", "site-02", "site-03"])
+    assert second.dropouts["site-01"]["stage"] == "masked_input"
+    assert "replayed or stale" in second.dropouts["site-01"]["reason"]
+
+
+def test_a_site_that_fails_is_a_dropout_with_the_error_and_never_a_crash(monkeypatch):
+    original = client_secagg.handle_share_keys
+
+    def broken(msg, context, cfg):
+        if context.node_id == 4:
+            raise RuntimeError("disk full")
+        return original(msg, context, cfg)
+
+    monkeypatch.setattr(client_secagg, "handle_share_keys", broken)
+    fed = Federation(make_cfg())
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, ["site-00", "site-01", "site-02"])
+    assert record.dropouts["site-03"] == {
+        "stage": "share_keys", "reason": "error: RuntimeError: disk full"
+    }  # fmt: skip
+
+
+def test_a_site_refuses_a_dishonest_server_asking_for_both_secrets():
+    fed = Federation(make_cfg())
+    refusals = []
+
+    def ask_for_both(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == UNMASK and node_id == 1:
+            config = message.content[records.SECAGG]
+            config["dropped"] = [2]  # site 2 also stays among the survivors: both secrets
+        return message
+
+    def watch(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == UNMASK and reply.metadata.src_node_id == 1:
+            refusals.append(dict(reply.content[records.SECAGG]))
+        return reply
+
+    fed.grid.tamper_request, fed.grid.tamper = ask_for_both, watch
+    record = fed.run().rounds[0]
+    (refusal,) = refusals
+    assert "asked for both the self mask and the mask key of sites [2]" in refusal["refused"]
+    assert "seed-shares" not in refusal and "key-shares" not in refusal
+    # the three honest answers are enough (t = 3): the round still completes, exactly
+    assert_exact(fed, record, SITES)
+    assert record.secagg["silent_at_unmask"] == []  # it answered, with a refusal:
+    assert "asked for both" in record.secagg["refused_at_unmask"]["site-00"]
+
+
+def test_the_site_forgets_its_round_secrets_after_unmasking():
+    fed = Federation(make_cfg())
+    fed.run()
+    state = fed.grid.context(1).state.config_records[records.STATE]
+    assert state["expects"] == "done"
+    for secret in ("enc-private", "mask-private", "self-seed", "own-share"):
+        assert state[secret] == b""
+    assert state["held-shares"] == [] and state["peer-mask-keys"] == []
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"strategy.name": "krum"}, "secagg.name"),
+        ({"strategy.name": "fedtrimmedavg"}, "secagg.name"),
+        ({"secagg.threshold": 0.4}, "secagg.threshold"),
+        ({"secagg.threshold": 2.5}, "secagg.threshold"),
+        ({"secagg.bits": 16}, "secagg.bits"),
+        ({"secagg.clip_range": 0.0}, "secagg.clip_range"),
+        ({"secagg.max_weight": 0}, "secagg.max_weight"),
+        ({"secagg.neighbours": -2}, "secagg.neighbours"),
+    ],
+)
+def test_secagg_config_errors_name_the_field_in_one_line(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        from_flower_config({"secagg.name": "secaggplus", **overrides})
+    message = str(info.value)
+    assert message.startswith(field) and "\n" not in message
+    if field == "secagg.name":
+        assert "needs them" in message and "fedavg, fedprox, fedadam" in message
