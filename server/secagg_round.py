@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgov import messages as keys
-from fedgov.config import RunConfig
+from fedgov.config import RunConfig, site_level_on
 from privacy.secagg import records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
@@ -152,7 +152,8 @@ def run_secagg_round(
         return good
 
     try:
-        rows = [int((num_train or {}).get(site, 0)) for site in sites]
+        # Under site-level DP every site reports weight 1 (clients/update.py): the scale is 1.
+        rows = [1 if site_level_on(cfg) else int((num_train or {}).get(site, 0)) for site in sites]
         server = ServerSecAgg(
             len(sites), settings_of(cfg), layout.length, server_round,
             weight_scale=max(rows, default=0) or cfg.secagg.max_weight,
