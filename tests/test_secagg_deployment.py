@@ -1,0 +1,225 @@
+"""SecAgg+ on real processes: a SuperLink and four SuperNodes on 127.0.0.1, one killed mid-round.
+
+The fourth SuperNode is killed (SIGKILL, with everything it started) the moment it receives the
+masked-input request, after it has shared its keys: its pairwise masks are already inside the
+other three sites' inputs. The round must still complete, and the unmasked sum must be exactly
+the sum of the other three sites' quantised updates, which this test recomputes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from processes import LOOPBACK, PROC, ProcessGroup, Started, free_ports, managed_processes
+from safetensors.numpy import load_file
+
+from clients.site_data import load_site_data
+from clients.update import compute_update
+from fedgov import messages as keys
+from fedgov.config import RunConfig, to_flower_config
+from fedgov.models import initial_model
+from privacy.secagg.layout import VectorLayout
+from privacy.secagg.masking import ring_dtype
+from privacy.secagg.quantise import dequantise_mean, quantise
+from simulations.federation import simulated_federation
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NUM_SITES = 4
+KILLED = 3  # partition 3 = site-03
+STAGE_TIMEOUT = 45.0  # secagg.timeout: how long the server waits for each stage's replies
+START_TIMEOUT = 60.0
+RUN_TIMEOUT = 300.0
+CONNECTION = "fedgov-secagg-test"
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
+    with managed_processes(tmp_path / "logs") as group:
+        yield group
+
+
+def _config(run_dir: Path) -> RunConfig:
+    cfg = RunConfig(rounds=1, output_dir=str(run_dir), progress=False)
+    cfg.dataset.name, cfg.dataset.partitioner = "synthetic", "natural"
+    cfg.federation.num_sites, cfg.federation.round_timeout = NUM_SITES, 120.0
+    cfg.secagg.name, cfg.secagg.timeout = "secaggplus", STAGE_TIMEOUT
+    return cfg
+
+
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
+    env.pop("FLWR_INTERNAL_GRPC_FLEET_API", None)
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "FLWR_HOME": str(flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _kill_tree(proc: Started) -> None:
+    """SIGKILL ``proc`` and every process descended from it (a SuperNode dies abruptly)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(text[text.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    doomed, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        doomed.append(pid)
+        todo.extend(children.get(pid, []))
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.popen.wait(timeout=10)
+
+
+def _expected_ring_sum(
+    cfg: RunConfig, survivors: list[str], summary: dict
+) -> tuple[np.ndarray, ArrayRecord, VectorLayout]:
+    """Σ of the survivors' quantised updates, each recomputed here as its site computes it."""
+    torch.set_num_threads(1)  # as the ClientApp does: the same float operations, the same bits
+    federation = simulated_federation(cfg)
+    schema = federation.pool.schema
+    model = initial_model(
+        cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
+    )
+    start = ArrayRecord(model.state_dict())
+    layout = VectorLayout.of(start)
+    total = np.zeros(layout.length, dtype=ring_dtype(cfg.secagg.bits))
+    for site_id in survivors:
+        node_config = {"partition-id": federation.site_ids.index(site_id),
+                       "num-partitions": NUM_SITES}  # fmt: skip
+        site = load_site_data(cfg, node_config)
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                          run_config=to_flower_config(cfg))  # fmt: skip
+        update = compute_update(cfg, site, start, ConfigRecord({keys.SERVER_ROUND: 1}), context)
+        weight = min(int(update.metrics[keys.NUM_EXAMPLES]), summary["weight_scale"])
+        quantised, _ = quantise(
+            layout.update_vector(update.arrays, start), clip_range=cfg.secagg.clip_range,
+            weight=weight, max_weight=summary["weight_scale"], scale=summary["scale"],
+            bits=cfg.secagg.bits,
+        )  # fmt: skip
+        np.add(total, quantised, out=total)
+    return total, start, layout
+
+
+def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
+    tmp_path: Path, processes: ProcessGroup
+) -> None:
+    for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
+        if not (BIN / tool).exists():
+            pytest.skip(f"{tool} is not installed next to {sys.executable}")
+    flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    processes.env = _flower_env(flwr_home)
+    link_port, *node_ports = free_ports(1 + NUM_SITES)
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"), "--insecure", "--host", LOOPBACK,
+            "--port", str(link_port), "--database", str(tmp_path / "superlink.db"),
+            "--isolation", "subprocess",
+        ],
+    )  # fmt: skip
+    processes.wait_for_port(superlink, link_port, START_TIMEOUT)
+    supernodes = []
+    for index, port in enumerate(node_ports):
+        argv = [
+            str(BIN / "flower-supernode"), "--insecure",
+            "--superlink", f"{LOOPBACK}:{link_port}", "--host", LOOPBACK, "--port", str(port),
+            "--node-config", f"partition-id={index} num-partitions={NUM_SITES}",
+        ]  # fmt: skip
+        supernodes.append(processes.start(f"supernode-{index}", argv))
+    for node in supernodes:
+        processes.wait_for_log(node, r"SuperNode ID: \d+", START_TIMEOUT)
+
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{link_port}"\ninsecure = true\n'
+    )
+    cfg = _config(run_dir)
+    run_config = " ".join(
+        [
+            "rounds=1", "dataset.name='synthetic'", "dataset.partitioner='natural'",
+            f"federation.num_sites={NUM_SITES}", "federation.round_timeout=120.0",
+            "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
+            f"output_dir={json.dumps(str(run_dir))}",
+        ]
+    )  # fmt: skip
+    flwr_run = processes.start(
+        "flwr-run",
+        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        cwd=tmp_path,
+    )
+    victim = supernodes[KILLED]
+    # It has shared its keys (setup and share_keys done): kill it as the masked input is asked.
+    processes.wait_for_log(victim, r"Receiving: train\.secagg_masked_input", RUN_TIMEOUT)
+    killed_at = time.monotonic()
+    _kill_tree(victim)
+    assert not victim.running()
+
+    metrics_path = run_dir / "metrics.json"
+    survivors_running = [superlink, *(n for n in supernodes if n is not victim)]
+    processes.wait_until(
+        lambda: metrics_path.exists() or not flwr_run.running(), RUN_TIMEOUT,
+        "the run's metrics.json", must_keep_running=survivors_running,
+    )  # fmt: skip
+    assert metrics_path.exists(), f"no metrics.json\n{processes.logs_report()}"
+    assert processes.wait_for_exit(flwr_run, 60) == 0, processes.logs_report()
+    finished = time.monotonic()
+
+    (record,) = json.loads(metrics_path.read_text())["rounds"]
+    survivors = ["site-00", "site-01", "site-02"]
+    assert not record["aborted"], record
+    assert record["participants"] == survivors
+    assert record["dropouts"] == {"site-03": {"stage": "masked_input", "reason": "no reply"}}
+    summary = record["secagg"]
+    assert summary["sites"] == NUM_SITES and summary["threshold"] == 3
+    # site-03 shared its keys, so the sum needed its mask key rebuilt from the others' shares
+    expected, start, layout = _expected_ring_sum(cfg, survivors, summary)
+    assert summary["sum_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
+    assert summary["total_weight"] == sum(
+        len(load_site_data(cfg, {"partition-id": i, "num-partitions": NUM_SITES}).train.y)
+        for i in range(3)
+    )
+    # and the saved model is the global model moved by exactly that sum's mean
+    mean = dequantise_mean(
+        expected, clip_range=cfg.secagg.clip_range, total_weight=summary["total_weight"],
+        max_weight=summary["weight_scale"], scale=summary["scale"], bits=cfg.secagg.bits,
+    )  # fmt: skip
+    saved = load_file(run_dir / "model.safetensors")
+    for name, array in layout.apply(start, mean).items():
+        assert np.array_equal(saved[name], array.numpy()), name
+    assert record["eval_accuracy"] is not None  # the three live sites evaluated it
+    print(
+        f"\n[secagg deployment] the round finished {finished - killed_at:.1f} s after the kill "
+        f"(stage timeout {STAGE_TIMEOUT:.0f} s); stages {summary['stage_seconds']}"
+    )
