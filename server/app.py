@@ -109,6 +109,10 @@ def _progress_printer(cfg: RunConfig, privacy: PrivacyRound | None = None):
             parts.append(f"{len(record.declined)} declined")
         if record.failures:
             parts.append(f"{len(record.failures)} failed")
+        if record.dropouts:
+            parts.append(f"{len(record.dropouts)} dropped out")
+        if record.aborted:
+            parts.append(f"ABORTED, model kept ({record.abort_reason})")
         for label, value in (
             ("train_loss", record.train_loss),
             ("eval_acc", record.eval_accuracy),
