@@ -19,6 +19,8 @@ DEMO_OVERRIDES = [
     "privacy=sample_dp",
     "privacy.target_epsilon=3.0",
     "privacy.site_epsilon_cap=8.0",
+    # SecAgg+: the server learns only the sum of the hospitals' updates, never one of them.
+    "secagg=secaggplus",
 ]
 
 
@@ -99,6 +101,15 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
         f"{site} ({info['num_train']} rows)" for site, info in metrics["sites"].items()
     )
     write(f"\n sites: {sites}\n")
+    secure = [r for r in metrics["rounds"] if r.get("secagg")]
+    if secure:
+        dropped = sum(len(r.get("dropouts") or {}) for r in secure)
+        aborted = sum(1 for r in secure if r.get("aborted"))
+        write(
+            f" secure aggregation: SecAgg+ in {len(secure)} rounds; the server saw only the sum "
+            f"of the sites' updates (threshold {secure[-1]['secagg']['threshold']} of "
+            f"{secure[-1]['secagg']['sites']}; {dropped} dropouts, {aborted} aborted rounds)\n"
+        )
     write(f" wall time: {metrics['wall_seconds']:.1f} s\n\n")
     write(f" run directory   {run_dir}\n")
     for name in ("metrics.json", "model.safetensors", "plots/accuracy.png", "plots/loss.png",
