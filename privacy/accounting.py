@@ -9,15 +9,17 @@ of standard deviation ``noise_multiplier · C``. Neighbouring datasets differ by
 one record (one site).
 
 :func:`epsilon` is what fedgov prints (Opacus' RDP or PRV accountant). :func:`independent_epsilon`
-recomputes it with Google's ``dp-accounting`` (the library behind Flower's ``RdpAccountant``): its
-own RDP implementation for ``rdp`` and its privacy-loss-distribution accountant for ``prv`` — a
-different numerical method, so a disagreement above ~1% means something is wrong.
+recomputes it without Opacus' code: for ``rdp`` the Rényi divergences by numerical integration
+(Opacus uses series and binomial sums), for ``prv`` Google dp-accounting's privacy-loss-
+distribution accountant (the library behind Flower's ``RdpAccountant``). A disagreement above 1%
+means something is wrong. (dp-accounting's own RDP accountant is no use here: it drops every
+fractional order whose series it cannot converge, which makes it up to a few % looser than the
+exact value at sampling rates ≥ 0.1.)
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -97,41 +99,68 @@ def _quiet_numpy():
 def independent_epsilon(
     history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp"
 ) -> float:
-    """ε of ``history`` recomputed with Google's dp-accounting (not Opacus).
+    """ε of ``history`` recomputed without Opacus' code.
 
-    ``rdp``: dp-accounting's RDP accountant on Opacus' orders; ``prv``: its privacy loss
-    distribution (PLD) accountant, a different numerical method with a fine discretisation.
+    ``rdp``: the Rényi divergence of the subsampled Gaussian computed by numerical integration
+    (:func:`log_moment_by_integration`) on Opacus' orders, composed and converted to (ε, δ) with
+    the same conversion (Balle et al. 2020) — where Opacus sums a series (fractional orders) or a
+    binomial expansion (integer ones). ``prv``: Google dp-accounting's privacy loss distribution
+    (PLD) accountant, a different numerical method from Opacus' PRV, on a fine discretisation.
     """
     entries = normalise_history(history)
     if not entries:
         return 0.0
-    from dp_accounting import dp_event
-    from dp_accounting.pld import PLDAccountant
-    from dp_accounting.rdp import RdpAccountant
-
     if accountant == "rdp":
+        import numpy as np
         from opacus.accountants import RDPAccountant
 
-        backend = RdpAccountant(orders=list(RDPAccountant.DEFAULT_ALPHAS))
-    elif accountant == "prv":
-        backend = PLDAccountant(value_discretization_interval=1e-4)
-    else:
+        orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+        rdp = np.zeros(len(orders))
+        for sigma, rate, steps in entries:
+            rdp += steps * log_moment_by_integration(sigma, rate, orders) / (orders - 1)
+        eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+        return float(np.nanmin(eps))
+    if accountant != "prv":
         raise ValueError(f"unknown accountant '{accountant}' (expected rdp or prv)")
-    # dp-accounting logs a warning for every fractional order it cannot evaluate (and leaves it
-    # out of its minimum, which is right); keep that out of the user's terminal.
-    previous_disable = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for sigma, rate, steps in entries:
-                event = dp_event.GaussianDpEvent(sigma)
-                if rate < 1:
-                    event = dp_event.PoissonSampledDpEvent(rate, event)
-                backend.compose(event, steps)
-            return float(backend.get_epsilon(delta))
-    finally:
-        logging.disable(previous_disable)
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+
+    backend = PLDAccountant(value_discretization_interval=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sigma, rate, steps in entries:
+            event = dp_event.GaussianDpEvent(sigma)
+            if rate < 1:
+                event = dp_event.PoissonSampledDpEvent(rate, event)
+            backend.compose(event, steps)
+        return float(backend.get_epsilon(delta))
+
+
+def log_moment_by_integration(sigma: float, rate: float, orders: Sequence[float]):
+    """log A_α of the Poisson-subsampled Gaussian for every order α, by numerical integration.
+
+    A_α = ∫ μ₀(z)^{1−α} μ(z)^α dz with μ₀ = N(0, σ²) and μ = (1−q)·N(0, σ²) + q·N(1, σ²)
+    (Mironov, Talwar, Zhang 2019: the RDP of order α is log A_α / (α − 1)). The integrand is
+    evaluated in log space on a grid covering [−12σ − 2, max α + 12σ + 2] with spacing ≤ σ/40
+    (the trapezoid rule on these smooth integrands agrees with Opacus' closed forms to ~1e-10).
+    """
+    import numpy as np
+    from scipy.special import logsumexp
+
+    alphas = np.asarray(orders, dtype=float)[:, None]
+    low, high = -12 * sigma - 2, float(alphas.max()) + 12 * sigma + 2
+    points = int(min(max((high - low) / (sigma / 40), 4001), 400_001))
+    z = np.linspace(low, high, points)
+    normaliser = math.log(sigma * math.sqrt(2 * math.pi))
+    log_mu0 = -(z**2) / (2 * sigma**2) - normaliser
+    log_mu1 = -((z - 1) ** 2) / (2 * sigma**2) - normaliser
+    if rate < 1:
+        log_mu = np.logaddexp(math.log1p(-rate) + log_mu0, math.log(rate) + log_mu1)
+    else:
+        log_mu = log_mu1
+    weights = np.full(points, math.log(z[1] - z[0]))
+    weights[[0, -1]] -= math.log(2)
+    return logsumexp((1 - alphas) * log_mu0 + alphas * log_mu + weights, axis=1)
 
 
 def epsilon_after(
