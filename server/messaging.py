@@ -18,19 +18,25 @@ FIRST_POLL_SECONDS = 0.01
 MAX_POLL_SECONDS = 0.1
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Push ``messages`` and return the replies that arrive within ``timeout`` seconds."""
+def exchange(
+    grid: Grid, messages: Iterable[Message], timeout: float, max_poll: float = MAX_POLL_SECONDS
+) -> list[Message]:
+    """Push ``messages`` and return the replies that arrive within ``timeout`` seconds.
+
+    ``max_poll`` caps the back-off between pulls (short exchanges, such as secure
+    aggregation's key stages, use a lower cap so that they are not rounded up to it).
+    """
     pending = set(grid.push_messages(list(messages)))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
-    pause = FIRST_POLL_SECONDS
+    pause = min(FIRST_POLL_SECONDS, max_poll)
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if pending and not arrived:
             time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-            pause = min(pause * 2, MAX_POLL_SECONDS)
+            pause = min(pause * 2, max_poll)
         elif arrived:
             pause = FIRST_POLL_SECONDS
     return replies

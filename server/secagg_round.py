@@ -46,6 +46,8 @@ from server.privacy_round import PrivacyRound
 
 T = TypeVar("T")
 MAX_REASON_CHARS = 300
+# The key stages take milliseconds at a site: poll for their replies at least every 20 ms.
+STAGE_MAX_POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run_secagg_round(
             for i, content in sorted(contents.items())
         ]
         replies: dict[int, Message] = {}
-        for reply in exchange(grid, messages, timeout):
+        for reply in exchange(grid, messages, timeout, max_poll=STAGE_MAX_POLL_SECONDS):
             index = node_index.get(reply.metadata.src_node_id)
             if index is not None and index in contents and index not in replies:
                 replies[index] = reply

@@ -43,16 +43,16 @@ def quantise(
     values = np.asarray(update, dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError("the update holds NaN or infinite values")
-    clipped = int(np.count_nonzero(np.abs(values) > clip_range))
+    clipped = int(np.count_nonzero(values > clip_range) + np.count_nonzero(values < -clip_range))
+    # clip(u, −c, c)·f = clip(u·f, −c·f, c·f): one scaled copy, clipped and rounded in place
     factor = (weight / max_weight) * (scale / clip_range)
-    scaled = np.clip(values, -clip_range, clip_range)
-    scaled *= factor
-    np.rint(scaled, out=scaled)
-    integers = scaled.astype(np.int64)
-    np.clip(integers, -scale, scale, out=integers)  # rounding can never push |q| past L
-    dtype = ring_dtype(bits)
-    ring = integers.view(np.uint64) if bits == 64 else integers.astype(dtype)
-    return np.ascontiguousarray(ring, dtype=dtype), clipped
+    scaled = values * factor
+    bound = clip_range * factor  # ≤ L, so the rounded values stay within ±L
+    np.clip(scaled, -bound, bound, out=scaled)
+    np.rint(scaled, out=scaled)  # |q| ≤ L: rounding cannot pass a whole-number limit
+    if bits == 32:  # |q| ≤ L < 2^31: int32, whose bits are the ring element
+        return scaled.astype(np.int32).view(np.uint32), clipped
+    return scaled.astype(np.int64).view(np.uint64), clipped
 
 
 def to_signed(ring_values: np.ndarray, bits: int) -> np.ndarray:
