@@ -158,6 +158,7 @@ class RunConfig:
     seed: int = 0
     output_dir: str = ""  # where the ServerApp writes metrics.json, model.safetensors, plots/
     progress: bool = True  # print a line per round
+    resume: bool = False  # continue from output_dir's checkpoint (after a coordinator crash)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
 
@@ -28,6 +28,11 @@ def load_array_record(model: torch.nn.Module, arrays: ArrayRecord) -> None:
 def arrays_to_numpy(arrays: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     """Name → numpy array, in the record's order."""
     return OrderedDict((name, array.numpy()) for name, array in arrays.items())
+
+
+def numpy_to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Name → numpy array (in order) as an ArrayRecord: the inverse of ``arrays_to_numpy``."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:

@@ -16,6 +16,7 @@ from fedgov.errors import ConfigError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
+from server.checkpoint import load_checkpoint
 from server.outputs import write_privacy_report, write_run_outputs
 from server.privacy_round import PrivacyRound, report_of
 from server.rounds import RoundRecord, run_rounds
@@ -51,15 +52,30 @@ def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> Non
     central = (
         _central_evaluator(cfg, schema, federation.holdout) if len(federation.holdout.y) else None
     )
+    strategy = build_strategy(cfg.strategy)
+    arrays = ArrayRecord(model.state_dict())
     privacy = PrivacyRound(cfg) if cfg.privacy.name != "none" else None
+    resume_from = None
+    if cfg.resume:
+        if not cfg.output_dir:
+            raise ConfigError("resume: needs output_dir (the interrupted run's directory)")
+        resume_from = load_checkpoint(cfg.output_dir, cfg)
+        arrays, strategy, privacy = resume_from.arrays, resume_from.strategy, resume_from.privacy
+        run_id = int(resume_from.run_id) if resume_from.run_id.isdigit() else run_id
+        print(
+            f"[fedgov] resuming {cfg.output_dir} after round {resume_from.completed_round}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     result = run_rounds(
         grid,
         cfg,
-        build_strategy(cfg.strategy),
-        ArrayRecord(model.state_dict()),
+        strategy,
+        arrays,
         central,
         on_round=_progress_printer(cfg, privacy) if cfg.progress else None,
         privacy=privacy,
+        resume_from=resume_from,
+        run_id=str(run_id or ""),
     )
     if cfg.output_dir:
         write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)

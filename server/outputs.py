@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
-
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.records import atomic_write_json, save_safetensors
 from server.rounds import RunResult, round_as_dict
@@ -73,10 +71,3 @@ def _model_metadata(cfg: RunConfig) -> dict[str, str]:
         "rounds": str(cfg.rounds),
         "seed": str(cfg.seed),
     }
-
-
-def load_final_arrays(run_dir: str | Path) -> ArrayRecord:
-    """The final global weights of a finished run, as an ArrayRecord."""
-    from fedgov.records import load_safetensors
-
-    return ArrayRecord(load_safetensors(Path(run_dir) / MODEL_FILE))

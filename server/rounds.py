@@ -20,9 +20,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgov import messages as keys
-from fedgov.config import RunConfig
+from fedgov.config import RunConfig, to_flower_config
 from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
+from server.checkpoint import Checkpoint, save_checkpoint
 from server.messaging import SampledGrid, exchange
 from server.privacy_round import PrivacyRound
 from server.sampling import sample_sites, sites_per_round
@@ -149,8 +150,14 @@ def run_rounds(
     central_evaluate: Callable[[ArrayRecord], EvalResult] | None,
     on_round: Callable[[RoundRecord], None] | None = None,
     privacy: PrivacyRound | None = None,
+    resume_from: Checkpoint | None = None,
+    run_id: str = "",
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of federated training and evaluation.
+
+    With ``cfg.output_dir`` set, the state after every round is checkpointed there; with
+    ``resume_from`` the loop continues after that checkpoint's round (its weights, strategy and
+    privacy state are the ones passed in).
 
     ``privacy`` (server/privacy_round.py), when DP is on: Poisson site sampling under site-level
     DP, receipts and declines kept per site, and the noisy DP-FedAvg aggregate.
@@ -159,9 +166,10 @@ def run_rounds(
     directory = SiteDirectory(grid, fed.round_timeout)
     directory.wait_for(fed.num_sites or fed.min_sites_per_round)
     arrays = initial_arrays
-    records: list[RoundRecord] = []
-    seen: dict[str, SiteInfo] = {}
-    for server_round in range(1, cfg.rounds + 1):
+    records: list[RoundRecord] = list(resume_from.records) if resume_from else []
+    seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
+    first_round = resume_from.completed_round + 1 if resume_from else 1
+    for server_round in range(first_round, cfg.rounds + 1):
         started = time.monotonic()
         directory.refresh()
         seen.update({info.site_id: info for info in directory.by_node.values()})
@@ -203,6 +211,12 @@ def run_rounds(
             record.central_eval_accuracy = central.accuracy
         record.seconds = time.monotonic() - started
         records.append(record)
+        if cfg.output_dir:
+            save_checkpoint(
+                cfg.output_dir,
+                Checkpoint(server_round, arrays, strategy, privacy, records, seen, run_id,
+                           to_flower_config(cfg)),
+            )  # fmt: skip
         if on_round is not None:
             on_round(record)
     return RunResult(arrays=arrays, rounds=records, sites=seen)
