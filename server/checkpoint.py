@@ -63,8 +63,7 @@ def save_checkpoint(run_dir: str | Path, state: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | Path, cfg: RunConfig) -> Checkpoint:
-    """Read the run's checkpoint and check it belongs to this run config."""
+def _read_payload(run_dir: str | Path) -> dict[str, Any]:
     path = checkpoint_path(run_dir)
     if not path.is_file():
         raise FedgovError(f"resume: {path} does not exist (no round of this run completed)")
@@ -72,8 +71,19 @@ def load_checkpoint(run_dir: str | Path, cfg: RunConfig) -> Checkpoint:
         payload = pickle.loads(path.read_bytes())
     except Exception as error:  # a truncated or foreign file: say so, do not guess
         raise FedgovError(f"resume: {path} is unreadable ({type(error).__name__})") from None
-    if payload.get("format") != FORMAT_VERSION:
-        raise FedgovError(f"resume: {path} has format {payload.get('format')}, expected 1")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise FedgovError(f"resume: {path} is not a fedgov checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def saved_run_config(run_dir: str | Path) -> dict[str, bool | int | float | str]:
+    """The flat run config an interrupted run started with."""
+    return _read_payload(run_dir)["config"]
+
+
+def load_checkpoint(run_dir: str | Path, cfg: RunConfig) -> Checkpoint:
+    """Read the run's checkpoint and check it belongs to this run config."""
+    payload = _read_payload(run_dir)
     saved, now = payload["config"], to_flower_config(cfg)
     changed = sorted(
         k for k in set(saved) | set(now)
