@@ -17,6 +17,7 @@ from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
 from server.checkpoint import load_checkpoint
+from server.observability import round_status, write_status
 from server.outputs import write_privacy_report, write_run_outputs
 from server.privacy_round import PrivacyRound, report_of
 from server.rounds import RoundRecord, run_rounds
@@ -72,7 +73,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> Non
         strategy,
         arrays,
         central,
-        on_round=_progress_printer(cfg, privacy) if cfg.progress else None,
+        on_round=_round_observer(cfg, privacy, str(run_id or "")),
         privacy=privacy,
         resume_from=resume_from,
         run_id=str(run_id or ""),
@@ -116,6 +117,26 @@ def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callab
         return evaluate(model, holdout)
 
     return central_evaluate
+
+
+def _round_observer(cfg: RunConfig, privacy: PrivacyRound | None, run_id: str):
+    """After each round: the progress line, and the run's status.json for the coordinator."""
+    show = _progress_printer(cfg, privacy) if cfg.progress else None
+    records: list[RoundRecord] = []
+
+    def observe(record: RoundRecord) -> None:
+        records.append(record)
+        if show is not None:
+            show(record)
+        if cfg.output_dir:
+            site_epsilon = privacy.site_level_epsilon() if privacy and privacy.site_level else None
+            sample_epsilon = privacy.max_site_epsilon() if privacy else None
+            write_status(
+                cfg.output_dir,
+                round_status(run_id, cfg.rounds, records, site_epsilon, sample_epsilon),
+            )
+
+    return observe
 
 
 def _progress_printer(cfg: RunConfig, privacy: PrivacyRound | None = None):

@@ -15,6 +15,7 @@ This module turns the file into typed settings and command lines; the CLI runs t
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,47 @@ def register_site(settings: ServerSettings, public_key: str | Path) -> str:
         last = output.splitlines()[-1] if output else f"exit {result.returncode}"
         raise FedgovError(f"add-site: the coordinator at {settings.address} refused: {last}")
     return output.splitlines()[-1]
+
+
+def run_superlink(
+    settings: ServerSettings,
+    insecure: bool,
+    log_format: str = "text",
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
+) -> int:
+    """Run the SuperLink in the foreground (with /metrics and JSON logs if asked); exit status."""
+    from server.observability import MetricsServer, json_log_line, prometheus_text, read_statuses
+
+    metrics = None
+    if metrics_port is not None:
+        state_dir = settings.database.parent
+        try:
+            metrics = MetricsServer(
+                lambda: prometheus_text(read_statuses(state_dir)), metrics_host, metrics_port
+            ).start()
+        except OSError as error:
+            raise FedgovError(
+                f"--metrics-port: cannot listen on {metrics_host}:{metrics_port} ({error.strerror})"
+            ) from None
+        print(f"fedgov: metrics on http://{metrics_host}:{metrics.port}/metrics", file=sys.stderr)
+    process = subprocess.Popen(
+        superlink_command(settings, insecure),
+        env=flower_environment(settings),
+        stdout=subprocess.PIPE if log_format == "json" else None,
+        stderr=subprocess.STDOUT if log_format == "json" else None,
+        text=True,
+    )
+    try:
+        if process.stdout is not None:
+            for line in process.stdout:
+                if (record := json_log_line(line, "superlink")) is not None:
+                    print(record, flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+        return 130
+    finally:
+        if metrics is not None:
+            metrics.stop()

@@ -47,6 +47,7 @@ class RoundRecord:
 
     round: int
     participants: list[str]
+    sites_connected: int = 0
     declined: list[str] = field(default_factory=list)
     decline_reasons: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
@@ -179,7 +180,7 @@ def run_rounds(
         if privacy is not None and (poisson := privacy.sample(list(node_of), count)) is not None:
             chosen = poisson  # site-level DP: Poisson sampling, accounted at its rate
         view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
-        record = RoundRecord(round=server_round, participants=[])
+        record = RoundRecord(round=server_round, participants=[], sites_connected=len(node_of))
 
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
