@@ -32,12 +32,13 @@ class VectorLayout:
     @classmethod
     def of(cls, arrays: ArrayRecord) -> VectorLayout:
         segments, offset = [], 0
-        for name, array in arrays.items():
-            values = array.numpy()
-            if not np.issubdtype(values.dtype, np.floating):
+        for name, array in arrays.items():  # from the metadata: nothing is deserialised
+            dtype, shape = np.dtype(array.dtype), tuple(array.shape)
+            if not np.issubdtype(dtype, np.floating):
                 continue
-            segments.append(Segment(name, values.shape, values.dtype, offset, offset + values.size))
-            offset += values.size
+            size = int(np.prod(shape, dtype=np.int64))
+            segments.append(Segment(name, shape, dtype, offset, offset + size))
+            offset += size
         return cls(tuple(segments), offset)
 
     def update_vector(self, local: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray:

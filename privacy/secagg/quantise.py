@@ -18,6 +18,7 @@ import numpy as np
 from privacy.secagg.masking import ring_dtype
 
 FLOAT_EXACT = 2**53  # the largest scale whose integers float64 represents exactly
+CHUNK_VALUES = 1 << 15  # 256 KiB of float64: quantisation works chunk by chunk, in cache
 
 
 def ring_scale(num_sites: int, bits: int) -> int:
@@ -40,19 +41,25 @@ def quantise(
     """(q as a ring vector, how many coordinates were clipped) for one site's flat update."""
     if not 0 <= weight <= max_weight:
         raise ValueError(f"weight {weight} outside [0, {max_weight}]")
-    values = np.asarray(update, dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError("the update holds NaN or infinite values")
-    clipped = int(np.count_nonzero(values > clip_range) + np.count_nonzero(values < -clip_range))
-    # clip(u, −c, c)·f = clip(u·f, −c·f, c·f): one scaled copy, clipped and rounded in place
+    values = np.asarray(update)
     factor = (weight / max_weight) * (scale / clip_range)
-    scaled = values * factor
     bound = clip_range * factor  # ≤ L, so the rounded values stay within ±L
-    np.clip(scaled, -bound, bound, out=scaled)
-    np.rint(scaled, out=scaled)  # |q| ≤ L: rounding cannot pass a whole-number limit
-    if bits == 32:  # |q| ≤ L < 2^31: int32, whose bits are the ring element
-        return scaled.astype(np.int32).view(np.uint32), clipped
-    return scaled.astype(np.int64).view(np.uint64), clipped
+    # clip(u, −c, c)·f = clip(u·f, −c·f, c·f); chunk by chunk, so each stays in cache
+    signed = np.empty(len(values), dtype=np.int32 if bits == 32 else np.int64)
+    scratch = np.empty(min(CHUNK_VALUES, len(values)), dtype=np.float64)
+    clipped = 0
+    for begin in range(0, len(values), CHUNK_VALUES):
+        chunk = values[begin : begin + CHUNK_VALUES]
+        scaled = scratch[: len(chunk)]
+        np.multiply(chunk, factor, out=scaled, dtype=np.float64)
+        if not np.isfinite(scaled).all():
+            raise ValueError("the update holds NaN or infinite values")
+        clipped += int(np.count_nonzero(np.abs(chunk) > clip_range))
+        np.clip(scaled, -bound, bound, out=scaled)
+        np.rint(scaled, out=scaled)  # |q| ≤ L: rounding cannot pass a whole-number limit
+        signed[begin : begin + len(chunk)] = scaled
+    # |q| ≤ L < 2^(bits−1): the two's-complement bits of q are its ring element
+    return signed.view(ring_dtype(bits)), clipped
 
 
 def to_signed(ring_values: np.ndarray, bits: int) -> np.ndarray:
