@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -103,3 +104,47 @@ def test_supernode_failures_are_explained_in_one_line(tmp_path):
 
 def test_run_config_values_are_toml():
     assert [toml_value(v) for v in (True, 3, 0.5, 'a "b"')] == ["true", "3", "0.5", '"a \\"b\\""']
+
+
+def test_site_budget_reads_the_ledger_and_recomputes_epsilon(tmp_path):
+    import json
+
+    from privacy.accounting import independent_epsilon
+    from privacy.ledger import SiteLedger, Spend
+    from privacy.receipts import PRIVATE_KEY_FILE
+
+    config, _ = _site(tmp_path)
+    site_dir = config.parent
+    assert (site_dir / PRIVATE_KEY_FILE).is_file()  # site init made the receipt key + ledger
+    empty = subprocess.run(
+        [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert empty.returncode == 0, empty.stderr
+    assert json.loads(empty.stdout)["epsilon_spent"] == 0.0
+
+    ledger = SiteLedger(site_dir, "hosp-a", PRIVATE_KEY_FILE)
+    for rnd in (1, 2):
+        spend = Spend("run-9", rnd, 1.1, 0.125, 16, 1e-5, "rdp", 0.0, f"sha-{rnd}")
+        reservation = ledger.reserve(spend, cap=10.0)
+        assert reservation.spend is not None
+        ledger.release(reservation.spend, signature="00")
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    summary = json.loads(shown.stdout)
+    expected = independent_epsilon([(1.1, 0.125, 32)], 1e-5, "rdp")
+    assert summary["epsilon_spent"] == pytest.approx(expected, rel=0.01)
+    assert [s["round"] for s in summary["spends"]] == [1, 2]
+    assert summary["epsilon_cap"] == 3.0
+    assert summary["epsilon_left"] == pytest.approx(max(3.0 - summary["epsilon_spent"], 0.0))
+
+    (site_dir / "privacy_ledger.json").write_text("{ damaged")
+    broken = subprocess.run(
+        [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert broken.returncode == 2
+    assert "unreadable" in broken.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in broken.stderr
