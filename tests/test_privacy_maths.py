@@ -258,7 +258,7 @@ def test_fused_clipping_equals_opacus_per_sample_clipping(model, shape, classes)
     clipper.remove()
 
 
-def test_strided_conv_per_record_gradients_equal_unfold():
+def test_grouped_conv_per_record_gradients_equal_unfold():
     torch.manual_seed(1)
     layer = nn.Conv2d(3, 5, kernel_size=3, padding=1)
     inputs, grads = torch.randn(4, 3, 9, 7), torch.randn(4, 5, 9, 7)
