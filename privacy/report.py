@@ -351,13 +351,17 @@ def guarantee_lines(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     site_level = document.get("site_level")
     if site_level:
         rates = sorted({round(r["sample_rate"], 6) for r in site_level["rounds"]})
+        sampling = (
+            "every site in every round (q = 1)"
+            if rates == [1.0]
+            else f"sites {site_level['sampling']}-sampled at rate q = "
+            + ", ".join(f"{q:g}" for q in rates)
+        )
         lines.append(
             (
                 "Site-level (a whole site, for the federation)",
                 f"DP-FedAvg: update clipping norm C = {site_level['clipping_norm']:g}, noise "
-                f"multiplier z = {site_level['noise_multiplier']:g} on the sum, sites "
-                f"{site_level['sampling']}-sampled at rate q = "
-                + ", ".join(f"{q:g}" for q in rates)
+                f"multiplier z = {site_level['noise_multiplier']:g} on the sum, {sampling}"
                 + f"; ε = {_eps(site_level['epsilon'])} (accountant "
                 f"{site_level['accountant'].upper()}); "
                 f"{_eps(site_level['epsilon_if_participation_is_public'])} if who took part in "
@@ -378,6 +382,7 @@ def budget_plot_png(document: Mapping[str, Any]) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [p for p in (sample, site_level) if p]
     figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.0), squeeze=False)
@@ -397,6 +402,8 @@ def budget_plot_png(document: Mapping[str, Any]) -> bytes | None:
             ax.axhline(cap, linestyle="--", color="crimson", linewidth=1)
             ax.annotate(f"cap {cap:g}", (0.01, cap), xycoords=("axes fraction", "data"),
                         color="crimson", va="bottom", fontsize=8)  # fmt: skip
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Sample-level ε spent by each site (× = declined)")
         ax.set_xlabel("round")
         ax.set_ylabel(f"ε (δ = {document['delta']:g})")
@@ -408,6 +415,8 @@ def budget_plot_png(document: Mapping[str, Any]) -> bytes | None:
         rows = site_level["rounds"]
         ax.step([r["round"] for r in rows], [r["epsilon"] for r in rows], where="post",
                 marker="o", color="navy")  # fmt: skip
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Site-level ε of the federation")
         ax.set_xlabel("round")
         ax.set_ylabel(f"ε (δ = {document['delta']:g})")
