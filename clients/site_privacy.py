@@ -17,14 +17,12 @@ in simulation ``simulations.engine`` gives every simulated site its own (the run
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -137,16 +135,6 @@ def secret_seeds(key: Ed25519PrivateKey, *labels: object) -> tuple[int, int]:
     info = ("fedgov dp-sgd|" + "|".join(str(label) for label in labels)).encode()
     okm = HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(material)
     return int.from_bytes(okm[:8], "big") >> 1, int.from_bytes(okm[8:], "big") >> 1
-
-
-def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``arrays`` in order."""
-    digest = hashlib.sha256()
-    for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def plan_dp_sgd(cfg: RunConfig, num_records: int, delta: float) -> DpSgdPlan:

@@ -74,7 +74,8 @@ def compute_update(
     budget = None
     if sample_level_on(cfg):
         from clients.dp_training import train_local_dp
-        from clients.site_privacy import BudgetRefusal, arrays_sha256, reserve_round
+        from clients.site_privacy import BudgetRefusal, reserve_round
+        from privacy.receipts import arrays_sha256
 
         try:
             budget = reserve_round(
@@ -102,7 +103,7 @@ def compute_update(
         arrays = _site_level_release(cfg, global_arrays, arrays, config)
     receipt = None
     if budget is not None:
-        from clients.site_privacy import arrays_sha256
+        from privacy.receipts import arrays_sha256
 
         signed = budget.release(arrays_sha256(arrays_to_numpy(arrays)))
         receipt = ConfigRecord(signed.to_record())

@@ -128,6 +128,16 @@ def conv2d_per_record_weight_grads(
     batch, channels_in = inputs.shape[:2]
     channels_out = output_grads.shape[1]
     kh, kw = layer.kernel_size
+    if channels_in == 1 and tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1):
+        # One input channel (a first layer on grey images): correlating the input with each
+        # record's output gradient as a forward grouped convolution is faster still.
+        grads = F.conv2d(
+            inputs.transpose(0, 1),
+            output_grads.reshape(batch * channels_out, 1, *output_grads.shape[2:]),
+            padding=layer.padding,
+            groups=batch,
+        )
+        return grads.view(batch, channels_out, kh * kw)
     weight_shape = inputs.new_empty((batch * channels_out, channels_in, kh, kw))
     _, grads, _ = torch.ops.aten.convolution_backward(
         output_grads.reshape(1, batch * channels_out, *output_grads.shape[2:]),

@@ -123,6 +123,7 @@ def _sample_level(data: Mapping[str, Any], delta: float, accountant: str) -> dic
             "public_key_fingerprint": ", ".join(sorted(fingerprint(k) for k in public_keys)),
             "receipts": [r.to_json() for r in receipts],
             "decline_receipts": [d["receipt"] for d in declines if d.get("receipt")],
+            "receipts_matched_updates": site.get("receipts_matched_updates", True),
         }
     return {
         "accountant": accountant,
@@ -199,6 +200,10 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
                     problems.append(f"{where}: signature does not verify")
                     ok = False
                     continue
+                run_id = str(document.get("run_id") or "")
+                if p["kind"] == "dp-sgd" and run_id and str(p.get("run")) != run_id:
+                    problems.append(f"{where}: receipt of run {p.get('run')}, not of this run")
+                    ok = False
                 history = p["history"]
                 if not history_extends(previous, history):
                     problems.append(f"{where}: history does not extend the previous receipt's")
@@ -223,6 +228,9 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
                 if p["kind"] == "dp-sgd" and cap is not None and stated > cap * (1 + 1e-9):
                     problems.append(f"{where}: ε {stated} above the site's cap {cap}")
                     ok = False
+            if site.get("receipts_matched_updates") is False:
+                problems.append(f"{site_id}: a receipt did not match the update the server got")
+                ok = False
             if site.get("epsilon", 0) > 0 and receipts:
                 top = max(r.payload["epsilon"] for r in receipts)
                 if not math.isclose(top, site["epsilon"], rel_tol=1e-9):

@@ -41,7 +41,7 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, sample_level_on, site_level_on
 from fedgov.records import arrays_to_numpy
 from privacy.accounting import epsilon
-from privacy.receipts import Receipt
+from privacy.receipts import Receipt, arrays_sha256
 from privacy.site_dp import (
     clip_update,
     dropout_decision,
@@ -116,7 +116,8 @@ class PrivacyRound:
                 continue
             records = reply.content.config_records
             if keys.RECEIPT in records:
-                self._keep_receipt(site_id, Receipt.from_record(records[keys.RECEIPT]))
+                released = reply.content.array_records.get(keys.ARRAYS)
+                self._keep_receipt(site_id, Receipt.from_record(records[keys.RECEIPT]), released)
             if keys.DECLINE in records:
                 self._keep_decline(site_id, server_round, records[keys.DECLINE])
 
@@ -212,11 +213,17 @@ class PrivacyRound:
     def _view(self, site_id: str) -> SiteLedgerView:
         return self.sites.setdefault(site_id, SiteLedgerView())
 
-    def _keep_receipt(self, site_id: str, receipt: Receipt) -> None:
+    def _keep_receipt(
+        self, site_id: str, receipt: Receipt, released: ArrayRecord | None = None
+    ) -> None:
+        """Verify (signature, pinned key, site) and keep a receipt; with the update in the clear
+        (no secure aggregation), also check the receipt names exactly the weights received."""
         view = self._view(site_id)
         if view.public_key is None:
             view.public_key = receipt.public_key
         valid = receipt.verify(view.public_key) and receipt.payload.get("site") == site_id
+        if valid and released is not None and not self.secure_aggregation:
+            valid = receipt.payload.get("update_sha256") == arrays_sha256(arrays_to_numpy(released))
         if not valid:
             log(WARNING, "site %s sent a privacy receipt that does not verify", site_id)
         view.receipts.append(receipt)
@@ -275,6 +282,9 @@ def report_of(privacy: PrivacyRound, run_id: str) -> dict[str, Any]:
             "grad_sample_mode": p.grad_sample_mode,
             "sites": {
                 site_id: {
+                    # the server's own check at receipt time: signature, pinned key, and (without
+                    # secure aggregation) that the update received is the one the receipt names
+                    "receipts_matched_updates": all(view.receipt_valid),
                     "receipts": [r.to_json() for r in view.receipts],
                     "declines": [
                         {
