@@ -14,16 +14,30 @@
 
 Everything the site's ClientApp needs reaches it through the node config (``site-id``,
 ``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap``), never through the server's messages.
+
+Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
+
+- ``fedgov`` (default): two processes, started, watched and stopped together: the SuperNode
+  (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its fixed
+  3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
+  Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote).
+  They share a fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
+  site's SuperExec can take tasks from the SuperNode's local Runtime API;
+- ``fork`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
+- ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
+  subprocess``, which starts Flower's SuperExec, one fresh interpreter per message.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +55,9 @@ SITE_KEYS = (
     "insecure",
 )  # fmt: skip
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
+RUNTIMES = ("fedgov", "fork", "stock")
+SUPEREXEC_SECRET = "keys/superexec.secret"
+EXIT_DRAIN_SECONDS = 2.0  # how long to read a stopped process's last lines
 
 
 @dataclass(frozen=True)
@@ -202,17 +219,34 @@ def check_site(settings: SiteSettings, insecure: bool) -> int:
     return len(labels)
 
 
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
 def supernode_command(
-    settings: SiteSettings, insecure: bool, max_wait_seconds: float | None = None
+    settings: SiteSettings,
+    insecure: bool,
+    max_wait_seconds: float | None = None,
+    runtime: str = "fedgov",
 ) -> list[str]:
-    """The flower-supernode command line; it reconnects with back-off while the coordinator
-    is away (for ``max_wait_seconds`` in total, or forever when None)."""
+    """The SuperNode's command line; it reconnects with back-off while the coordinator
+    is away (for ``max_wait_seconds`` in total, or forever when None).
+
+    ``runtime`` (see the module docstring): ``fedgov`` runs ``python -m clients.supernode``,
+    ``fork`` and ``stock`` Flower's ``flower-supernode``; all but ``stock`` with
+    ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
+    """
+    _check_runtime(runtime)
     node_config = " ".join(
         f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"
         for key, value in settings.node_config().items()
     )
-    command = [
-        flower_tool("flower-supernode"),
+    if runtime == "fedgov":
+        command = [sys.executable, "-m", "clients.supernode"]
+    else:
+        command = [flower_tool("flower-supernode")]
+    command += [
         "--superlink", settings.coordinator,
         "--node-config", node_config,
         "--host", "127.0.0.1",
@@ -227,7 +261,36 @@ def supernode_command(
             "--root-certificates", str(settings.ca_cert),
             "--auth-supernode-private-key", str(settings.auth_key),
         ]  # fmt: skip
+    if runtime == "stock":
+        command += ["--isolation", "subprocess"]
+    else:
+        secret = settings.site_dir / SUPEREXEC_SECRET
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     return command
+
+
+def superexec_command(settings: SiteSettings, supernode_pid: int | None = None) -> list[str]:
+    """fedgov's SuperExec for the SuperNode's local Runtime API (runtimes ``fedgov``/``fork``).
+
+    Like the SuperExec a stock SuperNode starts itself: plain HTTP on 127.0.0.1 (the Runtime
+    API never leaves the machine), stopping when the SuperNode's process does.
+    """
+    command = [
+        sys.executable, "-m", "clients.superexec",
+        "--insecure",
+        "--runtime-api-address", f"127.0.0.1:{settings.port}",
+        "--superexec-auth-secret-file", str(settings.site_dir / SUPEREXEC_SECRET),
+    ]  # fmt: skip
+    if supernode_pid is not None:
+        command += ["--parent-pid", str(supernode_pid)]
+    return command
+
+
+def write_superexec_secret(settings: SiteSettings) -> Path:
+    """A fresh random secret shared by this start's SuperNode and SuperExec (mode 0600)."""
+    path = settings.site_dir / SUPEREXEC_SECRET
+    write_file(path, secrets.token_hex(32).encode(), private=True)
+    return path
 
 
 def site_environment(settings: SiteSettings) -> dict[str, str]:
@@ -248,7 +311,8 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
             f"site's key (ask the coordinator to run: fedgov server add-site "
             f"{settings.auth_key}.pub)"
         )
-    if code == EXIT_NOT_CONNECTED:
+    # Flower's process exits with 1 on any error; its own exit code is in the log.
+    if code == EXIT_NOT_CONNECTED or f"Exit Code: {EXIT_NOT_CONNECTED}" in log_tail:
         return f"site {settings.site_id}: could not connect to {settings.coordinator}"
     return f"site {settings.site_id}: the SuperNode exited with code {code}"
 
@@ -257,49 +321,101 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
 FATAL_PATTERNS = ("Failed to activate SuperNode", "CERTIFICATE_VERIFY_FAILED")
 
 
-def run_supernode(settings: SiteSettings, insecure: bool, max_wait_seconds: float | None) -> int:
-    """Run the SuperNode in the foreground, echoing its log; a failure ends in one line."""
-    process = subprocess.Popen(
-        supernode_command(settings, insecure, max_wait_seconds),
-        env=site_environment(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
-    )  # fmt: skip
-    lines: queue.Queue[str | None] = queue.Queue()
+def run_supernode(
+    settings: SiteSettings,
+    insecure: bool,
+    max_wait_seconds: float | None,
+    runtime: str = "fedgov",
+) -> int:
+    """Run the site's processes in the foreground, echoing their logs; a failure ends in one
+    line. With the ``fedgov`` and ``fork`` runtimes these are the SuperNode and fedgov's
+    SuperExec: when either stops, the other is stopped too."""
+    _check_runtime(runtime)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
+    env = site_environment(settings)
+    if runtime != "stock":
+        write_superexec_secret(settings)
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    processes: dict[str, subprocess.Popen] = {}
 
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1, start_new_session=True,
+        )  # fmt: skip
+        processes[name] = process
 
-    threading.Thread(target=pump, daemon=True).start()
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.put((name, line))
+            lines.put((name, None))
+
+        threading.Thread(target=pump, daemon=True).start()
+        return process
+
     tail: list[str] = []
+    last_lines: dict[str, list[str]] = {}  # per process, for the one-line error
     fatal = False
+    finished: set[str] = set()  # processes whose output ended
+    stopped: str | None = None  # the process whose exit ended the site
+    exited_at: float | None = None
     try:
+        supernode = start(
+            "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
+        )
+        if runtime != "stock":
+            start("superexec", superexec_command(settings, supernode.pid))
         while True:
             try:
-                line = lines.get(timeout=0.5)
+                name, line = lines.get(timeout=0.2)
             except queue.Empty:
-                line = ""
+                name, line = "", ""
             if line is None:
-                break
-            if line:
+                finished.add(name)
+            elif line:
                 sys.stderr.write(line)
                 tail = [*tail[-40:], line]
+                last_lines[name] = [*last_lines.get(name, [])[-5:], line]
                 if any(pattern in line for pattern in FATAL_PATTERNS):
                     fatal = True
                     break
-            elif process.poll() is not None:
-                break  # the SuperNode exited; its helpers may still hold the pipe open
+            exited = [n for n, p in processes.items() if p.poll() is not None]
+            if not exited:
+                continue
+            # Read what the exited process still wrote; its helpers may hold the pipe open.
+            exited_at = exited_at or time.monotonic()
+            if exited[0] in finished or time.monotonic() - exited_at > EXIT_DRAIN_SECONDS:
+                stopped = exited[0]
+                break
     except KeyboardInterrupt:
-        _stop(process)
+        _stop_all(processes)
         return 130
-    code = process.poll()
-    _stop(process)
-    code = process.returncode if code is None else code
-    if fatal or code != 0:
+    codes = {name: process.poll() for name, process in processes.items()}
+    _stop_all(processes)
+    code = (
+        codes["supernode"] if codes["supernode"] is not None else processes["supernode"].returncode
+    )
+    if fatal or (stopped == "supernode" and code != 0):
         raise FedgovError(explain_supernode_exit(settings, code, "".join(tail)))
+    if stopped == "superexec":
+        said = [line.strip() for line in last_lines.get("superexec", []) if line.strip()]
+        raise FedgovError(
+            f"site {settings.site_id}: the SuperExec exited with code {codes['superexec']}"
+            + (f" ({said[-1]})" if said else "")
+        )
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_all(processes: dict[str, subprocess.Popen]) -> None:
+    """Stop every process of the site (each with its own helpers), the SuperExec first."""
+    for name in sorted(processes, key=lambda name: name != "superexec"):
+        _stop(processes[name])
 
 
 def _stop(process: subprocess.Popen) -> None:

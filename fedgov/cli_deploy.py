@@ -169,6 +169,16 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
         help="give up after this many seconds without the coordinator (default: never)",
     )  # fmt: skip
     start.add_argument("--check", action="store_true", help="only validate, do not connect")
+    start.add_argument(
+        "--stock-executor", action="store_true",
+        help="run Flower's stock SuperNode (a fresh ClientApp interpreter per message and "
+        "Flower's fixed pauses), for comparison; default: fedgov's SuperNode and forking SuperExec",
+    )  # fmt: skip
+    start.add_argument(
+        "--stock-supernode", action="store_true",
+        help="keep fedgov's forking SuperExec but Flower's own SuperNode pauses (3 s per empty "
+        "pull), for comparison",
+    )  # fmt: skip
     start.set_defaults(handler=_site_start)
 
 
@@ -200,7 +210,8 @@ def _site_start(args: argparse.Namespace) -> int:
     )
     if args.check:
         return 0
-    return run_supernode(settings, insecure, args.max_wait)
+    runtime = "stock" if args.stock_executor else "fork" if args.stock_supernode else "fedgov"
+    return run_supernode(settings, insecure, args.max_wait, runtime)
 
 
 # ---- runs -----------------------------------------------------------------------------------

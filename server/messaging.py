@@ -2,7 +2,9 @@
 
 Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls on a real SuperLink; this loop pushes
 the messages and polls with a back-off from 10 ms to 100 ms, so a round ends as soon as the last
-site answers.
+site answers. A reply seen that early may still be uploading its objects (the model's arrays),
+and Flower's Grid then retries after 1 s, 2 s...: on a SuperLink, the ServerApp's process
+retries after 20 ms instead (fedgov/flower_hooks.py, guarded by checks of Flower's internals).
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedgov.flower_hooks import install_grid_pull_tuning
+
 FIRST_POLL_SECONDS = 0.01
 MAX_POLL_SECONDS = 0.1
+
+install_grid_pull_tuning()  # this process only; unchanged Flower if its internals differ
 
 
 def exchange(

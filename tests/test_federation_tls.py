@@ -3,6 +3,7 @@
 Coordinator and sites are started exactly as an operator would (``fedgov server certs``,
 ``fedgov server start``, ``fedgov site init``, ``fedgov server add-site``, ``fedgov site start``,
 ``fedgov run``), all on 127.0.0.1, and stopped by the ``processes`` fixture.
+The sites run fedgov's default runtime (SuperNode + forking SuperExec, clients/daemon.py).
 """
 
 from __future__ import annotations
@@ -134,3 +135,10 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
         info = metrics["sites"][site]
         assert info["num_train"] + info["num_test"] == int((table["provnum"] == site).sum())
     assert (run_dir / "plots" / "accuracy.png").is_file()
+
+    # The sites ran fedgov's runtime: every ClientApp task forked from the warm zygote.
+    for folder in registered:
+        log = (tmp_path / "logs" / f"{folder.name}.log").read_text()
+        assert "ClientApp tasks fork from a warm zygote" in log, log[-3000:]
+        assert "starts as a fresh process" not in log, log[-3000:]
+        assert "pauses left as Flower's" not in log, log[-3000:]

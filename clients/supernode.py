@@ -1,0 +1,105 @@
+"""fedgov's SuperNode: Flower's ``flower-supernode``, its fixed pauses bounded while a run is on.
+
+    python -m clients.supernode <flower-supernode options>
+
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed
+``time.sleep(3)`` whenever a pull from the SuperLink finds no message, and ``time.sleep(0.5)``
+between looks at its own state while waiting for the ClientApp's reply. A round of the
+fedgov app sends each site a train and an evaluate message; after answering one, a site
+pulls at once, finds nothing (the server is still waiting for the other sites), and sleeps
+3 s: every message costs at least ~3 s whatever the app and the executor do.
+
+This entry point runs Flower's own ``flower-supernode`` (same options, same loop) after
+rebinding, in this process only, names in that module's namespace
+(:func:`fedgov.flower_hooks.install_supernode_pauses`):
+
+- ``time.sleep`` becomes :meth:`BoundedSleep.sleep`: a 3 s "no message" pause becomes a short
+  poll with a back-off from :data:`FAST_POLL_SECONDS` to :data:`MAX_POLL_SECONDS` while a
+  message arrived within the last :data:`HOT_WINDOW_SECONDS`, and stays Flower's 3 s on an
+  idle site; the 0.5 s waits for a local reply become :data:`LOCAL_POLL_SECONDS` (they read
+  the SuperNode's in-memory state);
+- ``_pull_and_store_message`` is wrapped to note when a message arrived;
+- ``pull_objects`` retries a message's not-yet-uploaded objects after 20 ms, not 1 s.
+
+No installed file is changed. flwr is pinned to 1.42.0; :func:`fedgov.flower_hooks.
+supernode_problems` verifies the version, the names, the signatures and that the loop still
+calls ``time.sleep(3)`` / ``time.sleep(0.5)``. If anything differs, the SuperNode starts
+unmodified (Flower's pauses) with a warning; ``tests/test_flower_hooks.py`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from logging import WARNING
+from pathlib import Path
+
+from fedgov.flower_hooks import install_supernode_pauses, supernode_problems
+
+#: First pause after a message, growing ×BACKOFF per empty pull up to MAX_POLL_SECONDS.
+FAST_POLL_SECONDS = 0.02
+MAX_POLL_SECONDS = 0.2
+BACKOFF = 1.5
+#: How long after the last message the site keeps polling fast (then Flower's 3 s again).
+HOT_WINDOW_SECONDS = 60.0
+#: Pauses of Flower's loop shorter than this are local waits (for the ClientApp's reply).
+IDLE_THRESHOLD_SECONDS = 1.0
+LOCAL_POLL_SECONDS = 0.01
+
+
+class BoundedSleep:
+    """The pause policy (see the module docstring); ``sleeper`` and ``clock`` for tests."""
+
+    def __init__(
+        self,
+        fast: float = FAST_POLL_SECONDS,
+        cap: float = MAX_POLL_SECONDS,
+        hot_window: float = HOT_WINDOW_SECONDS,
+        local: float = LOCAL_POLL_SECONDS,
+        sleeper: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fast, self.cap, self.hot_window, self.local = fast, cap, hot_window, local
+        self._sleep, self._clock = sleeper, clock
+        self._lock = threading.Lock()
+        self.last_message = clock()  # a freshly started site is expected to get work soon
+        self.interval = fast
+
+    def message_arrived(self) -> None:
+        with self._lock:
+            self.last_message = self._clock()
+            self.interval = self.fast
+
+    def pause_for(self, seconds: float) -> float:
+        """How long to pause where Flower's loop asks for ``seconds``."""
+        if seconds < IDLE_THRESHOLD_SECONDS:
+            return min(seconds, self.local)
+        with self._lock:
+            if self._clock() - self.last_message > self.hot_window:
+                return seconds  # an idle site: Flower's own pause
+            pause = self.interval
+            self.interval = min(self.interval * BACKOFF, self.cap)
+            return min(pause, seconds)
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(self.pause_for(seconds))
+
+
+def main() -> None:
+    from flwr.supercore import log
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    problems = supernode_problems()
+    if problems:
+        log(WARNING, "fedgov: SuperNode pauses left as Flower's (%s)", "; ".join(problems))
+    else:
+        policy = BoundedSleep()
+        install_supernode_pauses(policy.sleep, policy.message_arrived)
+    sys.argv = [str(Path(sys.executable).parent / "flower-supernode"), *sys.argv[1:]]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

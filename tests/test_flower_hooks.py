@@ -1,0 +1,143 @@
+"""The Flower 1.42 internals fedgov's site processes rebind (clients/flower_hooks.py).
+
+The first test is the tripwire: after a Flower upgrade it fails, naming what changed, before a
+site silently runs with Flower's pauses (the processes themselves only warn and fall back).
+The others check each rebinding's effect; they restore Flower's modules afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.cli import install
+from flwr.supercore.constant import ExecutorType
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.superexec import run_superexec
+from flwr.supernode import start_client_internal
+from flwr.supernode.runtime import run_clientapp
+
+from clients.supernode import BoundedSleep
+from fedgov import flower_hooks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_rebound_flower_internals_are_those_of_the_pinned_flower():
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    flwr = next(d for d in pinned if re.match(r"flwr(\[.*\])?==", d))
+    assert flwr.endswith(f"=={flower_hooks.FLOWER_VERSION}")
+    assert flower_hooks.superexec_problems() == []
+    assert flower_hooks.supernode_problems() == []
+    assert flower_hooks.clientapp_problems() == []
+
+
+class _Injected(Exception):
+    pass
+
+
+def test_run_superexec_builds_its_executor_with_the_rebound_factory(monkeypatch):
+    seen = {}
+
+    def factory(
+        executor_type, executor_config=None, *, insecure=False, root_certificates_path=None
+    ):
+        seen.update(type=executor_type, insecure=insecure)
+        raise _Injected
+
+    monkeypatch.setattr(run_superexec, "get_executor", run_superexec.get_executor)
+    flower_hooks.install_executor_factory(factory)
+    with pytest.raises(_Injected):
+        run_superexec.run_superexec("127.0.0.1:1", insecure=True)
+    assert seen == {"type": ExecutorType.SUBPROCESS, "insecure": True}
+
+
+def test_bounded_sleep_polls_fast_while_a_run_is_on_and_as_flower_when_idle():
+    now = [100.0]
+    slept: list[float] = []
+    policy = BoundedSleep(fast=0.02, cap=0.2, hot_window=60, local=0.01,
+                          sleeper=slept.append, clock=lambda: now[0])  # fmt: skip
+    for _ in range(8):
+        policy.sleep(3)  # Flower's pause after an empty pull
+    assert slept[0] == 0.02 and slept[-1] == 0.2
+    assert slept == sorted(slept) and all(pause <= 0.2 for pause in slept)
+    policy.sleep(0.5)  # Flower's wait for the ClientApp's reply: a local poll
+    assert slept[-1] == 0.01
+    policy.message_arrived()
+    policy.sleep(3)
+    assert slept[-1] == 0.02  # back to fast polls after each message
+    now[0] += 61  # an idle site: Flower's own pause
+    policy.sleep(3)
+    assert slept[-1] == 3
+
+
+def test_supernode_pauses_route_to_the_policy_and_retry_object_pulls_quickly(monkeypatch):
+    for name in ("time", "_pull_and_store_message", "pull_objects"):
+        monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
+    pauses: list[float] = []
+    arrivals: list[bool] = []
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kw: kw["r"])
+    flower_hooks.install_supernode_pauses(pauses.append, lambda: arrivals.append(True))
+    start_client_internal.time.sleep(3)
+    assert pauses == [3] and start_client_internal.time.monotonic() > 0
+    assert start_client_internal._pull_and_store_message(r=None) is None and arrivals == []
+    assert start_client_internal._pull_and_store_message(r=7) == 7 and arrivals == [True]
+    bounded = start_client_internal.pull_objects
+    assert bounded.func is inflatable_utils.pull_objects
+    assert bounded.keywords == {
+        "initial_backoff": flower_hooks.PULL_INITIAL_BACKOFF_SECONDS,
+        "backoff_cap": flower_hooks.PULL_BACKOFF_CAP_SECONDS,
+        "max_tries_per_object": None,
+    }
+
+
+def test_object_pulls_retry_quickly_for_objects_still_being_uploaded():
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    calls: list[str] = []
+
+    def pull(object_id: str) -> bytes:
+        calls.append(object_id)
+        if len(calls) < 4:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    bounded = flower_hooks.bounded_pull(inflatable_utils.pull_objects)
+    started = time.monotonic()
+    assert bounded(["x"], pull) == {"x": b"content"}
+    # Flower's own retries would have waited 1 + 2 + 4 s (±20 %).
+    assert time.monotonic() - started < 1.0
+
+
+def test_clientapp_tuning_and_the_remembered_fab_install(monkeypatch, tmp_path):
+    for name in ("pull_and_inflate_object_from_tree", "install_from_fab"):
+        monkeypatch.setattr(run_clientapp, name, getattr(run_clientapp, name))
+    flower_hooks.install_clientapp_tuning()
+    assert run_clientapp.pull_and_inflate_object_from_tree.func is (
+        inflatable_utils.pull_and_inflate_object_from_tree
+    )
+    assert run_clientapp.install_from_fab.__wrapped__ is install.install_from_fab
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    installed: list[bytes] = []
+
+    def flower_install(fab_file, install_dir=None, skip_prompt=False):
+        installed.append(fab_file)
+        folder = tmp_path / "apps" / f"app-{len(installed)}"
+        folder.mkdir(parents=True)
+        (folder / "pyproject.toml").write_text("")
+        return folder
+
+    remembering = flower_hooks.remembering_install(flower_install)
+    first = remembering(b"fab one", skip_prompt=True)
+    assert remembering(b"fab one", skip_prompt=True) == first  # not unzipped again
+    assert remembering(b"fab two", skip_prompt=True) != first
+    assert installed == [b"fab one", b"fab two"]
+    (first / "pyproject.toml").unlink()  # an installed app that went away is installed again
+    remembering(b"fab one", skip_prompt=True)
+    assert installed == [b"fab one", b"fab two", b"fab one"]
+    remembering(b"fab one")  # an interactive install is Flower's, untouched
+    assert len(installed) == 4
