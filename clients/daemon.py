@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients.connector import load_schema_file, read_site_table
+from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 
@@ -170,6 +171,8 @@ def init_site(
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
     public_key = create_node_auth_key(out / "keys" / "node.key")
+    # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
+    open_site_state(out, site_id)
     fields: dict[str, Any] = {
         "site_id": site_id,
         "coordinator": coordinator,

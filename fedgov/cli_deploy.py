@@ -57,6 +57,19 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
         "--insecure", action="store_true",
         help="plain HTTP and no site authentication (testing only: prints a warning)",
     )  # fmt: skip
+    start.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics (rounds, sites, declines, ε) on this port at /metrics",
+    )  # fmt: skip
+    start.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default: %(default)s)",
+    )
+    start.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="json: one JSON object per log line, for log collectors (default: %(default)s)",
+    )  # fmt: skip
     start.set_defaults(handler=_server_start)
 
     add_site = actions.add_parser(
@@ -86,9 +99,8 @@ def _server_certs(args: argparse.Namespace) -> int:
 def _server_start(args: argparse.Namespace) -> int:
     from server.coordinator import (
         check_server_files,
-        flower_environment,
         load_server_settings,
-        superlink_command,
+        run_superlink,
         write_flwr_connection,
     )
 
@@ -113,15 +125,7 @@ def _server_start(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    process = subprocess.Popen(
-        superlink_command(settings, insecure), env=flower_environment(settings)
-    )
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
-        return 130
+    return run_superlink(settings, insecure, args.log_format, args.metrics_host, args.metrics_port)
 
 
 def _server_add_site(args: argparse.Namespace) -> int:
@@ -181,6 +185,16 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     start.set_defaults(handler=_site_start)
 
+    budget = actions.add_parser(
+        "budget",
+        help="show what this site's privacy ledger has spent against its cap",
+        description="Read the site's own ledger (privacy_ledger.json in the site folder): ε spent "
+        "(recomputed from its history), the cap from site.yaml, every spend and decline.",
+    )
+    budget.add_argument("--config", default="site.yaml", help="site config (default: %(default)s)")
+    budget.add_argument("--json", action="store_true", help="machine-readable output")
+    budget.set_defaults(handler=_site_budget)
+
 
 def _site_init(args: argparse.Namespace) -> int:
     from clients.connector import load_schema_file, read_site_table
@@ -214,6 +228,18 @@ def _site_start(args: argparse.Namespace) -> int:
     return run_supernode(settings, insecure, args.max_wait, runtime)
 
 
+def _site_budget(args: argparse.Namespace) -> int:
+    import json
+
+    from clients.budget import format_budget, read_budget
+    from clients.daemon import load_site_settings
+
+    settings = load_site_settings(args.config)
+    summary = read_budget(settings.site_dir, settings.site_id, settings.epsilon_cap)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_budget(summary))
+    return 0
+
+
 # ---- runs -----------------------------------------------------------------------------------
 
 
@@ -229,6 +255,11 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--out", default=None, help="run directory (default: runs/<time> by server.yaml)"
     )
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue an interrupted run from its last checkpoint, with the config it started "
+        "with (no overrides)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
 
@@ -238,19 +269,30 @@ def _run(args: argparse.Namespace) -> int:
     from fedgov.config import from_mapping, to_flower_config
     from fedgov.deploy import flower_tool, toml_value
     from server.coordinator import flower_environment, load_server_settings
+    from server.observability import remember_run
     from simulations.engine import app_dir
     from simulations.plots import write_plots
     from simulations.run import compose_config
 
     settings = load_server_settings(args.config)
-    cfg = from_mapping(OmegaConf.to_container(compose_config(list(args.overrides)), resolve=True))
-    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        if args.overrides or args.out:
+            raise FedgovError(
+                "run --resume: takes no overrides or --out (the run keeps its config)"
+            )
+        run_dir = Path(args.resume).resolve()
+        cfg = _interrupted_run_config(run_dir)
+    else:
+        composed = compose_config(list(args.overrides))
+        cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in to_flower_config(cfg).items())
     command = [flower_tool("flwr"), "run", str(app_dir()), settings.federation,
                "--run-config", run_config, "--stream"]  # fmt: skip
+    remember_run(settings.database.parent, run_dir)  # reported by the coordinator's /metrics
     result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
     metrics = run_dir / "metrics.json"
     if result.returncode != 0 or not metrics.is_file():
@@ -261,3 +303,13 @@ def _run(args: argparse.Namespace) -> int:
     write_plots(run_dir)
     print(f"fedgov: run finished; outputs in {run_dir}")
     return 0
+
+
+def _interrupted_run_config(run_dir: Path):
+    """The config an interrupted run started with (from its checkpoint), set to resume."""
+    from fedgov.config import from_flower_config
+    from server.checkpoint import saved_run_config
+
+    cfg = from_flower_config(saved_run_config(run_dir))
+    cfg.resume = True
+    return cfg

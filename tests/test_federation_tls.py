@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _site_files(root: Path, site: str) -> tuple[Path, Path]:
 
 
 def test_tls_federation_with_registered_sites(tmp_path, processes):
-    link_port, *site_ports = free_ports(5)
+    link_port, metrics_port, *site_ports = free_ports(6)
     coordinator = tmp_path / "coordinator"
     coordinator.mkdir()
     made = fedgov("server", "certs", "--out", "certs", "--host", "127.0.0.1", cwd=coordinator)
@@ -73,8 +74,11 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
     )
 
     link = processes.start(
-        "coordinator", [*FEDGOV, "server", "start", "--config", "server.yaml"], cwd=coordinator
-    )
+        "coordinator",
+        [*FEDGOV, "server", "start", "--config", "server.yaml", "--metrics-port",
+         str(metrics_port), "--log-format", "json"],
+        cwd=coordinator,
+    )  # fmt: skip
     processes.wait_for_port(link, link_port, timeout=60)
 
     def init(site: str, port: int, ca_file: Path) -> Path:
@@ -135,6 +139,15 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
         info = metrics["sites"][site]
         assert info["num_train"] + info["num_test"] == int((table["provnum"] == site).sum())
     assert (run_dir / "plots" / "accuracy.png").is_file()
+
+    # The coordinator's Prometheus endpoint reports the run; its log is one JSON object a line.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        exposition = reply.read().decode()
+    run_id = json.loads((run_dir / "status.json").read_text())["run_id"]
+    assert f'fedgov_rounds_completed{{run_id="{run_id}"}} 1.0' in exposition
+    assert f'fedgov_sites_connected{{run_id="{run_id}"}} 2.0' in exposition
+    log_lines = [line for line in link.log_text().splitlines() if line.startswith("{")]
+    assert log_lines and all(json.loads(line)["component"] == "superlink" for line in log_lines)
 
     # The sites ran fedgov's runtime: every ClientApp task forked from the warm zygote.
     for folder in registered:
