@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clients import app as client_app
 from clients.site_data import load_site_data
@@ -337,3 +339,35 @@ def test_a_site_killed_mid_round_keeps_every_spend_after_restart(tmp_path):
     assert independent_epsilon(history, 1e-5) == pytest.approx(spends[-1]["epsilon_after"],
                                                                rel=0.01)  # fmt: skip
     torch.set_num_threads(1)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    spends=st.lists(
+        st.tuples(st.floats(0.6, 3.0), st.floats(0.01, 0.5), st.integers(1, 60)),
+        min_size=1, max_size=5,
+    ),
+    cap=st.floats(0.5, 12.0),
+)  # fmt: skip
+def test_a_ledger_never_lets_epsilon_pass_its_cap(spends, cap):
+    """Whatever the rounds ask for, a reservation is granted exactly when it stays within the cap,
+    and the ledger's ε is always the composition of what it granted."""
+    import tempfile
+
+    from privacy.ledger import Spend
+
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = SiteLedger(folder, "site", PRIVATE_KEY_FILE)
+        granted: list[tuple[float, float, int]] = []
+        for server_round, (sigma, rate, steps) in enumerate(spends, start=1):
+            spend = Spend("run", server_round, sigma, rate, steps, 1e-5, "rdp", 0.0, "in")
+            reservation = ledger.reserve(spend, cap)
+            would_be = epsilon([*granted, (sigma, rate, steps)], 1e-5)
+            assert reservation.epsilon_after == pytest.approx(would_be)
+            assert (reservation.spend is not None) == (would_be <= cap)
+            if reservation.spend is not None:
+                granted.append((sigma, rate, steps))
+            assert epsilon(ledger.read().history(), 1e-5) <= cap
+        state = ledger.read()
+        assert [s.entry for s in state.spends] == granted
+        assert len(state.declines) == len(spends) - len(granted)
