@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -30,6 +29,7 @@ from processes import (
 from safetensors.numpy import load_file
 
 from fedgov.config import RunConfig
+from fedgov.deploy import flower_environment
 from fedgov.evaluation import evaluate
 from fedgov.models import build_model
 from simulations.federation import simulated_federation
@@ -50,27 +50,6 @@ def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
     """Processes logging to ``tmp_path/logs``, all stopped (and checked gone) on teardown."""
     with managed_processes(tmp_path / "logs") as group:
         yield group
-
-
-def _flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # Set, these would also start the legacy gRPC Control/Fleet APIs on 0.0.0.0 default ports.
-    env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
-    env.pop("FLWR_INTERNAL_GRPC_FLEET_API", None)
-    env.update(
-        {
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "FLWR_HOME": str(flwr_home),
-            # SuperLink and SuperNode launch flower-superexec, flwr-serverapp and
-            # flwr-clientapp by name: they must come from this environment.
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
 
 
 def _write_connection(flwr_home: Path, port: int) -> None:
@@ -96,7 +75,7 @@ def test_two_rounds_on_a_superlink_with_three_supernodes(
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
     flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
-    processes.env = _flower_env(flwr_home)
+    processes.env = flower_environment(flwr_home)
     link_port, *node_ports = free_ports(1 + NUM_SITES)
     began = time.monotonic()
 

@@ -29,6 +29,7 @@ from clients.site_data import load_site_data
 from clients.update import compute_update
 from fedgov import messages as keys
 from fedgov.config import RunConfig, to_flower_config
+from fedgov.deploy import flower_environment
 from fedgov.models import initial_model
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.masking import ring_dtype
@@ -59,24 +60,6 @@ def _config(run_dir: Path) -> RunConfig:
     cfg.federation.num_sites, cfg.federation.round_timeout = NUM_SITES, 120.0
     cfg.secagg.name, cfg.secagg.timeout = "secaggplus", STAGE_TIMEOUT
     return cfg
-
-
-def _flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
-    env.pop("FLWR_INTERNAL_GRPC_FLEET_API", None)
-    env.update(
-        {
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "FLWR_HOME": str(flwr_home),
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
 
 
 def _kill_tree(proc: Started) -> None:
@@ -138,7 +121,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
     flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
-    processes.env = _flower_env(flwr_home)
+    processes.env = flower_environment(flwr_home)
     link_port, *node_ports = free_ports(1 + NUM_SITES)
     superlink = processes.start(
         "superlink",
