@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedgov.errors import ConfigError, DataValidationError
+from fedgov.errors import ConfigError, DataValidationError, check_keys
 
 DATASET_NAMES: tuple[str, ...] = ("randhie", "medpar", "loans", "digits", "mnist5k", "synthetic")
 
@@ -94,7 +94,7 @@ class DatasetSchema:
         """Read a schema written by :meth:`to_dict`; a wrong key or value raises ConfigError."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"schema: expected a mapping, got {type(data).__name__}")
-        _check_keys("schema", data, required=_SCHEMA_KEYS, optional=("site_column",))
+        check_keys("schema", data, required=_SCHEMA_KEYS, optional=("site_column",))
         features_raw = data["features"]
         if not isinstance(features_raw, list):
             raise ConfigError("schema.features: expected a list of feature mappings")
@@ -145,26 +145,10 @@ _SCHEMA_KEYS = ("name", "features", "target", "classes", "input_shape")
 _FEATURE_KEYS = ("name", "dtype", "mean", "std", "log1p")
 
 
-def _check_keys(
-    where: str, data: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> None:
-    known = (*required, *optional)
-    for key in data:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            suffix = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(
-                f"{where}: unknown key '{key}' (expected keys: {', '.join(known)}{suffix})"
-            )
-    for key in required:
-        if key not in data:
-            raise ConfigError(f"{where}: key '{key}' is missing")
-
-
 def _feature_from_dict(where: str, item: Any) -> FeatureSpec:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(_FEATURE_KEYS)}")
-    _check_keys(where, item, required=("name",), optional=_FEATURE_KEYS[1:])
+    check_keys(where, item, required=("name",), optional=_FEATURE_KEYS[1:])
     name = item["name"]
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}.name: expected a non-empty string")

@@ -7,6 +7,10 @@ expected.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
 
 class FedgovError(Exception):
     """A user-facing error: its message is one line naming what was wrong and what was expected."""
@@ -18,3 +22,22 @@ class ConfigError(FedgovError):
 
 class DataValidationError(FedgovError):
     """A site's data file is missing, unreadable or does not match its declared schema."""
+
+
+def check_keys(
+    where: str,
+    data: Mapping[str, Any],
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    error: type[FedgovError] = ConfigError,
+) -> None:
+    """Refuse an unknown key (suggesting the closest known one) or a missing required key."""
+    known = (*required, *optional)
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise error(f"{where}: unknown key '{key}' (expected keys: {', '.join(known)}{suffix})")
+    for key in required:
+        if key not in data:
+            raise error(f"{where}: key '{key}' is missing")

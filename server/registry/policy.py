@@ -23,13 +23,13 @@ verifies signatures and passes in only decisions whose signature held against th
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedgov.errors import check_keys
 from server.registry.errors import PolicyError, RegistryError
 from server.registry.manifest import (
     check_alias,
@@ -299,7 +299,7 @@ def parse_policy(data: Any, source: str = "policy", sha256: str = "") -> Policy:
     """Build a :class:`Policy` from its mapping form, checking every key and value."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"{source}: expected a mapping with keys principals, aliases")
-    _check_keys(source, data, ("principals", "aliases"), ("version",))
+    check_keys(source, data, ("principals", "aliases"), ("version",), error=PolicyError)
     principals_raw = data["principals"]
     if not isinstance(principals_raw, Mapping) or not principals_raw:
         raise PolicyError(f"{source}: principals: expected a mapping name → {{public_key, roles}}")
@@ -309,7 +309,7 @@ def parse_policy(data: Any, source: str = "policy", sha256: str = "") -> Policy:
         where = f"{source}: principals.{name}"
         if not isinstance(entry, Mapping):
             raise PolicyError(f"{where}: expected a mapping with public_key and roles")
-        _check_keys(where, entry, ("public_key", "roles"))
+        check_keys(where, entry, ("public_key", "roles"), error=PolicyError)
         try:
             parse_public_key(entry["public_key"], f"{where}.public_key")
         except RegistryError as error:
@@ -343,7 +343,7 @@ def _parse_rule(
 ) -> AliasRule:
     if not isinstance(entry, Mapping):
         raise PolicyError(f"{where}: expected a mapping with keys {', '.join(ALIAS_KEYS)}")
-    _check_keys(where, entry, (), ALIAS_KEYS)
+    check_keys(where, entry, (), ALIAS_KEYS, error=PolicyError)
     quorum = entry.get("quorum", 1)
     if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 0:
         raise PolicyError(f"{where}.quorum: expected a whole number ≥ 0, got {quorum!r}")
@@ -359,7 +359,7 @@ def _parse_rule(
     gates = entry.get("gates", {}) or {}
     if not isinstance(gates, Mapping):
         raise PolicyError(f"{where}.gates: expected a mapping with keys {', '.join(GATE_KEYS)}")
-    _check_keys(f"{where}.gates", gates, (), GATE_KEYS)
+    check_keys(f"{where}.gates", gates, (), GATE_KEYS, error=PolicyError)
     max_epsilon = gates.get("max_epsilon")
     if max_epsilon is not None and (
         isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float) or max_epsilon < 0
@@ -405,19 +405,3 @@ def _str_list(where: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise PolicyError(f"{where}: expected a list of names, got {value!r}")
     return list(value)
-
-
-def _check_keys(
-    where: str, data: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> None:
-    known = (*required, *optional)
-    for key in data:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            suffix = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise PolicyError(
-                f"{where}: unknown key '{key}' (expected: {', '.join(known)}{suffix})"
-            )
-    for key in required:
-        if key not in data:
-            raise PolicyError(f"{where}: key '{key}' is missing")
