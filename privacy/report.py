@@ -157,6 +157,7 @@ def _site_level(data: Mapping[str, Any], delta: float, accountant: str) -> dict[
         "mechanism": "DP-FedAvg: each site's update clipped to the clipping norm, Gaussian noise "
         "on the sum, sites Poisson-sampled each round",
         "sampling": data.get("sampling", "poisson"),
+        "amplification_by_sampling": bool(data.get("amplification", True)),
         "clipping_norm": data["clipping_norm"],
         "noise_multiplier": data["noise_multiplier"],
         "epsilon": epsilon(history, delta, accountant),
@@ -359,12 +360,17 @@ def guarantee_lines(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     site_level = document.get("site_level")
     if site_level:
         rates = sorted({round(r["sample_rate"], 6) for r in site_level["rounds"]})
-        sampling = (
-            "every site in every round (q = 1)"
-            if rates == [1.0]
-            else f"sites {site_level['sampling']}-sampled at rate q = "
-            + ", ".join(f"{q:g}" for q in rates)
-        )
+        if not site_level.get("amplification_by_sampling", True):
+            sampling = (
+                f"sites {site_level['sampling']}-sampled but accounted at q = 1 (under secure "
+                "aggregation the server sees who takes part, so no amplification is claimed)"
+            )
+        elif rates == [1.0]:
+            sampling = "every site in every round (q = 1)"
+        else:
+            sampling = f"sites {site_level['sampling']}-sampled at rate q = " + ", ".join(
+                f"{q:g}" for q in rates
+            )
         lines.append(
             (
                 "Site-level (a whole site, for the federation)",

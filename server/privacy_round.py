@@ -169,7 +169,7 @@ class PrivacyRound:
         decision = dropout_decision(survivors, min_survivors, p.secagg_dropout)
         if decision == "abort":
             self.site_level_rounds.append(
-                SiteLevelRound(server_round, sampled, survivors, self._rate_this_round, 0.0,
+                SiteLevelRound(server_round, sampled, survivors, self._accounted_rate(), 0.0,
                                self.site_level_epsilon(), aborted=True,
                                note=f"{survivors} survivors < {min_survivors}: not unmasked")
             )  # fmt: skip
@@ -177,6 +177,12 @@ class PrivacyRound:
         z = effective_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
         self._account(server_round, survivors, z, sampled=sampled)
         return True
+
+    def _accounted_rate(self) -> float:
+        """The site sampling rate the accountant may use. Under secure aggregation the adversary
+        it defends against is the server, which sees who takes part in every round (and a round
+        that aborts for lack of sampled sites): no amplification by sampling is claimed, q = 1."""
+        return 1.0 if self.secure_aggregation else self._rate_this_round
 
     def secure_mean_scale(self, total_weight: float) -> float:
         """Factor turning secure aggregation's mean over ``total_weight`` (the survivors, each of
@@ -206,7 +212,7 @@ class PrivacyRound:
     def _account(self, server_round: int, contributed: int, z: float, sampled: int = -1) -> None:
         sampled = sampled if sampled >= 0 else self._sampled_this_round
         self.site_level_rounds.append(
-            SiteLevelRound(server_round, sampled, contributed, self._rate_this_round, z, 0.0)
+            SiteLevelRound(server_round, sampled, contributed, self._accounted_rate(), z, 0.0)
         )
         self.site_level_rounds[-1].epsilon = self.site_level_epsilon()
 
@@ -303,6 +309,8 @@ def report_of(privacy: PrivacyRound, run_id: str) -> dict[str, Any]:
             "clipping_norm": p.clipping_norm,
             "noise_multiplier": p.site_noise_multiplier,
             "sampling": "poisson",
+            # Under secure aggregation the server (the adversary) sees who takes part: q = 1.
+            "amplification": not privacy.secure_aggregation,
             "rounds": [asdict(r) for r in privacy.site_level_rounds],
         }
     return report_document(
