@@ -267,7 +267,9 @@ def test_a_budget_decline_carries_a_signed_receipt_of_what_was_spent(tmp_path):
     )
     assert receipt.verify() and receipt.payload["kind"] == "decline"
     assert receipt.payload["epsilon"] == pytest.approx(decline["epsilon_spent"])
-    assert epsilon(receipt.payload["history"], 1e-5) == pytest.approx(decline["epsilon_spent"])
+    assert independent_epsilon(receipt.payload["history"], 1e-5) == pytest.approx(
+        decline["epsilon_spent"], rel=0.01
+    )
 
 
 # ---- site-level DP at the site ------------------------------------------------------------------
