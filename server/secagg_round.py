@@ -196,7 +196,12 @@ def run_secagg_round(
                 contents[i][keys.CONFIG] = config
         replies = send(MASKED_INPUT, contents)
         if privacy is not None:  # receipts and declines, as for a plain train reply
-            privacy.observe_train(server_round, [(site_of[i], r) for i, r in replies.items()])
+            for i, reply in sorted(replies.items()):
+                try:
+                    privacy.observe_train(server_round, [(site_of[i], reply)])
+                except Exception as error:  # a broken receipt excludes its site, never the round
+                    reason = _one_line(f"unreadable privacy receipt: {error!r}")
+                    server.drop(i, MASKED_INPUT, reason, reachable=True)
 
         def parse_input(content: RecordDict, index: int):
             masked = records.parse_masked_input(content, round_id, index)

@@ -73,12 +73,11 @@ class Federation:
             self.global_at[int(message.metadata.group_id)] = message.content[keys.ARRAYS]
         return message
 
-    def run(self, strategy: str | None = None):
+    def run(self, strategy: str | None = None, privacy=None):
         if strategy:
             self.cfg.strategy.name = strategy
-        return run_rounds(
-            self.grid, self.cfg, build_strategy(self.cfg.strategy), self.initial, None
-        )
+        strategy_object = build_strategy(self.cfg.strategy)
+        return run_rounds(self.grid, self.cfg, strategy_object, self.initial, None, privacy=privacy)
 
     def expected_sum_sha256(self, server_round: int, summary: dict, survivors: list[str]) -> str:
         """The SHA-256 of Σ quantised updates, each survivor's recomputed here independently."""
@@ -300,6 +299,21 @@ def test_a_reply_replayed_from_an_earlier_round_is_excluded():
     assert_exact(fed, second, ["site-00", "site-02", "site-03"])
     assert second.dropouts["site-01"]["stage"] == "masked_input"
     assert "replayed or stale" in second.dropouts["site-01"]["reason"]
+
+
+def test_a_broken_privacy_receipt_excludes_its_site_and_never_the_round():
+    from server.privacy_round import PrivacyRound
+
+    def forge(content: RecordDict) -> RecordDict:
+        content[keys.RECEIPT] = ConfigRecord({"payload": "{not json", "signature": b"x"})
+        return content
+
+    fed = Federation(make_cfg())
+    fed.grid.tamper = _rewrite(2, MASKED, forge)
+    record = fed.run(privacy=PrivacyRound(fed.cfg)).rounds[0]
+    assert_exact(fed, record, ["site-00", "site-02", "site-03"])
+    assert record.dropouts["site-01"]["stage"] == "masked_input"
+    assert "unreadable privacy receipt" in record.dropouts["site-01"]["reason"]
 
 
 def test_a_site_that_fails_is_a_dropout_with_the_error_and_never_a_crash(monkeypatch):
