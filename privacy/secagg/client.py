@@ -18,7 +18,6 @@ from privacy.secagg import keys, masking, shamir
 from privacy.secagg.graph import share_threshold
 from privacy.secagg.protocol import (
     MASKED_INPUT,
-    SETUP,
     SHARE_KEYS,
     UNMASK,
     KeyAdvert,
@@ -30,8 +29,7 @@ from privacy.secagg.protocol import (
     UnmaskShares,
 )
 
-# Where the site is in its round: the next stage it accepts.
-_AFTER = {SETUP: SHARE_KEYS, SHARE_KEYS: MASKED_INPUT, MASKED_INPUT: UNMASK, UNMASK: "done"}
+DONE = "done"  # ``expects`` after the unmasking: the round's secrets are gone
 _PAYLOAD_BYTES = 2 * shamir.SHARE_BYTES  # share of the self-mask seed ‖ share of the mask key
 
 
@@ -258,7 +256,7 @@ class SiteSecAgg:
         self.enc_private = self.enc_public = b""
         self.mask_private = self.mask_public = self.self_seed = b""
         self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
-        self.expects = _AFTER[UNMASK]
+        self.expects = DONE
 
 
 def _check_setup(request: SetupRequest, min_threshold: float, max_weight: int) -> None:
