@@ -19,7 +19,7 @@ from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov.config import RunConfig, from_flower_config
 from fedgov.evaluation import evaluate
-from privacy.secagg.protocol import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
+from privacy.secagg.protocol import ABORT, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
 app = ClientApp()
@@ -118,3 +118,9 @@ def secagg_masked_input(msg: Message, context: Context) -> Message:
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 4 ("train.secagg_unmask"): shares that remove the leftover masks."""
     return secagg.handle_unmask(msg, context, _config(context))
+
+
+@app.train(SECAGG_ACTIONS[ABORT])
+def secagg_abort(msg: Message, context: Context) -> Message:
+    """After an aborted SecAgg+ round ("train.secagg_abort"): wipe its secrets."""
+    return secagg.handle_abort(msg, context, _config(context))

@@ -23,6 +23,7 @@ from privacy.secagg import records
 from privacy.secagg.client import SiteSecAgg
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
+    ABORT,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
@@ -146,6 +147,21 @@ def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
         return RecordDict({records.SECAGG: record})
 
     return _reply(msg, context, UNMASK, run)
+
+
+def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """After an aborted round: wipe its secrets (nothing of it will ever be unmasked)."""
+
+    def run() -> RecordDict:
+        round_id, reason = records.parse_abort(msg.content)
+        site = _require(context)
+        site.abandon(round_id)
+        _save(context, site)
+        logger.warning("secagg: round %d aborted by the server: %s", site.server_round, reason)
+        header = records.reply_header(ABORT, site.round_id, site.index)
+        return RecordDict({records.SECAGG: ConfigRecord(header)})
+
+    return _reply(msg, context, ABORT, run)
 
 
 def _reply(msg: Message, context: Context, stage: str, run: Callable[[], RecordDict]) -> Message:

@@ -33,6 +33,7 @@ from fedgov.config import RunConfig, site_level_on
 from privacy.secagg import records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
+    ABORT,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
@@ -48,6 +49,7 @@ T = TypeVar("T")
 MAX_REASON_CHARS = 300
 # The key stages take milliseconds at a site: poll for their replies at least every 20 ms.
 STAGE_MAX_POLL_SECONDS = 0.02
+ABORT_NOTICE_SECONDS = 30.0  # at most this long for the sites to confirm an abort notice
 
 
 @dataclass
@@ -111,7 +113,9 @@ def run_secagg_round(
     declined: set[int] = set()
     site_metrics: dict[int, MetricRecord] = {}
 
-    def send(stage: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+    def send(
+        stage: str, contents: Mapping[int, RecordDict], wait: float | None = None
+    ) -> dict[int, Message]:
         started = time.monotonic()
         messages = [
             Message(
@@ -123,7 +127,7 @@ def run_secagg_round(
             for i, content in sorted(contents.items())
         ]
         replies: dict[int, Message] = {}
-        for reply in exchange(grid, messages, timeout, max_poll=STAGE_MAX_POLL_SECONDS):
+        for reply in exchange(grid, messages, wait or timeout, max_poll=STAGE_MAX_POLL_SECONDS):
             index = node_index.get(reply.metadata.src_node_id)
             if index is not None and index in contents and index not in replies:
                 replies[index] = reply
@@ -243,6 +247,10 @@ def run_secagg_round(
         log(WARNING, "secagg round %d aborted at %s: %s (the global model is kept)",
             server_round, aborted.stage, aborted.reason)  # fmt: skip
         unmasked = None
+        if server is not None:  # the sites still answering wipe the round's secrets now
+            notice = _content(records.abort_record(server.round_id, result.abort_reason))
+            told = [i for i in server.sites if i not in server.unreachable]
+            send(ABORT, {i: notice for i in told}, min(timeout, ABORT_NOTICE_SECONDS))
 
     if server is not None:
         for index, dropout in sorted(server.dropouts.items()):

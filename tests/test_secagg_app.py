@@ -32,7 +32,7 @@ from server.rounds import run_rounds
 from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
-SETUP, SHARE, MASKED, UNMASK = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
 SITES = ["site-00", "site-01", "site-02", "site-03"]
 
 
@@ -180,6 +180,13 @@ def test_below_the_threshold_the_round_is_aborted_and_the_model_kept():
     )
     assert max_difference(result.arrays, fed.initial) == 0.0  # the previous model, untouched
     assert record.eval_accuracy is not None  # the kept model is still evaluated
+    # the two sites still answering were told, and wiped the round's secrets at once
+    told = sorted(node for node, message_type in fed.grid.log if message_type == ABORT)
+    assert told == [2, 3]
+    for node in told:
+        state = fed.grid.context(node).state.config_records[records.STATE]
+        assert state["expects"] == "done" and state["held-shares"] == []
+        assert state["enc-private"] == b"" and state["own-share"] == b""
     document = metrics_document(fed.cfg, result, 1.0)
     entry = document["rounds"][0]
     assert entry["aborted"] is True and entry["abort_reason"] == record.abort_reason

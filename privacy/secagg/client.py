@@ -176,6 +176,15 @@ class SiteSecAgg:
         self._wipe()
         return UnmaskShares(self_shares=self_shares, key_shares=key_shares)
 
+    def abandon(self, round_id: bytes) -> None:
+        """The server aborted this round: forget every secret of it now."""
+        if round_id != self.round_id:
+            raise ProtocolRefusal(
+                f"abort notice for round id {round_id.hex()[:12]}…, this site is in round "
+                f"{self.server_round} ({self.round_id.hex()[:12]}…): replayed or stale"
+            )
+        self._wipe()
+
     # ---- persistence between messages ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Flat ConfigRecord-compatible values (bytes, ints, lists) for ``context.state``."""

@@ -14,6 +14,9 @@ Stages, in order (one Message exchange each; the server's request, then each sit
                     after sharing (their pairwise masks must go). The site answers with shares of
                     the survivors' self-mask seeds or of the dropped sites' mask keys — of no
                     site both — and only once per round.
+
+A round aborted on the way (too few sites, a secret that cannot be rebuilt) ends with an
+``abort`` notice to every site still answering: each wipes that round's secrets at once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ SHARE_KEYS = "share_keys"
 MASKED_INPUT = "masked_input"
 UNMASK = "unmask"
 STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK)
+ABORT = "abort"  # not a stage: the server's notice that a round was aborted (sites wipe it)
 
 
 class ProtocolRefusal(Exception):

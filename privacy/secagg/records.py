@@ -21,6 +21,8 @@ index in the round). The rest of ``SECAGG`` by stage:
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
 - unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
   ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
+- abort notice (``train.secagg_abort``, after an aborted round): ``reason`` (str); reply: the
+  header only, once the site has wiped the round's secrets.
 
 A site that refuses a request replies with the header and ``refused`` (str, the reason).
 Parsing never trusts a reply: anything missing, mistyped or from another round or stage raises
@@ -36,6 +38,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from privacy.secagg.protocol import (
+    ABORT,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
@@ -59,6 +62,7 @@ MESSAGE_TYPES = {
     SHARE_KEYS: "train.secagg_share_keys",
     MASKED_INPUT: "train.secagg_masked_input",
     UNMASK: "train.secagg_unmask",
+    ABORT: "train.secagg_abort",
 }
 ACTIONS = {stage: message_type.split(".", 1)[1] for stage, message_type in MESSAGE_TYPES.items()}
 
@@ -157,6 +161,15 @@ def parse_unmask_request(content: RecordDict) -> UnmaskRequest:
         survivors=tuple(_ints(record, "survivors")),
         dropped=tuple(_ints(record, "dropped")),
     )
+
+
+def abort_record(round_id: bytes, reason: str) -> ConfigRecord:
+    return ConfigRecord({**_header(ABORT, round_id), "reason": reason})
+
+
+def parse_abort(content: RecordDict) -> tuple[bytes, str]:
+    record = _secagg(content, ABORT)
+    return _bytes(record, "round-id"), str(_value(record, "reason"))
 
 
 def request_round_id(content: RecordDict) -> bytes:
