@@ -244,10 +244,12 @@ def main() -> None:
     from fedgov.models import build_model
 
     parameters = sum(p.numel() for p in build_model("mlp", (10,), 2, args.hidden).parameters())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"SecAgg+ benchmark: {args.sites} sites, MLP of {parameters:,} parameters, "
         f"{args.rounds} rounds, {args.epochs} local epoch(s), Ray simulation, "
-        f"{os.cpu_count()} CPUs, {args.repeats} repeat(s)",
+        f"{os.cpu_count()} CPUs (load average {load:.1f} at the start), "
+        f"{args.repeats} repeat(s)",
         flush=True,
     )
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -262,7 +264,10 @@ def main() -> None:
 
     rows = {v: (median(v, "steady_round_seconds"), median(v, "run_seconds")) for v in VARIANTS}
     print("\n1. Round time (steady = median of rounds 2…R; run = the whole simulation)\n")
-    print(f"  {'app':<34} {'steady round s':>14} {'whole run s':>12} {'central acc':>11} ok")
+    print(
+        f"  {'app':<34} {'steady round s':>14} {'whole run s':>12} {'central acc':>11} ok"
+        "  steady round s of each run"
+    )
     names = {
         "fedgov-off": "fedgov, secagg=off",
         "fedgov-secagg": "fedgov, secagg=secaggplus",
@@ -273,8 +278,9 @@ def main() -> None:
         steady, whole = rows[variant]
         accuracy = runs[variant][-1]["central_eval_accuracy"]
         ok = all(run["completed"] for run in runs[variant])
+        each = ", ".join(f"{run['steady_round_seconds']:.2f}" for run in runs[variant])
         print(f"  {names[variant]:<34} {steady:>14.2f} {whole:>12.1f} {accuracy:>11.4f} "
-              f"{'yes' if ok else 'NO'}")  # fmt: skip
+              f"{'yes' if ok else 'NO ':<3}  {each}")  # fmt: skip
     ours = rows["fedgov-secagg"][0] / rows["fedgov-off"][0]
     theirs = rows["flower-secagg"][0] / rows["flower-plain"][0]
     print(
