@@ -172,6 +172,42 @@ def mask_throughput(values: int = 1_000_000, repeats: int = 20) -> dict[str, flo
     }
 
 
+def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
+    """One site's SecAgg+ work in a round (best of ``repeats``): keys, shares, opening its
+    neighbours' shares, quantising a ``length``-value update, masking it, answering the unmask."""
+    import numpy as np
+
+    from privacy.secagg.client import SiteSecAgg
+    from privacy.secagg.quantise import quantise
+    from privacy.secagg.server import SecAggSettings, ServerSecAgg
+
+    config = SecAggSettings(threshold=THRESHOLD, max_weight=1000)
+    update = np.random.default_rng(0).normal(0, 0.05, length)
+    best = float("inf")
+    for _ in range(repeats):
+        server = ServerSecAgg(sites, config, length, server_round=1, weight_scale=1000)
+        others = {i: SiteSecAgg(server.setup_request(i), THRESHOLD, 1000) for i in server.sites[1:]}
+        started = time.perf_counter()
+        site = SiteSecAgg(server.setup_request(1), THRESHOLD, 1000)
+        adverts = {1: site.advert(), **{i: o.advert() for i, o in others.items()}}
+        elapsed = time.perf_counter() - started
+        server.receive_adverts(adverts)
+        shares = {i: o.share_keys(server.share_keys_request(i)) for i, o in others.items()}
+        started = time.perf_counter()
+        shares[1] = site.share_keys(server.share_keys_request(1))
+        elapsed += time.perf_counter() - started
+        server.receive_ciphertexts(shares)
+        request = server.masked_input_request(1)
+        started = time.perf_counter()
+        site.accept_shares(request)
+        quantised, _ = quantise(update, clip_range=2.0, weight=500, max_weight=1000,
+                                scale=server.scale, bits=32)  # fmt: skip
+        site.mask(quantised)
+        site.reveal(server.unmask_request())
+        best = min(best, elapsed + time.perf_counter() - started)
+    return best
+
+
 def unmasking_times(sites: int, length: int, dropouts: list[int]) -> list[tuple[int, float, int]]:
     """(dropouts, server seconds to rebuild secrets and unmask, survivors) per dropout count."""
     import numpy as np
@@ -303,6 +339,11 @@ def main() -> None:
     print("\n2. Client mask generation, 1M 32-bit values (MB/s of mask values, best of 20)\n")
     for name, rate in mask_throughput().items():
         print(f"  {name:<56} {rate:>9,.0f} MB/s")
+    work = client_work_seconds(args.sites, 1_000_000)
+    print(
+        f"  one site's whole SecAgg+ work in a round (keys, shares, quantise, "
+        f"{args.sites} masks): {work * 1e3:.0f} ms"
+    )
 
     from privacy.secagg.graph import share_threshold
 
