@@ -49,7 +49,8 @@ def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
                 f"setup for round {request.server_round} after round {previous.server_round} "
                 "(replayed or stale)"
             )
-        site = SiteSecAgg(request, cfg.secagg.threshold, cfg.secagg.max_weight)
+        settings = cfg.secagg
+        site = SiteSecAgg(request, settings.threshold, settings.max_weight, settings.neighbours)
         _save(context, site)
         return RecordDict(
             {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}

@@ -76,7 +76,9 @@ def run_round(
         for i in server.alive():
             if fates.get(i) == SETUP:
                 continue
-            sites[i] = SiteSecAgg(server.setup_request(i), config.threshold, config.max_weight)
+            sites[i] = SiteSecAgg(
+                server.setup_request(i), config.threshold, config.max_weight, config.neighbours
+            )
             adverts[i] = tamper(SETUP, i, sites[i].advert())
         server.receive_adverts(adverts)
         shares = {}
@@ -321,6 +323,17 @@ def test_a_site_refuses_a_threshold_weaker_than_its_own_setting():
         SiteSecAgg(request, 0.9, 1)
     with pytest.raises(ProtocolRefusal, match="weight scale"):
         SiteSecAgg(dataclasses.replace(server.setup_request(1), weight_scale=5), 0.9, 1)
+
+
+def test_a_site_refuses_a_neighbour_list_that_is_not_the_rounds_graph():
+    server = ServerSecAgg(30, SecAggSettings(neighbours=8, max_weight=1), 4, 1)
+    honest = server.setup_request(5)
+    assert SiteSecAgg(honest, 0.66, 1, neighbours=8).neighbours == honest.neighbours
+    for neighbours in (honest.neighbours[:-2], tuple(sorted({*honest.neighbours[1:], 29, 30}))):
+        with pytest.raises(ProtocolRefusal, match="not this round's graph"):
+            SiteSecAgg(dataclasses.replace(honest, neighbours=neighbours), 0.66, 1, neighbours=8)
+    with pytest.raises(ProtocolRefusal, match="not this round's graph"):  # a sparser graph
+        SiteSecAgg(honest, 0.66, 1, neighbours=0)
 
 
 def test_the_site_state_survives_a_round_trip_through_its_record():

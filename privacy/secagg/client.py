@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from privacy.secagg import keys, masking, shamir
-from privacy.secagg.graph import share_threshold
+from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
 from privacy.secagg.protocol import (
     MASKED_INPUT,
     SHARE_KEYS,
@@ -36,8 +36,12 @@ _PAYLOAD_BYTES = 2 * shamir.SHARE_BYTES  # share of the self-mask seed ‖ share
 class SiteSecAgg:
     """The per-round secrets and progress of one site."""
 
-    def __init__(self, request: SetupRequest, min_threshold: float, max_weight: int) -> None:
-        _check_setup(request, min_threshold, max_weight)
+    def __init__(
+        self, request: SetupRequest, min_threshold: float, max_weight: int, neighbours: int = 0
+    ) -> None:
+        """``min_threshold``, ``max_weight``, ``neighbours``: the site's own ``secagg.*`` settings,
+        against which it checks the round the server proposes."""
+        _check_setup(request, min_threshold, max_weight, neighbours)
         self.round_id = request.round_id
         self.server_round = request.server_round
         self.index = request.index
@@ -268,8 +272,14 @@ class SiteSecAgg:
         self.expects = DONE
 
 
-def _check_setup(request: SetupRequest, min_threshold: float, max_weight: int) -> None:
-    """A site's own checks on the round the server proposes (refuses a weak or bogus one)."""
+def _check_setup(
+    request: SetupRequest, min_threshold: float, max_weight: int, degree_setting: int
+) -> None:
+    """A site's own checks on the round the server proposes (refuses a weak or bogus one).
+
+    The neighbour graph is a public function of (n, k, round id): the site recomputes its own
+    neighbours, so a server cannot hand it a short or lopsided list.
+    """
     n, index, neighbours = request.num_sites, request.index, request.neighbours
     if not 1 <= request.weight_scale <= max_weight:
         raise ProtocolRefusal(
@@ -283,6 +293,12 @@ def _check_setup(request: SetupRequest, min_threshold: float, max_weight: int) -
         not 1 <= j <= n or j == index for j in neighbours
     ):
         raise ProtocolRefusal(f"bad neighbour list {list(neighbours)} for site {index} of {n}")
+    expected = neighbour_graph(n, resolve_degree(n, degree_setting), request.round_id)[index]
+    if tuple(neighbours) != expected:
+        raise ProtocolRefusal(
+            f"neighbours {list(neighbours)} are not this round's graph (expected "
+            f"{list(expected)} for secagg.neighbours = {degree_setting})"
+        )
     group = len(neighbours) + 1
     lowest = share_threshold(group, min_threshold)
     if not lowest <= request.threshold <= group:
