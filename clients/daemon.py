@@ -17,14 +17,12 @@ Everything the site's ClientApp needs reaches it through the node config (``site
 
 Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
 
-- ``fedgov`` (default): two processes, watched and stopped together: the SuperNode
+- ``fedgov`` (default): two processes, started, watched and stopped together: the SuperNode
   (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its fixed
   3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
-  Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote);
-  the SuperNode rings the SuperExec when a task waits (:mod:`clients.doorbell`). The SuperExec
-  starts once the SuperNode has joined the federation (or after 15 s regardless). They share a
-  fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this site's SuperExec
-  can take tasks from the SuperNode's local Runtime API;
+  Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote).
+  They share a fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
+  site's SuperExec can take tasks from the SuperNode's local Runtime API;
 - ``fork`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
 - ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
   subprocess``, which starts Flower's SuperExec, one fresh interpreter per message.
@@ -48,7 +46,6 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clients import doorbell
 from clients.connector import load_schema_file, read_site_table
 from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
@@ -62,8 +59,6 @@ EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not
 RUNTIMES = ("fedgov", "fork", "stock")
 SUPEREXEC_SECRET = "keys/superexec.secret"
 EXIT_DRAIN_SECONDS = 2.0  # how long to read a stopped process's last lines
-JOINED_PATTERN = "SuperNode ID:"  # the SuperNode's log line once the coordinator accepted it
-SUPEREXEC_START_SECONDS = 15.0  # start the SuperExec by then even without that line
 
 
 @dataclass(frozen=True)
@@ -344,8 +339,6 @@ def run_supernode(
     env = site_environment(settings)
     if runtime != "stock":
         write_superexec_secret(settings)
-    if runtime == "fedgov" and doorbell.available():
-        env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
 
@@ -375,10 +368,8 @@ def run_supernode(
         supernode = start(
             "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
         )
-        # The SuperExec (and its zygote's warm-up, seconds of CPU) starts once the SuperNode has
-        # joined, or after SUPEREXEC_START_SECONDS in any case: a site that is refused or cannot
-        # connect does not pay for it.
-        superexec_at = None if runtime == "stock" else time.monotonic() + SUPEREXEC_START_SECONDS
+        if runtime != "stock":
+            start("superexec", superexec_command(settings, supernode.pid))
         while True:
             try:
                 name, line = lines.get(timeout=0.2)
@@ -393,11 +384,6 @@ def run_supernode(
                 if any(pattern in line for pattern in FATAL_PATTERNS):
                     fatal = True
                     break
-                if name == "supernode" and JOINED_PATTERN in line and superexec_at is not None:
-                    superexec_at = time.monotonic()
-            if superexec_at is not None and time.monotonic() >= superexec_at:
-                superexec_at = None
-                start("superexec", superexec_command(settings, supernode.pid))
             exited = [n for n, p in processes.items() if p.poll() is not None]
             if not exited:
                 continue

@@ -22,9 +22,7 @@ and signatures are those of flwr 1.42; if not, this command stops with one line 
 (``fedgov site start --stock-executor`` still works) and ``tests/test_flower_hooks.py`` fails.
 
 The task poll interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s in Flower) is set to
-:data:`TASK_POLL_SECONDS` unless the environment sets it; with a doorbell from fedgov's SuperNode
-(:mod:`clients.doorbell`, named in ``FEDGOV_TASK_DOORBELL``) the SuperExec instead asks as soon
-as the SuperNode rings, and otherwise every 0.5 s.
+:data:`TASK_POLL_SECONDS` unless the environment sets it.
 """
 
 from __future__ import annotations
@@ -56,14 +54,8 @@ from flwr.supercore.superexec.executor import (
     SubprocessExecutor,
 )
 
-from clients import doorbell
 from clients.zygote import CLIENTAPP_ENTRY, DEFAULT_PRELOAD, SINGLE_THREAD_ENVIRONMENT
-from fedgov.flower_hooks import (
-    install_executor_factory,
-    install_superexec_sleep,
-    superexec_problems,
-    superexec_sleep_problems,
-)
+from fedgov.flower_hooks import install_executor_factory, superexec_problems
 
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 #: Seconds between the SuperExec's task polls (Flower: 1 s). Each poll is one loopback HTTP
@@ -449,17 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         problems = superexec_problems()
         if problems:  # the executor could not be injected: say so and stop
             raise SystemExit("clients.superexec: " + "; ".join(problems))
-        poll = TASK_POLL_SECONDS
-        bell = os.environ.get(doorbell.DOORBELL_ENV)
-        if bell and doorbell.available():
-            if problems := superexec_sleep_problems():
-                log(WARNING, "fedgov: no doorbell, polling instead (%s)", "; ".join(problems))
-            else:
-                install_superexec_sleep(doorbell.Listener(bell).sleep)
-                poll = doorbell.SAFETY_POLL_SECONDS  # the SuperNode rings when a task waits
-                log(INFO, "fedgov: the SuperNode rings when a task waits (else a poll per %s s)",
-                    poll)  # fmt: skip
-        os.environ.setdefault(TASK_POLL_ENV, str(poll))
+        os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_SECONDS))
         install_executor_factory(
             executor_factory(options.preload, options.max_tasks, options.ready_timeout)
         )

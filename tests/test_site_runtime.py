@@ -378,9 +378,10 @@ def test_the_site_stops_both_processes_and_says_why_in_one_line(tmp_path, proces
     config = _insecure_site(tmp_path)
     command = [sys.executable, "-m", "fedgov", "site", "start", "--config", str(config),
                "--insecure"]  # fmt: skip
-    # The SuperNode gives up on an absent coordinator: one line, nothing left running (the
-    # SuperExec starts only once the SuperNode joined, or after 15 s without that).
+    # The SuperNode gives up on an absent coordinator: the SuperExec is stopped with it.
     gives_up = processes.start("gives-up", [*command, "--max-wait", "3"])
+    processes.wait_until(lambda: _descendant(processes, "clients.superexec") is not None, 60,
+                         "the SuperExec to start")  # fmt: skip
     assert processes.wait_for_exit(gives_up, 90) == 2
     assert (
         gives_up.log_text()
