@@ -141,29 +141,3 @@ def test_clientapp_tuning_and_the_remembered_fab_install(monkeypatch, tmp_path):
     assert installed == [b"fab one", b"fab two", b"fab one"]
     remembering(b"fab one")  # an interactive install is Flower's, untouched
     assert len(installed) == 4
-
-
-def test_forked_tasks_get_the_command_line_flowers_subprocess_executor_builds(monkeypatch):
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import (
-        ExecutionSpec,
-        SubprocessExecutor,
-        subprocess_executor,
-    )
-
-    from clients.superexec import _task_argv
-
-    started: list[list[str]] = []
-    monkeypatch.setattr(
-        subprocess_executor.subprocess, "Popen", lambda args, **kw: started.append(list(args))
-    )
-    for insecure, certificates, installs in ((True, None, False), (False, "/ca.crt", True)):
-        spec = ExecutionSpec(
-            task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9", token="t0k",
-            insecure=insecure, root_certificates_path=certificates,
-            runtime_dependency_install=installs, parent_pid=42, suppress_output=False, task_id=7,
-        )  # fmt: skip
-        SubprocessExecutor().launch(spec)
-        ours = _task_argv(spec)
-        assert Path(ours[0]).name == started[-1][0] == "flwr-clientapp"
-        assert ours[1:] == started[-1][1:]
