@@ -104,7 +104,6 @@ class ZygoteProcess:
         self.ready: dict | None = None
         self.report_exits = report_exits  # log one line per ended task
         self.children: dict[int, float] = {}  # pid -> launch time
-        self.warm: dict[int, bool] = {}  # pid -> ran on the preloaded app modules
         self.exits: list[tuple[int, int]] = []  # (pid, exit code) of reaped children
         self._buffer = b""
         self._replies: dict[int, dict] = {}
@@ -148,13 +147,12 @@ class ZygoteProcess:
                     log(WARNING, "fedgov: zygote warm-up: %s: %s", what, error)
         elif event == "exited":
             pid, code = int(message["pid"]), int(message["code"])
-            started, warm = self.children.pop(pid, None), self.warm.pop(pid, False)
+            started = self.children.pop(pid, None)
             self.exits.append((pid, code))
             if started is not None and self.report_exits:
                 seconds, cpu = time.monotonic() - started, float(message.get("cpu", 0.0))
-                app = "preloaded app" if warm else "app imported from the FAB"
-                log(INFO, "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU, %s",
-                    pid, code, seconds, cpu, app)  # fmt: skip
+                log(INFO, "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU",
+                    pid, code, seconds, cpu)  # fmt: skip
         elif "id" in message:
             self._replies[int(message["id"])] = message
 
@@ -207,7 +205,6 @@ class ZygoteProcess:
         if "error" in reply:
             raise ZygoteError(f"the zygote could not fork: {reply['error']}")
         self.children[int(reply["pid"])] = time.monotonic()
-        self.warm[int(reply["pid"])] = bool(reply.get("warm"))
         return reply
 
     def close(self, timeout: float = 15.0) -> None:
