@@ -166,13 +166,39 @@ class RoundBudget:
     site_id: str
     cap: float
     history: list[tuple[float, float, int]]  # the ledger's history including this spend
+    # A retry of a round whose update already left the site (see privacy/ledger.py): the same
+    # seeds give the same update, which spends nothing new; other bits are a new spend.
+    repeat: bool = False
 
     def seeds(self) -> tuple[int, int]:
         return secret_seeds(self.key, self.spend.run_id, self.spend.round, self.spend.input_sha256)
 
     def release(self, released_sha256: str) -> Receipt:
-        """Sign the receipt and mark the spend released (call just before replying)."""
-        receipt = sign(
+        """Sign the receipt and mark the spend released (call just before replying).
+
+        A retry (``repeat``) that releases the very bits released before gets the same receipt
+        again and spends nothing; a retry whose bits differ is reserved as a new spend first
+        (:class:`BudgetRefusal` when that would pass the cap).
+        """
+        if self.repeat:
+            again = self.ledger.release_again(self.spend, released_sha256, self.cap)
+            if again.spend is None:
+                raise BudgetRefusal(
+                    f"privacy budget exhausted: the retried round {self.spend.round} did not "
+                    f"reproduce its released update, and releasing it would bring the site to "
+                    f"ε = {again.epsilon_after:.4g} > cap {self.cap:g}",
+                    epsilon_spent=again.epsilon_spent, epsilon_requested=again.epsilon_after,
+                    cap=self.cap,
+                )  # fmt: skip
+            self.spend, self.history = again.spend, again.history
+            if again.repeat:
+                return self._receipt(released_sha256)
+        receipt = self._receipt(released_sha256)
+        self.ledger.release(self.spend, receipt.signature.hex(), released_sha256)
+        return receipt
+
+    def _receipt(self, released_sha256: str) -> Receipt:
+        return sign(
             self.key,
             {
                 "kind": "dp-sgd",
@@ -192,8 +218,6 @@ class RoundBudget:
                 "update_sha256": released_sha256,
             },
         )
-        self.ledger.release(self.spend, receipt.signature.hex())
-        return receipt
 
 
 def reserve_round(
@@ -264,8 +288,9 @@ def reserve_round(
             **receipt_fields(receipt),
         )
     return RoundBudget(
-        key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history
-    )
+        key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history,
+        repeat=reservation.repeat,
+    )  # fmt: skip
 
 
 def receipt_fields(receipt: Receipt) -> dict[str, str]:

@@ -7,6 +7,7 @@ validation, privacy budget) apply to all of them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,47 @@ def compute_update(
     cap (node config), trains with DP-SGD and signs a receipt; under site-level DP it clips its
     update to ``privacy.clipping_norm`` (and, with secure aggregation, adds its noise share).
     Metrics computed from the training rows (``train_loss``) stay at the site when DP is on.
+    The ledger keys the spend by fedgov's run id from the train config (the same after the
+    coordinator resumed the run), else Flower's. With a site folder (node config ``site-dir``)
+    the outcome goes to its ``activity.json`` for ``fedgov site status``.
     """
+    run_id = keys.config_run_id(config, context.run_id)
+    server_round = int(config.get(keys.SERVER_ROUND, 0))
+    try:
+        update, spent = _compute_update(cfg, site, global_arrays, config, context, run_id)
+    except SiteDeclined as declined:
+        _record(context, run_id, server_round, "declined", declined.reason,
+                declined.details.get("epsilon_spent"))  # fmt: skip
+        raise
+    _record(context, run_id, server_round, "trained", "", spent)
+    return update
+
+
+def _record(
+    context: Context, run_id: str, server_round: int, outcome: str, reason: str, epsilon: object
+) -> None:
+    site_dir = str(context.node_config.get("site-dir", "") or "")
+    if not site_dir:
+        return
+    from clients.site_status import record_activity
+
+    with contextlib.suppress(OSError):  # a status file must never stop a round
+        record_activity(
+            site_dir, run_id=run_id, flower_run_id=context.run_id, server_round=server_round,
+            outcome=outcome, reason=reason,
+            epsilon=float(epsilon) if isinstance(epsilon, (int, float)) else None,
+        )  # fmt: skip
+
+
+def _compute_update(
+    cfg: RunConfig,
+    site: SiteData,
+    global_arrays: ArrayRecord,
+    config: ConfigRecord,
+    context: Context,
+    run_id: str,
+) -> tuple[SiteUpdate, float | None]:
+    """:func:`compute_update`'s work; also returns the site's ε after it (None without DP)."""
     model = site_model(cfg, site, global_arrays)
     server_round = int(config.get(keys.SERVER_ROUND, 0))
     proximal_mu = float(config.get("proximal-mu", 0.0))
@@ -79,7 +120,7 @@ def compute_update(
 
         try:
             budget = reserve_round(
-                cfg, context.node_config, site.site_id, len(site.train.y), str(context.run_id),
+                cfg, context.node_config, site.site_id, len(site.train.y), run_id,
                 server_round, arrays_sha256(arrays_to_numpy(global_arrays)),
             )  # fmt: skip
         except BudgetRefusal as refusal:
@@ -103,11 +144,16 @@ def compute_update(
         arrays = _site_level_release(cfg, global_arrays, arrays, config)
     receipt = None
     if budget is not None:
+        from clients.site_privacy import BudgetRefusal
         from privacy.receipts import arrays_sha256
 
-        signed = budget.release(arrays_sha256(arrays_to_numpy(arrays)))
+        try:
+            signed = budget.release(arrays_sha256(arrays_to_numpy(arrays)))
+        except BudgetRefusal as refusal:  # a retried round that would be a new, too large spend
+            raise SiteDeclined(refusal.reason, **refusal.details) from None
         receipt = ConfigRecord(signed.to_record())
-    return SiteUpdate(arrays=arrays, metrics=_metrics(cfg, result), receipt=receipt)
+    spent = budget.spend.epsilon_after if budget is not None else None
+    return SiteUpdate(arrays=arrays, metrics=_metrics(cfg, result), receipt=receipt), spent
 
 
 def _metrics(cfg: RunConfig, result: TrainResult) -> MetricRecord:

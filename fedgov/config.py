@@ -159,6 +159,10 @@ class RunConfig:
     output_dir: str = ""  # where the ServerApp writes metrics.json, model.safetensors, plots/
     progress: bool = True  # print a line per round
     resume: bool = False  # continue from output_dir's checkpoint (after a coordinator crash)
+    # fedgov's id of the run, kept across resumes (checkpoint) and sent to the sites, whose privacy
+    # ledgers key their spends by it; "" = the first start's Flower run id. Set it only to replay
+    # a run exactly (the sites' DP noise is derived from their key, this id, round and input).
+    run_id: str = ""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

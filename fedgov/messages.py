@@ -1,7 +1,9 @@
 """The keys of the records fedgov sends: every message is a Flower RecordDict, nothing else.
 
 Server → site (train/evaluate): ``ARRAYS`` (ArrayRecord, the global weights) and ``CONFIG``
-(ConfigRecord: ``server-round``, plus ``proximal-mu`` under FedProx).
+(ConfigRecord: ``server-round``, ``fedgov-run-id`` in a train config, plus ``proximal-mu`` under
+FedProx). ``fedgov-run-id`` is fedgov's id of the run, the same before and after a resume (Flower
+gives the resumed run a new run id); a site keys its ledger spends and receipts by it.
 Site → server, train: ``ARRAYS`` (updated weights), ``METRICS`` (``train_loss``,
 ``num-examples``, ``steps``) and ``SITE`` (ConfigRecord: ``site-id``).
 Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-examples``), ``SITE``.
@@ -33,6 +35,17 @@ NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies average by
 SITE_ID = "site-id"
 SERVER_ROUND = "server-round"
 DP_MIN_SURVIVORS = "dp-min-survivors"
+RUN_ID = "fedgov-run-id"
+
+
+def train_config(run_id: str) -> ConfigRecord:
+    """The config a train message starts from: fedgov's run id (the strategy adds the round)."""
+    return ConfigRecord({RUN_ID: run_id} if run_id else {})
+
+
+def config_run_id(config: ConfigRecord, fallback: object) -> str:
+    """fedgov's run id a train config carries, or ``fallback`` (Flower's run id) without one."""
+    return str(config.get(RUN_ID, "") or fallback)
 
 
 def site_record(site_id: str, **fields: int | float | str) -> ConfigRecord:

@@ -11,6 +11,12 @@ The ledger is the site's, not the server's: it lives in the site's directory (no
   a released one, so a crash between training and reply never under-counts. A retry of the same
   (run, round, input weights) replaces its own pending entry instead of adding a second one (that
   attempt released nothing: ``released`` is written before any reply), so nothing is counted twice.
+- **Retried releases**: a round asked again after its update left the site (the coordinator died
+  before it used the reply and resumed from its last checkpoint) has the same (run, round, input
+  weights). The site trains it again with the same secret seeds (clients/site_privacy.py derives
+  them from its key, the run, the round and the input hash), so it releases the same bits: the
+  ledger keeps the one spend and records the update's SHA-256 to check it. If the retry's update
+  differs (the same bits could not be reproduced), it is a new release and a new spend.
 - **Fail closed**: a ledger that is unreadable (bad JSON, wrong format, checksum mismatch, another
   site's or key's ledger) or missing while the site's key exists (the key proves the site was
   initialised, hence may have history) raises :class:`LedgerError`; the site then declines every
@@ -23,6 +29,7 @@ ledger is detected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -62,6 +69,7 @@ class Spend:
     status: str = PENDING
     signature: str = ""  # the receipt's signature (hex) once released
     recorded_at: float = field(default_factory=time.time)
+    update_sha256: str = ""  # the released update's hash (checks a retry released the same bits)
 
     @property
     def entry(self) -> HistoryEntry:
@@ -138,6 +146,9 @@ class Reservation:
     epsilon_spent: float
     epsilon_after: float
     history: list[HistoryEntry]  # the ledger's history (with the spend when reserved)
+    # True: ``spend`` is an already released spend of the same (run, round, input): a retry that
+    # spends nothing new as long as it releases the same update (:meth:`SiteLedger.release_again`).
+    repeat: bool = False
 
 
 class SiteLedger:
@@ -208,6 +219,12 @@ class SiteLedger:
             state.spends = [s for s in state.spends if not _same_attempt(s, spend)]
             history = state.history()
             spent = epsilon(history, spend.delta, spend.accountant)
+            released = _released_before(state, spend)
+            if released is not None:  # a retry of a release: nothing new unless the bits differ
+                return Reservation(
+                    released, spent, released.epsilon_after, _history_until(state, released),
+                    repeat=True,
+                )  # fmt: skip
             spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
             if spend.epsilon_after > cap:
                 state.declines.append(
@@ -219,13 +236,16 @@ class SiteLedger:
             self.write(state)
             return Reservation(spend, spent, spend.epsilon_after, state.history())
 
-    def release(self, spend: Spend, signature: str) -> None:
+    def release(self, spend: Spend, signature: str, update_sha256: str = "") -> None:
         """Mark ``spend`` released with its receipt's signature (before the reply leaves)."""
         with self.locked():
             state = self.read()
             for entry in state.spends:
                 if _same_attempt(entry, spend) and entry.recorded_at == spend.recorded_at:
                     entry.status, entry.signature = RELEASED, signature
+                    entry.update_sha256 = update_sha256
+                    spend.status, spend.signature = RELEASED, signature
+                    spend.update_sha256 = update_sha256
                     break
             else:
                 raise LedgerError(
@@ -233,11 +253,63 @@ class SiteLedger:
                 )
             self.write(state)
 
+    def release_again(self, released: Spend, update_sha256: str, cap: float) -> Reservation:
+        """A retried round (``reserve`` returned ``repeat``) is about to release ``update_sha256``.
+
+        The same bits as ``released``: nothing new is spent (``repeat`` again, with that spend and
+        the history at its release, for the same receipt). Other bits: a new pending spend,
+        checked against ``cap`` like any other (``spend`` None and a decline when over it).
+        """
+        with self.locked():
+            state = self.read()
+            history = state.history()
+            spent = epsilon(history, released.delta, released.accountant)
+            if update_sha256 and update_sha256 == released.update_sha256:
+                return Reservation(
+                    released, spent, released.epsilon_after, _history_until(state, released),
+                    repeat=True,
+                )  # fmt: skip
+            fresh = dataclasses.replace(
+                released, status=PENDING, signature="", update_sha256="", recorded_at=time.time()
+            )
+            fresh.epsilon_after = epsilon_after(history, fresh.entry, fresh.delta, fresh.accountant)
+            if fresh.epsilon_after > cap:
+                state.declines.append(
+                    Decline(fresh.run_id, fresh.round, "privacy budget exhausted", spent, cap)
+                )
+                self.write(state)
+                return Reservation(None, spent, fresh.epsilon_after, history)
+            state.spends.append(fresh)
+            self.write(state)
+            return Reservation(fresh, spent, fresh.epsilon_after, state.history())
+
     def record_decline(self, decline: Decline) -> None:
         with self.locked():
             state = self.read()
             state.declines.append(decline)
             self.write(state)
+
+
+def _released_before(state: LedgerState, new: Spend) -> Spend | None:
+    """The latest released spend of the same run, round and input as ``new``, if any."""
+    for existing in reversed(state.spends):
+        if (
+            existing.status == RELEASED
+            and existing.run_id == new.run_id
+            and existing.round == new.round
+            and existing.input_sha256 == new.input_sha256
+            and (existing.entry, existing.delta, existing.accountant)
+            == (new.entry, new.delta, new.accountant)
+        ):
+            return existing
+    return None
+
+
+def _history_until(state: LedgerState, spend: Spend) -> list[HistoryEntry]:
+    """The ledger's history up to and including ``spend`` (what its receipt stated)."""
+    index = next(i for i, s in enumerate(state.spends) if s.recorded_at == spend.recorded_at
+                 and s.round == spend.round and s.run_id == spend.run_id)  # fmt: skip
+    return normalise_history(s.entry for s in state.spends[: index + 1])
 
 
 def _same_attempt(existing: Spend, new: Spend) -> bool:

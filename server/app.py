@@ -31,10 +31,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, train for ``rounds`` rounds, write the run's outputs."""
     cfg = from_flower_config(context.run_config)
-    run_federation(grid, cfg, run_id=context.run_id)
+    run_federation(grid, cfg, flower_run_id=context.run_id)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None:
+def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None) -> None:
     """The whole run: initial model, rounds with progress lines, ``metrics.json`` and weights.
 
     With ``registry.publish`` the final model becomes a new candidate version in the registry.
@@ -57,12 +57,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> Non
     arrays = ArrayRecord(model.state_dict())
     privacy = PrivacyRound(cfg) if cfg.privacy.name != "none" else None
     resume_from = None
+    # fedgov's run id: chosen at the first start, kept in every checkpoint, reused on resume (a
+    # resumed run gets a new Flower run id); the sites' ledgers and receipts are keyed by it.
+    run_id = cfg.run_id or (str(flower_run_id) if flower_run_id is not None else "")
     if cfg.resume:
         if not cfg.output_dir:
             raise ConfigError("resume: needs output_dir (the interrupted run's directory)")
         resume_from = load_checkpoint(cfg.output_dir, cfg)
         arrays, strategy, privacy = resume_from.arrays, resume_from.strategy, resume_from.privacy
-        run_id = int(resume_from.run_id) if resume_from.run_id.isdigit() else run_id
+        run_id = resume_from.run_id or run_id
         print(
             f"[fedgov] resuming {cfg.output_dir} after round {resume_from.completed_round}",
             file=sys.stderr, flush=True,
@@ -73,21 +76,21 @@ def run_federation(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> Non
         strategy,
         arrays,
         central,
-        on_round=_round_observer(cfg, privacy, str(run_id or "")),
+        on_round=_round_observer(cfg, privacy, run_id),
         privacy=privacy,
         resume_from=resume_from,
-        run_id=str(run_id or ""),
+        run_id=run_id,
     )
     if cfg.output_dir:
         write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)
         if privacy is not None:
-            write_privacy_report(cfg.output_dir, report_of(privacy, str(run_id or "")))
+            write_privacy_report(cfg.output_dir, report_of(privacy, run_id))
     # Last: every output of the run (privacy_report.json included) must be written before this.
     if cfg.registry.publish:
-        _publish(cfg, schema, run_id)
+        _publish(cfg, schema, run_id or None)
 
 
-def _publish(cfg: RunConfig, schema: DatasetSchema, run_id: int | None) -> None:
+def _publish(cfg: RunConfig, schema: DatasetSchema, run_id: str | None) -> None:
     from server.registry.publish import publish_run
 
     published = publish_run(cfg.output_dir, cfg, schema, run_id)

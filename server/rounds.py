@@ -186,12 +186,12 @@ def run_rounds(
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
             arrays, view = _train_secagg(
                 grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record,
-                privacy,
+                privacy, run_id,
             )  # fmt: skip
         else:
             arrays = _train_plain(
                 grid, fed.round_timeout, strategy, server_round, arrays, view, directory, chosen,
-                record, privacy,
+                record, privacy, run_id,
             )  # fmt: skip
 
         # A Flower strategy waits forever when shown no nodes (Poisson sampling can pick none).
@@ -234,10 +234,13 @@ def _train_plain(
     chosen: list[str],
     record: RoundRecord,
     privacy: PrivacyRound | None = None,
+    run_id: str = "",
 ) -> ArrayRecord:
     """Train without secure aggregation: the strategy sees each site's weights."""
     train_msgs = (
-        strategy.configure_train(server_round, arrays, ConfigRecord(), view) if chosen else []
+        strategy.configure_train(server_round, arrays, keys.train_config(run_id), view)
+        if chosen
+        else []
     )
     train_replies = _by_site(exchange(grid, train_msgs, timeout), directory)
     answered = {site_id for site_id, _ in train_replies}
@@ -277,6 +280,7 @@ def _train_secagg(
     num_train: dict[str, int],
     record: RoundRecord,
     privacy: PrivacyRound | None = None,
+    run_id: str = "",
 ) -> tuple[ArrayRecord, SampledGrid]:
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
 
@@ -284,8 +288,9 @@ def _train_secagg(
     stopped answering during the round.
     """
     outcome = run_secagg_round(
-        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy
-    )
+        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy,
+        run_id,
+    )  # fmt: skip
     record.participants = outcome.participants
     record.declined = sorted(outcome.declined)
     record.decline_reasons = dict(sorted(outcome.declined.items()))

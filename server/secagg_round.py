@@ -89,6 +89,7 @@ def run_secagg_round(
     sites: list[str],
     num_train: Mapping[str, int] | None = None,
     privacy: PrivacyRound | None = None,
+    run_id: str = "",
 ) -> SecAggRoundResult:
     """Run the four SecAgg+ stages over ``sites`` and aggregate the unmasked sum.
 
@@ -184,7 +185,7 @@ def run_secagg_round(
         )
 
         # 3. masked input: the strategy's train message plus the shares each site receives
-        train_content = _train_contents(strategy, server_round, arrays, view)
+        train_content = _train_contents(strategy, server_round, arrays, view, run_id)
         dp_survivors = _dp_min_survivors(cfg, privacy, len(sites))
         contents: dict[int, RecordDict] = {}
         for i in server.alive():
@@ -327,10 +328,10 @@ def _dp_min_survivors(cfg: RunConfig, privacy: PrivacyRound | None, sampled: int
 
 
 def _train_contents(
-    strategy: Strategy, server_round: int, arrays: ArrayRecord, view: Grid
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, view: Grid, run_id: str = ""
 ) -> dict[int, RecordDict]:
     """Node id → the content of the train message the strategy would send it this round."""
-    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), view)
+    messages = strategy.configure_train(server_round, arrays, keys.train_config(run_id), view)
     return {message.metadata.dst_node_id: message.content for message in messages}
 
 

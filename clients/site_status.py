@@ -1,0 +1,357 @@
+"""``fedgov site status``: is the site's daemon running, is it connected, what did it last do.
+
+Two small JSON files in the site folder, each replaced atomically (temporary file, fsync, rename),
+so a reader never sees half a file:
+
+- ``daemon.json``, written by ``fedgov site start`` (:class:`DaemonStatus`, clients/daemon.py):
+  the daemon's pid (and its start time, so a reused pid is not mistaken for it), the SuperNode's
+  and SuperExec's pids, the coordinator, and the connection as the SuperNode's log tells it:
+  ``connecting`` → ``connected`` (``SuperNode ID: N``, or any message received) →
+  ``reconnecting`` (a failed attempt; Flower retries after the wait it logs) → ``connected``
+  again; ``stopped`` (with why) when the daemon ends by itself. A daemon killed outright cannot
+  say so: its pid is then gone, which is what :func:`read_status` checks.
+- ``activity.json``, written by the ClientApp after every train request it answers
+  (:func:`record_activity`, clients/update.py): fedgov's run id, the round, ``trained`` or
+  ``declined`` (with the reason) and the site's ε after it.
+
+ε spent against the cap comes from the site's own ledger (clients/budget.py), not from these files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedgov.records import atomic_write_json
+
+DAEMON_FILE = "daemon.json"
+ACTIVITY_FILE = "activity.json"
+#: After a failed attempt, Flower waits the logged time and tries again; no new failure within
+#: that wait plus this grace means the attempt went through.
+RECONNECT_GRACE_SECONDS = 10.0
+
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_RETRY = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
+_MESSAGE = re.compile(r"Receiving: (\S+) message|Received successfully|Sent successfully")
+
+
+def _now() -> float:
+    return time.time()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None elsewhere/gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+def process_alive(pid: int | None, start_ticks: int | None = None) -> bool:
+    """Whether ``pid`` runs and, when ``start_ticks`` is known, is the process that wrote it."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if Path("/proc").is_dir():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if state[state.rindex(")") + 2 :].split()[0] in "ZX":  # a zombie has exited
+            return False
+        if start_ticks is not None and process_start_ticks(pid) != start_ticks:
+            return False  # the pid now belongs to another process
+    return True
+
+
+class DaemonStatus:
+    """The daemon's side: ``daemon.json``, updated from the SuperNode's log lines."""
+
+    def __init__(self, site_dir: str | Path, site_id: str, coordinator: str, runtime: str) -> None:
+        self.path = Path(site_dir) / DAEMON_FILE
+        pid = os.getpid()
+        self.data: dict[str, Any] = {
+            "site_id": site_id,
+            "pid": pid,
+            "pid_start": process_start_ticks(pid),
+            "coordinator": coordinator,
+            "runtime": runtime,
+            "started_at": _now(),
+            "state": "connecting",
+            "state_since": _now(),
+            "node_id": None,
+            "retry_at": None,
+            "last_message_at": None,
+            "last_message": None,
+            "processes": {},
+            "stopped_reason": None,
+        }
+
+    def write(self) -> None:
+        self.data["updated_at"] = _now()
+        atomic_write_json(self.path, self.data)
+
+    def started(self, processes: Mapping[str, int]) -> None:
+        """The daemon's helpers are running (name → pid)."""
+        self.data["processes"] = {
+            name: {"pid": pid, "pid_start": process_start_ticks(pid)}
+            for name, pid in processes.items()
+        }
+        self.write()
+
+    def _state(self, state: str) -> None:
+        if self.data["state"] != state:
+            self.data["state"], self.data["state_since"] = state, _now()
+
+    def observe(self, line: str) -> None:
+        """One line of the SuperNode's log; writes the file when it changes what we know."""
+        if match := _NODE_ID.search(line):
+            self.data["node_id"] = int(match[1])
+            self._state("connected")
+            self.data["retry_at"] = None
+        elif match := _RETRY.search(line):
+            self._state("reconnecting")
+            self.data["retry_at"] = _now() + float(match[1])
+        elif match := _MESSAGE.search(line):
+            self._state("connected")
+            self.data["retry_at"] = None
+            self.data["last_message_at"] = _now()
+            if match[1]:
+                self.data["last_message"] = match[1]
+        else:
+            return
+        self.write()
+
+    def stopped(self, reason: str) -> None:
+        self._state("stopped")
+        self.data["stopped_reason"] = reason
+        self.write()
+
+
+def record_activity(
+    site_dir: str | Path,
+    *,
+    run_id: str,
+    flower_run_id: object,
+    server_round: int,
+    outcome: str,
+    reason: str = "",
+    epsilon: float | None = None,
+) -> None:
+    """The ClientApp's side: what the site last did with a train request (``activity.json``)."""
+    atomic_write_json(
+        Path(site_dir) / ACTIVITY_FILE,
+        {
+            "run": run_id,
+            "flower_run": str(flower_run_id),
+            "round": server_round,
+            "outcome": outcome,
+            "reason": reason,
+            "epsilon": epsilon,
+            "at": _now(),
+            "pid": os.getpid(),
+        },
+    )
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(content, None), (None, None) when absent, or (None, why) when unreadable."""
+    if not path.exists():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{path} is unreadable ({type(error).__name__})"
+    if not isinstance(data, dict):
+        return None, f"{path} is not a JSON object"
+    return data, None
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    """What ``fedgov site status`` reports."""
+
+    site_id: str
+    site_dir: Path
+    running: bool
+    connection: str  # connected | connecting | reconnecting | stopped | not running | unknown
+    daemon: dict[str, Any] | None
+    processes: dict[str, bool]  # helper name → alive
+    activity: dict[str, Any] | None
+    epsilon_spent: float | None
+    epsilon_cap: float
+    ledger_problem: str | None
+    problems: list[str]
+
+    @property
+    def connected(self) -> bool:
+        return self.running and self.connection == "connected"
+
+    @property
+    def last_activity_at(self) -> float | None:
+        times = [
+            t
+            for t in (
+                (self.activity or {}).get("at"),
+                (self.daemon or {}).get("last_message_at"),
+            )
+            if isinstance(t, (int, float))
+        ]
+        return max(times) if times else None
+
+    def as_dict(self) -> dict[str, Any]:
+        daemon = self.daemon or {}
+        return {
+            "site_id": self.site_id,
+            "site_dir": str(self.site_dir),
+            "running": self.running,
+            "connected": self.connected,
+            "connection": self.connection,
+            "coordinator": daemon.get("coordinator"),
+            "node_id": daemon.get("node_id"),
+            "pid": daemon.get("pid"),
+            "started_at": daemon.get("started_at"),
+            "processes": self.processes,
+            "stopped_reason": daemon.get("stopped_reason"),
+            "last_activity_at": self.last_activity_at,
+            "last": self.activity,
+            "epsilon_spent": self.epsilon_spent,
+            "epsilon_cap": self.epsilon_cap,
+            "ledger_problem": self.ledger_problem,
+            "problems": self.problems,
+        }
+
+
+def read_status(
+    site_dir: str | Path, site_id: str, epsilon_cap: float, now: float | None = None
+) -> SiteStatus:
+    """The site's status from its folder: daemon.json + liveness, activity.json, the ledger."""
+    from clients.budget import read_budget
+    from fedgov.errors import FedgovError
+
+    site_dir = Path(site_dir)
+    now = _now() if now is None else now
+    problems: list[str] = []
+    daemon, problem = _read_json(site_dir / DAEMON_FILE)
+    if problem:
+        problems.append(problem)
+    activity, problem = _read_json(site_dir / ACTIVITY_FILE)
+    if problem:
+        problems.append(problem)
+    running, connection, helpers = False, "not running", {}
+    if daemon is not None:
+        running = process_alive(daemon.get("pid"), daemon.get("pid_start"))
+        helpers = {
+            name: process_alive(info.get("pid"), info.get("pid_start"))
+            for name, info in (daemon.get("processes") or {}).items()
+            if isinstance(info, dict)
+        }
+        state = str(daemon.get("state", "unknown"))
+        if not running:
+            connection = "stopped" if state == "stopped" else "not running"
+        elif helpers and not all(helpers.values()):
+            connection = "unknown"
+            down = ", ".join(name for name, alive in helpers.items() if not alive)
+            problems.append(f"the daemon runs but its {down} is gone")
+        elif (
+            state == "reconnecting"
+            and (daemon.get("retry_at") or 0) + RECONNECT_GRACE_SECONDS < now
+        ):
+            connection = "connected"  # no failed attempt since the last retry: it went through
+        else:
+            connection = state
+    try:
+        budget = read_budget(site_dir, site_id, epsilon_cap)
+        spent, ledger_problem = budget.epsilon_spent, None
+    except FedgovError as error:
+        spent, ledger_problem = None, str(error)
+    return SiteStatus(
+        site_id=site_id,
+        site_dir=site_dir,
+        running=running,
+        connection=connection,
+        daemon=daemon,
+        processes=helpers,
+        activity=activity,
+        epsilon_spent=spent,
+        epsilon_cap=epsilon_cap,
+        ledger_problem=ledger_problem,
+        problems=problems,
+    )
+
+
+def _when(timestamp: Any, now: float) -> str:
+    if not isinstance(timestamp, (int, float)):
+        return "never"
+    stamp = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{stamp} ({_ago(now - timestamp)} ago)"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def format_status(status: SiteStatus, now: float | None = None) -> str:
+    """A few lines for the site's operator."""
+    now = _now() if now is None else now
+    daemon = status.daemon or {}
+    lines = []
+    if status.daemon is None:
+        lines.append(f"site {status.site_id}: not running (never started from {status.site_dir})")
+    elif status.running:
+        lines.append(
+            f"site {status.site_id}: running (pid {daemon.get('pid')}, since "
+            f"{_when(daemon.get('started_at'), now)})"
+        )
+        where = daemon.get("coordinator")
+        if status.connection == "connected":
+            node = f" as node {daemon['node_id']}" if daemon.get("node_id") else ""
+            lines.append(f"connection: connected to {where}{node}")
+        elif status.connection == "reconnecting":
+            lines.append(f"connection: lost; reconnecting to {where} with back-off")
+        else:
+            lines.append(f"connection: {status.connection} ({where})")
+    else:
+        why = daemon.get("stopped_reason") if status.connection == "stopped" else None
+        lines.append(
+            f"site {status.site_id}: not running (daemon pid {daemon.get('pid')} "
+            + (f"stopped: {why})" if why else "is gone: killed or crashed)")
+        )
+    activity = status.activity
+    if activity:
+        what = str(activity.get("outcome", "?"))
+        if activity.get("reason"):
+            what += f" ({activity['reason']})"
+        lines.append(
+            f"last task: run {activity.get('run')} round {activity.get('round')}: {what}, "
+            f"{_when(activity.get('at'), now)}"
+        )
+    else:
+        lines.append("last task: none yet")
+    lines.append(f"last activity: {_when(status.last_activity_at, now)}")
+    if status.ledger_problem:
+        lines.append(f"privacy: ledger unusable: {status.ledger_problem}")
+    else:
+        lines.append(f"privacy: ε spent {status.epsilon_spent:.3f} of cap {status.epsilon_cap:g}")
+    lines.extend(f"problem: {problem}" for problem in status.problems)
+    return "\n".join(lines)
