@@ -15,6 +15,10 @@ One table from one run:
      workflow and with ``SecAggPlusWorkflow`` (num_shares = sites, the same t).
    Each run is a fresh subprocess (Ray starts fresh); the order alternates over repeats. The
    steady round time is the median of rounds 2 … R (round 1 also starts the Ray actors).
+   fedgov's rows run on fedgov's engine, which delivers each message to the simulated sites as
+   soon as it is stored (``simulations.delivery``); Flower's rows run on Flower's stock engine,
+   which scans for messages every 0.1 s — one such wait per exchange, and its SecAgg+ has
+   several exchanges per round.
 2. Client mask generation: MB/s of 32-bit mask values, fedgov's ChaCha20 keystream into a
    preallocated buffer (one mask, and ten masks applied to an input in cache-sized chunks) and
    Flower's ``pseudo_rand_gen`` (MT19937).

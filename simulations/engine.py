@@ -38,6 +38,7 @@ from flwr.supercore.telemetry import EventType
 
 from fedgov.config import RunConfig, to_flower_config, validate
 from fedgov.errors import ConfigError
+from simulations.delivery import prompt_delivery
 from simulations.federation import resolved_num_sites, simulated_federation
 
 FLOWER_ENVIRONMENT = {
@@ -107,7 +108,7 @@ def run_simulation(cfg: RunConfig) -> None:
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
         "init_args": init_args,
     }
-    with _site_node_configs(node_configs):
+    with _site_node_configs(node_configs), prompt_delivery():
         _run_simulation(
             num_supernodes=cfg.federation.num_sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
