@@ -17,7 +17,9 @@ same config; only the site runtime differs:
 - ``fork``: ``--stock-supernode``: fedgov's forking SuperExec, Flower's own SuperNode pauses;
 - ``fedgov``: the default daemon: forking SuperExec and the SuperNode's pauses bounded.
 
-Per round the ServerApp sends every site a train and an evaluate message (two round trips).
+Timing starts once every site has joined (and, for fedgov's runtimes, its zygote has warmed up:
+a site daemon does that once, when it starts). Per round the ServerApp sends every site a train
+and an evaluate message (two round trips).
 Reported: seconds per round (median of rounds 2..N; round 1 separately, as it absorbs the first
 task of a new app on each site), seconds per message (round ÷ 2), each site's own time from
 receiving a message to having sent its reply (timestamps of the SuperNode's log lines, read as
@@ -321,6 +323,9 @@ def run_runtime(
         for daemon in daemons:
             _wait(lambda d=daemon: "SuperNode ID" in d.text(), START_TIMEOUT,
                   f"{daemon.name} to join", [link, *daemons])  # fmt: skip
+            if runtime != "stock":  # a site daemon warms up once, when it starts: not timed
+                _wait(lambda d=daemon: "fedgov: zygote ready" in d.text(), START_TIMEOUT,
+                      f"{daemon.name}'s zygote", [link, *daemons])  # fmt: skip
         run_dir = work / "run"
         sampler = CpuSampler([proc.popen.pid for proc in processes.started])
         sampler.start()

@@ -20,8 +20,9 @@ Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.dep
 - ``fedgov`` (default): two processes, started, watched and stopped together: the SuperNode
   (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its fixed
   3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
-  Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote).
-  They share a fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
+  Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote);
+  the SuperNode rings the SuperExec when a task waits (:mod:`clients.doorbell`). They share a
+  fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
   site's SuperExec can take tasks from the SuperNode's local Runtime API;
 - ``fork`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
 - ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
@@ -46,6 +47,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from clients import doorbell
 from clients.connector import load_schema_file, read_site_table
 from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
@@ -339,6 +341,8 @@ def run_supernode(
     env = site_environment(settings)
     if runtime != "stock":
         write_superexec_secret(settings)
+    if runtime == "fedgov" and doorbell.available():
+        env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
 

@@ -22,7 +22,9 @@ and signatures are those of flwr 1.42; if not, this command stops with one line 
 (``fedgov site start --stock-executor`` still works) and ``tests/test_flower_hooks.py`` fails.
 
 The task poll interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s in Flower) is set to
-:data:`TASK_POLL_SECONDS` unless the environment sets it.
+:data:`TASK_POLL_SECONDS` unless the environment sets it; with a doorbell from fedgov's SuperNode
+(:mod:`clients.doorbell`, named in ``FEDGOV_TASK_DOORBELL``) the SuperExec instead asks as soon
+as the SuperNode rings, and otherwise every 0.5 s.
 """
 
 from __future__ import annotations
@@ -54,8 +56,14 @@ from flwr.supercore.superexec.executor import (
     SubprocessExecutor,
 )
 
+from clients import doorbell
 from clients.zygote import CLIENTAPP_ENTRY, DEFAULT_PRELOAD, SINGLE_THREAD_ENVIRONMENT
-from fedgov.flower_hooks import install_executor_factory, superexec_problems
+from fedgov.flower_hooks import (
+    install_executor_factory,
+    install_superexec_sleep,
+    superexec_problems,
+    superexec_sleep_problems,
+)
 
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 #: Seconds between the SuperExec's task polls (Flower: 1 s). Each poll is one loopback HTTP
@@ -104,6 +112,7 @@ class ZygoteProcess:
         self.ready: dict | None = None
         self.report_exits = report_exits  # log one line per ended task
         self.children: dict[int, float] = {}  # pid -> launch time
+        self.warm: dict[int, bool] = {}  # pid -> ran on the preloaded app modules
         self.exits: list[tuple[int, int]] = []  # (pid, exit code) of reaped children
         self._buffer = b""
         self._replies: dict[int, dict] = {}
@@ -147,12 +156,13 @@ class ZygoteProcess:
                     log(WARNING, "fedgov: zygote warm-up: %s: %s", what, error)
         elif event == "exited":
             pid, code = int(message["pid"]), int(message["code"])
-            started = self.children.pop(pid, None)
+            started, warm = self.children.pop(pid, None), self.warm.pop(pid, False)
             self.exits.append((pid, code))
             if started is not None and self.report_exits:
                 seconds, cpu = time.monotonic() - started, float(message.get("cpu", 0.0))
-                log(INFO, "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU",
-                    pid, code, seconds, cpu)  # fmt: skip
+                app = "preloaded app" if warm else "app imported from the FAB"
+                log(INFO, "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU, %s",
+                    pid, code, seconds, cpu, app)  # fmt: skip
         elif "id" in message:
             self._replies[int(message["id"])] = message
 
@@ -205,6 +215,7 @@ class ZygoteProcess:
         if "error" in reply:
             raise ZygoteError(f"the zygote could not fork: {reply['error']}")
         self.children[int(reply["pid"])] = time.monotonic()
+        self.warm[int(reply["pid"])] = bool(reply.get("warm"))
         return reply
 
     def close(self, timeout: float = 15.0) -> None:
@@ -441,7 +452,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         problems = superexec_problems()
         if problems:  # the executor could not be injected: say so and stop
             raise SystemExit("clients.superexec: " + "; ".join(problems))
-        os.environ.setdefault(TASK_POLL_ENV, str(TASK_POLL_SECONDS))
+        poll = TASK_POLL_SECONDS
+        bell = os.environ.get(doorbell.DOORBELL_ENV)
+        if bell and doorbell.available():
+            if problems := superexec_sleep_problems():
+                log(WARNING, "fedgov: no doorbell, polling instead (%s)", "; ".join(problems))
+            else:
+                install_superexec_sleep(doorbell.Listener(bell).sleep)
+                poll = doorbell.SAFETY_POLL_SECONDS  # the SuperNode rings when a task waits
+                log(INFO, "fedgov: the SuperNode rings when a task waits (else a poll per %s s)",
+                    poll)  # fmt: skip
+        os.environ.setdefault(TASK_POLL_ENV, str(poll))
         install_executor_factory(
             executor_factory(options.preload, options.max_tasks, options.ready_timeout)
         )

@@ -21,6 +21,9 @@ rebinding, in this process only, names in that module's namespace
 - ``_pull_and_store_message`` is wrapped to note when a message arrived;
 - ``pull_objects`` retries a message's not-yet-uploaded objects after 20 ms, not 1 s.
 
+With a doorbell (:mod:`clients.doorbell`, named in ``FEDGOV_TASK_DOORBELL`` by the site daemon)
+it also rings fedgov's SuperExec once per stored message.
+
 No installed file is changed. flwr is pinned to 1.42.0; :func:`fedgov.flower_hooks.
 supernode_problems` verifies the version, the names, the signatures and that the loop still
 calls ``time.sleep(3)`` / ``time.sleep(0.5)``. If anything differs, the SuperNode starts
@@ -29,6 +32,7 @@ unmodified (Flower's pauses) with a warning; ``tests/test_flower_hooks.py`` fail
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from logging import WARNING
 from pathlib import Path
 
+from clients import doorbell
 from fedgov.flower_hooks import install_supernode_pauses, supernode_problems
 
 #: First pause after a message, growing ×BACKOFF per empty pull up to MAX_POLL_SECONDS.
@@ -96,7 +101,15 @@ def main() -> None:
         log(WARNING, "fedgov: SuperNode pauses left as Flower's (%s)", "; ".join(problems))
     else:
         policy = BoundedSleep()
-        install_supernode_pauses(policy.sleep, policy.message_arrived)
+        bell_name = os.environ.get(doorbell.DOORBELL_ENV)
+        bell = doorbell.Bell(bell_name) if bell_name and doorbell.available() else None
+
+        def message_arrived() -> None:
+            policy.message_arrived()
+            if bell is not None:
+                bell.ring()  # the SuperExec asks for the task now, not at its next poll
+
+        install_supernode_pauses(policy.sleep, message_arrived)
     sys.argv = [str(Path(sys.executable).parent / "flower-supernode"), *sys.argv[1:]]
     flower_supernode()
 

@@ -13,7 +13,9 @@ Flower unmodified (slower, never broken); ``tests/test_flower_hooks.py`` fails l
 where (module namespace)           what and why
 =================================  ==========================================================
 ``flwr.supercore.superexec.        ``get_executor``: run_superexec's only way to build its
-run_superexec``                    executor; returns fedgov's forking executor instead.
+run_superexec``                    executor; returns fedgov's forking executor instead;
+                                   ``time``: its pause between task polls also ends when the
+                                   SuperNode rings (clients/doorbell.py).
 ``flwr.supernode.                  ``time``: its ``sleep(3)`` after an empty pull and
 start_client_internal``            ``sleep(0.5)`` reply polls, bounded while a run is on;
                                    ``_pull_and_store_message``: wrapped to note arrivals;
@@ -114,6 +116,24 @@ def superexec_problems() -> list[str]:
     if "get_executor(" not in inspect.getsource(module.run_superexec):
         problems.append("run_superexec no longer calls get_executor")
     return problems
+
+
+def superexec_sleep_problems() -> list[str]:
+    from flwr.supercore.superexec import run_superexec as module
+
+    problems = _version_problems()
+    if getattr(module, "time", None) is not time:
+        problems.append("run_superexec no longer uses the time module by that name")
+    elif "time.sleep(task_poll_interval)" not in inspect.getsource(module.run_superexec):
+        problems.append("run_superexec no longer pauses with time.sleep(task_poll_interval)")
+    return problems
+
+
+def install_superexec_sleep(sleep: Callable[[float], None]) -> None:
+    """Route the pause between the SuperExec's task polls to ``sleep``."""
+    from flwr.supercore.superexec import run_superexec as module
+
+    module.time = _TimeWithSleep(sleep)  # type: ignore[assignment]
 
 
 def install_executor_factory(get_executor: Callable[..., Any]) -> None:

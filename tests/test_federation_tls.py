@@ -153,5 +153,8 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
     for folder in registered:
         log = (tmp_path / "logs" / f"{folder.name}.log").read_text()
         assert "ClientApp tasks fork from a warm zygote" in log, log[-3000:]
+        assert "the SuperNode rings when a task waits" in log, log[-3000:]
         assert "starts as a fresh process" not in log, log[-3000:]
+        # The run's FAB is this checkout: once the first task installed it, tasks are warm.
+        assert "preloaded app" in log, log[-3000:]
         assert "pauses left as Flower's" not in log, log[-3000:]

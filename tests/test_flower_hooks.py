@@ -141,3 +141,57 @@ def test_clientapp_tuning_and_the_remembered_fab_install(monkeypatch, tmp_path):
     assert installed == [b"fab one", b"fab two", b"fab one"]
     remembering(b"fab one")  # an interactive install is Flower's, untouched
     assert len(installed) == 4
+
+
+def test_the_superexec_pause_can_be_routed_to_the_doorbell(monkeypatch):
+    from clients import doorbell
+
+    assert flower_hooks.superexec_sleep_problems() == []
+    monkeypatch.setattr(run_superexec, "time", run_superexec.time)
+    pauses: list[float] = []
+    flower_hooks.install_superexec_sleep(pauses.append)
+    run_superexec.time.sleep(0.5)
+    assert pauses == [0.5] and run_superexec.time.monotonic() > 0
+
+    if not doorbell.available():
+        pytest.skip("abstract Unix sockets are Linux-only")
+    name = doorbell.new_name()
+    listener, bell = doorbell.Listener(name), doorbell.Bell(name)
+    try:
+        started = time.monotonic()
+        listener.sleep(0.05)  # nobody rang: the whole pause
+        assert time.monotonic() - started >= 0.05 and listener.rings == 0
+        bell.ring()
+        started = time.monotonic()
+        listener.sleep(5)  # rung: returns at once
+        assert time.monotonic() - started < 1 and listener.rings == 1
+    finally:
+        listener.close()
+        bell.close()
+    doorbell.Bell(doorbell.new_name()).ring()  # nobody listening: no error
+
+
+def test_forked_tasks_get_the_command_line_flowers_subprocess_executor_builds(monkeypatch):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import (
+        ExecutionSpec,
+        SubprocessExecutor,
+        subprocess_executor,
+    )
+
+    from clients.superexec import _task_argv
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(
+        subprocess_executor.subprocess, "Popen", lambda args, **kw: started.append(list(args))
+    )
+    for insecure, certificates, installs in ((True, None, False), (False, "/ca.crt", True)):
+        spec = ExecutionSpec(
+            task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9", token="t0k",
+            insecure=insecure, root_certificates_path=certificates,
+            runtime_dependency_install=installs, parent_pid=42, suppress_output=False, task_id=7,
+        )  # fmt: skip
+        SubprocessExecutor().launch(spec)
+        ours = _task_argv(spec)
+        assert Path(ours[0]).name == started[-1][0] == "flwr-clientapp"
+        assert ours[1:] == started[-1][1:]
