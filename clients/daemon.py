@@ -12,6 +12,11 @@
     port: 9094                       # local port of the SuperNode's runtime API
     insecure: false
 
+The daemon keeps ``daemon.json`` in the site folder up to date (its pid, the connection as the
+SuperNode logs it) for ``fedgov site status`` (clients/site_status.py). Restarted after being
+killed, it first ends the session its predecessor left open at the coordinator
+(:func:`end_stale_session`), which would otherwise refuse the site's key for up to a minute.
+
 Everything the site's ClientApp needs reaches it through the node config (``site-id``,
 ``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap``), never through the server's messages.
 
@@ -323,7 +328,89 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
 
 
 #: Log lines after which the SuperNode cannot succeed by retrying: stop at once and say why.
-FATAL_PATTERNS = ("Failed to activate SuperNode", "CERTIFICATE_VERIFY_FAILED")
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+FATAL_PATTERNS = (ACTIVATION_REFUSED, "CERTIFICATE_VERIFY_FAILED")
+#: A site killed outright stays "online" at the coordinator until its heartbeats lapse (Flower
+#: 1.42: twice its 30 s heartbeat interval after the last one), and until then the coordinator
+#: refuses to activate the site's key again, with the same message as for an unknown key. A
+#: site that was connected before (``daemon.json`` knows its node) therefore retries that long.
+REACTIVATION_WINDOW_SECONDS = 100.0
+REACTIVATION_PAUSE_SECONDS = 5.0
+
+
+class ActivationRefused(FedgovError):
+    """The coordinator refused to activate this site's key (unknown, or still marked online)."""
+
+
+def end_stale_session(settings: SiteSettings, node_id: int) -> bool:
+    """Tell the coordinator that this site's session as ``node_id`` is over, as Flower's SuperNode
+    does when it stops normally (a killed one cannot), so that the restarted site is let in at
+    once instead of after its old heartbeats lapse. Authenticated with the site's key over TLS,
+    through Flower 1.42's own Fleet API client. Returns whether the coordinator agreed; on any
+    failure nothing changes (the caller then waits for the session to lapse)."""
+    try:
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+        from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+        from flwr.supercore.interceptors.http.runtime_version import (
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+        key = load_ssh_private_key(settings.auth_key.read_bytes(), password=None)
+        interceptors = [
+            RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+            NodeAuthHttpInterceptor(key, key.public_key()),  # type: ignore[arg-type]
+        ]
+        with FleetHttpClient.from_server_address(
+            settings.coordinator, False, settings.ca_cert.read_bytes(), interceptors
+        ) as client:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+    except Exception:  # best effort: waiting for the lapse always works
+        return False
+    print(
+        f"fedgov: site {settings.site_id}: ended this site's previous session (node {node_id}), "
+        "left open when its daemon was killed",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def run_site(
+    settings: SiteSettings,
+    insecure: bool,
+    max_wait_seconds: float | None,
+    runtime: str = "fedgov",
+) -> int:
+    """:func:`run_supernode`, retrying a refused activation for a while when the site had
+    joined before (its previous daemon was killed and the coordinator still counts it online);
+    a site that never joined stops at once with one line (its key is not registered)."""
+    from clients.site_status import previous_daemon_crashed, previous_node_id
+
+    node_id = previous_node_id(settings.site_dir)
+    if node_id is not None and not insecure and previous_daemon_crashed(settings.site_dir):
+        end_stale_session(settings, node_id)  # what a SuperNode does when it stops normally
+    deadline = time.monotonic() + REACTIVATION_WINDOW_SECONDS
+    while True:
+        try:
+            return run_supernode(settings, insecure, max_wait_seconds, runtime)
+        except ActivationRefused:
+            if node_id is None or time.monotonic() > deadline:
+                raise
+            if not insecure and end_stale_session(settings, node_id):
+                continue
+        print(
+            f"fedgov: site {settings.site_id}: the coordinator still counts this site's previous "
+            f"session (node {node_id}) as online, as it does for up to a minute after a crash; "
+            f"retrying in {REACTIVATION_PAUSE_SECONDS:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            time.sleep(REACTIVATION_PAUSE_SECONDS)
+        except KeyboardInterrupt:
+            return 130
 
 
 def run_supernode(
@@ -362,6 +449,10 @@ def run_supernode(
         threading.Thread(target=pump, daemon=True).start()
         return process
 
+    from clients.site_status import DaemonStatus
+
+    status = DaemonStatus(settings.site_dir, settings.site_id, settings.coordinator, runtime)
+    status.write()  # fedgov site status: this daemon's pid, connecting
     tail: list[str] = []
     last_lines: dict[str, list[str]] = {}  # per process, for the one-line error
     fatal = False
@@ -374,6 +465,7 @@ def run_supernode(
         )
         if runtime != "stock":
             start("superexec", superexec_command(settings, supernode.pid))
+        status.started({name: process.pid for name, process in processes.items()})
         while True:
             try:
                 name, line = lines.get(timeout=0.2)
@@ -385,6 +477,8 @@ def run_supernode(
                 sys.stderr.write(line)
                 tail = [*tail[-40:], line]
                 last_lines[name] = [*last_lines.get(name, [])[-5:], line]
+                if name == "supernode":
+                    status.observe(line)
                 if any(pattern in line for pattern in FATAL_PATTERNS):
                     fatal = True
                     break
@@ -398,6 +492,7 @@ def run_supernode(
                 break
     except KeyboardInterrupt:
         _stop_all(processes)
+        status.stopped("interrupted (Ctrl-C or SIGTERM)")
         return 130
     codes = {name: process.poll() for name, process in processes.items()}
     _stop_all(processes)
@@ -405,13 +500,19 @@ def run_supernode(
         codes["supernode"] if codes["supernode"] is not None else processes["supernode"].returncode
     )
     if fatal or (stopped == "supernode" and code != 0):
-        raise FedgovError(explain_supernode_exit(settings, code, "".join(tail)))
+        reason = explain_supernode_exit(settings, code, "".join(tail))
+        status.stopped(reason)
+        if ACTIVATION_REFUSED in "".join(tail):
+            raise ActivationRefused(reason)
+        raise FedgovError(reason)
     if stopped == "superexec":
         said = [line.strip() for line in last_lines.get("superexec", []) if line.strip()]
-        raise FedgovError(
-            f"site {settings.site_id}: the SuperExec exited with code {codes['superexec']}"
-            + (f" ({said[-1]})" if said else "")
+        reason = f"site {settings.site_id}: the SuperExec exited with code {codes['superexec']}" + (
+            f" ({said[-1]})" if said else ""
         )
+        status.stopped(reason)
+        raise FedgovError(reason)
+    status.stopped(f"the SuperNode exited with code {code}")
     return 0
 
 

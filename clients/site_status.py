@@ -141,6 +141,21 @@ class DaemonStatus:
         self.write()
 
 
+def previous_node_id(site_dir: str | Path) -> int | None:
+    """The node id the site's last daemon connected as (None: it never connected)."""
+    data, _ = _read_json(Path(site_dir) / DAEMON_FILE)
+    node_id = (data or {}).get("node_id")
+    return node_id if isinstance(node_id, int) else None
+
+
+def previous_daemon_crashed(site_dir: str | Path) -> bool:
+    """Whether the site's last daemon ended without saying so (killed or crashed)."""
+    data, _ = _read_json(Path(site_dir) / DAEMON_FILE)
+    if not data or data.get("state") == "stopped":
+        return False
+    return not process_alive(data.get("pid"), data.get("pid_start"))
+
+
 def record_activity(
     site_dir: str | Path,
     *,

@@ -195,6 +195,18 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--json", action="store_true", help="machine-readable output")
     budget.set_defaults(handler=_site_budget)
 
+    status = actions.add_parser(
+        "status",
+        help="say whether the site's daemon runs and is connected, and what it last did",
+        description="Read the site folder: the daemon's daemon.json (its pid, checked alive, and "
+        "the connection as its SuperNode logged it), the last train request answered "
+        "(activity.json: run, round, trained or declined) and ε spent against the cap (the "
+        "ledger). Exit 0 whatever the state; --json for scripts.",
+    )
+    status.add_argument("--config", default="site.yaml", help="site config (default: %(default)s)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_site_status)
+
 
 def _site_init(args: argparse.Namespace) -> int:
     from clients.connector import load_schema_file, read_site_table
@@ -211,7 +223,7 @@ def _site_init(args: argparse.Namespace) -> int:
 
 
 def _site_start(args: argparse.Namespace) -> int:
-    from clients.daemon import check_site, load_site_settings, run_supernode
+    from clients.daemon import check_site, load_site_settings, run_site
 
     settings = load_site_settings(args.config)
     insecure = args.insecure or settings.insecure
@@ -225,7 +237,7 @@ def _site_start(args: argparse.Namespace) -> int:
     if args.check:
         return 0
     runtime = "stock" if args.stock_executor else "fork" if args.stock_supernode else "fedgov"
-    return run_supernode(settings, insecure, args.max_wait, runtime)
+    return run_site(settings, insecure, args.max_wait, runtime)
 
 
 def _site_budget(args: argparse.Namespace) -> int:
@@ -237,6 +249,18 @@ def _site_budget(args: argparse.Namespace) -> int:
     settings = load_site_settings(args.config)
     summary = read_budget(settings.site_dir, settings.site_id, settings.epsilon_cap)
     print(json.dumps(summary.as_dict(), indent=2) if args.json else format_budget(summary))
+    return 0
+
+
+def _site_status(args: argparse.Namespace) -> int:
+    import json
+
+    from clients.daemon import load_site_settings
+    from clients.site_status import format_status, read_status
+
+    settings = load_site_settings(args.config)
+    status = read_status(settings.site_dir, settings.site_id, settings.epsilon_cap)
+    print(json.dumps(status.as_dict(), indent=2) if args.json else format_status(status))
     return 0
 
 
