@@ -258,6 +258,52 @@ def test_fused_clipping_equals_opacus_per_sample_clipping(model, shape, classes)
     clipper.remove()
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_clipping_is_exact_for_either_image_layout(memory_format):
+    """Grey images sliced from a NumPy array may arrive channels-last (channel stride 1): the
+    network then runs channels-last and so do its output gradients; per-record norms and the
+    clipped sum must not depend on it. Reference: a naive loop, one record's backward at a time."""
+    torch.manual_seed(3)
+    model = SmallCNN((1, 28, 28), 10, 8)
+    x = torch.randn(9, 1, 28, 28).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (9,))
+    per_record = []
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        per_record.append([p.grad.detach().clone() for p in model.parameters()])
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_record])
+    max_norm = float(norms.median())
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1)
+    expected = [sum(s * grads[k] for s, grads in zip(scale, per_record, strict=True))
+                for k in range(len(per_record[0]))]  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    clipper = FusedClipper(model)
+    _, fused_norms = clipper.clipped_gradient_sum(x, y, max_norm)
+    clipper.remove()
+    torch.testing.assert_close(fused_norms, norms, rtol=1e-4, atol=1e-5)
+    for parameter, reference_grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, reference_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(("channels_in", "padding"), [(1, 1), (1, 0), (3, 1)])
+def test_conv_per_record_gradients_equal_unfold_in_either_layout(
+    memory_format, channels_in, padding
+):
+    torch.manual_seed(2)
+    layer = nn.Conv2d(channels_in, 5, kernel_size=3, padding=padding)
+    inputs = torch.randn(4, channels_in, 9, 7)
+    grads = torch.randn(4, 5, 9 - 2 * (1 - padding), 7 - 2 * (1 - padding))
+    expected = torch.bmm(grads.flatten(2), nn.functional.unfold(inputs, 3, padding=padding).mT)
+    got = conv2d_per_record_weight_grads(
+        layer,
+        inputs.contiguous(memory_format=memory_format),
+        grads.contiguous(memory_format=memory_format),
+    )
+    torch.testing.assert_close(got, expected)
+
+
 def test_grouped_conv_per_record_gradients_equal_unfold():
     torch.manual_seed(1)
     layer = nn.Conv2d(3, 5, kernel_size=3, padding=1)
