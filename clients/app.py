@@ -17,12 +17,14 @@ from clients import secagg
 from clients.site_data import SiteData, load_site_data
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
+from fedgov import wire
 from fedgov.config import RunConfig, from_flower_config
 from fedgov.evaluation import evaluate
 from privacy.secagg.protocol import ABORT, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
-app = ClientApp()
+# Weights arrive and leave packed in one object when the server sends them so (fedgov/wire.py).
+app = ClientApp(mods=[wire.client_mod])
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 

@@ -5,17 +5,30 @@ the messages and polls with a back-off from 10 ms to 100 ms, so a round ends as 
 site answers. A reply seen that early may still be uploading its objects (the model's arrays),
 and Flower's Grid then retries after 1 s, 2 s...: on a SuperLink, the ServerApp's process
 retries after 20 ms instead (fedgov/flower_hooks.py, guarded by checks of Flower's internals).
+On a SuperLink, each message's model weights also travel as one packed object each way
+(fedgov/wire.py): Flower sends every object of a message as an HTTP request of its own. Grids
+that hand messages over in memory (Flower's simulation, the tests' in-process grid) carry them
+as they are; the ClientApp answers in the form it was asked, and the handlers and the strategy
+see the same records either way.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+try:  # the ServerApp's grid on a SuperLink
+    from flwr.superlink.grid.http_grid import HttpGrid
+except ImportError:  # pragma: no cover - another Flower: messages go unpacked
+    HttpGrid = None  # type: ignore[assignment,misc]
+
+from fedgov import wire
 from fedgov.flower_hooks import install_grid_pull_tuning
 
 FIRST_POLL_SECONDS = 0.01
@@ -32,20 +45,43 @@ def exchange(
     ``max_poll`` caps the back-off between pulls (short exchanges, such as secure
     aggregation's key stages, use a lower cap so that they are not rounded up to it).
     """
-    pending = set(grid.push_messages(list(messages)))
+    messages = list(messages)
+    if packs_weights(grid):
+        wire.pack_messages(messages)
+    pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     pause = min(FIRST_POLL_SECONDS, max_poll)
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        replies.extend(reply for reply in arrived if _unpacked(reply))
         if pending and not arrived:
             time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
             pause = min(pause * 2, max_poll)
         elif arrived:
             pause = FIRST_POLL_SECONDS
     return replies
+
+
+def _unpacked(reply: Message) -> bool:
+    """Restore a reply's packed weights; False (the reply is dropped, as if never sent) when
+    they are malformed: one broken site must not stop the round."""
+    try:
+        wire.unpack_message(reply)
+    except Exception as error:  # anything a malformed packed record may raise
+        log(WARNING, "dropping a reply of node %s: unreadable packed weights (%s)",
+            reply.metadata.src_node_id, error)  # fmt: skip
+        return False
+    return True
+
+
+def packs_weights(grid: Grid) -> bool:
+    """Whether ``grid`` sends messages to sites over the network (a SuperLink's HTTP API), where
+    every object of a message is a request and packing the weights into one pays."""
+    while isinstance(grid, SampledGrid):
+        grid = grid._grid
+    return HttpGrid is not None and isinstance(grid, HttpGrid)
 
 
 class SampledGrid(Grid):
