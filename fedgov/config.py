@@ -16,7 +16,7 @@ from typing import Any
 from fedgov.errors import ConfigError
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
-MODEL_NAMES = ("mlp", "logreg", "cnn")
+MODEL_NAMES = ("mlp", "logreg", "cnn", "gabor")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 SECAGG_NAMES = ("off", "secaggplus")
 # Strategies whose aggregate is a weighted mean, so a secure sum of the updates is all they need.
@@ -42,7 +42,11 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    """The model every site trains: mlp | logreg (tabular) or cnn (images)."""
+    """The model every site trains: mlp | logreg (any data) or cnn | gabor (images).
+
+    gabor: a linear head on fixed Gabor-energy features (fedgov.models.GaborLinear), the
+    DP-friendly image model: far fewer trainable weights for DP-SGD's noise to land on.
+    """
 
     name: str = "mlp"
     hidden: int = 64  # width of the MLP's hidden layers / channels of the CNN's first conv
@@ -284,9 +288,10 @@ def validate(cfg: RunConfig) -> None:
     validate_privacy(cfg)
     validate_secagg(cfg)
     image = cfg.dataset.name in ("digits", "mnist5k")
-    if image != (cfg.model.name == "cnn") and cfg.model.name == "cnn":
+    if cfg.model.name in ("cnn", "gabor") and not image:
         raise ConfigError(
-            f"model.name: 'cnn' needs an image dataset (digits, mnist5k), not '{cfg.dataset.name}'"
+            f"model.name: '{cfg.model.name}' needs an image dataset (digits, mnist5k), not "
+            f"'{cfg.dataset.name}'"
         )
 
 

@@ -103,6 +103,7 @@ def test_unknown_group_option_lists_the_choices():
         ({"train.lr": -1.0}, "train.lr"),
         ({"rounds": "three"}, "rounds"),
         ({"model.name": "cnn"}, "model.name"),  # cnn on the tabular default dataset
+        ({"model.name": "gabor"}, "model.name"),  # so is gabor
         ({"federation.num_site": 3}, "federation.num_site"),
     ],
 )
@@ -112,3 +113,14 @@ def test_bad_values_name_the_field(flat, field):
     message = str(info.value)
     assert message.startswith(field) or f"'{field}'" in message
     assert "\n" not in message
+
+
+def test_the_image_dp_preset_composes_into_a_dp_run_of_the_gabor_model():
+    composed = _compose("dataset=mnist5k", "privacy=sample_dp_images", "rounds=8")
+    cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))
+    assert (cfg.model.name, cfg.privacy.name, cfg.privacy.target_epsilon) == (
+        "gabor",
+        "sample_dp",
+        8,
+    )
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.rounds) == (320, 0.8, 8)

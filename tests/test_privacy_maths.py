@@ -20,7 +20,7 @@ from torch import nn
 from clients.dp_training import DpSgdPlan, train_local_dp
 from fedgov.config import TrainConfig
 from fedgov.datasets import Dataset, load_dataset
-from fedgov.models import MLP, LogisticRegression, SmallCNN
+from fedgov.models import MLP, GaborLinear, LogisticRegression, SmallCNN
 from privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     epsilon,
@@ -234,6 +234,7 @@ class _StridedNet(nn.Module):
         (SmallCNN((1, 28, 28), 10, 8), (1, 28, 28), 10),
         (SmallCNN((1, 8, 8), 10, 4), (1, 8, 8), 10),
         (_StridedNet(), (2, 8, 8), 4),
+        (GaborLinear((1, 28, 28), 10), (1, 28, 28), 10),
     ],
 )
 def test_fused_clipping_equals_opacus_per_sample_clipping(model, shape, classes):
