@@ -48,13 +48,17 @@ def exchange(
     messages = list(messages)
     if packs_weights(grid):
         wire.pack_messages(messages)
-    pending = set(grid.push_messages(messages))
+    message_ids = list(grid.push_messages(messages))
+    addressee = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=False)}
+    pending = set(message_ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     pause = min(FIRST_POLL_SECONDS, max_poll)
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        for reply in arrived:
+            _attribute_to_addressee(reply, addressee)
         replies.extend(reply for reply in arrived if _unpacked(reply))
         if pending and not arrived:
             time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -62,6 +66,15 @@ def exchange(
         elif arrived:
             pause = FIRST_POLL_SECONDS
     return replies
+
+
+def _attribute_to_addressee(reply: Message, addressee: dict[str, int]) -> None:
+    """A reply the SuperLink wrote itself (an unavailable node, an expired message) comes from
+    the SuperLink's node id: name the node it was addressed to as its sender, so that the
+    failure is recorded against the right site."""
+    node_id = addressee.get(reply.metadata.reply_to_message_id)
+    if node_id is not None and reply.metadata.src_node_id != node_id and reply.has_error():
+        reply.metadata.__dict__["_src_node_id"] = node_id
 
 
 def _unpacked(reply: Message) -> bool:
