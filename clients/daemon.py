@@ -430,6 +430,10 @@ def run_supernode(
         write_superexec_secret(settings)
     if runtime == "fedgov" and doorbell.available():
         env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
+    if runtime != "stock":  # the zygote reads the site's rows once, before forking any task
+        from clients.site_data import DATA_ENV, SCHEMA_ENV
+
+        env[DATA_ENV], env[SCHEMA_ENV] = str(settings.data), str(settings.schema)
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
 

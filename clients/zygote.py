@@ -212,6 +212,14 @@ def warm_up_libraries() -> None:
         sys.modules["pandas"].read_csv(io.StringIO("a,b\n1,2.5\n"))
 
 
+def warm_up_site_data() -> None:
+    """The site's own rows, read and validated once (``fedgov site start`` names the files in
+    the environment): every forked task that runs on the preloaded app finds them in memory,
+    and reads them again only if a file changed since."""
+    if "clients.site_data" in sys.modules:
+        sys.modules["clients.site_data"].preload_site_rows()
+
+
 def load_entry(entry: str):
     module, _, attribute = entry.partition(":")
     target = importlib.import_module(module)
@@ -267,7 +275,7 @@ class Zygote:
                 failed[name] = f"{type(error).__name__}: {error}"
         problems = ["bare"]
         if not self.bare:
-            for warm in (warm_up_torch, warm_up_libraries):
+            for warm in (warm_up_torch, warm_up_libraries, warm_up_site_data):
                 try:
                     warm()
                 except Exception as error:
