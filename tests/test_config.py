@@ -116,11 +116,11 @@ def test_bad_values_name_the_field(flat, field):
 
 
 def test_the_image_dp_preset_composes_into_a_dp_run_of_the_gabor_model():
-    composed = _compose("dataset=mnist5k", "privacy=sample_dp_images", "rounds=8")
+    composed = _compose("dataset=mnist5k", "privacy=sample_dp_images", "rounds=15")
     cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))
     assert (cfg.model.name, cfg.privacy.name, cfg.privacy.target_epsilon) == (
         "gabor",
         "sample_dp",
         8,
     )
-    assert (cfg.train.batch_size, cfg.train.lr, cfg.rounds) == (320, 0.8, 8)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.rounds) == (320, 2.0, 15)
