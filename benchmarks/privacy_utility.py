@@ -16,8 +16,11 @@
    ``privacy.target_epsilon`` = ε (each site picks σ to spend ε over the run, δ = 1e-5), against
    the same recipe without DP (ε = ∞); central accuracy on the held-out rows.
    - RAND HIE, 6 natural sites (hospital-like), MLP;
-   - MNIST-5k split iid over 5 sites, the small CNN and logistic regression.
-   The target is ≥ 0.97 of the non-private federated accuracy at ε = 8.
+   - MNIST-5k split iid over 5 sites: the small CNN, a linear head on fixed Gabor features
+     (``model=gabor``, the DP-friendly image model) and logistic regression.
+   DP runs and non-private runs each use their own tuned settings (``Recipe``). The target is
+   ≥ 0.97 of the non-private federated accuracy at ε = 8, judged against the best non-private
+   accuracy of any recipe on the same data set.
 
 Each DP run uses fresh site folders (a fresh ledger per site) under a temporary directory. DP noise
 comes from each site's secret key, so accuracies vary a little from run to run.
@@ -196,25 +199,45 @@ def step_times(repeats: int, quick: bool, opacus: bool = True) -> list[dict[str,
 # ---- 2. accuracy at each ε -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
+    """A federation and model; ``public``/``private``: settings for the runs without / with DP.
+
+    Each side gets its own tuned settings: DP-SGD wants larger batches, fewer steps and a step
+    size matched to the clipping norm, while the non-private baseline is trained to convergence
+    (not handicapped by the DP recipe's short schedule).
+    """
+
     label: str
     overrides: dict[str, object]
+    public: dict[str, object]
+    private: dict[str, object]
 
 
+MNIST_5K = {"dataset.name": "mnist5k", "dataset.partitioner": "iid", "federation.num_sites": 5}
 RECIPES = (
     Recipe(
         "RAND HIE, 6 natural sites, MLP",
         {"dataset.name": "randhie", "model.name": "mlp", "federation.num_sites": 6,
          "rounds": 10, "train.batch_size": 256, "train.lr": 0.5},
+        {}, {},
     ),
     Recipe(
         "MNIST-5k, 5 iid sites, small CNN",
-        {"dataset.name": "mnist5k", "dataset.partitioner": "iid", "model.name": "cnn",
-         "federation.num_sites": 5, "rounds": 15, "train.batch_size": 128, "train.lr": 0.1},
+        {**MNIST_5K, "model.name": "cnn"},
+        {"rounds": 30, "train.batch_size": 32, "train.lr": 0.05},
+        {"rounds": 15, "train.batch_size": 128, "train.lr": 0.5, "privacy.max_grad_norm": 1.0},
+    ),
+    Recipe(
+        "MNIST-5k, 5 iid sites, Gabor features+linear",
+        {**MNIST_5K, "model.name": "gabor"},
+        {"rounds": 30, "train.batch_size": 128, "train.lr": 0.1},
+        # conf/privacy/sample_dp_images.yaml
+        {"rounds": 15, "train.batch_size": 320, "train.lr": 2.0, "privacy.max_grad_norm": 1.0},
     ),
     Recipe(
         "MNIST-5k, 5 iid sites, logistic regression",
-        {"dataset.name": "mnist5k", "dataset.partitioner": "iid", "model.name": "logreg",
-         "federation.num_sites": 5, "rounds": 15, "train.batch_size": 128, "train.lr": 0.5},
+        {**MNIST_5K, "model.name": "logreg", "rounds": 15, "train.batch_size": 128,
+         "train.lr": 0.5},
+        {}, {},
     ),
 )  # fmt: skip
 
@@ -225,7 +248,8 @@ def _run(recipe: Recipe, eps: float | None, work: Path, quick: bool) -> dict[str
     from fedgov.config import RunConfig, from_flower_config, to_flower_config
     from simulations.engine import run_simulation
 
-    flat = {**to_flower_config(RunConfig()), **recipe.overrides, "progress": False}
+    side = recipe.public if eps is None else recipe.private
+    flat = {**to_flower_config(RunConfig()), **recipe.overrides, **side, "progress": False}
     if quick:
         flat["rounds"] = max(2, int(flat["rounds"]) // 3)
     name = f"{recipe.overrides['dataset.name']}-{recipe.overrides['model.name']}-{eps or 'inf'}"
@@ -247,15 +271,25 @@ def _run(recipe: Recipe, eps: float | None, work: Path, quick: bool) -> dict[str
             "epsilon_spent": spent}  # fmt: skip
 
 
-def accuracies(quick: bool) -> list[dict[str, object]]:
+def accuracies(quick: bool, only: str = "") -> list[dict[str, object]]:
+    """Every recipe at every ε. ``of_own``: accuracy over the recipe's own non-private one;
+    ``of_best``: over the best non-private accuracy of any recipe on the same data set (the
+    federation trained as well as this benchmark knows how), which the target is judged on."""
     rows = []
+    best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fedgov-privacy-bench-") as tmp:
         for recipe in RECIPES:
+            if only and only.lower() not in recipe.label.lower():
+                continue
             results = {eps: _run(recipe, eps, Path(tmp), quick) for eps in EPSILONS}
             baseline = results[None]["accuracy"]
+            dataset = str(recipe.overrides["dataset.name"])
+            best[dataset] = max(best.get(dataset, 0.0), baseline)
             for eps, result in results.items():
-                rows.append({"recipe": recipe.label, "epsilon": eps, **result,
-                             "of_non_private": result["accuracy"] / baseline})  # fmt: skip
+                rows.append({"recipe": recipe.label, "dataset": dataset, "epsilon": eps,
+                             **result, "of_own": result["accuracy"] / baseline})  # fmt: skip
+    for row in rows:
+        row["of_best"] = row["accuracy"] / best[row["dataset"]]
     return rows
 
 
@@ -266,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--skip-accuracy", action="store_true", help="step times only")
     parser.add_argument("--skip-opacus", action="store_true", help="time fedgov's DP-SGD only")
+    parser.add_argument("--only", default="", help="accuracy: recipes whose label contains this")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     from simulations.engine import quiet_flower_logs, set_flower_environment
@@ -283,17 +318,20 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)  # fmt: skip
     if args.skip_accuracy:
         return
-    print("\nFederated central accuracy by ε (sample-level DP, δ = 1e-5; ∞ = no DP)")
-    print(f"{'recipe':<44} {'ε':>4} {'spent':>6} {'accuracy':>9} {'of ∞':>6} {'seconds':>8}")
-    for row in accuracies(args.quick):
+    print("\nFederated central accuracy by ε (sample-level DP, δ = 1e-5; ∞ = no DP); 'of ∞':")
+    print("over the recipe's own non-private accuracy; 'of best': over the best non-private one")
+    print("on the same data set (the target: ≥ 0.97 at ε = 8)")
+    print(f"{'recipe':<46} {'ε':>4} {'spent':>6} {'accuracy':>9} {'of ∞':>6} {'of best':>7} "
+          f"{'seconds':>8}")  # fmt: skip
+    for row in accuracies(args.quick, args.only):
         eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:g}"
         spent = "-" if row["epsilon_spent"] is None else f"{row['epsilon_spent']:.2f}"
         note = ""
         if row["epsilon"] == 8.0:
-            note = "  ok (≥ 0.97)" if row["of_non_private"] >= 0.97 else "  below 0.97"
+            note = "  ok (≥ 0.97)" if row["of_best"] >= 0.97 else "  below 0.97"
         print(
-            f"{row['recipe']:<44} {eps:>4} {spent:>6} {row['accuracy']:>9.4f} "
-            f"{row['of_non_private']:>6.3f} {row['seconds']:>8.1f}{note}",
+            f"{row['recipe']:<46} {eps:>4} {spent:>6} {row['accuracy']:>9.4f} "
+            f"{row['of_own']:>6.3f} {row['of_best']:>7.3f} {row['seconds']:>8.1f}{note}",
             flush=True,
         )
 
