@@ -225,16 +225,7 @@ class SiteLedger:
                     released, spent, released.epsilon_after, _history_until(state, released),
                     repeat=True,
                 )  # fmt: skip
-            spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
-            if spend.epsilon_after > cap:
-                state.declines.append(
-                    Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
-                )
-                self.write(state)
-                return Reservation(None, spent, spend.epsilon_after, history)
-            state.spends.append(spend)
-            self.write(state)
-            return Reservation(spend, spent, spend.epsilon_after, state.history())
+            return self._reserve_new(state, spend, spent, cap)
 
     def release(self, spend: Spend, signature: str, update_sha256: str = "") -> None:
         """Mark ``spend`` released with its receipt's signature (before the reply leaves)."""
@@ -272,16 +263,24 @@ class SiteLedger:
             fresh = dataclasses.replace(
                 released, status=PENDING, signature="", update_sha256="", recorded_at=time.time()
             )
-            fresh.epsilon_after = epsilon_after(history, fresh.entry, fresh.delta, fresh.accountant)
-            if fresh.epsilon_after > cap:
-                state.declines.append(
-                    Decline(fresh.run_id, fresh.round, "privacy budget exhausted", spent, cap)
-                )
-                self.write(state)
-                return Reservation(None, spent, fresh.epsilon_after, history)
-            state.spends.append(fresh)
+            return self._reserve_new(state, fresh, spent, cap)
+
+    def _reserve_new(
+        self, state: LedgerState, spend: Spend, spent: float, cap: float
+    ) -> Reservation:
+        """Write ``spend`` ahead as pending, or a decline when it would take ε (``spent`` now)
+        above ``cap``; the caller holds the lock and read ``state``."""
+        history = state.history()
+        spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
+        if spend.epsilon_after > cap:
+            state.declines.append(
+                Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
+            )
             self.write(state)
-            return Reservation(fresh, spent, fresh.epsilon_after, state.history())
+            return Reservation(None, spent, spend.epsilon_after, history)
+        state.spends.append(spend)
+        self.write(state)
+        return Reservation(spend, spent, spend.epsilon_after, state.history())
 
     def record_decline(self, decline: Decline) -> None:
         with self.locked():
