@@ -25,3 +25,13 @@ def simulate(tmp_path):
 
     run.root = tmp_path  # type: ignore[attr-defined]
     return run
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Real processes a test starts (tests/processes.py): all stopped when it ends, and the test
+    fails if any outlived it."""
+    from processes import managed_processes
+
+    with managed_processes(tmp_path / "logs") as group:
+        yield group

@@ -32,6 +32,7 @@ PROC = Path("/proc")
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 LOOPBACK = "127.0.0.1"
+FEDGOV = [sys.executable, "-m", "fedgov"]  # the fedgov command, as an operator runs it
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
@@ -357,3 +358,36 @@ def _signal(pid: int, sig: int) -> None:
 def _signal_group(pgid: int, sig: int) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def fedgov(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run one ``fedgov`` command to its end in ``cwd``; its output is captured as text."""
+    return subprocess.run(
+        [*FEDGOV, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every process descended from it, at once (no chance to clean up);
+    returns the pids signalled."""
+    children, doomed, todo = _children(), [], [pid]
+    while todo:
+        current = todo.pop()
+        doomed.append(current)
+        todo.extend(children.get(current, []))
+    for victim in doomed:
+        with suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    return doomed
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid → the pids of its live children (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, ValueError):
+                text = (entry / "stat").read_text()
+                parent = int(text[text.rindex(")") + 2 :].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    return children

@@ -21,21 +21,17 @@ Both check ``fedgov site status`` against what happened. Runtime: 1.5 to 4.5 min
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from processes import PROC, ProcessGroup, Started, free_ports, managed_processes
+from processes import FEDGOV, PROC, ProcessGroup, Started, fedgov, free_ports, kill_tree
 
 from fedgov.datasets import load_dataset, load_table
 from fedgov.records import load_safetensors
@@ -45,7 +41,6 @@ from privacy.report import verify_report
 
 pytestmark = pytest.mark.slow
 
-FEDGOV = [sys.executable, "-m", "fedgov"]
 HOSPITALS = ("hosp-30061", "hosp-30006", "hosp-30088")
 START_TIMEOUT = 90.0
 RUN_TIMEOUT = 400.0
@@ -54,18 +49,6 @@ RUN = [
     "dataset=medpar", "federation.num_sites=3", "privacy=sample_dp", "seed=11",
     "progress=true", "run_id=crash-recovery",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
-    with managed_processes(tmp_path / "logs") as group:
-        yield group
-
-
-def fedgov(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FEDGOV, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 class Federation:
@@ -135,30 +118,6 @@ class Federation:
     def run(self, name: str, *args: str) -> Started:
         return self.processes.start(name, [*FEDGOV, "run", "--config", "server.yaml", *args],
                                     cwd=self.coordinator)  # fmt: skip
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError):
-                text = (entry / "stat").read_text()
-                parent = int(text[text.rindex(")") + 2 :].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    return children
-
-
-def _kill_tree(pid: int) -> list[int]:
-    """SIGKILL ``pid`` and every process descended from it, at once (no chance to clean up)."""
-    children, doomed, todo = _children(), [], [pid]
-    while todo:
-        current = todo.pop()
-        doomed.append(current)
-        todo.extend(children.get(current, []))
-    for victim in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
-    return doomed
 
 
 def _argv(pid: int) -> list[str]:
@@ -240,7 +199,7 @@ def test_a_coordinator_killed_after_round_two_resumes_to_the_uninterrupted_model
     assert serverapps, processes.describe(processes.live_pids())
     # The whole coordinator dies at once: `fedgov server start`, its SuperLink and SuperExec, the
     # ServerApp, and the `fedgov run` that launched the run.
-    doomed = _kill_tree(federation.link.pid) + _kill_tree(crashed.pid)
+    doomed = kill_tree(federation.link.pid) + kill_tree(crashed.pid)
     assert set(serverapps) <= set(doomed)
     federation.link.popen.wait(timeout=10)
     crashed.popen.wait(timeout=10)
@@ -328,7 +287,7 @@ def test_a_site_killed_mid_round_rejoins_later_with_its_ledger_intact(tmp_path, 
     processes.wait_until(training_round_two, RUN_TIMEOUT, f"{victim_site} training round 2",
                          [federation.link, run], interval=0.01)  # fmt: skip
     daemon = federation.daemons.pop(victim)
-    killed = _kill_tree(daemon.pid)
+    killed = kill_tree(daemon.pid)
     daemon.popen.wait(timeout=10)
     before = _ledger(victim)
     assert [(s.round, s.status) for s in before.spends] == [(1, RELEASED), (2, PENDING)]

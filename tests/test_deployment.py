@@ -12,7 +12,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from processes import (
     ProcessGroup,
     free_ports,
     listening_addresses,
-    managed_processes,
     port_is_open,
 )
 from safetensors.numpy import load_file
@@ -43,13 +41,6 @@ ROUNDS = 2
 CONNECTION = "fedgov-test"
 START_TIMEOUT = 60.0  # seconds for the SuperLink to listen and each SuperNode to register
 RUN_TIMEOUT = 240.0  # seconds for the whole run, once started
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
-    """Processes logging to ``tmp_path/logs``, all stopped (and checked gone) on teardown."""
-    with managed_processes(tmp_path / "logs") as group:
-        yield group
 
 
 def _write_connection(flwr_home: Path, port: int) -> None:

@@ -9,34 +9,18 @@ The sites run fedgov's default runtime (SuperNode + forking SuperExec, clients/d
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from processes import ProcessGroup, free_ports, managed_processes
+from processes import FEDGOV, fedgov, free_ports
 
 from fedgov.datasets import load_dataset, load_table
 
 pytestmark = pytest.mark.slow
 
-FEDGOV = [sys.executable, "-m", "fedgov"]
 SITES = ("hosp-30061", "hosp-30006")  # the two largest medpar hospitals
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
-    with managed_processes(tmp_path / "logs") as group:
-        yield group
-
-
-def fedgov(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*FEDGOV, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def _site_files(root: Path, site: str) -> tuple[Path, Path]:

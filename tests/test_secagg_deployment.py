@@ -8,21 +8,17 @@ the sum of the other three sites' quantised updates, which this test recomputes 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from processes import LOOPBACK, PROC, ProcessGroup, Started, free_ports, managed_processes
+from processes import LOOPBACK, ProcessGroup, free_ports, kill_tree
 from safetensors.numpy import load_file
 
 from clients.site_data import load_site_data
@@ -48,40 +44,12 @@ RUN_TIMEOUT = 300.0
 CONNECTION = "fedgov-secagg-test"
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
-    with managed_processes(tmp_path / "logs") as group:
-        yield group
-
-
 def _config(run_dir: Path) -> RunConfig:
     cfg = RunConfig(rounds=1, output_dir=str(run_dir), progress=False)
     cfg.dataset.name, cfg.dataset.partitioner = "synthetic", "natural"
     cfg.federation.num_sites, cfg.federation.round_timeout = NUM_SITES, 120.0
     cfg.secagg.name, cfg.secagg.timeout = "secaggplus", STAGE_TIMEOUT
     return cfg
-
-
-def _kill_tree(proc: Started) -> None:
-    """SIGKILL ``proc`` and every process descended from it (a SuperNode dies abruptly)."""
-    children: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            try:
-                text = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(text[text.rindex(")") + 2 :].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    doomed, todo = [], [proc.pid]
-    while todo:
-        pid = todo.pop()
-        doomed.append(pid)
-        todo.extend(children.get(pid, []))
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.popen.wait(timeout=10)
 
 
 def _expected_ring_sum(
@@ -166,7 +134,8 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     # It has shared its keys (setup and share_keys done): kill it as the masked input is asked.
     processes.wait_for_log(victim, r"Receiving: train\.secagg_masked_input", RUN_TIMEOUT)
     killed_at = time.monotonic()
-    _kill_tree(victim)
+    kill_tree(victim.pid)
+    victim.popen.wait(timeout=10)
     assert not victim.running()
 
     metrics_path = run_dir / "metrics.json"

@@ -340,14 +340,6 @@ def test_site_runtimes_command_lines(tmp_path):
 # ---- the site daemon's two processes, started, watched and stopped together ------------------
 
 
-@pytest.fixture
-def processes(tmp_path):
-    from processes import managed_processes
-
-    with managed_processes(tmp_path / "logs") as group:
-        yield group
-
-
 def _insecure_site(tmp_path: Path) -> Path:
     """A valid site folder whose coordinator (a free port) never answers."""
     import yaml
