@@ -152,7 +152,10 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     survivors = ["site-00", "site-01", "site-02"]
     assert not record["aborted"], record
     assert record["participants"] == survivors
-    assert record["dropouts"] == {"site-03": {"stage": "masked_input", "reason": "no reply"}}
+    # Silent until the stage timeout, or reported by the SuperLink once its heartbeats lapsed
+    (dropout,) = record["dropouts"].values()
+    assert list(record["dropouts"]) == ["site-03"] and dropout["stage"] == "masked_input"
+    assert dropout["reason"] == "no reply" or "Node Unavailable" in dropout["reason"], dropout
     summary = record["secagg"]
     assert summary["sites"] == NUM_SITES and summary["threshold"] == 3
     # site-03 shared its keys, so the sum needed its mask key rebuilt from the others' shares
