@@ -46,13 +46,19 @@ def _now() -> float:
     return time.time()
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None elsewhere/gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None if gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None elsewhere/gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def process_alive(pid: int | None, start_ticks: int | None = None) -> bool:
@@ -66,13 +72,10 @@ def process_alive(pid: int | None, start_ticks: int | None = None) -> bool:
     except PermissionError:
         pass
     if Path("/proc").is_dir():
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in "ZX":  # gone, or a zombie: it has exited
             return False
-        if state[state.rindex(")") + 2 :].split()[0] in "ZX":  # a zombie has exited
-            return False
-        if start_ticks is not None and process_start_ticks(pid) != start_ticks:
+        if start_ticks is not None and int(fields[19]) != start_ticks:
             return False  # the pid now belongs to another process
     return True
 

@@ -75,7 +75,9 @@ def compute_update(
     run_id = keys.config_run_id(config, context.run_id)
     server_round = int(config.get(keys.SERVER_ROUND, 0))
     try:
-        update, spent = _compute_update(cfg, site, global_arrays, config, context, run_id)
+        update, spent = _compute_update(
+            cfg, site, global_arrays, config, context, run_id, server_round
+        )
     except SiteDeclined as declined:
         _record(context, run_id, server_round, "declined", declined.reason,
                 declined.details.get("epsilon_spent"))  # fmt: skip
@@ -107,10 +109,10 @@ def _compute_update(
     config: ConfigRecord,
     context: Context,
     run_id: str,
+    server_round: int,
 ) -> tuple[SiteUpdate, float | None]:
     """:func:`compute_update`'s work; also returns the site's ε after it (None without DP)."""
     model = site_model(cfg, site, global_arrays)
-    server_round = int(config.get(keys.SERVER_ROUND, 0))
     proximal_mu = float(config.get("proximal-mu", 0.0))
     budget = None
     if sample_level_on(cfg):
@@ -143,10 +145,7 @@ def _compute_update(
     if site_level_on(cfg):
         arrays = _site_level_release(cfg, global_arrays, arrays, config)
     receipt = None
-    if budget is not None:
-        from clients.site_privacy import BudgetRefusal
-        from privacy.receipts import arrays_sha256
-
+    if budget is not None:  # BudgetRefusal, arrays_sha256: imported above with the budget
         try:
             signed = budget.release(arrays_sha256(arrays_to_numpy(arrays)))
         except BudgetRefusal as refusal:  # a retried round that would be a new, too large spend

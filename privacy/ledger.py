@@ -221,10 +221,7 @@ class SiteLedger:
             spent = epsilon(history, spend.delta, spend.accountant)
             released = _released_before(state, spend)
             if released is not None:  # a retry of a release: nothing new unless the bits differ
-                return Reservation(
-                    released, spent, released.epsilon_after, _history_until(state, released),
-                    repeat=True,
-                )  # fmt: skip
+                return _repeat(state, released, spent)
             return self._reserve_new(state, spend, spent, cap)
 
     def release(self, spend: Spend, signature: str, update_sha256: str = "") -> None:
@@ -256,10 +253,7 @@ class SiteLedger:
             history = state.history()
             spent = epsilon(history, released.delta, released.accountant)
             if update_sha256 and update_sha256 == released.update_sha256:
-                return Reservation(
-                    released, spent, released.epsilon_after, _history_until(state, released),
-                    repeat=True,
-                )  # fmt: skip
+                return _repeat(state, released, spent)
             fresh = dataclasses.replace(
                 released, status=PENDING, signature="", update_sha256="", recorded_at=time.time()
             )
@@ -294,14 +288,19 @@ def _released_before(state: LedgerState, new: Spend) -> Spend | None:
     for existing in reversed(state.spends):
         if (
             existing.status == RELEASED
-            and existing.run_id == new.run_id
-            and existing.round == new.round
-            and existing.input_sha256 == new.input_sha256
+            and _same_round(existing, new)
             and (existing.entry, existing.delta, existing.accountant)
             == (new.entry, new.delta, new.accountant)
         ):
             return existing
     return None
+
+
+def _repeat(state: LedgerState, released: Spend, spent: float) -> Reservation:
+    """A retry of ``released``: nothing new spent; the history its receipt stated."""
+    return Reservation(
+        released, spent, released.epsilon_after, _history_until(state, released), repeat=True
+    )
 
 
 def _history_until(state: LedgerState, spend: Spend) -> list[HistoryEntry]:
@@ -313,9 +312,13 @@ def _history_until(state: LedgerState, spend: Spend) -> list[HistoryEntry]:
 
 def _same_attempt(existing: Spend, new: Spend) -> bool:
     """A pending spend of the same run, round and input: a retry after a crash, never released."""
+    return existing.status == PENDING and _same_round(existing, new)
+
+
+def _same_round(existing: Spend, new: Spend) -> bool:
+    """The same run, round and input weights: the same round asked again."""
     return (
-        existing.status == PENDING
-        and existing.run_id == new.run_id
+        existing.run_id == new.run_id
         and existing.round == new.round
         and existing.input_sha256 == new.input_sha256
     )
