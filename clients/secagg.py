@@ -38,25 +38,26 @@ logger = logging.getLogger("fedgov.secagg")
 
 def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Stage 1: fresh keys for this round; reply with the public halves."""
+    return _reply(msg, context, SETUP, lambda: _setup(msg.content, context, cfg))
 
-    def run() -> RecordDict:
-        request = records.parse_setup_request(msg.content)
-        previous = _load(context)
-        if previous is not None and (
-            previous.round_id == request.round_id or previous.server_round > request.server_round
-        ):
-            raise ProtocolRefusal(
-                f"setup for round {request.server_round} after round {previous.server_round} "
-                "(replayed or stale)"
-            )
-        settings = cfg.secagg
-        site = SiteSecAgg(request, settings.threshold, settings.max_weight, settings.neighbours)
-        _save(context, site)
-        return RecordDict(
-            {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}
+
+def _setup(content: RecordDict, context: Context, cfg: RunConfig) -> RecordDict:
+    """Start the round ``content`` sets up (replacing any earlier one); its key advert."""
+    request = records.parse_setup_request(content)
+    previous = _load(context)
+    if previous is not None and (
+        previous.round_id == request.round_id or previous.server_round > request.server_round
+    ):
+        raise ProtocolRefusal(
+            f"setup for round {request.server_round} after round {previous.server_round} "
+            "(replayed or stale)"
         )
-
-    return _reply(msg, context, SETUP, run)
+    settings = cfg.secagg
+    site = SiteSecAgg(request, settings.threshold, settings.max_weight, settings.neighbours)
+    _save(context, site)
+    return RecordDict(
+        {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}
+    )
 
 
 def handle_share_keys(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -137,7 +138,11 @@ def handle_masked_input(
 
 
 def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Stage 4: reveal shares (one kind per site, once per round), then forget the round."""
+    """Stage 4: reveal shares (one kind per site, once per round), then forget the round.
+
+    A pipelined request also carries the next round's setup (``records.NEXT``): it runs after the
+    reveal, on its own, and its advert (or refusal) goes back under ``records.NEXT``.
+    """
 
     def run() -> RecordDict:
         request = records.parse_unmask_request(msg.content)
@@ -147,7 +152,12 @@ def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
         record = records.unmask_shares_record(site.round_id, site.index, shares)
         return RecordDict({records.SECAGG: record})
 
-    return _reply(msg, context, UNMASK, run)
+    content = _answer(msg.content, context, UNMASK, run)
+    if records.NEXT in msg.content.config_records:
+        next_part = records.next_round_part(msg.content)
+        advert = _answer(next_part, context, SETUP, lambda: _setup(next_part, context, cfg))
+        content[records.NEXT] = advert.config_records[records.SECAGG]
+    return Message(content, reply_to=msg)
 
 
 def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -166,18 +176,22 @@ def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 
 def _reply(msg: Message, context: Context, stage: str, run: Callable[[], RecordDict]) -> Message:
+    return Message(_answer(msg.content, context, stage, run), reply_to=msg)
+
+
+def _answer(
+    request: RecordDict, context: Context, stage: str, run: Callable[[], RecordDict]
+) -> RecordDict:
+    """``run()``'s reply content, or a refusal record naming why the request was refused."""
     try:
-        content = run()
+        return run()
     except (ProtocolRefusal, records.MalformedReply) as refusal:
         reason = getattr(refusal, "reason", str(refusal))
         logger.warning("secagg: refused the %s request: %s", stage, reason)
         site = _load(context)
         index = site.index if site is not None else 0
-        round_id = records.request_round_id(msg.content)
-        content = RecordDict(
-            {records.SECAGG: records.refusal_record(stage, round_id, index, reason)}
-        )
-    return Message(content, reply_to=msg)
+        round_id = records.request_round_id(request)
+        return RecordDict({records.SECAGG: records.refusal_record(stage, round_id, index, reason)})
 
 
 def _load(context: Context) -> SiteSecAgg | None:

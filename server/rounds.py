@@ -27,7 +27,7 @@ from server.checkpoint import Checkpoint, save_checkpoint
 from server.messaging import SampledGrid, exchange
 from server.privacy_round import PrivacyRound
 from server.sampling import sample_sites, sites_per_round
-from server.secagg_round import run_secagg_round
+from server.secagg_round import PreparedSetup, run_secagg_round
 
 DISCOVERY_POLL_SECONDS = 0.5
 
@@ -170,6 +170,7 @@ def run_rounds(
     records: list[RoundRecord] = list(resume_from.records) if resume_from else []
     seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
     first_round = resume_from.completed_round + 1 if resume_from else 1
+    prepared: PreparedSetup | None = None  # SecAgg+: this round's setup, if pipelined
     for server_round in range(first_round, cfg.rounds + 1):
         started = time.monotonic()
         directory.refresh()
@@ -184,9 +185,16 @@ def run_rounds(
 
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
-            arrays, view = _train_secagg(
+            # The next round's draw, if it is known now (seeded, not Poisson): its setup is sent
+            # with this round's unmask, and used if the next round draws the same sites.
+            next_sites = (
+                sample_sites(list(node_of), count, cfg.seed, server_round + 1)
+                if server_round < cfg.rounds and (privacy is None or not privacy.site_level)
+                else []
+            )
+            arrays, view, prepared = _train_secagg(
                 grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record,
-                privacy, run_id,
+                privacy, run_id, next_sites, prepared,
             )  # fmt: skip
         else:
             arrays = _train_plain(
@@ -281,15 +289,17 @@ def _train_secagg(
     record: RoundRecord,
     privacy: PrivacyRound | None = None,
     run_id: str = "",
-) -> tuple[ArrayRecord, SampledGrid]:
+    next_sites: list[str] | None = None,
+    prepared: PreparedSetup | None = None,
+) -> tuple[ArrayRecord, SampledGrid, PreparedSetup | None]:
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
 
-    Returns the new global weights and the sites to evaluate: the sampled ones minus those that
-    stopped answering during the round.
+    Returns the new global weights, the sites to evaluate (the sampled ones minus those that
+    stopped answering during the round) and the next round's setup if it was pipelined.
     """
     outcome = run_secagg_round(
         grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy,
-        run_id,
+        run_id, next_sites or [], prepared,
     )  # fmt: skip
     record.participants = outcome.participants
     record.declined = sorted(outcome.declined)
@@ -299,7 +309,7 @@ def _train_secagg(
     record.secagg = outcome.summary
     record.train_loss = _metric(outcome.train_metrics, "train_loss")
     reachable = [node_of[s] for s in chosen if s not in outcome.unreachable]
-    return (outcome.arrays or arrays), SampledGrid(grid, reachable)
+    return (outcome.arrays or arrays), SampledGrid(grid, reachable), outcome.prepared_next
 
 
 def round_as_dict(record: RoundRecord) -> dict[str, object]:

@@ -1,5 +1,13 @@
 """One training round under SecAgg+: four Message exchanges, then the strategy sees only the sum.
 
+Pipelining: the next round's setup (fresh keys, advertised) rides on this round's unmask exchange
+when the next round's sites are known in advance (seeded sampling, not site-level DP's Poisson
+draw). Each site sampled next round gets its setup request inside its unmask request, or on its
+own in the same batch; the answers are kept as a :class:`PreparedSetup`. The next round uses it
+only if it samples exactly those sites at the same nodes with the same weight scale; otherwise
+it runs its own setup. A steady SecAgg+ round so costs two exchanges more than a plain one, not
+three.
+
 ``run_rounds`` branches here when ``secagg.name`` is ``secaggplus``. The stages (see
 ``privacy.secagg.protocol``) run over the sampled sites; a site that does not answer in time,
 answers with an error, refuses, or sends anything malformed (another round's reply, a share that
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, TypeVar
@@ -65,6 +73,26 @@ class SecAggRoundResult:
     aborted: bool = False
     abort_reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
+    prepared_next: PreparedSetup | None = None  # the next round's setup, if it was pipelined
+
+
+@dataclass
+class PreparedSetup:
+    """A round whose setup stage ran during the previous round's unmask exchange."""
+
+    server: ServerSecAgg  # adverts received; setup dropouts recorded
+    sites: list[str]  # sorted: index i is sites[i - 1]
+    node_of: dict[str, int]  # the node each site was reached at
+    weight_scale: int  # the scale asked for (the rows the sites reported when they joined)
+
+    def fits(self, server_round: int, sites: list[str], node_of: Mapping[str, int], scale: int):
+        """Whether the round about to start is the one this setup was for."""
+        return (
+            self.server.server_round == server_round
+            and self.sites == sites
+            and all(node_of.get(site) == self.node_of[site] for site in sites)
+            and self.weight_scale == scale
+        )
 
 
 def settings_of(cfg: RunConfig) -> SecAggSettings:
@@ -90,6 +118,8 @@ def run_secagg_round(
     num_train: Mapping[str, int] | None = None,
     privacy: PrivacyRound | None = None,
     run_id: str = "",
+    next_sites: Sequence[str] = (),
+    prepared: PreparedSetup | None = None,
 ) -> SecAggRoundResult:
     """Run the four SecAgg+ stages over ``sites`` and aggregate the unmasked sum.
 
@@ -99,6 +129,8 @@ def run_secagg_round(
     for ``dp-min-survivors`` survivors (sent in the train config); with fewer survivors the
     privacy policy decides, before anything is unmasked, to abort or to account the smaller noise.
     Receipts and declines of the masked-input replies are kept as for a plain train reply.
+    ``next_sites``: the next round's sample, whose setup then rides on this round's unmask
+    exchange (``result.prepared_next``); ``prepared``: this round's setup, if it was pipelined.
     """
     sites = sorted(sites)
     timeout = cfg.secagg.timeout or cfg.federation.round_timeout
@@ -112,67 +144,87 @@ def run_secagg_round(
     silent_at_unmask: set[int] = set()
     unmask_problems: dict[str, str] = {}  # site → why its unmask reply was not used
     declined: set[int] = set()
+    pipelined_setup = False  # this round's setup rode on the last round's unmask exchange
     site_metrics: dict[int, MetricRecord] = {}
 
-    def send(
-        stage: str, contents: Mapping[int, RecordDict], wait: float | None = None
+    def send_to_nodes(
+        stage: str, contents: Mapping[int, tuple[str, RecordDict]], wait: float | None = None
     ) -> dict[int, Message]:
+        """node id → (stage of the message, content); the first reply of each node asked."""
         started = time.monotonic()
         messages = [
             Message(
                 content,
-                dst_node_id=node_of[site_of[i]],
-                message_type=records.MESSAGE_TYPES[stage],
+                dst_node_id=node,
+                message_type=records.MESSAGE_TYPES[message_stage],
                 group_id=str(server_round),
             )
-            for i, content in sorted(contents.items())
+            for node, (message_stage, content) in sorted(contents.items())
         ]
         replies: dict[int, Message] = {}
         for reply in exchange(grid, messages, wait or timeout, max_poll=STAGE_MAX_POLL_SECONDS):
-            index = node_index.get(reply.metadata.src_node_id)
-            if index is not None and index in contents and index not in replies:
-                replies[index] = reply
+            node = reply.metadata.src_node_id
+            if node in contents and node not in replies:
+                replies[node] = reply
         timings[stage] = round(time.monotonic() - started, 3)
         return replies
 
+    def send(
+        stage: str, contents: Mapping[int, RecordDict], wait: float | None = None
+    ) -> dict[int, Message]:
+        """Site index → content, all of ``stage``; the replies by site index."""
+        by_node = {node_of[site_of[i]]: (stage, content) for i, content in contents.items()}
+        replies = send_to_nodes(stage, by_node, wait)
+        return {node_index[node]: reply for node, reply in replies.items()}
+
     def parsed(
-        stage: str, replies: Mapping[int, Message], parse: Callable[[RecordDict, int], T]
+        stage: str,
+        replies: Mapping[int, Message],
+        parse: Callable[[RecordDict, int], T],
+        of: ServerSecAgg | None = None,
     ) -> dict[int, T]:
-        """Valid replies of ``stage``; every other site asked is dropped with the reason."""
-        assert server is not None
+        """Valid replies of ``stage``; every other site asked is dropped with the reason.
+
+        ``of``: the round the replies belong to (default: this one).
+        """
+        of = of or server
+        assert of is not None
         good: dict[int, T] = {}
         for index, reply in sorted(replies.items()):
             if reply.has_error():
-                server.drop(index, stage, _one_line(f"error: {reply.error.reason}"))
+                of.drop(index, stage, _one_line(f"error: {reply.error.reason}"))
                 continue
             if stage == MASKED_INPUT and (reason := keys.decline_reason(reply)) is not None:
                 declined.add(index)
                 result.declined[site_of[index]] = reason
-                server.drop(index, stage, f"declined: {reason}", reachable=True)
+                of.drop(index, stage, f"declined: {reason}", reachable=True)
                 continue
             try:
                 good[index] = parse(reply.content, index)
             except records.MalformedReply as error:
-                server.drop(index, stage, _one_line(str(error)), reachable=True)
+                of.drop(index, stage, _one_line(str(error)), reachable=True)
             except Exception as error:  # never let one site's bytes crash the round
-                server.drop(index, stage, _one_line(f"unreadable reply: {error!r}"), True)
+                of.drop(index, stage, _one_line(f"unreadable reply: {error!r}"), True)
         return good
 
     try:
-        # Under site-level DP every site reports weight 1 (clients/update.py): the scale is 1.
-        rows = [1 if site_level_on(cfg) else int((num_train or {}).get(site, 0)) for site in sites]
-        server = ServerSecAgg(
-            len(sites), settings_of(cfg), layout.length, server_round,
-            weight_scale=max(rows, default=0) or cfg.secagg.max_weight,
-        )  # fmt: skip
+        scale = _weight_scale(cfg, sites, num_train)
+        if prepared is not None and prepared.fits(server_round, sites, node_of, scale):
+            server = prepared.server  # 1. setup: done during the last round's unmask exchange
+            timings[SETUP] = 0.0
+            pipelined_setup = True
+        else:
+            server = ServerSecAgg(
+                len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale
+            )
+            # 1. setup: keys and commitments
+            requests = {i: records.setup_request_record(server.setup_request(i))
+                        for i in server.alive()}  # fmt: skip
+            replies = send(SETUP, {i: _content(request) for i, request in requests.items()})
+            server.receive_adverts(
+                parsed(SETUP, replies, lambda c, i: records.parse_advert(c, server.round_id, i))
+            )
         round_id = server.round_id
-
-        # 1. setup: keys and commitments
-        replies = send(SETUP, {i: _content(records.setup_request_record(server.setup_request(i)))
-                               for i in server.alive()})  # fmt: skip
-        server.receive_adverts(
-            parsed(SETUP, replies, lambda c, i: records.parse_advert(c, round_id, i))
-        )
 
         # 2. share keys: encrypted Shamir shares for the neighbours
         replies = send(
@@ -224,10 +276,27 @@ def run_secagg_round(
                     "DP noise for (privacy.secagg_dropout=abort): not unmasked",
                 )
 
-        # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys
+        # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys,
+        # and the next round's setup in the same batch
         request = records.unmask_request_record(server.unmask_request())
         targets = server.unmask_targets()
-        replies = send(UNMASK, {i: _content(request) for i in targets})
+        batch = {node_of[site_of[i]]: (UNMASK, _content(request)) for i in targets}
+        upcoming = _next_setup(cfg, server_round + 1, next_sites, num_train, layout, node_of)
+        if upcoming is not None:
+            for j, site in enumerate(upcoming.sites, start=1):
+                setup = records.setup_request_record(upcoming.server.setup_request(j))
+                node = upcoming.node_of[site]
+                if node in batch:
+                    batch[node][1][records.NEXT] = setup
+                else:
+                    batch[node] = (SETUP, _content(setup))
+        node_replies = send_to_nodes(UNMASK, batch)
+        replies = {}
+        for node, reply in node_replies.items():
+            if node in node_index and node_index[node] in targets:
+                replies[node_index[node]] = reply
+        if upcoming is not None:
+            result.prepared_next = _receive_next_adverts(upcoming, batch, node_replies, parsed)
         silent_at_unmask = {i for i in targets if i not in replies}
         shares = {}
         for index, reply in sorted(replies.items()):
@@ -250,7 +319,12 @@ def run_secagg_round(
         unmasked = None
         if server is not None:  # the sites still answering wipe the round's secrets now
             notice = _content(records.abort_record(server.round_id, result.abort_reason))
-            told = [i for i in server.sites if i not in server.unreachable]
+            # A site set up for the next round has already left this one and its secrets.
+            moved_on = set(result.prepared_next.node_of.values()) if result.prepared_next else set()
+            told = [
+                i for i in server.sites
+                if i not in server.unreachable and node_of[site_of[i]] not in moved_on
+            ]  # fmt: skip
             send(ABORT, {i: notice for i in told}, min(timeout, ABORT_NOTICE_SECONDS))
 
     if server is not None:
@@ -269,6 +343,7 @@ def run_secagg_round(
             "scale": server.scale,
             "weight_scale": server.weight_scale,
             "stage_seconds": timings,
+            "setup_pipelined": pipelined_setup,
         }
     if unmasked is None:
         return result
@@ -318,6 +393,66 @@ def run_secagg_round(
 
 def _content(request: ConfigRecord) -> RecordDict:
     return RecordDict({records.SECAGG: request})
+
+
+def _weight_scale(cfg: RunConfig, sites: Sequence[str], num_train: Mapping[str, int] | None) -> int:
+    """The round's weight scale: the largest row count of its sites (capped by the sites).
+
+    Under site-level DP every site reports weight 1 (clients/update.py): the scale is 1.
+    """
+    rows = [1 if site_level_on(cfg) else int((num_train or {}).get(site, 0)) for site in sites]
+    return max(rows, default=0) or cfg.secagg.max_weight
+
+
+def _next_setup(
+    cfg: RunConfig,
+    server_round: int,
+    sites: Sequence[str],
+    num_train: Mapping[str, int] | None,
+    layout: VectorLayout,
+    node_of: Mapping[str, int],
+) -> PreparedSetup | None:
+    """The next round's setup to send now (None: nothing to pipeline, or a round that aborts)."""
+    sites = sorted(sites)
+    if not sites or any(site not in node_of for site in sites):
+        return None
+    scale = _weight_scale(cfg, sites, num_train)
+    try:
+        server = ServerSecAgg(
+            len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale
+        )
+    except RoundAborted:  # e.g. a single site: the round reports that itself when it starts
+        return None
+    return PreparedSetup(server, sites, {site: node_of[site] for site in sites}, scale)
+
+
+def _receive_next_adverts(
+    upcoming: PreparedSetup,
+    batch: Mapping[int, tuple[str, RecordDict]],
+    replies: Mapping[int, Message],
+    parsed: Callable[..., dict[int, Any]],
+) -> PreparedSetup | None:
+    """Take the next round's adverts out of the batch's replies (None: that setup aborted)."""
+    server = upcoming.server
+    by_index: dict[int, Message] = {}
+    for j, site in enumerate(upcoming.sites, start=1):
+        node = upcoming.node_of[site]
+        if node in replies:
+            by_index[j] = replies[node]
+
+    def parse(content: RecordDict, index: int):
+        node = upcoming.node_of[upcoming.sites[index - 1]]
+        if batch[node][0] == UNMASK:  # the advert rides in the unmask reply, under NEXT
+            content = records.next_round_part(content)
+        return records.parse_advert(content, server.round_id, index)
+
+    try:
+        server.receive_adverts(parsed(SETUP, by_index, parse, server))
+    except RoundAborted as aborted:
+        log(WARNING, "secagg: the pipelined setup of round %d failed (%s); it will run its own",
+            server.server_round, aborted.reason)  # fmt: skip
+        return None
+    return upcoming
 
 
 def _dp_min_survivors(cfg: RunConfig, privacy: PrivacyRound | None, sampled: int) -> int:

@@ -377,6 +377,126 @@ def test_the_site_forgets_its_round_secrets_after_unmasking():
     assert state["held-shares"] == [] and state["peer-mask-keys"] == []
 
 
+# ---- the next round's setup rides on this round's unmask exchange --------------------------------
+def _watch_requests(fed: Federation) -> list[tuple[int, int, str, bool]]:
+    """(round, node, message type, carries the next round's setup) of every request delivered."""
+    seen: list[tuple[int, int, str, bool]] = []
+
+    def watch(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        carries_next = records.NEXT in message.content.config_records
+        group = int(message.metadata.group_id or 0)  # the query that finds the sites has none
+        seen.append((group, node_id, message.metadata.message_type, carries_next))
+        return message
+
+    fed.grid.tamper_request = watch
+    return seen
+
+
+def test_the_next_rounds_setup_rides_on_this_rounds_unmask():
+    fed = Federation(make_cfg(rounds=3))
+    seen = _watch_requests(fed)
+    result = fed.run()
+    for record in result.rounds:
+        assert_exact(fed, record, SITES)
+    assert [r.secagg["setup_pipelined"] for r in result.rounds] == [False, True, True]
+    assert [r.secagg["stage_seconds"]["setup"] for r in result.rounds][1:] == [0.0, 0.0]
+    # one setup exchange in the whole run: round 1's own; rounds 1 and 2 unmask with a setup
+    assert sorted((r, n) for r, n, t, _ in seen if t == SETUP) == [(1, n) for n in (1, 2, 3, 4)]
+    unmasks = sorted((r, n, carries) for r, n, t, carries in seen if t == UNMASK)
+    assert unmasks == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
+
+
+def test_a_site_sampled_next_round_but_not_this_one_gets_its_setup_in_the_same_batch():
+    from server.sampling import sample_sites
+
+    sites = [f"site-{i:02d}" for i in range(6)]
+    fed = Federation(make_cfg(n=6, rounds=3, federation__sites_per_round=4.0))
+    seen = _watch_requests(fed)
+    result = fed.run()
+    draws = [sample_sites(sites, 4, fed.cfg.seed, r) for r in (1, 2, 3)]
+    assert draws[0] != draws[1] != draws[2]  # the seed gives different samples each round
+    for record, drawn in zip(result.rounds, draws, strict=True):
+        assert_exact(fed, record, drawn)
+    assert [r.secagg["setup_pipelined"] for r in result.rounds] == [False, True, True]
+
+    def nodes(site_ids) -> set[int]:
+        return {int(site.split("-")[1]) + 1 for site in site_ids}
+
+    newcomers = [nodes(set(draws[r]) - set(draws[r - 1])) for r in (1, 2)]  # of rounds 2 and 3
+    assert all(newcomers)
+    setups = {r: {n for g, n, t, _ in seen if g == r and t == SETUP} for r in (1, 2, 3)}
+    # round 1: its own setup, plus round 2's newcomers; round 2: round 3's newcomers only
+    assert setups == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
+
+
+def test_a_site_silent_at_unmask_is_a_setup_dropout_of_the_next_round():
+    fed = Federation(make_cfg(rounds=2))
+    fed.grid.vanish_at = {(2, UNMASK)}  # node 2 serves site-01
+    first, second = fed.run().rounds
+    assert_exact(fed, first, SITES)
+    assert_exact(fed, second, ["site-00", "site-02", "site-03"])
+    assert second.secagg["setup_pipelined"] is True
+    assert second.dropouts == {"site-01": {"stage": "setup", "reason": "no reply"}}
+
+
+def test_a_missing_pipelined_advert_excludes_its_site_from_the_next_round_only():
+    fed = Federation(make_cfg(rounds=2))
+    fed.grid.tamper = _rewrite(2, UNMASK, _without(records.NEXT))
+    first, second = fed.run().rounds
+    assert_exact(fed, first, SITES)  # its unmask half was fine
+    assert_exact(fed, second, ["site-00", "site-02", "site-03"])
+    assert second.dropouts["site-01"]["stage"] == "setup"
+    assert "no 'secagg-next' record" in second.dropouts["site-01"]["reason"]
+
+
+def test_a_site_refuses_a_stale_pipelined_setup_and_still_answers_the_unmask():
+    fed = Federation(make_cfg(rounds=3))
+    replies: list[RecordDict] = []
+
+    def stale(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        unmask_2 = message.metadata.message_type == UNMASK and message.metadata.group_id == "2"
+        if unmask_2 and node_id == 1:  # round 3's setup, claiming to be round 1's: stale
+            message.content[records.NEXT]["server-round"] = 1
+        return message
+
+    def watch(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == UNMASK and reply.metadata.src_node_id == 1:
+            replies.append(reply.content)
+        return reply
+
+    fed.grid.tamper_request, fed.grid.tamper = stale, watch
+    result = fed.run()
+    assert_exact(fed, result.rounds[1], SITES)  # the unmask half was answered
+    assert "seed-shares" in replies[1][records.SECAGG]
+    assert "replayed or stale" in replies[1][records.NEXT]["refused"]
+    third = result.rounds[2]
+    assert_exact(fed, third, ["site-01", "site-02", "site-03"])
+    assert third.dropouts["site-00"]["stage"] == "setup"
+    assert "setup for round 1 after round 2" in third.dropouts["site-00"]["reason"]
+
+
+def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
+    fed = Federation(make_cfg(rounds=2))
+    seen = _watch_requests(fed)
+
+    def no_shares(request: Message, reply: Message) -> Message:
+        unmask_1 = request.metadata.message_type == UNMASK and request.metadata.group_id == "1"
+        if unmask_1 and reply.metadata.src_node_id in (1, 2):
+            del reply.content[records.SECAGG]  # shares unreadable; the advert kept
+        return reply
+
+    fed.grid.tamper = no_shares
+    result = fed.run()
+    first, second = result.rounds
+    assert first.aborted and first.abort_reason.startswith("unmask")
+    assert_exact(fed, second, SITES)
+    assert second.secagg["setup_pipelined"] is True
+    # every site already left round 1 for round 2: no abort notice could reach round 1's secrets
+    assert [t for _, _, t, _ in seen if t == ABORT] == []
+
+
 # ---- configuration -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "field"),

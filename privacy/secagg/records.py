@@ -21,6 +21,10 @@ index in the round). The rest of ``SECAGG`` by stage:
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
 - unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
   ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
+- pipelined setup: an unmask request may also carry the ConfigRecord ``NEXT``
+  (``"secagg-next"``), the setup request of the site's next round; the reply then carries that
+  round's key advert (or refusal) under ``NEXT`` too. The two halves are independent: each is
+  parsed, refused and checked on its own.
 - abort notice (``train.secagg_abort``, after an aborted round): ``reason`` (str); reply: the
   header only, once the site has wiped the round's secrets.
 
@@ -54,6 +58,7 @@ from privacy.secagg.protocol import (
 
 SECAGG = "secagg"
 MASKED = "secagg-masked"
+NEXT = "secagg-next"  # the next round's setup, riding on this round's unmask exchange
 MASKED_ARRAY = "masked"
 STATE = "secagg-state"  # the site's per-round secrets in context.state
 
@@ -281,6 +286,14 @@ def parse_unmask_shares(content: RecordDict, round_id: bytes, index: int) -> Unm
     seeds = _zip(_ints(record, "seed-share-owners"), _bytes_list(record, "seed-shares"))
     key_shares = _zip(_ints(record, "key-share-owners"), _bytes_list(record, "key-shares"))
     return UnmaskShares(self_shares=dict(seeds), key_shares=dict(key_shares))
+
+
+def next_round_part(content: RecordDict) -> RecordDict:
+    """The ``NEXT`` part of a pipelined message, as content a one-stage parser reads."""
+    record = content.config_records.get(NEXT)
+    if record is None:
+        raise MalformedReply(f"no '{NEXT}' record (the next round's setup)")
+    return RecordDict({SECAGG: record})
 
 
 # ---- helpers -------------------------------------------------------------------------------------
