@@ -1,7 +1,13 @@
 """The site's side of SecAgg+: the four stage handlers behind the ClientApp's custom actions.
 
 Each handler reads the request records, runs the site's :class:`SiteSecAgg` (kept between
-messages in ``context.state`` under ``privacy.secagg.records.STATE``) and replies with records.
+messages in ``context.state``) and replies with records.
+
+Pipelining: a site can hold two rounds at once, the current one (``records.STATE``) and the next
+one set up ahead (``records.STATE_NEXT``). The next round's setup rides on this round's masked
+input message, its share distribution on this round's unmask message (``records.NEXT``); each
+half is answered on its own. The next round becomes the current one when its share distribution
+is asked for; the round it replaces has been unmasked by then, or the server has left it.
 The site's update comes from :func:`clients.update.compute_update`, like every release of a
 site's update; a :class:`SiteDeclined` there makes the site a dropout of this round, with its
 reason. A request that breaks the protocol (another round's, out of order, asking for both
@@ -20,7 +26,7 @@ from clients.update import SiteDeclined, compute_update
 from fedgov import messages as keys
 from fedgov.config import RunConfig
 from privacy.secagg import records
-from privacy.secagg.client import SiteSecAgg
+from privacy.secagg.client import DONE, SiteSecAgg
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
     ABORT,
@@ -42,46 +48,57 @@ def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 
 def _setup(content: RecordDict, context: Context, cfg: RunConfig) -> RecordDict:
-    """Start the round ``content`` sets up (replacing any earlier one); its key advert."""
+    """Start the round ``content`` sets up; its key advert.
+
+    It becomes the current round, or the next one while the current round is still under way.
+    """
     request = records.parse_setup_request(content)
-    previous = _load(context)
-    if previous is not None and (
-        previous.round_id == request.round_id or previous.server_round > request.server_round
-    ):
-        raise ProtocolRefusal(
-            f"setup for round {request.server_round} after round {previous.server_round} "
-            "(replayed or stale)"
-        )
+    for previous in _rounds(context):
+        if previous.round_id == request.round_id or previous.server_round > request.server_round:
+            raise ProtocolRefusal(
+                f"setup for round {request.server_round} after round {previous.server_round} "
+                "(replayed or stale)"
+            )
     settings = cfg.secagg
     site = SiteSecAgg(request, settings.threshold, settings.max_weight, settings.neighbours)
-    _save(context, site)
+    current = _load(context, records.STATE)
+    if current is not None and current.expects != DONE:
+        context.state[records.STATE_NEXT] = ConfigRecord(site.state_dict())
+    else:
+        context.state[records.STATE] = ConfigRecord(site.state_dict())
+        _forget(context, records.STATE_NEXT)
     return RecordDict(
         {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}
     )
 
 
+def _share_keys(content: RecordDict, context: Context) -> RecordDict:
+    request = records.parse_share_keys_request(content)
+    site = _require(context, request.round_id, promote=True)
+    ciphertexts = site.share_keys(request)
+    _save(context, site)
+    record = records.ciphertexts_record(site.round_id, site.index, ciphertexts)
+    return RecordDict({records.SECAGG: record})
+
+
 def handle_share_keys(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Stage 2: Shamir-split both secrets among the live neighbours, one ciphertext each."""
 
-    def run() -> RecordDict:
-        request = records.parse_share_keys_request(msg.content)
-        site = _require(context)
-        ciphertexts = site.share_keys(request)
-        _save(context, site)
-        record = records.ciphertexts_record(site.round_id, site.index, ciphertexts)
-        return RecordDict({records.SECAGG: record})
-
-    return _reply(msg, context, SHARE_KEYS, run)
+    return _reply(msg, context, SHARE_KEYS, lambda: _share_keys(msg.content, context))
 
 
 def handle_masked_input(
     msg: Message, context: Context, cfg: RunConfig, load_site: Callable[[], SiteData]
 ) -> Message:
-    """Stage 3: open the neighbours' shares, train (or decline), reply with the masked update."""
+    """Stage 3: open the neighbours' shares, train (or decline), reply with the masked update.
+
+    A pipelined request also carries the next round's setup (``records.NEXT``): it runs after the
+    input is masked, and its advert (or refusal) goes back under ``records.NEXT``.
+    """
 
     def run() -> RecordDict:
         request = records.parse_masked_input_request(msg.content)
-        site_round = _require(context)
+        site_round = _require(context, request.round_id, promote=True)
         bad_shares = site_round.accept_shares(request)
         for sender, reason in bad_shares.items():
             logger.warning("secagg: the share from site index %d failed: %s", sender, reason)
@@ -134,19 +151,24 @@ def handle_masked_input(
             }
         )
 
-    return _reply(msg, context, MASKED_INPUT, run)
+    content = _answer(msg.content, context, MASKED_INPUT, run)
+    if records.NEXT in msg.content.config_records:
+        next_part = records.next_round_part(msg.content)
+        advert = _answer(next_part, context, SETUP, lambda: _setup(next_part, context, cfg))
+        content[records.NEXT] = advert.config_records[records.SECAGG]
+    return Message(content, reply_to=msg)
 
 
 def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Stage 4: reveal shares (one kind per site, once per round), then forget the round.
 
-    A pipelined request also carries the next round's setup (``records.NEXT``): it runs after the
-    reveal, on its own, and its advert (or refusal) goes back under ``records.NEXT``.
+    A pipelined request also carries the next round's share distribution (``records.NEXT``): it
+    runs after the reveal, and its ciphertexts (or refusal) go back under ``records.NEXT``.
     """
 
     def run() -> RecordDict:
         request = records.parse_unmask_request(msg.content)
-        site = _require(context)
+        site = _require(context, request.round_id)
         shares = site.reveal(request)
         _save(context, site)  # wiped: only the round id and "done" are left
         record = records.unmask_shares_record(site.round_id, site.index, shares)
@@ -155,8 +177,8 @@ def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
     content = _answer(msg.content, context, UNMASK, run)
     if records.NEXT in msg.content.config_records:
         next_part = records.next_round_part(msg.content)
-        advert = _answer(next_part, context, SETUP, lambda: _setup(next_part, context, cfg))
-        content[records.NEXT] = advert.config_records[records.SECAGG]
+        shared = _answer(next_part, context, SHARE_KEYS, lambda: _share_keys(next_part, context))
+        content[records.NEXT] = shared.config_records[records.SECAGG]
     return Message(content, reply_to=msg)
 
 
@@ -165,7 +187,7 @@ def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     def run() -> RecordDict:
         round_id, reason = records.parse_abort(msg.content)
-        site = _require(context)
+        site = _require(context, round_id)
         site.abandon(round_id)
         _save(context, site)
         logger.warning("secagg: round %d aborted by the server: %s", site.server_round, reason)
@@ -194,17 +216,38 @@ def _answer(
         return RecordDict({records.SECAGG: records.refusal_record(stage, round_id, index, reason)})
 
 
-def _load(context: Context) -> SiteSecAgg | None:
-    state = context.state.config_records.get(records.STATE)
+# ---- the site's rounds in context.state: the current one and the next one set up ahead ----------
+def _load(context: Context, slot: str = records.STATE) -> SiteSecAgg | None:
+    state = context.state.config_records.get(slot)
     return None if state is None else SiteSecAgg.from_state_dict(state)
 
 
-def _require(context: Context) -> SiteSecAgg:
-    site = _load(context)
+def _rounds(context: Context) -> list[SiteSecAgg]:
+    return [r for slot in (records.STATE, records.STATE_NEXT) if (r := _load(context, slot))]
+
+
+def _require(context: Context, round_id: bytes, *, promote: bool = False) -> SiteSecAgg:
+    """The round ``round_id`` names: the next one (made current with ``promote``), else the
+    current one, whose own checks refuse a request of another round."""
+    ahead = _load(context, records.STATE_NEXT)
+    if ahead is not None and ahead.round_id == round_id:
+        if promote:  # the current round was unmasked, or the server has left it: forget it
+            context.state[records.STATE] = ConfigRecord(ahead.state_dict())
+            _forget(context, records.STATE_NEXT)
+        return ahead
+    site = _load(context, records.STATE)
     if site is None:
         raise ProtocolRefusal("no secure-aggregation round in progress at this site")
     return site
 
 
 def _save(context: Context, site: SiteSecAgg) -> None:
-    context.state[records.STATE] = ConfigRecord(site.state_dict())
+    """Store ``site`` in the slot that holds its round."""
+    ahead = _load(context, records.STATE_NEXT)
+    slot = records.STATE_NEXT if ahead and ahead.round_id == site.round_id else records.STATE
+    context.state[slot] = ConfigRecord(site.state_dict())
+
+
+def _forget(context: Context, slot: str) -> None:
+    if slot in context.state.config_records:
+        del context.state[slot]

@@ -1,12 +1,14 @@
 """One training round under SecAgg+: four Message exchanges, then the strategy sees only the sum.
 
-Pipelining: the next round's setup (fresh keys, advertised) rides on this round's unmask exchange
-when the next round's sites are known in advance (seeded sampling, not site-level DP's Poisson
-draw). Each site sampled next round gets its setup request inside its unmask request, or on its
-own in the same batch; the answers are kept as a :class:`PreparedSetup`. The next round uses it
-only if it samples exactly those sites at the same nodes with the same weight scale; otherwise
-it runs its own setup. A steady SecAgg+ round so costs two exchanges more than a plain one, not
-three.
+Pipelining: when the next round's sites are known in advance (seeded sampling, not site-level
+DP's Poisson draw), its two key stages ride on this round's two last exchanges: its setup (fresh
+keys, advertised) on the masked-input exchange, its share distribution on the unmask exchange.
+Each site sampled next round gets the next round's request inside this round's request, or on
+its own in the same batch; the answers are kept as a :class:`PreparedSetup`. The next round uses
+it only if it samples exactly those sites at the same nodes with the same weight scale; else it
+runs its own key stages. A steady SecAgg+ round so costs one exchange more than a plain round
+(the unmasking), not three. A round that aborts before its unmasking leaves the next round with
+its setup done and its share distribution still to run.
 
 ``run_rounds`` branches here when ``secagg.name`` is ``secaggplus``. The stages (see
 ``privacy.secagg.protocol``) run over the sampled sites; a site that does not answer in time,
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, TypeVar
@@ -78,12 +80,13 @@ class SecAggRoundResult:
 
 @dataclass
 class PreparedSetup:
-    """A round whose setup stage ran during the previous round's unmask exchange."""
+    """A round whose key stages ran during the previous round's last two exchanges."""
 
-    server: ServerSecAgg  # adverts received; setup dropouts recorded
+    server: ServerSecAgg  # adverts (and, if ``shared``, ciphertexts) received; dropouts recorded
     sites: list[str]  # sorted: index i is sites[i - 1]
     node_of: dict[str, int]  # the node each site was reached at
     weight_scale: int  # the scale asked for (the rows the sites reported when they joined)
+    shared: bool = False  # the share distribution ran too
 
     def fits(self, server_round: int, sites: list[str], node_of: Mapping[str, int], scale: int):
         """Whether the round about to start is the one this setup was for."""
@@ -144,7 +147,8 @@ def run_secagg_round(
     silent_at_unmask: set[int] = set()
     unmask_problems: dict[str, str] = {}  # site → why its unmask reply was not used
     declined: set[int] = set()
-    pipelined_setup = False  # this round's setup rode on the last round's unmask exchange
+    moved_on: set[int] = set()  # nodes of sites that went on to the next round (pipelining)
+    pipelined: list[str] = []  # this round's stages that rode on the last round's exchanges
     site_metrics: dict[int, MetricRecord] = {}
 
     def send_to_nodes(
@@ -210,9 +214,9 @@ def run_secagg_round(
     try:
         scale = _weight_scale(cfg, sites, num_train)
         if prepared is not None and prepared.fits(server_round, sites, node_of, scale):
-            server = prepared.server  # 1. setup: done during the last round's unmask exchange
-            timings[SETUP] = 0.0
-            pipelined_setup = True
+            server = prepared.server  # 1. setup: done during the last round's masked input
+            pipelined = [SETUP, SHARE_KEYS] if prepared.shared else [SETUP]
+            timings.update(dict.fromkeys(pipelined, 0.0))
         else:
             server = ServerSecAgg(
                 len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale
@@ -227,16 +231,18 @@ def run_secagg_round(
         round_id = server.round_id
 
         # 2. share keys: encrypted Shamir shares for the neighbours
-        replies = send(
-            SHARE_KEYS,
-            {i: _content(records.share_keys_request_record(server.share_keys_request(i)))
-             for i in server.alive()},
-        )  # fmt: skip
-        server.receive_ciphertexts(
-            parsed(SHARE_KEYS, replies, lambda c, i: records.parse_ciphertexts(c, round_id, i))
-        )
+        if SHARE_KEYS not in pipelined:
+            replies = send(
+                SHARE_KEYS,
+                {i: _content(records.share_keys_request_record(server.share_keys_request(i)))
+                 for i in server.alive()},
+            )  # fmt: skip
+            server.receive_ciphertexts(
+                parsed(SHARE_KEYS, replies, lambda c, i: records.parse_ciphertexts(c, round_id, i))
+            )
 
-        # 3. masked input: the strategy's train message plus the shares each site receives
+        # 3. masked input: the strategy's train message plus the shares each site receives,
+        # and the next round's setup in the same batch
         train_content = _train_contents(strategy, server_round, arrays, view, run_id)
         dp_survivors = _dp_min_survivors(cfg, privacy, len(sites))
         contents: dict[int, RecordDict] = {}
@@ -251,7 +257,18 @@ def run_secagg_round(
                 config = ConfigRecord(dict(content.config_records.get(keys.CONFIG, {})))
                 config[keys.DP_MIN_SURVIVORS] = dp_survivors
                 contents[i][keys.CONFIG] = config
-        replies = send(MASKED_INPUT, contents)
+        batch = {node_of[site_of[i]]: (MASKED_INPUT, content) for i, content in contents.items()}
+        upcoming = _next_setup(cfg, server_round + 1, next_sites, num_train, layout, node_of)
+        if upcoming is not None:
+            _attach_next(batch, upcoming, SETUP, upcoming.server.setup_request,
+                         records.setup_request_record)  # fmt: skip
+        node_replies = send_to_nodes(MASKED_INPUT, batch)
+        replies = _of_this_round(node_replies, node_index, contents)
+        if upcoming is not None:
+            result.prepared_next = upcoming = _receive_next(
+                upcoming, SETUP, batch, node_replies, parsed, records.parse_advert,
+                upcoming.server.receive_adverts,
+            )  # fmt: skip
         if privacy is not None:  # receipts and declines, as for a plain train reply
             for i, reply in sorted(replies.items()):
                 try:
@@ -277,26 +294,23 @@ def run_secagg_round(
                 )
 
         # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys,
-        # and the next round's setup in the same batch
+        # and the next round's share distribution in the same batch
         request = records.unmask_request_record(server.unmask_request())
         targets = server.unmask_targets()
         batch = {node_of[site_of[i]]: (UNMASK, _content(request)) for i in targets}
-        upcoming = _next_setup(cfg, server_round + 1, next_sites, num_train, layout, node_of)
         if upcoming is not None:
-            for j, site in enumerate(upcoming.sites, start=1):
-                setup = records.setup_request_record(upcoming.server.setup_request(j))
-                node = upcoming.node_of[site]
-                if node in batch:
-                    batch[node][1][records.NEXT] = setup
-                else:
-                    batch[node] = (SETUP, _content(setup))
+            _attach_next(batch, upcoming, SHARE_KEYS, upcoming.server.share_keys_request,
+                         records.share_keys_request_record)  # fmt: skip
+            moved_on = {upcoming.node_of[upcoming.sites[j - 1]] for j in upcoming.server.alive()}
         node_replies = send_to_nodes(UNMASK, batch)
-        replies = {}
-        for node, reply in node_replies.items():
-            if node in node_index and node_index[node] in targets:
-                replies[node_index[node]] = reply
+        replies = _of_this_round(node_replies, node_index, targets)
         if upcoming is not None:
-            result.prepared_next = _receive_next_adverts(upcoming, batch, node_replies, parsed)
+            result.prepared_next = _receive_next(
+                upcoming, SHARE_KEYS, batch, node_replies, parsed, records.parse_ciphertexts,
+                upcoming.server.receive_ciphertexts,
+            )  # fmt: skip
+            if result.prepared_next is not None:
+                result.prepared_next.shared = True
         silent_at_unmask = {i for i in targets if i not in replies}
         shares = {}
         for index, reply in sorted(replies.items()):
@@ -319,8 +333,7 @@ def run_secagg_round(
         unmasked = None
         if server is not None:  # the sites still answering wipe the round's secrets now
             notice = _content(records.abort_record(server.round_id, result.abort_reason))
-            # A site set up for the next round has already left this one and its secrets.
-            moved_on = set(result.prepared_next.node_of.values()) if result.prepared_next else set()
+            # A site asked for the next round's shares has already left this one and its secrets.
             told = [
                 i for i in server.sites
                 if i not in server.unreachable and node_of[site_of[i]] not in moved_on
@@ -343,7 +356,7 @@ def run_secagg_round(
             "scale": server.scale,
             "weight_scale": server.weight_scale,
             "stage_seconds": timings,
-            "setup_pipelined": pipelined_setup,
+            "pipelined_stages": pipelined,
         }
     if unmasked is None:
         return result
@@ -426,31 +439,65 @@ def _next_setup(
     return PreparedSetup(server, sites, {site: node_of[site] for site in sites}, scale)
 
 
-def _receive_next_adverts(
+def _attach_next(
+    batch: dict[int, tuple[str, RecordDict]],
     upcoming: PreparedSetup,
+    stage: str,
+    request_of: Callable[[int], Any],
+    record_of: Callable[[Any], ConfigRecord],
+) -> None:
+    """Add the next round's ``stage`` request of each of its live sites to ``batch``: inside the
+    site's message of this round (under ``records.NEXT``), or as a message of its own."""
+    for j in upcoming.server.alive():
+        node = upcoming.node_of[upcoming.sites[j - 1]]
+        request = record_of(request_of(j))
+        if node in batch:
+            batch[node][1][records.NEXT] = request
+        else:
+            batch[node] = (stage, _content(request))
+
+
+def _of_this_round(
+    replies: Mapping[int, Message], node_index: Mapping[int, int], asked: Iterable[int]
+) -> dict[int, Message]:
+    """node id → reply, narrowed to this round's sites that were asked: index → reply."""
+    asked = set(asked)
+    return {
+        node_index[node]: reply
+        for node, reply in replies.items()
+        if node in node_index and node_index[node] in asked
+    }
+
+
+def _receive_next(
+    upcoming: PreparedSetup,
+    stage: str,
     batch: Mapping[int, tuple[str, RecordDict]],
     replies: Mapping[int, Message],
     parsed: Callable[..., dict[int, Any]],
+    parse: Callable[[RecordDict, bytes, int], Any],
+    receive: Callable[[dict[int, Any]], None],
 ) -> PreparedSetup | None:
-    """Take the next round's adverts out of the batch's replies (None: that setup aborted)."""
+    """Hand the next round's ``stage`` answers in the batch's replies to its server (None: that
+    round's pipelined key stages failed; it will run its own)."""
     server = upcoming.server
     by_index: dict[int, Message] = {}
-    for j, site in enumerate(upcoming.sites, start=1):
-        node = upcoming.node_of[site]
+    for j in server.alive():
+        node = upcoming.node_of[upcoming.sites[j - 1]]
         if node in replies:
             by_index[j] = replies[node]
 
-    def parse(content: RecordDict, index: int):
+    def parse_one(content: RecordDict, index: int):
         node = upcoming.node_of[upcoming.sites[index - 1]]
-        if batch[node][0] == UNMASK:  # the advert rides in the unmask reply, under NEXT
+        if batch[node][0] != stage:  # the answer rides in this round's reply, under NEXT
             content = records.next_round_part(content)
-        return records.parse_advert(content, server.round_id, index)
+        return parse(content, server.round_id, index)
 
     try:
-        server.receive_adverts(parsed(SETUP, by_index, parse, server))
+        receive(parsed(stage, by_index, parse_one, server))
     except RoundAborted as aborted:
-        log(WARNING, "secagg: the pipelined setup of round %d failed (%s); it will run its own",
-            server.server_round, aborted.reason)  # fmt: skip
+        log(WARNING, "secagg: the pipelined %s of round %d failed (%s); it will run its own",
+            stage, server.server_round, aborted.reason)  # fmt: skip
         return None
     return upcoming
 

@@ -171,4 +171,4 @@ def test_both_guarantees_under_secure_aggregation(simulate):
     assert all(len(r["participants"]) == 4 and not r["aborted"] for r in metrics["rounds"])
     assert "Secure aggregation was on" in report["summary"]
     # Poisson draws are not known a round ahead: each round runs its own setup
-    assert [r["secagg"]["setup_pipelined"] for r in metrics["rounds"]] == [False, False]
+    assert [r["secagg"]["pipelined_stages"] for r in metrics["rounds"]] == [[], []]

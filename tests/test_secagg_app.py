@@ -377,9 +377,12 @@ def test_the_site_forgets_its_round_secrets_after_unmasking():
     assert state["held-shares"] == [] and state["peer-mask-keys"] == []
 
 
-# ---- the next round's setup rides on this round's unmask exchange --------------------------------
+# ---- pipelining: the next round's key stages ride on this round's last two exchanges -------------
+KEY_STAGES = ["setup", "share_keys"]
+
+
 def _watch_requests(fed: Federation) -> list[tuple[int, int, str, bool]]:
-    """(round, node, message type, carries the next round's setup) of every request delivered."""
+    """(round, node, message type, carries the next round's request) of every request delivered."""
     seen: list[tuple[int, int, str, bool]] = []
 
     def watch(node_id: int, message: Message) -> Message:
@@ -393,21 +396,24 @@ def _watch_requests(fed: Federation) -> list[tuple[int, int, str, bool]]:
     return seen
 
 
-def test_the_next_rounds_setup_rides_on_this_rounds_unmask():
+def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_unmask():
     fed = Federation(make_cfg(rounds=3))
     seen = _watch_requests(fed)
     result = fed.run()
     for record in result.rounds:
         assert_exact(fed, record, SITES)
-    assert [r.secagg["setup_pipelined"] for r in result.rounds] == [False, True, True]
-    assert [r.secagg["stage_seconds"]["setup"] for r in result.rounds][1:] == [0.0, 0.0]
-    # one setup exchange in the whole run: round 1's own; rounds 1 and 2 unmask with a setup
-    assert sorted((r, n) for r, n, t, _ in seen if t == SETUP) == [(1, n) for n in (1, 2, 3, 4)]
-    unmasks = sorted((r, n, carries) for r, n, t, carries in seen if t == UNMASK)
-    assert unmasks == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
+    assert [r.secagg["pipelined_stages"] for r in result.rounds] == [[], KEY_STAGES, KEY_STAGES]
+    for record in result.rounds[1:]:
+        assert [record.secagg["stage_seconds"][stage] for stage in KEY_STAGES] == [0.0, 0.0]
+    # key exchanges of their own: round 1's only
+    for own in (SETUP, SHARE):
+        assert sorted((r, n) for r, n, t, _ in seen if t == own) == [(1, n) for n in (1, 2, 3, 4)]
+    for carrier in (MASKED, UNMASK):  # rounds 1 and 2 carry the next round's stage, 3 does not
+        carried = sorted((r, n, carries) for r, n, t, carries in seen if t == carrier)
+        assert carried == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
 
 
-def test_a_site_sampled_next_round_but_not_this_one_gets_its_setup_in_the_same_batch():
+def test_a_site_sampled_next_round_but_not_this_one_gets_its_key_stages_in_the_same_batches():
     from server.sampling import sample_sites
 
     sites = [f"site-{i:02d}" for i in range(6)]
@@ -418,63 +424,65 @@ def test_a_site_sampled_next_round_but_not_this_one_gets_its_setup_in_the_same_b
     assert draws[0] != draws[1] != draws[2]  # the seed gives different samples each round
     for record, drawn in zip(result.rounds, draws, strict=True):
         assert_exact(fed, record, drawn)
-    assert [r.secagg["setup_pipelined"] for r in result.rounds] == [False, True, True]
+    assert [r.secagg["pipelined_stages"] for r in result.rounds] == [[], KEY_STAGES, KEY_STAGES]
 
     def nodes(site_ids) -> set[int]:
         return {int(site.split("-")[1]) + 1 for site in site_ids}
 
     newcomers = [nodes(set(draws[r]) - set(draws[r - 1])) for r in (1, 2)]  # of rounds 2 and 3
     assert all(newcomers)
-    setups = {r: {n for g, n, t, _ in seen if g == r and t == SETUP} for r in (1, 2, 3)}
-    # round 1: its own setup, plus round 2's newcomers; round 2: round 3's newcomers only
-    assert setups == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
+    for own in (SETUP, SHARE):
+        got = {r: {n for g, n, t, _ in seen if g == r and t == own} for r in (1, 2, 3)}
+        # round 1: its own, plus round 2's newcomers; round 2: round 3's newcomers only
+        assert got == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
 
 
-def test_a_site_silent_at_unmask_is_a_setup_dropout_of_the_next_round():
+def test_a_site_silent_at_unmask_is_a_share_keys_dropout_of_the_next_round():
     fed = Federation(make_cfg(rounds=2))
     fed.grid.vanish_at = {(2, UNMASK)}  # node 2 serves site-01
     first, second = fed.run().rounds
     assert_exact(fed, first, SITES)
     assert_exact(fed, second, ["site-00", "site-02", "site-03"])
-    assert second.secagg["setup_pipelined"] is True
-    assert second.dropouts == {"site-01": {"stage": "setup", "reason": "no reply"}}
+    assert second.secagg["pipelined_stages"] == KEY_STAGES
+    assert second.dropouts == {"site-01": {"stage": "share_keys", "reason": "no reply"}}
 
 
-def test_a_missing_pipelined_advert_excludes_its_site_from_the_next_round_only():
+@pytest.mark.parametrize(("carrier", "stage"), [(MASKED, "setup"), (UNMASK, "share_keys")])
+def test_a_missing_pipelined_answer_excludes_its_site_from_the_next_round_only(carrier, stage):
     fed = Federation(make_cfg(rounds=2))
-    fed.grid.tamper = _rewrite(2, UNMASK, _without(records.NEXT))
+    fed.grid.tamper = _rewrite(2, carrier, _without(records.NEXT))
     first, second = fed.run().rounds
-    assert_exact(fed, first, SITES)  # its unmask half was fine
+    assert_exact(fed, first, SITES)  # this round's half was fine
     assert_exact(fed, second, ["site-00", "site-02", "site-03"])
-    assert second.dropouts["site-01"]["stage"] == "setup"
+    assert second.dropouts["site-01"]["stage"] == stage
     assert "no 'secagg-next' record" in second.dropouts["site-01"]["reason"]
 
 
-def test_a_site_refuses_a_stale_pipelined_setup_and_still_answers_the_unmask():
+def test_a_site_refuses_a_stale_pipelined_setup_and_still_sends_its_input():
     fed = Federation(make_cfg(rounds=3))
     replies: list[RecordDict] = []
 
     def stale(node_id: int, message: Message) -> Message:
         fed._remember(node_id, message)
-        unmask_2 = message.metadata.message_type == UNMASK and message.metadata.group_id == "2"
-        if unmask_2 and node_id == 1:  # round 3's setup, claiming to be round 1's: stale
+        masked_2 = message.metadata.message_type == MASKED and message.metadata.group_id == "2"
+        if masked_2 and node_id == 1:  # round 3's setup, claiming to be round 1's: stale
             message.content[records.NEXT]["server-round"] = 1
         return message
 
     def watch(request: Message, reply: Message) -> Message:
-        if request.metadata.message_type == UNMASK and reply.metadata.src_node_id == 1:
+        if request.metadata.message_type == MASKED and reply.metadata.src_node_id == 1:
             replies.append(reply.content)
         return reply
 
     fed.grid.tamper_request, fed.grid.tamper = stale, watch
     result = fed.run()
-    assert_exact(fed, result.rounds[1], SITES)  # the unmask half was answered
-    assert "seed-shares" in replies[1][records.SECAGG]
-    assert "replayed or stale" in replies[1][records.NEXT]["refused"]
+    assert_exact(fed, result.rounds[1], SITES)  # its masked input was sent and summed
+    assert records.MASKED in replies[1]
+    assert "setup for round 1 after round 2" in replies[1][records.NEXT]["refused"]
     third = result.rounds[2]
     assert_exact(fed, third, ["site-01", "site-02", "site-03"])
     assert third.dropouts["site-00"]["stage"] == "setup"
-    assert "setup for round 1 after round 2" in third.dropouts["site-00"]["reason"]
+    assert "replayed or stale" in third.dropouts["site-00"]["reason"]
 
 
 def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
@@ -484,17 +492,38 @@ def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
     def no_shares(request: Message, reply: Message) -> Message:
         unmask_1 = request.metadata.message_type == UNMASK and request.metadata.group_id == "1"
         if unmask_1 and reply.metadata.src_node_id in (1, 2):
-            del reply.content[records.SECAGG]  # shares unreadable; the advert kept
+            del reply.content[records.SECAGG]  # shares unreadable; the next round's kept
         return reply
 
     fed.grid.tamper = no_shares
-    result = fed.run()
-    first, second = result.rounds
+    first, second = fed.run().rounds
     assert first.aborted and first.abort_reason.startswith("unmask")
     assert_exact(fed, second, SITES)
-    assert second.secagg["setup_pipelined"] is True
+    assert second.secagg["pipelined_stages"] == KEY_STAGES
     # every site already left round 1 for round 2: no abort notice could reach round 1's secrets
     assert [t for _, _, t, _ in seen if t == ABORT] == []
+
+
+def test_a_round_aborted_at_masked_input_leaves_the_next_round_set_up_and_wiped_its_own():
+    fed = Federation(make_cfg(rounds=2))
+    seen = _watch_requests(fed)
+
+    def no_input(request: Message, reply: Message) -> Message:
+        masked_1 = request.metadata.message_type == MASKED and request.metadata.group_id == "1"
+        if masked_1 and reply.metadata.src_node_id in (1, 4):
+            del reply.content[records.MASKED]  # no input; the next round's advert kept
+        return reply
+
+    fed.grid.tamper = no_input
+    first, second = fed.run().rounds
+    assert first.aborted and first.abort_reason.startswith("masked_input")
+    # each site holds round 2's keys and wiped round 1's on the abort notice
+    assert sorted(n for r, n, t, _ in seen if t == ABORT) == [1, 2, 3, 4]
+    assert second.secagg["pipelined_stages"] == ["setup"]  # its share distribution ran itself
+    assert sorted((r, n) for r, n, t, _ in seen if t == SHARE) == [
+        (r, n) for r in (1, 2) for n in (1, 2, 3, 4)
+    ]
+    assert_exact(fed, second, SITES)
 
 
 # ---- configuration -------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The fourth SuperNode is killed (SIGKILL, with everything it started) the moment it receives the
 masked-input request, after it has shared its keys: its pairwise masks are already inside the
 other three sites' inputs. The round must still complete, and the unmasked sum must be exactly
-the sum of the other three sites' quantised updates, which this test recomputes itself.
+the sum of the other three sites' quantised updates, which this test recomputes itself. A second
+round follows; its key stages ride on the first round's masked input and unmask exchanges, so the
+sites' contexts in the SuperNodes hold two rounds at once, and its sum must be exact too.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ CONNECTION = "fedgov-secagg-test"
 
 
 def _config(run_dir: Path) -> RunConfig:
-    cfg = RunConfig(rounds=1, output_dir=str(run_dir), progress=False)
+    cfg = RunConfig(rounds=2, output_dir=str(run_dir), progress=False)
     cfg.dataset.name, cfg.dataset.partitioner = "synthetic", "natural"
     cfg.federation.num_sites, cfg.federation.round_timeout = NUM_SITES, 120.0
     cfg.secagg.name, cfg.secagg.timeout = "secaggplus", STAGE_TIMEOUT
@@ -53,16 +55,22 @@ def _config(run_dir: Path) -> RunConfig:
 
 
 def _expected_ring_sum(
-    cfg: RunConfig, survivors: list[str], summary: dict
+    cfg: RunConfig,
+    survivors: list[str],
+    summary: dict,
+    start: ArrayRecord | None = None,
+    server_round: int = 1,
 ) -> tuple[np.ndarray, ArrayRecord, VectorLayout]:
-    """Σ of the survivors' quantised updates, each recomputed here as its site computes it."""
+    """Σ of the survivors' quantised updates from ``start`` (default: the initial model), each
+    recomputed here as its site computes it."""
     torch.set_num_threads(1)  # as the ClientApp does: the same float operations, the same bits
     federation = simulated_federation(cfg)
-    schema = federation.pool.schema
-    model = initial_model(
-        cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
-    )
-    start = ArrayRecord(model.state_dict())
+    if start is None:
+        schema = federation.pool.schema
+        model = initial_model(
+            cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
+        )
+        start = ArrayRecord(model.state_dict())
     layout = VectorLayout.of(start)
     total = np.zeros(layout.length, dtype=ring_dtype(cfg.secagg.bits))
     for site_id in survivors:
@@ -71,7 +79,8 @@ def _expected_ring_sum(
         site = load_site_data(cfg, node_config)
         context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                           run_config=to_flower_config(cfg))  # fmt: skip
-        update = compute_update(cfg, site, start, ConfigRecord({keys.SERVER_ROUND: 1}), context)
+        config = ConfigRecord({keys.SERVER_ROUND: server_round})
+        update = compute_update(cfg, site, start, config, context)
         weight = min(int(update.metrics[keys.NUM_EXAMPLES]), summary["weight_scale"])
         quantised, _ = quantise(
             layout.update_vector(update.arrays, start), clip_range=cfg.secagg.clip_range,
@@ -119,7 +128,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     cfg = _config(run_dir)
     run_config = " ".join(
         [
-            "rounds=1", "dataset.name='synthetic'", "dataset.partitioner='natural'",
+            "rounds=2", "dataset.name='synthetic'", "dataset.partitioner='natural'",
             f"federation.num_sites={NUM_SITES}", "federation.round_timeout=120.0",
             "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
             f"output_dir={json.dumps(str(run_dir))}",
@@ -148,7 +157,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     assert processes.wait_for_exit(flwr_run, 60) == 0, processes.logs_report()
     finished = time.monotonic()
 
-    (record,) = json.loads(metrics_path.read_text())["rounds"]
+    record, second = json.loads(metrics_path.read_text())["rounds"]
     survivors = ["site-00", "site-01", "site-02"]
     assert not record["aborted"], record
     assert record["participants"] == survivors
@@ -165,16 +174,37 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
         len(load_site_data(cfg, {"partition-id": i, "num-partitions": NUM_SITES}).train.y)
         for i in range(3)
     )
-    # and the saved model is the global model moved by exactly that sum's mean
+    assert record["eval_accuracy"] is not None  # the three live sites evaluated it
+    after_first = _moved(cfg, layout, start, expected, summary)
+
+    # Round 2: site-03 was asked for round 2's keys with round 1's masked input, and is gone
+    assert not second["aborted"], second
+    assert second["participants"] == survivors
+    if second["sites_connected"] == NUM_SITES:  # the SuperLink still listed it: same draw
+        assert second["secagg"]["pipelined_stages"] == ["setup", "share_keys"]
+        assert list(second["dropouts"]) == ["site-03"]
+        assert second["dropouts"]["site-03"]["stage"] == "setup"
+    else:  # it was dropped from the SuperLink's list: a new draw, with key stages of its own
+        assert second["secagg"]["pipelined_stages"] == [] and second["dropouts"] == {}
+    summary = second["secagg"]
+    expected, _, _ = _expected_ring_sum(cfg, survivors, summary, after_first, server_round=2)
+    assert summary["sum_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
+    # and the saved model is round 1's model moved by exactly round 2's sum's mean
+    saved = load_file(run_dir / "model.safetensors")
+    for name, array in _moved(cfg, layout, after_first, expected, summary).items():
+        assert np.array_equal(saved[name], array.numpy()), name
+    print(
+        f"\n[secagg deployment] the run finished {finished - killed_at:.1f} s after the kill "
+        f"(stage timeout {STAGE_TIMEOUT:.0f} s); round 2 stages {summary['stage_seconds']}"
+    )
+
+
+def _moved(
+    cfg: RunConfig, layout: VectorLayout, start: ArrayRecord, ring_sum: np.ndarray, summary: dict
+) -> ArrayRecord:
+    """``start`` moved by the weighted mean update that ``ring_sum`` encodes."""
     mean = dequantise_mean(
-        expected, clip_range=cfg.secagg.clip_range, total_weight=summary["total_weight"],
+        ring_sum, clip_range=cfg.secagg.clip_range, total_weight=summary["total_weight"],
         max_weight=summary["weight_scale"], scale=summary["scale"], bits=cfg.secagg.bits,
     )  # fmt: skip
-    saved = load_file(run_dir / "model.safetensors")
-    for name, array in layout.apply(start, mean).items():
-        assert np.array_equal(saved[name], array.numpy()), name
-    assert record["eval_accuracy"] is not None  # the three live sites evaluated it
-    print(
-        f"\n[secagg deployment] the round finished {finished - killed_at:.1f} s after the kill "
-        f"(stage timeout {STAGE_TIMEOUT:.0f} s); stages {summary['stage_seconds']}"
-    )
+    return layout.apply(start, mean)

@@ -21,10 +21,11 @@ index in the round). The rest of ``SECAGG`` by stage:
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
 - unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
   ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
-- pipelined setup: an unmask request may also carry the ConfigRecord ``NEXT``
-  (``"secagg-next"``), the setup request of the site's next round; the reply then carries that
-  round's key advert (or refusal) under ``NEXT`` too. The two halves are independent: each is
-  parsed, refused and checked on its own.
+- pipelining: a masked_input request may also carry the ConfigRecord ``NEXT``
+  (``"secagg-next"``), the setup request of the site's next round, and an unmask request the
+  next round's share_keys request; the reply then carries the next round's advert or ciphertexts
+  (or refusal) under ``NEXT`` too. The two halves are independent: each is parsed, refused and
+  checked on its own.
 - abort notice (``train.secagg_abort``, after an aborted round): ``reason`` (str); reply: the
   header only, once the site has wiped the round's secrets.
 
@@ -60,7 +61,8 @@ SECAGG = "secagg"
 MASKED = "secagg-masked"
 NEXT = "secagg-next"  # the next round's setup, riding on this round's unmask exchange
 MASKED_ARRAY = "masked"
-STATE = "secagg-state"  # the site's per-round secrets in context.state
+STATE = "secagg-state"  # the site's per-round secrets in context.state: the current round
+STATE_NEXT = "secagg-state-next"  # the next round, set up ahead while the current one runs
 
 MESSAGE_TYPES = {
     SETUP: "train.secagg_setup",
