@@ -485,17 +485,26 @@ def test_a_site_refuses_a_stale_pipelined_setup_and_still_sends_its_input():
     assert "replayed or stale" in third.dropouts["site-00"]["reason"]
 
 
+def _strip_round_1(message_type: str, nodes: tuple[int, ...], key: str, answers: list):
+    """A tamper: round 1's ``message_type`` replies of ``nodes`` lose ``key``; every reply to an
+    abort notice is kept in ``answers``."""
+
+    def tamper(request: Message, reply: Message) -> Message:
+        kind, group = request.metadata.message_type, request.metadata.group_id
+        if kind == message_type and group == "1" and reply.metadata.src_node_id in nodes:
+            del reply.content[key]
+        if kind == ABORT:
+            answers.append(reply.content[records.SECAGG])
+        return reply
+
+    return tamper
+
+
 def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
     fed = Federation(make_cfg(rounds=2))
     seen = _watch_requests(fed)
-
-    def no_shares(request: Message, reply: Message) -> Message:
-        unmask_1 = request.metadata.message_type == UNMASK and request.metadata.group_id == "1"
-        if unmask_1 and reply.metadata.src_node_id in (1, 2):
-            del reply.content[records.SECAGG]  # shares unreadable; the next round's kept
-        return reply
-
-    fed.grid.tamper = no_shares
+    # two sites' shares unreadable (their next round's ciphertexts kept): 2 of t = 3
+    fed.grid.tamper = _strip_round_1(UNMASK, (1, 2), records.SECAGG, [])
     first, second = fed.run().rounds
     assert first.aborted and first.abort_reason.startswith("unmask")
     assert_exact(fed, second, SITES)
@@ -507,18 +516,14 @@ def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
 def test_a_round_aborted_at_masked_input_leaves_the_next_round_set_up_and_wiped_its_own():
     fed = Federation(make_cfg(rounds=2))
     seen = _watch_requests(fed)
-
-    def no_input(request: Message, reply: Message) -> Message:
-        masked_1 = request.metadata.message_type == MASKED and request.metadata.group_id == "1"
-        if masked_1 and reply.metadata.src_node_id in (1, 4):
-            del reply.content[records.MASKED]  # no input; the next round's advert kept
-        return reply
-
-    fed.grid.tamper = no_input
+    abort_answers: list[ConfigRecord] = []
+    # two sites send no input (their next round's adverts kept): 2 of t = 3
+    fed.grid.tamper = _strip_round_1(MASKED, (1, 4), records.MASKED, abort_answers)
     first, second = fed.run().rounds
     assert first.aborted and first.abort_reason.startswith("masked_input")
-    # each site holds round 2's keys and wiped round 1's on the abort notice
+    # each site holds round 2's keys and found round 1 to wipe on the abort notice
     assert sorted(n for r, n, t, _ in seen if t == ABORT) == [1, 2, 3, 4]
+    assert len(abort_answers) == 4 and not any("refused" in a for a in abort_answers)
     assert second.secagg["pipelined_stages"] == ["setup"]  # its share distribution ran itself
     assert sorted((r, n) for r, n, t, _ in seen if t == SHARE) == [
         (r, n) for r in (1, 2) for n in (1, 2, 3, 4)
