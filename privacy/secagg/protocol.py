@@ -17,6 +17,10 @@ Stages, in order (one Message exchange each; the server's request, then each sit
 
 A round aborted on the way (too few sites, a secret that cannot be rebuilt) ends with an
 ``abort`` notice to every site still answering: each wipes that round's secrets at once.
+
+The stages of consecutive rounds may overlap: the next round's stages 1 and 2 can travel in the
+same messages as this round's stages 3 and 4 (server/secagg_round.py). Every round keeps its own
+round id, keys and checks; a message carrying two rounds is two requests answered separately.
 """
 
 from __future__ import annotations
