@@ -170,7 +170,7 @@ def run_rounds(
     records: list[RoundRecord] = list(resume_from.records) if resume_from else []
     seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
     first_round = resume_from.completed_round + 1 if resume_from else 1
-    prepared: PreparedSetup | None = None  # SecAgg+: this round's setup, if pipelined
+    prepared: PreparedSetup | None = None  # SecAgg+: this round's key stages, if pipelined
     for server_round in range(first_round, cfg.rounds + 1):
         started = time.monotonic()
         directory.refresh()
@@ -185,8 +185,8 @@ def run_rounds(
 
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
-            # The next round's draw, if it is known now (seeded, not Poisson): its setup is sent
-            # with this round's unmask, and used if the next round draws the same sites.
+            # The next round's draw, if it is known now (seeded, not Poisson): its key stages
+            # ride on this round's masked input and unmask, used if it draws the same sites.
             next_sites = (
                 sample_sites(list(node_of), count, cfg.seed, server_round + 1)
                 if server_round < cfg.rounds and (privacy is None or not privacy.site_level)
@@ -295,7 +295,7 @@ def _train_secagg(
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
 
     Returns the new global weights, the sites to evaluate (the sampled ones minus those that
-    stopped answering during the round) and the next round's setup if it was pipelined.
+    stopped answering during the round) and the next round's key stages if they were pipelined.
     """
     outcome = run_secagg_round(
         grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy,

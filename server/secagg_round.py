@@ -75,7 +75,7 @@ class SecAggRoundResult:
     aborted: bool = False
     abort_reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
-    prepared_next: PreparedSetup | None = None  # the next round's setup, if it was pipelined
+    prepared_next: PreparedSetup | None = None  # the next round's key stages, if pipelined
 
 
 @dataclass
@@ -132,8 +132,9 @@ def run_secagg_round(
     for ``dp-min-survivors`` survivors (sent in the train config); with fewer survivors the
     privacy policy decides, before anything is unmasked, to abort or to account the smaller noise.
     Receipts and declines of the masked-input replies are kept as for a plain train reply.
-    ``next_sites``: the next round's sample, whose setup then rides on this round's unmask
-    exchange (``result.prepared_next``); ``prepared``: this round's setup, if it was pipelined.
+    ``next_sites``: the next round's sample, whose key stages then ride on this round's masked
+    input and unmask exchanges (``result.prepared_next``); ``prepared``: this round's key stages,
+    if they were pipelined.
     """
     sites = sorted(sites)
     timeout = cfg.secagg.timeout or cfg.federation.round_timeout
