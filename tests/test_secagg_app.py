@@ -411,6 +411,12 @@ def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_unmask(
     for carrier in (MASKED, UNMASK):  # rounds 1 and 2 carry the next round's stage, 3 does not
         carried = sorted((r, n, carries) for r, n, t, carries in seen if t == carrier)
         assert carried == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
+    for node in (1, 2, 3, 4):  # after the last round: one round left, wiped; none set up ahead
+        state = fed.grid.context(node).state.config_records
+        assert records.STATE_NEXT not in state
+        assert (
+            state[records.STATE]["expects"] == "done" and state[records.STATE]["self-seed"] == b""
+        )
 
 
 def test_a_site_sampled_next_round_but_not_this_one_gets_its_key_stages_in_the_same_batches():
