@@ -10,7 +10,7 @@ participation, declines and failures recorded per round, and a short reply poll.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import WARNING
 
@@ -289,7 +289,7 @@ def _train_secagg(
     record: RoundRecord,
     privacy: PrivacyRound | None = None,
     run_id: str = "",
-    next_sites: list[str] | None = None,
+    next_sites: Sequence[str] = (),
     prepared: PreparedSetup | None = None,
 ) -> tuple[ArrayRecord, SampledGrid, PreparedSetup | None]:
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
@@ -299,7 +299,7 @@ def _train_secagg(
     """
     outcome = run_secagg_round(
         grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy,
-        run_id, next_sites or [], prepared,
+        run_id, next_sites, prepared,
     )  # fmt: skip
     record.participants = outcome.participants
     record.declined = sorted(outcome.declined)

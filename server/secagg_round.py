@@ -88,6 +88,10 @@ class PreparedSetup:
     weight_scale: int  # the scale asked for (the rows the sites reported when they joined)
     shared: bool = False  # the share distribution ran too
 
+    def node_at(self, index: int) -> int:
+        """The node of the site with ``index`` in this round (1-based)."""
+        return self.node_of[self.sites[index - 1]]
+
     def fits(self, server_round: int, sites: list[str], node_of: Mapping[str, int], scale: int):
         """Whether the round about to start is the one this setup was for."""
         return (
@@ -302,7 +306,7 @@ def run_secagg_round(
         if upcoming is not None:
             _attach_next(batch, upcoming, SHARE_KEYS, upcoming.server.share_keys_request,
                          records.share_keys_request_record)  # fmt: skip
-            moved_on = {upcoming.node_of[upcoming.sites[j - 1]] for j in upcoming.server.alive()}
+            moved_on = {upcoming.node_at(j) for j in upcoming.server.alive()}
         node_replies = send_to_nodes(UNMASK, batch)
         replies = _of_this_round(node_replies, node_index, targets)
         if upcoming is not None:
@@ -450,7 +454,7 @@ def _attach_next(
     """Add the next round's ``stage`` request of each of its live sites to ``batch``: inside the
     site's message of this round (under ``records.NEXT``), or as a message of its own."""
     for j in upcoming.server.alive():
-        node = upcoming.node_of[upcoming.sites[j - 1]]
+        node = upcoming.node_at(j)
         request = record_of(request_of(j))
         if node in batch:
             batch[node][1][records.NEXT] = request
@@ -482,15 +486,11 @@ def _receive_next(
     """Hand the next round's ``stage`` answers in the batch's replies to its server (None: that
     round's pipelined key stages failed; it will run its own)."""
     server = upcoming.server
-    by_index: dict[int, Message] = {}
-    for j in server.alive():
-        node = upcoming.node_of[upcoming.sites[j - 1]]
-        if node in replies:
-            by_index[j] = replies[node]
+    by_index = {j: replies[upcoming.node_at(j)] for j in server.alive()
+                if upcoming.node_at(j) in replies}  # fmt: skip
 
     def parse_one(content: RecordDict, index: int):
-        node = upcoming.node_of[upcoming.sites[index - 1]]
-        if batch[node][0] != stage:  # the answer rides in this round's reply, under NEXT
+        if batch[upcoming.node_at(index)][0] != stage:  # it rides in this round's reply (NEXT)
             content = records.next_round_part(content)
         return parse(content, server.round_id, index)
 

@@ -59,7 +59,7 @@ from privacy.secagg.protocol import (
 
 SECAGG = "secagg"
 MASKED = "secagg-masked"
-NEXT = "secagg-next"  # the next round's setup, riding on this round's unmask exchange
+NEXT = "secagg-next"  # the next round's key stage, riding on this round's message
 MASKED_ARRAY = "masked"
 STATE = "secagg-state"  # the site's per-round secrets in context.state: the current round
 STATE_NEXT = "secagg-state-next"  # the next round, set up ahead while the current one runs
@@ -294,7 +294,7 @@ def next_round_part(content: RecordDict) -> RecordDict:
     """The ``NEXT`` part of a pipelined message, as content a one-stage parser reads."""
     record = content.config_records.get(NEXT)
     if record is None:
-        raise MalformedReply(f"no '{NEXT}' record (the next round's setup)")
+        raise MalformedReply(f"no '{NEXT}' record (the next round's part)")
     return RecordDict({SECAGG: record})
 
 
