@@ -119,9 +119,82 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "recorded head, and that every version, decision and alias has its entry.",
     )
     p.add_argument("--verify", action="store_true", help="verify the chain; non-zero exit if not")
+    p.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FILE",
+        help="a checkpoint (fedgov registry checkpoint) the log must extend (default: "
+        "$FEDGOV_AUDIT_ANCHOR); with --verify",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--last", type=int, default=0, metavar="N", help="only the last N entries")
     p.set_defaults(registry_handler=_audit)
+
+    p = sub.add_parser(
+        "checkpoint",
+        parents=[common],
+        help="sign a checkpoint of the audit log's head, to keep outside the registry",
+        description="Verify the whole audit log, then write a checkpoint (sequence number, head "
+        "hash, policy version and digest, time) signed with --key (a principal of the policy). "
+        "Keep it elsewhere: `audit --verify --anchor FILE` and `serve --anchor FILE` prove the "
+        "log still extends it (no truncation, rewrite or fork).",
+    )
+    p.add_argument("--key", required=True, metavar="K", help="a principal's private key (PEM)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the checkpoint")
+    p.set_defaults(registry_handler=_checkpoint)
+
+    p = sub.add_parser(
+        "init",
+        parents=[common],
+        help="govern a registry: apply policy version 1, signed by its governance quorum",
+        description="Make POLICY (a policy YAML, or a version-1 proposal already signed with "
+        "`policy sign`) the registry's first signed policy version. Each --key adds its "
+        "principal's signature; together they must meet the policy's own governance quorum. "
+        "Versions published before are adopted (their publisher must be in the policy).",
+    )
+    p.add_argument("policy_file", metavar="POLICY", help="policy YAML or signed proposal")
+    p.add_argument(
+        "--key", action="append", default=[], metavar="K", help="a governance signer's key"
+    )
+    p.set_defaults(registry_handler=_init)
+
+    policy = sub.add_parser(
+        "policy",
+        help="the governed policy: propose, sign, apply, show, history",
+        description="The policy is a chain of signed versions; a new version takes effect only "
+        "with the signatures the current version's governance rule requires.",
+    )
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION")
+    policy.set_defaults(registry_handler=_policy_dispatch, policy_parser=policy)
+    p = policy_sub.add_parser(
+        "propose", parents=[common], help="write an unsigned proposal of the next version"
+    )
+    p.add_argument("policy_file", metavar="POLICY", help="the new policy (YAML)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the proposal")
+    p.set_defaults(policy_handler=_policy_propose)
+    p = policy_sub.add_parser(
+        "sign", parents=[common], help="add your signature to a proposal (in place)"
+    )
+    p.add_argument("proposal", metavar="PROPOSAL")
+    p.add_argument("--key", required=True, metavar="K", help="your private key (PEM)")
+    p.set_defaults(policy_handler=_policy_sign)
+    p = policy_sub.add_parser(
+        "apply", parents=[common], help="make a signed proposal the policy in force"
+    )
+    p.add_argument("proposal", metavar="PROPOSAL")
+    p.add_argument(
+        "--key", required=True, metavar="K", help="a signer's key (signs the audit entry)"
+    )
+    p.set_defaults(policy_handler=_policy_apply)
+    p = policy_sub.add_parser("show", parents=[common], help="print a policy version (the head)")
+    p.add_argument("--version", type=int, default=0, metavar="N", help="this version")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(policy_handler=_policy_show)
+    p = policy_sub.add_parser(
+        "history", parents=[common], help="every applied version and who signed it"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(policy_handler=_policy_history)
 
     p = sub.add_parser(
         "export",
@@ -162,6 +235,48 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default="onnx",
         help="onnx (ONNX Runtime on the ONNX artifact) or torch (the safetensors weights)",
     )
+    serve.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FILE",
+        help="a checkpoint the audit log must extend, at start and at every re-verification "
+        "(default: $FEDGOV_AUDIT_ANCHOR)",
+    )
+    serve.add_argument(
+        "--reverify-seconds",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="S",
+        help="re-verify the alias, approvals, artifacts and audit log every S seconds; a "
+        "failure stops predictions and /healthz says why (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="bearer tokens, one per line: 'SCOPES TOKEN' with SCOPES a comma list of api "
+        "(/v1/*), metrics (/metrics), docs (/docs, /openapi.json); without it nothing needs a "
+        "token",
+    )
+    serve.add_argument(
+        "--public",
+        default="",
+        metavar="SCOPES",
+        help="with --token-file: scopes served without a token (e.g. metrics,docs)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        metavar="N",
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--key",
+        default=None,
+        metavar="K",
+        help="a principal's key: record this serve start in the audit log, signed with it",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -173,6 +288,22 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got '{text}'") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got '{text}'")
+    return int(text)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -387,13 +518,24 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anchor(explicit: str | None):
+    """The checkpoint named by ``explicit`` or ``$FEDGOV_AUDIT_ANCHOR``, or None."""
+    import os
+
+    from server.registry.checkpoint import ANCHOR_ENV, read_checkpoint
+
+    path = explicit or os.environ.get(ANCHOR_ENV)
+    return read_checkpoint(path, "--anchor" if explicit else f"${ANCHOR_ENV}") if path else None
+
+
 def _audit(args: argparse.Namespace) -> int:
     from server.registry.errors import VerificationError
     from server.registry.governance import verify_audit
 
     registry = _open(args)
     policy = registry.optional_policy(args.policy)
-    report = verify_audit(registry)
+    anchor = _anchor(args.anchor) if args.verify else None
+    report = verify_audit(registry, anchor)
     entries = report.entries[-args.last :] if args.last > 0 else report.entries
     if args.json:
         data: dict[str, Any] = {
@@ -429,10 +571,221 @@ def _audit(args: argparse.Namespace) -> int:
             more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
             raise VerificationError(f"audit log verification failed: {report.problems[0]}{more}")
         if not args.json:
-            print(
-                f"audit chain intact: {len(report.entries)} entries, head {report.head[1]} "
-                "(record this hash elsewhere to detect a rewrite of the whole log)"
+            governed = (
+                f", every entry signed by its principal under policy version "
+                f"{report.state.policies.head.version} or earlier"
+                if report.governed
+                else " (no policy yet: keys are not bound to principals)"
             )
+            print(f"audit chain intact: {len(report.entries)} entries{governed}")
+            if anchor is not None:
+                print(
+                    f"extends checkpoint {anchor.seq} ({anchor.head_hash[:16]}…) by {anchor.signer}"
+                )
+            else:
+                print(
+                    f"head {report.head[1]} (make a signed checkpoint with `fedgov registry "
+                    "checkpoint` and keep it elsewhere to detect truncation or a rewrite)"
+                )
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from server.registry.checkpoint import write_checkpoint
+    from server.registry.governance import checkpoint
+    from server.registry.signing import load_key
+
+    key = load_key(args.key)
+    registry = _open(args)
+    made = checkpoint(registry, key)
+    write_checkpoint(args.out, made)
+    print(
+        f"wrote {args.out}: checkpoint of entry {made.seq} (hash {made.head_hash}), policy "
+        f"version {made.policy_version}, signed by {made.signer}; keep it outside the registry"
+    )
+    return 0
+
+
+def _read_policy_mapping(path: str) -> Any:
+    import yaml
+
+    from server.registry.errors import PolicyError
+
+    try:
+        return yaml.safe_load(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise PolicyError(f"policy: {path} does not exist") from None
+    except OSError as error:
+        raise PolicyError(f"policy: {path} cannot be read ({error.strerror})") from None
+    except yaml.YAMLError:
+        raise PolicyError(f"policy: {path} is not valid YAML") from None
+
+
+def _init(args: argparse.Namespace) -> int:
+    from server.registry.errors import PolicyError
+    from server.registry.governance import apply_policy, propose_policy
+    from server.registry.policy_chain import POLICY_FORMAT, version_from_mapping
+    from server.registry.registry import Registry
+    from server.registry.signing import load_key
+
+    keys = [load_key(path) for path in args.key]
+    if not keys:
+        raise PolicyError("init: give the governance signers' keys with --key K (one per signer)")
+    registry = Registry(args.registry, args.db, create=True)
+    chain = registry.policy_chain()
+    if chain:
+        raise PolicyError(
+            f"init refused: {registry.path} already has policy version {chain.head.version}; "
+            "change it with `fedgov registry policy propose`"
+        )
+    data = _read_policy_mapping(args.policy_file)
+    if isinstance(data, dict) and data.get("format") == POLICY_FORMAT:
+        version = version_from_mapping(data, args.policy_file)
+    else:
+        version = propose_policy(registry, data, args.policy_file)
+    policy = version.parsed(args.policy_file)
+    for key in keys:
+        principal = policy.principal_for_key(key.public_key)
+        if principal is None:
+            raise PolicyError(f"--key: key {key.key_id} is no principal of {args.policy_file}")
+        version = version.with_signature(key, principal.name)
+    applied = apply_policy(registry, version, keys[0])
+    print(
+        f"{registry.path}: policy version 1 in force (sha256 {version.sha256[:16]}…), signed by "
+        + ", ".join(s.principal for s in version.signatures)
+        + f"; {len(applied.principals)} principals, aliases "
+        + ", ".join(sorted(applied.aliases))
+    )
+    return 0
+
+
+def _policy_dispatch(args: argparse.Namespace) -> int:
+    handler = getattr(args, "policy_handler", None)
+    if handler is None:
+        args.policy_parser.print_help()
+        return 2
+    return handler(args)
+
+
+def _policy_propose(args: argparse.Namespace) -> int:
+    from server.registry.governance import propose_policy
+    from server.registry.policy_chain import write_version
+
+    registry = _open(args)
+    version = propose_policy(registry, _read_policy_mapping(args.policy_file), args.policy_file)
+    write_version(args.out, version)
+    print(
+        f"wrote {args.out}: proposal of policy version {version.version} (sha256 "
+        f"{version.sha256[:16]}…); sign it with `fedgov registry policy sign {args.out} --key K`"
+    )
+    return 0
+
+
+def _governing(registry, version):
+    """The policy whose governance rule ``version`` must meet (the head; version 1: itself)."""
+    chain = registry.policy_chain()
+    return chain.head if chain else version.parsed("the proposal")
+
+
+def _policy_sign(args: argparse.Namespace) -> int:
+    from server.registry.errors import VerificationError
+    from server.registry.policy_chain import check_quorum, read_version, write_version
+    from server.registry.signing import load_key
+
+    key = load_key(args.key)
+    registry = _open(args)
+    version = read_version(args.proposal)
+    version.parsed(args.proposal)
+    governing = _governing(registry, version)
+    principal = governing.principal_for_key(key.public_key)
+    if principal is None or not governing.governance.may_sign(principal):
+        raise VerificationError(
+            f"--key: key {key.key_id} is not a governance signer under {governing.source}"
+        )
+    version = version.with_signature(key, principal.name)
+    write_version(args.proposal, version)
+    quorum = check_quorum(version, governing)
+    print(
+        f"{args.proposal}: signed by {principal.name}; {quorum.detail()}"
+        + ("; ready to apply" if quorum.ok else "")
+    )
+    return 0
+
+
+def _policy_apply(args: argparse.Namespace) -> int:
+    from server.registry.governance import apply_policy
+    from server.registry.policy_chain import read_version
+    from server.registry.signing import load_key
+
+    key = load_key(args.key)
+    registry = _open(args)
+    version = read_version(args.proposal)
+    applied = apply_policy(registry, version, key)
+    print(
+        f"policy version {applied.version} in force (sha256 {applied.sha256[:16]}…), signed by "
+        + ", ".join(s.principal for s in version.signatures)
+    )
+    return 0
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from server.registry.errors import PolicyError
+
+    registry = _open(args)
+    chain = registry.policy_chain()
+    if not chain:
+        raise PolicyError(f"policy: {registry.path} has no policy yet (fedgov registry init)")
+    wanted = args.version or chain.head.version
+    match = [v for _, v, _ in chain.versions if v.version == wanted]
+    if not match:
+        raise PolicyError(
+            f"--version: no policy version {wanted} (versions 1-{chain.head.version})"
+        )
+    data = match[0].as_dict()
+    print(
+        json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end=""
+    )
+    if args.json:
+        print()
+    return 0
+
+
+def _policy_history(args: argparse.Namespace) -> int:
+    from server.registry.errors import PolicyError
+    from server.registry.governance import policy_history
+
+    registry = _open(args)
+    chain = policy_history(registry)
+    if not chain:
+        raise PolicyError(f"policy: {registry.path} has no policy yet (fedgov registry init)")
+    rows = [
+        {
+            "version": v.version,
+            "audit_seq": seq,
+            "sha256": v.sha256,
+            "signers": [s.principal for s in v.signatures],
+            "principals": [p.name for p in policy.principals],
+        }
+        for seq, v, policy in chain.versions
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(
+        ("version", "audit entry", "sha256", "signed by", "principals"),
+        [
+            (
+                str(r["version"]),
+                str(r["audit_seq"]),
+                r["sha256"][:16],
+                ", ".join(r["signers"]),
+                ", ".join(r["principals"]),
+            )
+            for r in rows
+        ],
+    )
     return 0
 
 
@@ -488,6 +841,12 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         runtime=args.runtime,
+        anchor_path=args.anchor,
+        reverify_seconds=args.reverify_seconds,
+        token_file=args.token_file,
+        public_scopes=args.public,
+        max_body_bytes=args.max_body_bytes,
+        key_path=args.key,
     )
     return 0
 

@@ -149,7 +149,8 @@ class RegistryConfig:
     path: str = ""  # registry folder; "" = $FEDGOV_REGISTRY or ./.fedgov/registry
     db_url: str = ""  # SQLAlchemy URL of its metadata; "" = SQLite in the folder (registry.db)
     model_name: str = ""  # "" = "<dataset>-<model>" (e.g. randhie-mlp)
-    # The server's Ed25519 private key (PEM) that signs manifests; "" = <path>/keys/publisher.key.
+    # The server's Ed25519 private key (PEM) that signs manifests; "" = ~/.fedgov/keys/publisher.key
+    # ($FEDGOV_KEYS_DIR), outside the registry folder.
     # Generated on first use when absent; the policy must list its public key as a publisher.
     signing_key: str = ""
 

@@ -44,17 +44,27 @@ PRINCIPALS = {
 }
 
 
+#: who signs policy versions: 2 of the three approvers
+GOVERNANCE = {"quorum": 2, "signer_roles": ["clinical-lead", "privacy-officer", "data-steward"]}
+
+
 @dataclass
 class Governance:
-    """Keys (in memory and on disk) and a policy file for one registry."""
+    """Keys (in memory and on disk) and the signed policy chain of one registry."""
 
     root: Path
     keys: dict[str, SigningKey]
     key_paths: dict[str, Path]
     policy_path: Path
+    registry_path: Path
+    db_url: str | None = None
 
-    def write_policy(self, production: dict[str, Any] | None = None) -> Path:
-        """(Re)write the policy with ``production``'s rule (default: 2 of 3, ε ≤ 8, acc ≥ 0.6)."""
+    def policy_data(
+        self,
+        production: dict[str, Any] | None = None,
+        principals: dict[str, list[str]] | None = None,
+    ) -> dict[str, Any]:
+        """The policy mapping with ``production``'s rule (default: 2 of 3, ε ≤ 8, acc ≥ 0.6)."""
         rule = production or {
             "quorum": 2,
             "approver_roles": ["clinical-lead", "privacy-officer", "data-steward"],
@@ -66,29 +76,60 @@ class Governance:
                 "require_secure_aggregation": False,
             },
         }
-        policy = {
+        return {
             "principals": {
                 name: {"public_key": self.keys[name].public_key, "roles": roles}
-                for name, roles in PRINCIPALS.items()
+                for name, roles in (principals or PRINCIPALS).items()
             },
             "aliases": {
                 "production": rule,
                 "staging": {"quorum": 1, "approver_roles": ["clinical-lead", "privacy-officer"]},
             },
+            "governance": GOVERNANCE,
         }
-        self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+    def write_policy(
+        self,
+        production: dict[str, Any] | None = None,
+        principals: dict[str, list[str]] | None = None,
+        signers: tuple[str, ...] = ("alice", "bob"),
+    ) -> Path:
+        """Apply the next policy version (``production``'s rule), signed by ``signers``, through
+        the library's propose/sign/apply; returns the policy file (the new head)."""
+        from server.registry.governance import apply_policy, propose_policy
+
+        registry = Registry(self.registry_path, self.db_url, create=True)
+        try:
+            version = propose_policy(registry, self.policy_data(production, principals), "test")
+            for name in signers:
+                version = version.with_signature(self.keys[name], name)
+            apply_policy(registry, version, self.keys[signers[0]])
+        finally:
+            registry.close()
         return self.policy_path
 
+    def write_plain_policy(self, path: Path, **changes: Any) -> Path:
+        """An unsigned policy file (what an insider can write), for the attack tests."""
+        data = self.policy_data()
+        data.update(changes)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
 
-def make_governance(root: Path, policy_path: Path | None = None) -> Governance:
-    """Fresh keys for every principal (written under ``root/keys``) and the default policy."""
+
+def make_governance(
+    root: Path, policy_path: Path | None = None, db_url: str | None = None
+) -> Governance:
+    """Fresh keys for every principal (under ``root/keys``) and a registry at ``root/registry``
+    governed by policy version 1 (signed by alice and bob, the governance quorum)."""
     keys, paths = {}, {}
     for name in [*PRINCIPALS, "mallory"]:
         keys[name] = generate_key()
         paths[name] = root / "keys" / f"{name}.key"
         write_key(paths[name], keys[name])
-    governance = Governance(root, keys, paths, policy_path or root / "registry" / "policy.yaml")
-    governance.policy_path.parent.mkdir(parents=True, exist_ok=True)
+    registry_path = root / "registry"
+    governance = Governance(
+        root, keys, paths, policy_path or registry_path / "policy.yaml", registry_path, db_url
+    )
     governance.write_policy()
     return governance
 

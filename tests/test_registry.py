@@ -171,9 +171,10 @@ def test_a_forged_approval_row_does_not_count(world, capsys):
                 audit_seq=0,
             )
     code, _, err = _promote(capsys, registry, governance)
-    assert code == 2 and "gate quorum: 0 of 2" in err
+    assert code == 2 and "the audit log does not verify: approve #1 of toy-mlp:1 has no" in err
     code, out, _ = run_cli(capsys, registry, "show", "toy-mlp:1")
-    assert out.count("ignored: decision") == 2 and "not in the policy" in out
+    assert out.count("ignored: decision") == 2 and "no valid audit entry" in out
+    assert "FAIL quorum: 0 of 2" in out
 
 
 def test_a_decision_for_another_manifest_digest_does_not_count(world, capsys):
@@ -196,7 +197,9 @@ def test_a_decision_for_another_manifest_digest_does_not_count(world, capsys):
         )
     _approve(capsys, registry, governance, "alice")
     code, _, err = _promote(capsys, registry, governance)
-    assert code == 2 and "gate quorum: 1 of 2 required approvals (alice)" in err
+    assert code == 2 and "approve #1 of toy-mlp:1 has no matching 'approve' audit entry" in err
+    code, out, _ = run_cli(capsys, registry, "show", "toy-mlp:1")
+    assert "FAIL quorum: 1 of 2 required approvals (alice)" in out
 
 
 # ---- promotion ----------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def _governed(capsys, registry, governance):
     _approve(capsys, registry, governance, "alice", "bob")
     assert _promote(capsys, registry, governance)[0] == 0
     code, out, _ = run_cli(capsys, registry, "audit", "--verify")
-    assert code == 0 and "audit chain intact: 4 entries" in out
+    assert code == 0 and "audit chain intact: 5 entries" in out
 
 
 def test_a_deleted_audit_entry_is_detected(world, capsys):
@@ -328,7 +331,7 @@ def test_a_deleted_last_audit_entry_is_detected(world, capsys):
     registry, governance, _ = world
     _governed(capsys, registry, governance)
     with sqlite3.connect(registry.path / "registry.db") as db:
-        db.execute("DELETE FROM audit_log WHERE seq = 4")
+        db.execute("DELETE FROM audit_log WHERE seq = 5")
     code, out, _ = run_cli(capsys, registry, "audit", "--verify")
     assert code == 2
     assert "entries deleted from the end" in out
@@ -340,11 +343,11 @@ def test_an_edited_or_reordered_audit_entry_is_detected(world, capsys):
     _governed(capsys, registry, governance)
     db_path = registry.path / "registry.db"
     with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE audit_log SET actor = 'carol' WHERE seq = 3")
+        db.execute("UPDATE audit_log SET actor = 'carol' WHERE seq = 4")
     code, out, _ = run_cli(capsys, registry, "audit", "--verify")
-    assert code == 2 and "audit entry 3 (approve toy-mlp:1): content does not match" in out
+    assert code == 2 and "audit entry 4 (approve toy-mlp:1): content does not match" in out
     with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE audit_log SET actor = 'bob' WHERE seq = 3")
+        db.execute("UPDATE audit_log SET actor = 'bob' WHERE seq = 4")
     assert run_cli(capsys, registry, "audit", "--verify")[0] == 0
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE audit_log SET seq = 99 WHERE seq = 2")
@@ -362,7 +365,7 @@ def test_an_alias_moved_in_the_database_without_the_audit_log_is_detected(world,
         db.execute("UPDATE aliases SET version = 2 WHERE alias = 'production'")
     report = verify_audit(registry)
     assert report.problems == [
-        "alias toy-mlp@production → 2 has no matching 'promote' audit entry (entry 4)"
+        "alias toy-mlp@production → 2 has no matching 'promote' audit entry (entry 5)"
     ]
 
 
@@ -463,7 +466,7 @@ def test_concurrent_publishers_get_distinct_versions_and_nothing_is_corrupted(tm
         assert code == 0, out
     report = verify_audit(registry)
     assert report.ok, report.problems
-    assert [e.action for e in report.entries] == ["publish"] * 9
+    assert [e.action for e in report.entries] == ["policy"] + ["publish"] * 9
     with registry.store.read() as session:
         stored = {v.version: v.manifest_sha256 for v in registry.store.versions(session)}
     assert stored == published

@@ -115,7 +115,7 @@ def fresh_db(postgres_url) -> Iterator[str]:
 
 
 def test_the_governance_flow_on_postgresql(fresh_db, tmp_path, capsys):
-    governance = make_governance(tmp_path)
+    governance = make_governance(tmp_path, db_url=fresh_db)
     registry = Registry(tmp_path / "registry", fresh_db, create=True)
     assert registry.store.engine.dialect.name == "postgresql"
     publish_toy(registry, governance.keys["server"], report=privacy_report(3.0))
@@ -151,7 +151,7 @@ def test_the_governance_flow_on_postgresql(fresh_db, tmp_path, capsys):
 
 
 def test_concurrent_publishers_on_postgresql(fresh_db, tmp_path):
-    governance = make_governance(tmp_path)
+    governance = make_governance(tmp_path, db_url=fresh_db)
     path = tmp_path / "registry"
     published = concurrent_publish(path, fresh_db, governance.key_paths["server"], 3, 3)
     assert sorted(published) == list(range(1, 10))

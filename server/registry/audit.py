@@ -20,7 +20,7 @@ from server.registry.manifest import canonical_json, sha256_hex
 from server.registry.signing import SigningKey, key_id, verify_signature
 
 GENESIS_HASH = "0" * 64
-ACTIONS = ("publish", "approve", "reject", "promote", "serve_start")
+ACTIONS = ("publish", "approve", "reject", "promote", "serve_start", "policy")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from server.registry.errors import RegistryError
 
 MANIFEST_FORMAT = "fedgov.model-manifest/1"
 DECISIONS = ("approve", "reject")
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")  # \Z: "$" would accept a trailing \n
+ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+VERSION_PATTERN = re.compile(r"[0-9]{1,19}\Z")  # ASCII digits only ("²", "１" are not versions)
+MAX_VERSION = 2**63 - 1  # versions are int64 in every database
 
 
 def canonical_json(value: Any) -> bytes:
@@ -90,21 +92,28 @@ class ModelRef:
         )
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """``text`` for a one-line message: control and non-ASCII characters escaped, at most
+    ``limit`` characters (longer text is cut and ends in '…')."""
+    escaped = ascii(text)[1:-1] if isinstance(text, str) else ascii(text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
 def check_name(name: str, where: str = "model name") -> str:
     """Return ``name`` if it is a valid model name, else raise RegistryError."""
-    if not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise RegistryError(
-            f"{where}: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting with a letter or "
-            "digit"
+            f"{where}: '{shown(name)}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting with a "
+            "letter or digit"
         )
     return name
 
 
 def check_alias(alias: str, where: str = "alias") -> str:
     """Return ``alias`` if it is a valid alias name, else raise RegistryError."""
-    if not ALIAS_PATTERN.match(alias):
+    if not isinstance(alias, str) or not ALIAS_PATTERN.match(alias):
         raise RegistryError(
-            f"{where}: '{alias}' must be 1-32 of a-z, 0-9, '_', '-' starting with a letter"
+            f"{where}: '{shown(alias)}' must be 1-32 of a-z, 0-9, '_', '-' starting with a letter"
         )
     return alias
 
@@ -116,18 +125,18 @@ def parse_ref(text: str, *, allow_alias: bool = True, allow_version: bool = True
         for form, allowed in (("NAME:VERSION", allow_version), ("NAME@ALIAS", allow_alias))
         if allowed
     )
+    where = f"model reference '{shown(text)}'"
     if ":" in text and allow_version:
         name, _, version_text = text.partition(":")
-        if not version_text.isdigit() or int(version_text) < 1:
-            raise RegistryError(f"model reference '{text}': the version must be a number ≥ 1")
-        return ModelRef(check_name(name, f"model reference '{text}'"), version=int(version_text))
+        if not VERSION_PATTERN.match(version_text) or not 1 <= int(version_text) <= MAX_VERSION:
+            raise RegistryError(
+                f"{where}: the version must be ASCII digits, a number from 1 to {MAX_VERSION}"
+            )
+        return ModelRef(check_name(name, where), version=int(version_text))
     if "@" in text and allow_alias:
         name, _, alias = text.partition("@")
-        return ModelRef(
-            check_name(name, f"model reference '{text}'"),
-            alias=check_alias(alias, f"model reference '{text}'"),
-        )
-    raise RegistryError(f"model reference '{text}': expected {forms}")
+        return ModelRef(check_name(name, where), alias=check_alias(alias, where))
+    raise RegistryError(f"{where}: expected {forms}")
 
 
 # ---- summaries ----------------------------------------------------------------------------------

@@ -16,9 +16,14 @@ A policy file (YAML, see ``conf/registry/policy.yaml``)::
           min_metrics: {central_eval_accuracy: 0.6}
           max_metrics: {central_eval_loss: 0.7}
           require_secure_aggregation: true
+    governance:                            # who signs the NEXT version of this policy
+      quorum: 2                            # distinct principals' signatures
+      signer_roles: [clinical-lead, privacy-officer]   # whose signatures count (default: all)
 
-Parsing (:func:`parse_policy`) and gate evaluation (:func:`evaluate_gates`) are pure; the caller
-verifies signatures and passes in only decisions whose signature held against the policy's key.
+The policy in force is the head of a signed chain of versions (``server.registry.policy_chain``);
+a bare policy file is only a proposal. Parsing (:func:`parse_policy`) and gate evaluation
+(:func:`evaluate_gates`) are pure; the caller verifies signatures and passes in only decisions
+that were valid under the policy in force when they were made.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from server.registry.signing import key_id, parse_public_key
 PUBLISHER_ROLE = "publisher"
 GATE_KEYS = ("max_epsilon", "min_metrics", "max_metrics", "require_secure_aggregation")
 ALIAS_KEYS = ("quorum", "approver_roles", "required_roles", "promoter_roles", "gates")
+GOVERNANCE_KEYS = ("quorum", "signer_roles")
 
 
 @dataclass(frozen=True)
@@ -83,13 +89,29 @@ class AliasRule:
 
 
 @dataclass(frozen=True)
+class GovernanceRule:
+    """What the NEXT version of the policy needs: ``quorum`` distinct signers holding a role in
+    ``signer_roles`` (empty: any principal)."""
+
+    quorum: int
+    signer_roles: tuple[str, ...] = ()
+
+    def may_sign(self, principal: Principal) -> bool:
+        return not self.signer_roles or bool(set(principal.roles) & set(self.signer_roles))
+
+
+@dataclass(frozen=True)
 class Policy:
-    """A parsed policy; ``sha256`` identifies the exact file it came from."""
+    """A parsed policy. In a governed registry ``sha256`` is the signed version's digest and
+    ``version`` its number in the chain (0: not yet part of a chain)."""
 
     principals: tuple[Principal, ...]
     aliases: Mapping[str, AliasRule]
     sha256: str = ""
     source: str = "policy"
+    governance: GovernanceRule | None = None
+    version: int = 0
+    document: Mapping[str, Any] | None = None  # the policy's mapping form, as signed
 
     def principal_for_key(self, public_key: str) -> Principal | None:
         """The principal holding ``public_key``, or None."""
@@ -299,7 +321,9 @@ def parse_policy(data: Any, source: str = "policy", sha256: str = "") -> Policy:
     """Build a :class:`Policy` from its mapping form, checking every key and value."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"{source}: expected a mapping with keys principals, aliases")
-    check_keys(source, data, ("principals", "aliases"), ("version",), error=PolicyError)
+    check_keys(
+        source, data, ("principals", "aliases"), ("version", "governance"), error=PolicyError
+    )
     principals_raw = data["principals"]
     if not isinstance(principals_raw, Mapping) or not principals_raw:
         raise PolicyError(f"{source}: principals: expected a mapping name → {{public_key, roles}}")
@@ -335,7 +359,37 @@ def parse_policy(data: Any, source: str = "policy", sha256: str = "") -> Policy:
         except RegistryError as error:
             raise PolicyError(str(error)) from None
         aliases[str(alias)] = _parse_rule(where, str(alias), entry or {}, policy, all_roles)
-    return Policy(tuple(principals), aliases, sha256, source)
+    governance = None
+    if "governance" in data:
+        governance = _parse_governance(
+            f"{source}: governance", data["governance"], policy, all_roles
+        )
+    return Policy(tuple(principals), aliases, sha256, source, governance, 0, data)
+
+
+def _parse_governance(
+    where: str, entry: Any, policy: Policy, all_roles: set[str]
+) -> GovernanceRule:
+    if not isinstance(entry, Mapping):
+        raise PolicyError(f"{where}: expected a mapping with keys {', '.join(GOVERNANCE_KEYS)}")
+    check_keys(where, entry, ("quorum",), ("signer_roles",), error=PolicyError)
+    quorum = entry["quorum"]
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+        raise PolicyError(f"{where}.quorum: expected a whole number ≥ 1, got {quorum!r}")
+    roles = tuple(_str_list(f"{where}.signer_roles", entry.get("signer_roles", [])))
+    unknown = [r for r in roles if r not in all_roles]
+    if unknown:
+        raise PolicyError(
+            f"{where}.signer_roles: role {', '.join(unknown)} is held by no principal "
+            f"(roles in the policy: {', '.join(sorted(all_roles))})"
+        )
+    rule = GovernanceRule(quorum, roles)
+    signers = [p.name for p in policy.principals if rule.may_sign(p)]
+    if quorum > len(signers):
+        raise PolicyError(
+            f"{where}.quorum: {quorum} exceeds the {len(signers)} principals who may sign"
+        )
+    return rule
 
 
 def _parse_rule(

@@ -109,6 +109,7 @@ def publish_model(
     from safetensors.torch import load as load_safetensors_bytes
 
     check_name(name, "registry.model_name")
+    actor = _publisher_name(registry, key)
     model = build_model(spec.architecture, schema.input_shape, len(schema.classes), spec.hidden)
     try:
         model.load_state_dict(load_safetensors_bytes(weights), strict=True)
@@ -164,7 +165,7 @@ def publish_model(
         entry = tx.audit(
             action="publish",
             subject=f"{name}:{version}",
-            actor="publisher",
+            actor=actor,
             key=key,
             details={"manifest_sha256": digest, "run_id": str(lineage.get("run_id", ""))},
         )
@@ -190,6 +191,21 @@ def publish_model(
         str(lineage.get("run_id", "")),
         entry.seq,
     )
+
+
+def _publisher_name(registry: Registry, key: SigningKey) -> str:
+    """The policy's name for the publishing key; a governed registry refuses any other key."""
+    chain = registry.policy_chain()
+    if not chain:
+        return "publisher"  # not governed yet: `registry init` adopts what was published before
+    policy = chain.head
+    principal = policy.principal_for_key(key.public_key)
+    if principal is None or not policy.is_publisher(key.public_key):
+        raise RegistryError(
+            f"publish refused: key {key.key_id} is not a publisher in {policy.source} (add it "
+            "with a policy change: fedgov registry policy propose)"
+        )
+    return principal.name
 
 
 def _artifact(registry: Registry, data: bytes, filename: str, media_type: str) -> dict[str, Any]:

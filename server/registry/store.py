@@ -351,8 +351,19 @@ class RegistryStore:
             query = query.where(DecisionRow.version == version)
         return [_decision(row) for row in session.scalars(query)]
 
-    def audit_entries(self, session: Session) -> list[AuditEntry]:
-        return [_audit(row) for row in session.scalars(select(AuditRow).order_by(AuditRow.seq))]
+    def audit_entries(
+        self,
+        session: Session,
+        actions: tuple[str, ...] | None = None,
+        subject: str | None = None,
+    ) -> list[AuditEntry]:
+        """The audit entries in sequence order (only ``actions`` / ``subject`` when given)."""
+        query = select(AuditRow).order_by(AuditRow.seq)
+        if actions is not None:
+            query = query.where(AuditRow.action.in_(actions))
+        if subject is not None:
+            query = query.where(AuditRow.subject == subject)
+        return [_audit(row) for row in session.scalars(query)]
 
     def audit_head(self, session: Session) -> tuple[int, str]:
         state = session.get(StateRow, 1)

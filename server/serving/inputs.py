@@ -5,7 +5,9 @@ object keyed by feature name; each is normalised with the published constants ex
 ``fedgov.datasets.normalise_frame`` does (float64: log1p where set, minus mean, over std; then
 float32), so a served row and a training row give the model identical bits. Image instances are
 pixel arrays in [0, 1] of the manifest's shape (or its H×W, or flat), normalised with the
-published mean and std.
+published mean and std. Values that are finite as given but overflow after normalisation or
+the float32 conversion are refused like any other bad value. Messages name the instance and the
+feature but never repeat the input's values (:func:`bounded` caps their length).
 """
 
 from __future__ import annotations
@@ -17,9 +19,18 @@ from typing import Any
 
 import numpy as np
 
+MAX_MESSAGE = 300  # characters of an error message, at most
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class InputError(ValueError):
     """An instance does not fit the input schema; the message names the instance and field."""
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` on one line, at most ``limit`` characters, control characters escaped."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -81,15 +92,23 @@ class InputSpec:
                     bad = np.flatnonzero(rows[:, j] <= -1)
                     if bad.size:
                         raise InputError(
-                            f"instances[{int(bad[0])}]: feature '{self.feature_names[j]}' = "
-                            f"{rows[bad[0], j]:g} must be > -1 (it is log1p-transformed)"
+                            f"instances[{int(bad[0])}]: feature '{self.feature_names[j]}' "
+                            "must be > -1 (it is log1p-transformed)"
                         )
                     rows[:, j] = np.log1p(rows[:, j])
             means = np.asarray(self.means, np.float64)
             stds = np.asarray(self.stds, np.float64)
             # Column by column, as normalise_frame computes it: identical float64 results.
             columns = [(rows[:, j] - means[j]) / stds[j] for j in range(rows.shape[1])]
-            return np.stack(columns, axis=1).astype(np.float32)
+            normalised = np.stack(columns, axis=1)
+            overflow = ~(np.abs(normalised) <= FLOAT32_MAX)  # also catches inf and NaN
+            if overflow.any():
+                i, j = (int(k) for k in np.argwhere(overflow)[0])
+                raise InputError(
+                    f"instances[{i}]: feature '{self.feature_names[j]}' is out of range: it "
+                    "overflows float32 after normalisation"
+                )
+            return normalised.astype(np.float32)
         images = np.stack([self._image(i, inst) for i, inst in enumerate(instances)])
         return ((images - self.pixel_mean) / self.pixel_std).astype(np.float32)
 
@@ -104,7 +123,7 @@ class InputSpec:
                 if missing:
                     parts.append("missing feature " + ", ".join(f"'{n}'" for n in missing))
                 if extra:
-                    parts.append("unknown feature " + ", ".join(f"'{n}'" for n in extra))
+                    parts.append(f"{len(extra)} unknown feature name(s)")
                 raise InputError(f"{where}: {'; '.join(parts)}")
             values = [instance[n] for n in self.feature_names]
         elif isinstance(instance, list | tuple):
@@ -128,7 +147,7 @@ class InputSpec:
         where = f"instances[{index}]"
         try:
             array = np.asarray(instance, dtype=np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise InputError(f"{where}: expected nested lists of numbers (pixels)") from None
         if array.dtype == object or not np.all(np.isfinite(array)):
             raise InputError(f"{where}: expected finite numbers (pixels in [0, 1])")
@@ -151,12 +170,16 @@ class InputSpec:
 
 def _number(where: str, value: Any, whole: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise InputError(f"{where}: expected a finite number, got {value!r}")
-    if whole and not float(value).is_integer():
-        raise InputError(f"{where}: expected a whole number, got {value!r}")
-    return float(value)
+        raise InputError(f"{where}: expected a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InputError(f"{where}: out of range (beyond float64)") from None
+    if not math.isfinite(number):
+        raise InputError(f"{where}: expected a finite number")
+    if whole and not number.is_integer():
+        raise InputError(f"{where}: expected a whole number")
+    return number
 
 
 def _has_bool(value: Any) -> bool:

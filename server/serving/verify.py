@@ -3,21 +3,32 @@
 1. the alias resolves to a version (the policy governs the alias);
 2. the manifest: its digest, the publisher's Ed25519 signature, the publisher listed in the policy;
 3. every artifact's sha256 (the weights and ONNX bytes are read once, hashed, then used);
-4. the approvals against the current policy: every gate of the alias still holds;
-5. the audit chain is intact and records this alias's promotion to this version.
+4. the approvals against the policy in force (the signed chain's head): every gate of the
+   alias still holds, each decision judged under the policy in force when it was made;
+5. the audit log verifies (chain, replay, rows one to one) and records this alias's promotion
+   to this version as its latest; with an anchor, the log extends that checkpoint.
 
-Any failure raises VerificationError with one line saying what failed.
+Any failure raises VerificationError with one line saying what failed. :func:`check_served`
+repeats steps 1-5 for a running server (``--reverify-seconds``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.registry.checkpoint import Checkpoint
 from server.registry.errors import RegistryError, VerificationError
-from server.registry.governance import gate_report, verify_audit, verify_version
+from server.registry.governance import (
+    AuditReport,
+    VerificationReport,
+    gate_report,
+    verify_audit,
+    verify_version,
+)
 from server.registry.manifest import ModelRef, privacy_summary
-from server.registry.policy import Policy
+from server.registry.policy import GateReport, Policy
 from server.registry.registry import Registry
 from server.registry.store import VersionRecord
 from server.serving.inputs import InputSpec
@@ -38,6 +49,8 @@ class ServedModel:
     approvers: list[str] = field(default_factory=list)
     policy_sha256: str = ""
     audit_entries: int = 0
+    withdrawn: str | None = None  # why it may no longer be served (set by re-verification)
+    verified_at: float = field(default_factory=time.time)  # last successful verification (epoch s)
 
     @property
     def classes(self) -> list[str]:
@@ -87,19 +100,26 @@ class ServedModel:
         }
 
 
-def load_for_serving(
-    registry: Registry, ref: ModelRef, policy: Policy, runtime: str = "onnx"
-) -> ServedModel:
-    """Verify ``ref`` (``NAME@ALIAS``) end to end and load it; VerificationError on any failure."""
-    if ref.alias is None:
-        raise RegistryError(
-            f"serve: '{ref}' names a version; serve an alias (NAME@ALIAS) that governance moved"
-        )
-    if runtime not in RUNTIMES:
-        raise RegistryError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
+def check_served(
+    registry: Registry,
+    ref: ModelRef,
+    policy: Policy,
+    anchor: Checkpoint | None = None,
+    expected: VersionRecord | None = None,
+) -> tuple[VersionRecord, VerificationReport, GateReport, AuditReport]:
+    """Steps 1-5 for ``ref`` (and, with ``expected``, that the alias still names that version);
+    VerificationError names the first failure."""
     policy.rule(ref.alias)
     with registry.store.read() as session:
         record = registry.store.resolve(session, ref)
+        if expected is not None and (record.version, record.manifest_sha256) != (
+            expected.version,
+            expected.manifest_sha256,
+        ):
+            raise VerificationError(
+                f"{ref} now names {record.ref}, not the served {expected.ref} (moved by "
+                "governance: restart to serve it)"
+            )
         report = verify_version(registry, record, policy)
         report.raise_for_failure(f"serve refused: {ref} → ")
         gates = gate_report(registry, session, record, policy, ref.alias)
@@ -108,10 +128,34 @@ def load_for_serving(
         raise VerificationError(
             f"serve refused: {ref} → {record.ref} no longer meets {policy.source}: {unmet}"
         )
-    audit = verify_audit(registry)
+    audit = verify_audit(registry, anchor)
     if not audit.ok:
         more = f" (and {len(audit.problems) - 1} more)" if len(audit.problems) > 1 else ""
         raise VerificationError(f"serve refused: {audit.problems[0]}{more}")
+    latest = audit.state.aliases.get((ref.name, ref.alias)) if audit.state else None
+    if latest is None or latest[0] != record.version:
+        raise VerificationError(
+            f"serve refused: {ref} → {record.ref} is not what the audit log's latest promotion "
+            "of the alias says (check latest-promote)"
+        )
+    return record, report, gates, audit
+
+
+def load_for_serving(
+    registry: Registry,
+    ref: ModelRef,
+    policy: Policy,
+    runtime: str = "onnx",
+    anchor: Checkpoint | None = None,
+) -> ServedModel:
+    """Verify ``ref`` (``NAME@ALIAS``) end to end and load it; VerificationError on any failure."""
+    if ref.alias is None:
+        raise RegistryError(
+            f"serve: '{ref}' names a version; serve an alias (NAME@ALIAS) that governance moved"
+        )
+    if runtime not in RUNTIMES:
+        raise RegistryError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
+    record, report, gates, audit = check_served(registry, ref, policy, anchor)
 
     artifacts = record.manifest["artifacts"]
     predictor: Any
