@@ -85,7 +85,14 @@ class Governance:
                 "production": rule,
                 "staging": {"quorum": 1, "approver_roles": ["clinical-lead", "privacy-officer"]},
             },
-            "governance": GOVERNANCE,
+            "governance": {
+                "quorum": GOVERNANCE["quorum"],
+                "signer_roles": [
+                    role
+                    for role in GOVERNANCE["signer_roles"]
+                    if any(role in r for r in (principals or PRINCIPALS).values())
+                ],
+            },
         }
 
     def write_policy(
@@ -255,3 +262,99 @@ def concurrent_publish(registry_path: Path, db_url: str, key_path: Path, process
                 assert int(version) not in published, f"version {version} published twice"
                 published[int(version)] = digest
     return published
+
+
+def insider_append(
+    db_path: Path,
+    *,
+    action: str,
+    subject: str,
+    actor: str,
+    key: SigningKey,
+    details: dict[str, Any],
+) -> int:
+    """What an insider with write access to the SQLite file can do: append a correctly hashed
+    and linked audit entry signed with ``key`` and move the recorded head. Returns its seq."""
+    import sqlite3
+
+    from server.registry.audit import next_entry
+    from server.registry.manifest import canonical_json
+
+    with sqlite3.connect(db_path) as db:
+        seq, head = db.execute("SELECT audit_seq, audit_hash FROM registry_state").fetchone()
+        entry = next_entry(
+            (seq, head) if seq else None,
+            at="2026-12-06T00:00:00.000000Z",
+            action=action,
+            subject=subject,
+            actor=actor,
+            key=key,
+            details=details,
+        )
+        _insert_entry(db, entry, canonical_json)
+        db.execute(
+            "UPDATE registry_state SET audit_seq = ?, audit_hash = ?",
+            (entry.seq, entry.entry_hash),
+        )
+    return entry.seq
+
+
+def _insert_entry(db, entry, canonical_json) -> None:
+    db.execute(
+        "INSERT INTO audit_log (seq, at, action, subject, actor, actor_key, details, prev_hash, "
+        "entry_hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.seq,
+            entry.at,
+            entry.action,
+            entry.subject,
+            entry.actor,
+            entry.actor_key,
+            canonical_json(entry.details).decode(),
+            entry.prev_hash,
+            entry.entry_hash,
+            entry.signature,
+        ),
+    )
+
+
+def insider_rewrite_from(db_path: Path, seq: int, key: SigningKey) -> None:
+    """Delete audit entry ``seq`` and re-hash, re-link and re-sign every later entry with ``key``
+    (the insider's own), keeping each entry's named actor; the head moves to the new last one."""
+    import json
+    import sqlite3
+
+    from server.registry.audit import AuditEntry, entry_hash
+    from server.registry.manifest import canonical_json
+
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT seq, at, action, subject, actor, details, prev_hash FROM audit_log "
+            "WHERE seq >= ? ORDER BY seq",
+            (seq,),
+        ).fetchall()
+        prev = rows[0][6]
+        db.execute("DELETE FROM audit_log WHERE seq >= ?", (seq,))
+        new_seq = seq
+        for _, at, action, subject, actor, details, _ in rows[1:]:
+            body = AuditEntry(
+                new_seq, at, action, subject, actor, key.public_key, json.loads(details), prev
+            )
+            digest = entry_hash(body.body())
+            entry = AuditEntry(
+                *[getattr(body, f) for f in ("seq", "at", "action", "subject", "actor")],
+                key.public_key,
+                body.details,
+                prev,
+                digest,
+                key.sign(f"fedgov:audit:v1:{digest}".encode()),
+            )
+            _insert_entry(db, entry, canonical_json)
+            db.execute(
+                "UPDATE decisions SET audit_seq = ? WHERE audit_seq = ?", (new_seq, new_seq + 1)
+            )
+            db.execute(
+                "UPDATE aliases SET audit_seq = ? WHERE audit_seq = ?", (new_seq, new_seq + 1)
+            )
+            prev, new_seq = digest, new_seq + 1
+        db.execute("UPDATE registry_state SET audit_seq = ?, audit_hash = ?", (new_seq - 1, prev))

@@ -110,7 +110,8 @@ def version_from_mapping(data: Any, source: str) -> PolicyVersion:
     """A signed version from its mapping form; PolicyError names what is wrong."""
     if not isinstance(data, Mapping) or data.get("format") != POLICY_FORMAT:
         raise PolicyError(
-            f"policy: {source} is not a signed policy version (format {POLICY_FORMAT}); a plain "
+            f"policy: {source} is not a signed policy version (check policy-head: format "
+            f"{POLICY_FORMAT}); a plain "
             "policy is only a proposal: `fedgov registry init` (first version) or `fedgov "
             "registry policy propose` (later ones)"
         )

@@ -124,7 +124,8 @@ def check_policy_file(path: Path, chain: PolicyChain) -> None:
     if version.sha256 in known:
         raise PolicyError(
             f"policy: {path} is version {known[version.sha256]}, not the chain's head version "
-            f"{head.version} (sha256 {head.sha256[:16]}…): an old policy version replayed"
+            f"{head.version} (sha256 {head.sha256[:16]}…): check policy-head: an old policy "
+            "version replayed"
         )
     raise PolicyError(
         f"policy: {path} (sha256 {version.sha256[:16]}…) is not the chain's head version "
