@@ -124,7 +124,10 @@ class Governance:
 
 
 def make_governance(
-    root: Path, policy_path: Path | None = None, db_url: str | None = None
+    root: Path,
+    policy_path: Path | None = None,
+    db_url: str | None = None,
+    production: dict[str, Any] | None = None,
 ) -> Governance:
     """Fresh keys for every principal (under ``root/keys``) and a registry at ``root/registry``
     governed by policy version 1 (signed by alice and bob, the governance quorum)."""
@@ -137,7 +140,7 @@ def make_governance(
     governance = Governance(
         root, keys, paths, policy_path or registry_path / "policy.yaml", registry_path, db_url
     )
-    governance.write_policy()
+    governance.write_policy(production)
     return governance
 
 

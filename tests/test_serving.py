@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from processes import free_port, managed_processes
-from registry_support import make_governance
+from registry_support import PRINCIPALS, Governance, make_governance
 
 from fedgov.cli import main
 from fedgov.datasets import load_dataset, load_table, normalise_frame
@@ -42,8 +42,7 @@ def governed(tmp_path_factory):
     from simulations.run import compose_config, run_from_hydra
 
     root = tmp_path_factory.mktemp("serving")
-    governance = make_governance(root)
-    governance.write_policy(PRODUCTION)
+    governance = make_governance(root, production=PRODUCTION)
     registry_dir = root / "registry"
     run_dir = root / "run"
     overrides = [
@@ -114,6 +113,8 @@ def server(governed, tmp_path_factory):
                 str(governed["registry"]),
                 "--port",
                 str(port),
+                "--key",
+                str(governed["governance"].key_paths["server"]),
             ],
             cwd=ROOT,
         )
@@ -190,9 +191,11 @@ def _json_number(value):
     ("instances", "message"),
     [
         ([[1.0, 2.0]], "instances[0]: expected 16 feature values (coins, idp,"),
-        ([[0] * 15 + ["x"]], "instances[0]: feature 'black': expected a number, got str 'x'"),
+        ([[0] * 15 + ["x"]], "instances[0]: feature 'black': expected a number, got str"),
         ([[0] * 15 + [True]], "instances[0]: feature 'black': expected a number, got bool"),
-        ([[0.5] + [0] * 15], "instances[0]: feature 'coins': expected a whole number, got 0.5"),
+        ([[0.5] + [0] * 15], "instances[0]: feature 'coins': expected a whole number"),
+        ([[10**400] + [0] * 15], "instances[0]: feature 'coins': out of range (beyond float64)"),
+        ([[0] * 15 + [1e300]], "instances[0]: feature 'black' is out of range: it overflows"),
         ([{"coins": 0}], "instances[0]: missing feature 'idp'"),
         ([[0] * 16, "row"], "instances[1]: expected a list of 16 numbers or an object"),
     ],
@@ -275,6 +278,7 @@ def test_serve_start_is_in_the_audit_chain(governed, server):
     registry.close()
     assert report.ok, report.problems
     assert [e.action for e in report.entries] == [
+        "policy",
         "publish",
         "approve",
         "approve",
@@ -282,6 +286,7 @@ def test_serve_start_is_in_the_audit_chain(governed, server):
         "serve_start",
     ]
     assert report.entries[-1].details["address"].startswith("127.0.0.1:")
+    assert report.entries[-1].actor == "server"  # signed with --key, a principal's key
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -370,20 +375,31 @@ def test_serve_refuses_when_an_audit_entry_was_deleted(registry_copy):
     assert line.startswith("fedgov: error: serve refused: audit entry 3: follows entry 1; entry 2")
 
 
+def _on_copy(governed, registry_copy: Path) -> Governance:
+    g = governed["governance"]
+    return Governance(g.root, g.keys, g.key_paths, registry_copy / "policy.yaml", registry_copy)
+
+
 def test_serve_refuses_when_the_approvals_no_longer_meet_the_policy(governed, registry_copy):
-    policy = yaml.safe_load((registry_copy / "policy.yaml").read_text())
-    policy["aliases"]["production"]["quorum"] = 3
-    (registry_copy / "policy.yaml").write_text(yaml.safe_dump(policy))
+    _on_copy(governed, registry_copy).write_policy({**PRODUCTION, "quorum": 3})
     line = _serve_refusal(registry_copy)
-    assert "no longer meets" in line and "gate quorum: 2 of 3 required approvals" in line
+    assert "no longer meets policy version 2" in line
+    assert "gate quorum: 2 of 3 required approvals" in line
 
 
-def test_serve_refuses_a_manifest_whose_signer_the_policy_does_not_list(registry_copy):
+def test_serve_refuses_an_edited_policy_file(registry_copy):
     policy = yaml.safe_load((registry_copy / "policy.yaml").read_text())
-    del policy["principals"]["server"]
+    policy["policy"]["aliases"]["production"]["quorum"] = 0
     (registry_copy / "policy.yaml").write_text(yaml.safe_dump(policy))
     line = _serve_refusal(registry_copy)
-    assert "publisher: key" in line and "is not a publisher in" in line
+    assert "sha256: the file says" in line and "(edited after it was made)" in line
+
+
+def test_serve_refuses_a_manifest_whose_signer_the_policy_does_not_list(governed, registry_copy):
+    without_server = {k: v for k, v in PRINCIPALS.items() if k != "server"}
+    _on_copy(governed, registry_copy).write_policy(PRODUCTION, without_server)
+    line = _serve_refusal(registry_copy)
+    assert "publisher: key" in line and "is not a publisher in policy version 2" in line
 
 
 def test_serve_refuses_an_alias_moved_outside_governance(registry_copy):

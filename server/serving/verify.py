@@ -122,16 +122,17 @@ def check_served(
             )
         report = verify_version(registry, record, policy)
         report.raise_for_failure(f"serve refused: {ref} → ")
+    audit = verify_audit(registry, anchor)
+    if not audit.ok:
+        more = f" (and {len(audit.problems) - 1} more)" if len(audit.problems) > 1 else ""
+        raise VerificationError(f"serve refused: {audit.problems[0]}{more}")
+    with registry.store.read() as session:
         gates = gate_report(registry, session, record, policy, ref.alias)
     if not gates.passed:
         unmet = "; ".join(str(g) for g in gates.unmet)
         raise VerificationError(
             f"serve refused: {ref} → {record.ref} no longer meets {policy.source}: {unmet}"
         )
-    audit = verify_audit(registry, anchor)
-    if not audit.ok:
-        more = f" (and {len(audit.problems) - 1} more)" if len(audit.problems) > 1 else ""
-        raise VerificationError(f"serve refused: {audit.problems[0]}{more}")
     latest = audit.state.aliases.get((ref.name, ref.alias)) if audit.state else None
     if latest is None or latest[0] != record.version:
         raise VerificationError(
