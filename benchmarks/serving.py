@@ -10,9 +10,10 @@
 2. Serve: the demo-sized MLP (hidden 64) is published, approved and promoted, ``fedgov serve``
    starts on a free 127.0.0.1 port (one uvicorn worker), and a load generator in this process
    (``--concurrency`` asyncio keep-alive HTTP/1.1 connections, a fixed number of requests, bounded
-   by ``--max-seconds``) posts ``{"instances": [...]}`` bodies of 1 and 32 rows. Each request's
-   latency is measured from sending to the last byte of the response. Side by side: the ONNX
-   Runtime runtime (the default) and the torch runtime.
+   by ``--max-seconds``) posts ``{"instances": [...]}`` bodies of 1 and 32 rows, each with a
+   bearer token (``--token-file``; ``--no-auth`` serves without). Each request's latency is
+   measured from sending to the last byte of the response. Side by side: the ONNX Runtime
+   runtime (the default) and the torch runtime.
 
 The load generator shares the machine's CPUs with the server, so requests per second are a
 floor for a dedicated client; p50/p99 include queueing at the chosen concurrency.
@@ -39,10 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BIG_HIDDEN = 4466  # 16·h + h + h·(h/2) + h/2 + 2·(h/2) + 2 ≈ 10.0M parameters
 
 
-def _governed_registry(root: Path):
-    """A registry with keys and a one-approver policy; returns (registry, keys, policy path)."""
-    import yaml
+BENCH_TOKEN = "benchmark-token-0123456789abcdef"
 
+
+def _governed_registry(root: Path):
+    """A registry governed by a one-approver policy (signed version 1); returns (registry,
+    keys)."""
+    from server.registry.governance import apply_policy, propose_policy
     from server.registry.registry import Registry
     from server.registry.signing import generate_key, write_key
 
@@ -57,8 +61,12 @@ def _governed_registry(root: Path):
             "alice": {"public_key": keys["alice"].public_key, "roles": ["approver"]},
         },
         "aliases": {"production": {"quorum": 1}},
+        "governance": {"quorum": 1, "signer_roles": ["approver"]},
     }
-    (registry.path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    version = propose_policy(registry, policy, "benchmark policy").with_signature(
+        keys["alice"], "alice"
+    )
+    apply_policy(registry, version, keys["alice"])
     return registry, keys
 
 
@@ -143,11 +151,14 @@ def _approve_and_promote(registry, record, keys) -> None:
 # ---- load generation ----------------------------------------------------------------------------
 
 
-async def _client(host, port, body: bytes, count: int, deadline: float, latencies: list[float]):
+async def _client(
+    host, port, body: bytes, count: int, deadline: float, latencies: list[float], auth: bool
+):
     reader, writer = await asyncio.open_connection(host, port)
+    token = f"Authorization: Bearer {BENCH_TOKEN}\r\n" if auth else ""
     request = (
         f"POST /v1/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{token}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     try:
         for _ in range(count):
@@ -171,20 +182,27 @@ async def _client(host, port, body: bytes, count: int, deadline: float, latencie
         writer.close()
 
 
-async def _load(host, port, body, requests, concurrency, max_seconds) -> tuple[list[float], float]:
+async def _load(
+    host, port, body, requests, concurrency, max_seconds, auth
+) -> tuple[list[float], float]:
     latencies: list[float] = []
     per_client = -(-requests // concurrency)
     # Warm-up: one request per connection is not counted.
-    await asyncio.gather(*(_client(host, port, body, 1, float("inf"), []) for _ in range(2)))
+    await asyncio.gather(*(_client(host, port, body, 1, float("inf"), [], auth) for _ in range(2)))
     started = time.perf_counter()
     deadline = started + max_seconds
     await asyncio.gather(
-        *(_client(host, port, body, per_client, deadline, latencies) for _ in range(concurrency))
+        *(
+            _client(host, port, body, per_client, deadline, latencies, auth)
+            for _ in range(concurrency)
+        )
     )
     return latencies, time.perf_counter() - started
 
 
-def bench_serving(requests: int, concurrency: int, max_seconds: float) -> tuple[list[dict], int]:
+def bench_serving(
+    requests: int, concurrency: int, max_seconds: float, auth: bool = True
+) -> tuple[list[dict], int]:
     from fedgov.datasets import load_table
 
     rows = load_table("randhie").head(32)
@@ -197,18 +215,19 @@ def bench_serving(requests: int, concurrency: int, max_seconds: float) -> tuple[
         _approve_and_promote(registry, record, keys)
         registry.close()
         for runtime in ("onnx", "torch"):
-            with _server(registry.path, f"{record.name}@production", runtime, Path(tmp)) as port:
+            ref = f"{record.name}@production"
+            with _server(registry.path, ref, runtime, Path(tmp), auth) as port:
                 for batch in (1, 32):
                     body = json.dumps({"instances": instances[:batch]}).encode()
                     latencies, wall = asyncio.run(
-                        _load("127.0.0.1", port, body, requests, concurrency, max_seconds)
+                        _load("127.0.0.1", port, body, requests, concurrency, max_seconds, auth)
                     )
                     results.append(_summary(runtime, batch, latencies, wall))
     return results, record.manifest["model"]["parameters"]
 
 
 @contextlib.contextmanager
-def _server(registry_path: Path, ref: str, runtime: str, logs: Path):
+def _server(registry_path: Path, ref: str, runtime: str, logs: Path, auth: bool = True):
     """``fedgov serve`` on a free loopback port, stopped (SIGTERM, then SIGKILL) on exit."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -216,6 +235,10 @@ def _server(registry_path: Path, ref: str, runtime: str, logs: Path):
     log_path = logs / f"serve-{runtime}.log"
     argv = [sys.executable, "-m", "fedgov", "serve", ref, "--registry", str(registry_path),
             "--port", str(port), "--runtime", runtime]  # fmt: skip
+    if auth:
+        tokens = logs / "tokens.txt"
+        tokens.write_text(f"api {BENCH_TOKEN}\n")
+        argv += ["--token-file", str(tokens)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             argv,
@@ -275,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=30.0, help="cap per scenario")
     parser.add_argument("--repeats", type=int, default=3, help="publishes of the 10M model")
     parser.add_argument("--quick", action="store_true", help="500 requests, 1 publish")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without bearer tokens (default: with)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -294,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         f"serve-start verification + ONNX Runtime load: {publish['serve_start_seconds']:.2f} s",
         flush=True,
     )
-    serving, parameters = bench_serving(args.requests, args.concurrency, args.max_seconds)
+    serving, parameters = bench_serving(
+        args.requests, args.concurrency, args.max_seconds, auth=not args.no_auth
+    )
     print(
         f"\nPOST /v1/predict · demo-sized MLP ({parameters:,} parameters) · {args.concurrency} "
         "concurrent "
-        "keep-alive connections · uvicorn, 1 worker\n"
+        "keep-alive connections · uvicorn, 1 worker · "
+        + ("no authentication" if args.no_auth else "bearer token required")
+        + "\n"
     )
     header = f"{'runtime':<8} {'batch':>5} {'requests':>8} {'req/s':>8} {'rows/s':>9} "
     print(header + f"{'p50 ms':>7} {'p99 ms':>7}")

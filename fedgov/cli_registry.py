@@ -386,10 +386,11 @@ def _show(args: argparse.Namespace) -> int:
     from server.registry.governance import version_status
     from server.registry.manifest import privacy_summary
 
+    ref = _ref(args.ref)  # a bad reference is named before anything is opened
     registry = _open(args)
     policy = registry.optional_policy(args.policy)
     with registry.store.read() as session:
-        record = registry.store.resolve(session, _ref(args.ref))
+        record = registry.store.resolve(session, ref)
         status = version_status(registry, session, record, policy)
     m = record.manifest
     if args.json:
@@ -463,9 +464,10 @@ def _verify(args: argparse.Namespace) -> int:
     from server.registry.errors import VerificationError
     from server.registry.governance import resolve, verify_version
 
+    ref = _ref(args.ref)
     registry = _open(args)
     policy = registry.optional_policy(args.policy)
-    record = resolve(registry, _ref(args.ref))
+    record = resolve(registry, ref)
     report = verify_version(registry, record, policy)
     for check in report.checks:
         print(check)
@@ -482,12 +484,11 @@ def _decide(args: argparse.Namespace) -> int:
     from server.registry.governance import decide
     from server.registry.signing import load_key
 
+    ref = _ref(args.ref)
     key = load_key(args.key)
     registry = _open(args)
     policy = registry.load_policy(args.policy)
-    record, principal = decide(
-        registry, _ref(args.ref), args.decision, key, policy, comment=args.comment
-    )
+    record, principal = decide(registry, ref, args.decision, key, policy, comment=args.comment)
     verb = "approved" if args.decision == "approve" else "rejected"
     print(
         f"{record.ref} {verb} by {principal} (key {key.key_id}); signed manifest sha256 "
@@ -500,10 +501,10 @@ def _promote(args: argparse.Namespace) -> int:
     from server.registry.governance import promote
     from server.registry.signing import load_key
 
+    ref = _ref(args.ref, allow_alias=False)
     key = load_key(args.key)
     registry = _open(args)
     policy = registry.load_policy(args.policy)
-    ref = _ref(args.ref, allow_alias=False)
     promotion = promote(registry, ref, args.alias, key, policy)
     record = promotion.record
     if promotion.previous_version is None:
@@ -793,9 +794,10 @@ def _export(args: argparse.Namespace) -> int:
     from server.registry.governance import resolve, verify_version
     from server.registry.manifest import canonical_json
 
+    ref = _ref(args.ref)
     registry = _open(args)
     policy = registry.optional_policy(args.policy)
-    record = resolve(registry, _ref(args.ref))
+    record = resolve(registry, ref)
     verify_version(registry, record, policy).raise_for_failure("export refused: ")
     fmt = args.export_format
     if fmt == "manifest":

@@ -77,7 +77,8 @@ def print_governance(out: Path, run_dir: Path, public_keys: dict[str, str]) -> N
     write(f"\n registry        {registry.path}\n")
     write(f"   candidate     {record.ref} (manifest sha256 {record.manifest_sha256[:16]}…, "
           "signed by fl-server)\n")  # fmt: skip
-    write(f"   policy        {policy_path}\n")
+    write(f"   policy        {policy_path} (signed version {policy.version}; alice and bob "
+          "sign policy changes)\n")  # fmt: skip
     write(f"   keys          {out / 'keys'} (demo principals: {', '.join(public_keys)})\n")
     write("   gates of @production now:\n")
     for gate in gates.results:

@@ -516,10 +516,14 @@ def test_mistakes_are_one_line_without_a_traceback(tmp_path):
 
     for args, expected in [
         (["registry", "list"], "fedgov: error: --registry: no registry at"),
-        (["registry", "show", "m-1"], "fedgov: error: --registry: no registry at"),
+        (["registry", "show", "m-1"], "fedgov: error: model reference 'm-1': expected"),
+        (["registry", "show", "m:1"], "fedgov: error: --registry: no registry at"),
         (["serve", "m:1"], "fedgov: error: model reference 'm:1': expected NAME@ALIAS"),
         (["serve", "m@production", "--port", "70000"], "argument --port: expected a port number"),
         (["registry", "approve", "m:1", "--key", str(tmp_path / "k")], "--key: "),
+        (["registry", "show", "randhie-mlp:99999999999999999999999"], "a number from 1 to"),
+        (["registry", "show", "randhie-mlp:²"], "the version must be ASCII digits"),
+        (["registry", "show", "evil\n:1"], "model reference 'evil\\n:1': 'evil\\n' must be"),
     ]:
         result = fedgov(*args)
         assert result.returncode == 2, result

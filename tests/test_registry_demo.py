@@ -12,6 +12,7 @@ from processes import free_port, managed_processes
 
 from fedgov.cli import main
 from fedgov.demo import run_demo
+from server.registry.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,7 @@ def test_demo_publishes_a_candidate_and_its_printed_commands_govern_and_serve_it
         ["registry", "approve"],
         ["registry", "promote"],
         ["registry", "audit"],
+        ["registry", "checkpoint"],
         ["serve", "randhie-mlp@production"],
     ]
     *governance, serve = commands
@@ -54,7 +56,15 @@ def test_demo_publishes_a_candidate_and_its_printed_commands_govern_and_serve_it
         assert main(argv) == 0, (argv, capsys.readouterr())
     result = capsys.readouterr().out
     assert "randhie-mlp@production → randhie-mlp:1 by dana" in result
-    assert "audit chain intact: 4 entries" in result
+    assert "audit chain intact: 5 entries" in result  # publish, policy, 2 approvals, promote
+    assert "checkpoint of entry 5" in result
+    registry = Registry(out / "registry")
+    assert registry.load_policy().version == 1
+    assert [v.principal for v in registry.policy_chain().head_version.signatures] == [
+        "alice",
+        "bob",
+    ]
+    registry.close()
 
     port = free_port()
     serve[serve.index("--port") + 1] = str(port)

@@ -393,3 +393,41 @@ def test_a_copied_approval_row_and_an_alias_pointed_back_are_refused(world):
     assert "check latest-promote" in result.stdout and "audit log verification failed" in line
     line = refused(serve(world))
     assert "rejected by bob" in line or "check one-to-one" in line
+
+
+# ---- the independent verifier in the docs -------------------------------------------------------
+
+
+def test_the_documented_independent_verifier_agrees(world, tmp_path):
+    from server.registry.checkpoint import write_checkpoint
+
+    _decide(world, "bob", "reject")
+    anchor = tmp_path / "checkpoint.json"
+    write_checkpoint(anchor, library(world, checkpoint, world.keys["carol"]))
+    log = tmp_path / "log.json"
+    listed = fedgov("registry", "audit", "--json", "--registry", str(world.registry_path))
+    assert listed.returncode == 0, listed.stderr
+    log.write_text(listed.stdout)
+    script = [sys.executable, str(ROOT / "docs" / "audit_verifier.py"), str(log), str(anchor)]
+    result = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok: 7 entries", result.stdout
+    # Truncated: the last entry (the rejection) cut off.
+    import json
+
+    data = json.loads(log.read_text())
+    data["entries"] = data["entries"][:-1]
+    log.write_text(json.dumps(data))
+    result = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "shorter than the checkpoint (truncated)" in result.stdout
+    # Re-signed by the insider under bob's name.
+    data["entries"].append(
+        {
+            **data["entries"][-1],
+            "seq": 7,
+            "actor": "bob",
+            "actor_key": world.keys["mallory"].public_key,
+        }
+    )
+    log.write_text(json.dumps(data))
+    result = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "entry 7: not signed with bob's key" in result.stdout

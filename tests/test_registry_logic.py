@@ -88,10 +88,43 @@ def test_references_parse(text, expected):
     assert str(ref) == text
 
 
-@pytest.mark.parametrize("text", ["m", "m:0", "m:x", "M:1", "m@Prod", ":1", "m@"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "m",
+        "m:0",
+        "m:x",
+        "M:1",
+        "m@Prod",
+        ":1",
+        "m@",
+        "m:99999999999999999999999",  # beyond int64
+        "m:9223372036854775808",  # 2**63
+        "m:²",
+        "m:１",  # fullwidth digit one
+        "m:٣",  # Arabic-Indic three
+        "evil\n:1",
+        "evil\n@production",
+        "m@production\n",
+    ],
+)
 def test_bad_references_name_the_form(text):
-    with pytest.raises(RegistryError, match="model reference"):
+    with pytest.raises(RegistryError, match="model reference") as error:
         parse_ref(text)
+    assert "\n" not in str(error.value)  # one line, control characters escaped
+
+
+def test_the_largest_int64_version_parses():
+    assert parse_ref("m:9223372036854775807").version == 2**63 - 1
+
+
+@pytest.mark.parametrize("name", ["evil\n", "evil\r", "a\x00b", "ünï", "a" * 65])
+def test_model_names_with_control_or_other_characters_are_refused(name):
+    from server.registry.manifest import check_name
+
+    with pytest.raises(RegistryError, match="must be 1-64 of") as error:
+        check_name(name)
+    assert "\n" not in str(error.value) and "\x00" not in str(error.value)
 
 
 # ---- the audit chain ----------------------------------------------------------------------------
@@ -319,5 +352,6 @@ def test_the_example_policy_parses():
     policy = load_policy(Path(__file__).resolve().parent.parent / "conf/registry/policy.yaml")
     rule = policy.rule("production")
     assert (rule.quorum, rule.max_epsilon, rule.require_secure_aggregation) == (2, 8.0, True)
+    assert (policy.governance.quorum, len(policy.governance.signer_roles)) == (2, 3)
     with pytest.raises(RegistryError, match="not governed"):
         policy.rule("canary")

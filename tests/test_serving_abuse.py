@@ -236,6 +236,36 @@ def test_a_demotion_while_serving_is_caught_by_reverification(world, copy):
     )
 
 
+def test_token_files_and_public_scopes(tmp_path):
+    from fedgov.errors import FedgovError
+    from server.serving.app import load_tokens, scope_of
+
+    path = tmp_path / "tokens"
+    path.write_text(f"api,docs {API_TOKEN}\n")
+    auth = load_tokens(path, public="metrics")
+    bearer = f"Bearer {API_TOKEN}".encode()
+    assert [scope_of(p) for p in ("/healthz", "/v1/predict", "/metrics", "/docs", "/x")] == [
+        None,
+        "api",
+        "metrics",
+        "docs",
+        "api",
+    ]
+    assert auth.decide("metrics", None) == 200  # public
+    assert auth.decide("api", None) == 401
+    assert auth.decide("api", b"Bearer " + OPS_TOKEN.encode()) == 401
+    assert auth.decide("api", bearer) == auth.decide("docs", bearer) == 200
+    for text, message in [
+        (f"admin {API_TOKEN}", "scopes are a comma list of api, metrics, docs"),
+        ("api short", "at least 16 ASCII characters"),
+        (f"api {API_TOKEN} extra", "line 1: expected 'SCOPES TOKEN'"),
+        ("# nothing\n", "holds no token"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(FedgovError, match=message):
+            load_tokens(path)
+
+
 # ---- last: a rejection withdraws the served model ------------------------------------------------
 
 
