@@ -450,7 +450,7 @@ def _show(args: argparse.Namespace) -> int:
     for reason in status.get("ignored_decisions", []):
         out.append(f"    ignored: {reason}")
     if policy is None:
-        out.append("  gates             (no policy found: pass --policy FILE)")
+        out.append("  gates             (no policy yet: fedgov registry init POLICY --key K ...)")
     for alias, gates in (status.get("gates") or {}).items():
         verdict = "all gates hold" if gates["passed"] else "blocked"
         out.append(f"  gates @{alias:<10} {verdict}")

@@ -125,6 +125,18 @@ def test_an_edited_manifest_in_the_database_fails_verify(world, capsys):
     assert code == 2 and "FAIL manifest" in out
 
 
+def test_a_governed_registry_refuses_a_publish_by_a_key_its_policy_does_not_list(world):
+    registry, governance, _ = world
+    from server.registry.errors import RegistryError
+
+    with pytest.raises(
+        RegistryError, match=r"publish refused: key .* is not a publisher in policy"
+    ):
+        publish_toy(registry, governance.keys["mallory"], seed=5)
+    with registry.store.read() as session:
+        assert len(registry.store.versions(session)) == 1
+
+
 def test_versions_are_immutable_and_numbered_in_order(world):
     registry, governance, first = world
     second = publish_toy(registry, governance.keys["server"], seed=1)

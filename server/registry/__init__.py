@@ -4,10 +4,14 @@ Layout of a registry folder (``--registry DIR``, default ``./.fedgov/registry``)
 
     DIR/registry.db          metadata (SQLite by default; any SQLAlchemy URL with --db)
     DIR/artifacts/sha256/..  artifacts, content-addressed by their sha256, read-only
-    DIR/keys/                keys generated on first use (the publisher's, the registry's own)
-    DIR/policy.yaml          the governance policy (or --policy FILE / $FEDGOV_POLICY)
+    DIR/policy.yaml          a copy of the signed policy version in force (the chain itself is
+                             in the audit log; a file that is not its head is refused)
 
-Pure logic (canonical JSON and digests, policy gates, the audit hash chain) lives in
-``manifest``, ``policy`` and ``audit``; ``store`` and ``artifacts`` do the IO; ``governance``
-and ``publish`` combine them.
+No private key lives in the folder: principals keep theirs, and a publishing server's default
+key is ``~/.fedgov/keys/publisher.key`` (``$FEDGOV_KEYS_DIR``).
+
+Pure logic (canonical JSON and digests, policy gates, the audit hash chain, the signed policy
+chain, the replay of the log under the policy in force, checkpoints) lives in ``manifest``,
+``policy``, ``audit``, ``policy_chain``, ``replay`` and ``checkpoint``; ``store`` and
+``artifacts`` do the IO; ``governance`` and ``publish`` combine them.
 """

@@ -3,11 +3,15 @@
 Entry ``n`` holds ``prev_hash`` = the hash of entry ``n-1`` (64 zeros for the first); its own
 ``entry_hash`` is the sha256 of the canonical JSON of its body (everything but the hash and the
 signature), and its actor signs ``fedgov:audit:v1:<entry_hash>``. The registry also records the
-head (last sequence number and hash), so that:
+head (last sequence number and hash) in the same database, so that:
 
 - an edited entry no longer matches its hash (or, re-hashed, breaks the next entry's link);
 - a deleted entry leaves a gap in the sequence and a broken link (at the end: a head mismatch);
 - reordered entries break the links.
+
+Whoever edits the database can also move the head, so cutting entries off the end is caught only
+against a checkpoint kept elsewhere (``checkpoint``); whose key may sign which entry is checked
+by replaying the log under the policy in force (``replay``).
 """
 
 from __future__ import annotations

@@ -223,6 +223,11 @@ def _promote_problem(
         return f"{where}: check promote-manifest: names another manifest than {name}:{version}'s"
     if principal is None or policy is None:
         return None  # ungoverned: nothing more to check
+    if details.get("policy_sha256") not in (None, policy.sha256):
+        return (
+            f"{where}: check promote-policy: it names another policy than {policy.source}, the "
+            "one in force at that entry"
+        )
     try:
         rule = policy.rule(alias)
     except RegistryError:
