@@ -503,7 +503,14 @@ def test_concurrent_publishers_get_distinct_versions_and_nothing_is_corrupted(tm
                 "audit",
                 "export",
                 "keygen",
+                "checkpoint",
+                "init",
+                "policy",
             )
+        ],
+        *[
+            ["registry", "policy", a, "--help"]
+            for a in ("propose", "sign", "apply", "show", "history")
         ],
         ["serve", "--help"],
     ],
@@ -627,3 +634,60 @@ def test_an_image_model_publishes_exports_and_serves_pixel_instances(tmp_path):
     assert answer["class_indices"] == expected.argmax(axis=1).tolist()
     bad = TestClient(create_app(served)).post("/v1/predict", json={"instances": [[[0.5] * 7] * 8]})
     assert bad.status_code == 422 and "expected an image of shape [1, 8, 8]" in bad.json()["detail"]
+
+
+# ---- the governed policy on the command line ----------------------------------------------------
+
+
+def test_init_propose_sign_apply_show_and_history(tmp_path, capsys):
+    import yaml
+
+    governance = make_governance(tmp_path / "keys-only")
+    fresh = tmp_path / "fresh"
+    plain = governance.write_plain_policy(tmp_path / "policy.yaml")
+    key = {name: str(path) for name, path in governance.key_paths.items()}
+    reg = ["--registry", str(fresh)]
+
+    def fedgov(*args: str) -> tuple[int, str]:
+        code = main(["registry", *args, *reg])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    code, out = fedgov("init", str(plain), "--key", key["alice"])
+    assert code == 2 and "check policy-quorum: 1 of 2 required governance signatures" in out
+    code, out = fedgov("init", str(plain), "--key", key["alice"], "--key", key["bob"])
+    assert code == 0 and "policy version 1 in force" in out and "signed by alice, bob" in out
+    code, out = fedgov("init", str(plain), "--key", key["alice"], "--key", key["bob"])
+    assert code == 2 and "already has policy version 1" in out
+
+    changed = governance.policy_data({"quorum": 1})
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(changed))
+    proposal = str(tmp_path / "proposal.yaml")
+    assert fedgov("policy", "propose", str(tmp_path / "new.yaml"), "--out", proposal)[0] == 0
+    code, out = fedgov("policy", "sign", proposal, "--key", key["mallory"])
+    assert code == 2 and "is not a governance signer under policy version 1" in out
+    code, out = fedgov("policy", "sign", proposal, "--key", key["alice"])
+    assert code == 0 and "1 of 2 required governance signatures (alice)" in out
+    code, out = fedgov("policy", "apply", proposal, "--key", key["alice"])
+    assert code == 2 and "check policy-quorum: 1 of 2" in out
+    code, out = fedgov("policy", "sign", proposal, "--key", key["carol"])
+    assert code == 0 and "ready to apply" in out
+    code, out = fedgov("policy", "apply", proposal, "--key", key["carol"])
+    assert code == 0 and "policy version 2 in force" in out
+    code, out = fedgov("policy", "apply", proposal, "--key", key["carol"])
+    assert code == 2 and "check policy-version" in out  # applied once only
+
+    code, out = fedgov("policy", "history", "--json")
+    history = json.loads(out)
+    assert [(h["version"], h["signers"]) for h in history] == [
+        (1, ["alice", "bob"]),
+        (2, ["alice", "carol"]),
+    ]
+    code, out = fedgov("policy", "show", "--version", "1", "--json")
+    assert json.loads(out)["policy"]["aliases"]["production"]["quorum"] == 2
+    code, out = fedgov("policy", "show", "--json")
+    shown = json.loads(out)
+    assert shown["version"] == 2 and shown["sha256"] == history[1]["sha256"]
+    assert (fresh / "policy.yaml").read_text().count("version: 2") == 1
+    code, out = fedgov("audit", "--verify")
+    assert code == 0 and "audit chain intact: 2 entries" in out

@@ -139,7 +139,7 @@ def test_the_governance_flow_on_postgresql(fresh_db, tmp_path, capsys):
     code, out = fedgov("verify", "toy-mlp@production")
     assert code == 0 and "toy-mlp:1 verified" in out
     code, out = fedgov("audit", "--verify")
-    assert code == 0 and "audit chain intact: 7 entries" in out
+    assert code == 0 and "audit chain intact: 8 entries" in out
 
     from sqlalchemy import text
 
@@ -158,7 +158,7 @@ def test_concurrent_publishers_on_postgresql(fresh_db, tmp_path):
     registry = Registry(path, fresh_db)
     report = verify_audit(registry)
     assert report.ok, report.problems
-    assert len(report.entries) == 9
+    assert len(report.entries) == 10  # policy version 1, then 9 publishes
     with registry.store.read() as session:
         stored = {v.version: v.manifest_sha256 for v in registry.store.versions(session)}
     assert stored == published
