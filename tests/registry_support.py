@@ -83,7 +83,14 @@ class Governance:
             },
             "aliases": {
                 "production": rule,
-                "staging": {"quorum": 1, "approver_roles": ["clinical-lead", "privacy-officer"]},
+                "staging": {
+                    "quorum": 1,
+                    "approver_roles": [
+                        role
+                        for role in ("clinical-lead", "privacy-officer")
+                        if any(role in r for r in (principals or PRINCIPALS).values())
+                    ],
+                },
             },
             "governance": {
                 "quorum": GOVERNANCE["quorum"],

@@ -691,3 +691,35 @@ def test_init_propose_sign_apply_show_and_history(tmp_path, capsys):
     assert (fresh / "policy.yaml").read_text().count("version: 2") == 1
     code, out = fedgov("audit", "--verify")
     assert code == 0 and "audit chain intact: 2 entries" in out
+
+
+def test_decisions_are_judged_under_the_policy_in_force_when_they_were_made(world, capsys):
+    """Bob's approval under version 1 survives the rotation of his key in version 2; alice's
+    stops counting once version 3 removes her."""
+    from registry_support import PRINCIPALS
+
+    from server.registry.governance import gate_report, resolve
+    from server.registry.signing import generate_key
+
+    registry, governance, record = world
+    _approve(capsys, registry, governance, "alice", "bob")
+    governance.keys["bob"] = generate_key()  # bob's new key; his old approval stays valid
+    governance.write_policy(signers=("alice", "carol"))
+    policy = registry.load_policy()
+    assert policy.version == 2
+    with registry.store.read() as session:
+        report = gate_report(registry, session, record, policy, "production")
+    assert report.passed and report.approvers == ["alice", "bob"]
+    without_alice = {k: v for k, v in PRINCIPALS.items() if k != "alice"}
+    governance.write_policy(
+        {"quorum": 1, "approver_roles": ["privacy-officer", "data-steward"]},
+        without_alice,
+        signers=("bob", "carol"),
+    )
+    policy = registry.load_policy()
+    with registry.store.read() as session:
+        report = gate_report(
+            registry, session, resolve(registry, _ref("toy-mlp:1")), policy, "production"
+        )
+    assert report.approvers == ["bob"]  # alice's approval no longer counts; bob's still does
+    assert verify_audit(registry).ok
