@@ -52,11 +52,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     registry = commands.add_parser(
         "registry",
-        help="the governed model registry: list, show, verify, approve, promote, audit, export",
+        help="the governed model registry: init, policy, list, show, verify, approve, promote, "
+        "audit, checkpoint, export",
         description=(
             "Model versions published by federated runs: signed manifests, approvals by the "
             "policy's principals, aliases such as 'production' moved only when every gate holds, "
-            "and a hash-chained audit log of every action."
+            "a hash-chained audit log of every action, and the policy itself as a chain of "
+            "versions signed by its governance quorum."
         ),
     )
     sub = registry.add_subparsers(dest="registry_command", metavar="ACTION")
