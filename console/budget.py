@@ -30,7 +30,7 @@ def federation_budget(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 site["rounds"][status] += 1
                 if status != "trained":
-                    site["reasons"][status][cell["reason"] or "no reason given"] += 1
+                    site["reasons"][status][short_reason(cell["reason"])] += 1
                 site["last_seen"] = {
                     "run": run["key"],
                     "run_id": run["run_id"],
@@ -110,6 +110,13 @@ def federation_budget(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "unreadable_runs": [{"run": r["key"], "error": r["error"]} for r in runs if r.get("error")],
     }
+
+
+def short_reason(reason: str) -> str:
+    """A reason without its particulars ("privacy budget exhausted: … ε = 3.49 > cap 3.48" →
+    "privacy budget exhausted"), so that the same cause is counted once; the run page keeps
+    the full text."""
+    return reason.split(":", 1)[0].strip() or "no reason given" if reason else "no reason given"
 
 
 def _new_site(site_id: str) -> dict[str, Any]:

@@ -109,8 +109,8 @@ def federation_html(data: dict[str, Any]) -> str:
         )
         seen = s["last_seen"]
         seen_text = (
-            f"{escape(seen['at'] or '')} (run {escape(seen['run'])}, round {seen['round']}, "
-            f"{escape(seen['status'])})"
+            f'<span title="{escape(seen["at"] or "")}">run {escape(seen["run"])} round '
+            f"{seen['round']} ({escape(seen['status'])})</span>"
             if seen
             else "—"
         )
