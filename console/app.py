@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,19 @@ def token_ok(header: str, token: str) -> bool:
     return hmac.compare_digest(value.encode("utf-8"), token.encode("utf-8"))
 
 
-def create_app(sources: Sources, token: str | None = None) -> FastAPI:
-    """The console over ``sources``; ``token`` protects every URL when given."""
-    app = FastAPI(title="fedgov console", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(sources: Sources, token: str | None = None, warm: bool = False) -> FastAPI:
+    """The console over ``sources``; ``token`` protects every URL when given; ``warm`` starts
+    re-verifying every run's receipts in the background at startup (the first page is faster)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if warm:
+            threading.Thread(target=sources.runs, name="console-warm-up", daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="fedgov console", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):

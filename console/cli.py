@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise FedgovError(
                 f"--port {args.port}: cannot listen on {args.host} ({error.strerror})"
             ) from None
-    app = create_app(Sources(registry_path, runs_root), token)
+    app = create_app(Sources(registry_path, runs_root), token, warm=True)
     print(
         f"fedgov console: http://{args.host}:{args.port}/ (read-only; registry {registry_path}, "
         f"runs {runs_root}{', token required' if token else ''}); Ctrl-C stops it",

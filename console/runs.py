@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ MAX_DEPTH = 3
 #: the key engineer 11's reports carry for the neighbouring relation (shown only when present)
 NEIGHBOURING_KEYS = ("neighbouring_relation", "neighboring_relation", "neighbouring")
 
-_cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+#: run folder → (its files' fingerprint, its loaded data); one entry per folder
+_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+_loading = threading.Lock()  # one verification at a time: concurrent first loads share it
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -75,18 +78,22 @@ def load_run(root: Path, run_dir: Path) -> dict[str, Any]:
     Never raises on bad input: an unreadable or malformed file gives ``{"error": "..."}``.
     """
     stamp = _stamp(run_dir)
-    cache_key = (str(run_dir), *stamp)
-    if cache_key in _cache:
-        return _cache[cache_key]
-    try:
-        data = _load(root, run_dir)
-    except Exception as error:  # malformed input: one clear message, never a crash
-        data = {
-            "key": run_key(root, run_dir),
-            "path": str(run_dir),
-            "error": _one_line(error, run_dir),
-        }
-    _cache[cache_key] = data
+    cached = _cache.get(str(run_dir))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    with _loading:
+        cached = _cache.get(str(run_dir))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            data = _load(root, run_dir)
+        except Exception as error:  # malformed input: one clear message, never a crash
+            data = {
+                "key": run_key(root, run_dir),
+                "path": str(run_dir),
+                "error": _one_line(error, run_dir),
+            }
+        _cache[str(run_dir)] = (stamp, data)
     return data
 
 
