@@ -57,31 +57,29 @@ class Sources:
         return json_safe(load_run(self.runs_root, run_dir))
 
     # ---- registry -----------------------------------------------------------------------------
-    def models(self) -> dict[str, Any]:
+    def models(self, only: tuple[str, int] | None = None) -> dict[str, Any]:
         try:
             registry = registry_view.open_registry(self.registry)
         except registry_view.RegistryUnavailable as error:
             return {"registry": str(self.registry), "error": str(error), "models": []}
         try:
-            return json_safe({**registry_view.registry_overview(registry), "error": None})
+            overview = registry_view.registry_overview(registry, only)
+            return json_safe({**overview, "error": None})
         except FedgovError as error:
             return {"registry": str(self.registry), "error": str(error), "models": []}
         finally:
             registry.close()
 
     def version(self, name: str, version: int) -> dict[str, Any]:
-        models = self.models()
+        models = self.models(only=(name, version))
         if models.get("error"):
             raise FedgovError(models["error"])
         model = next((m for m in models["models"] if m["name"] == name), None)
         if model is None:
-            known = ", ".join(m["name"] for m in models["models"]) or "none"
-            raise NotFound(f"model '{name}' is not in the registry (models: {known})")
+            raise NotFound(f"model '{name}' is not in the registry (see /models)")
         entry = next((v for v in model["versions"] if v["version"] == version), None)
         if entry is None:
-            raise NotFound(
-                f"{name}:{version} does not exist (latest is {model['versions'][-1]['version']})"
-            )
+            raise NotFound(f"{name}:{version} does not exist (latest is {model['latest']})")
         run_id = str(entry["lineage"]["run_id"])
         run = next((r for r in self.runs() if not r.get("error") and r["run_id"] == run_id), None)
         return {

@@ -60,9 +60,10 @@ def load_policy(registry: Registry) -> tuple[Policy | None, str | None]:
     return policy, None
 
 
-def registry_overview(registry: Registry) -> dict[str, Any]:
+def registry_overview(registry: Registry, only: tuple[str, int] | None = None) -> dict[str, Any]:
     """Models, their versions (lineage, verification, gates per alias, decisions), alias history
-    and the audit chain's verification, as one plain dict."""
+    and the audit chain's verification, as one plain dict; ``only`` = (name, version) evaluates
+    that version alone (each model still says its ``latest`` version)."""
     policy, policy_problem = load_policy(registry)
     audit = verify_audit(registry)
     promotions = [_promotion(e) for e in audit.entries if e.action == "promote"]
@@ -70,7 +71,7 @@ def registry_overview(registry: Registry) -> dict[str, Any]:
     with registry.store.read() as session:
         store = registry.store
         aliases = store.aliases(session)
-        for record in store.versions(session):
+        for record in store.versions(session, only[0] if only else None):
             model = models.setdefault(
                 record.name,
                 {
@@ -84,7 +85,9 @@ def registry_overview(registry: Registry) -> dict[str, Any]:
                     "alias_history": [p for p in promotions if p["model"] == record.name],
                 },
             )
-            model["versions"].append(_version(registry, session, record, policy))
+            model["latest"] = record.version
+            if only is None or record.version == only[1]:
+                model["versions"].append(_version(registry, session, record, policy))
     return {
         "registry": str(registry.path),
         "policy": {

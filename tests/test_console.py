@@ -473,6 +473,9 @@ def test_bad_input_is_one_clear_message_and_never_a_crash(world, tmp_path):
     assert missing.json() == {"error": f"{MODEL}:9 does not exist (latest is 2)"}
     assert httpx.get(f"{url}/runs/..%2F..%2Fetc").status_code == 404
     assert httpx.post(f"{url}/runs").status_code == 405
+    with pytest.raises(SystemExit) as help_exit:
+        fedgov_main(["console", "--help"])
+    assert help_exit.value.code == 0
     # the command line: a missing folder or a bad token file is one line, exit status 2
     for argv, message in (
         (["--registry", str(registry), "--runs", str(tmp_path / "nope")], "--runs: "),
