@@ -412,6 +412,8 @@ def test_a_tampered_receipt_shows_as_failed_and_is_not_counted(world, tmp_path):
     assert run["privacy"]["verification"]["stored_ok"] is True
     run_dom = _browser(f"{url}/runs/declining", tmp_path, "tampered-run")
     assert "the file was changed after the run" in run_dom
+    stale = httpx.get(f"{url}/runs/declining/files/privacy_report.html", timeout=120).text
+    assert 'Verification <span class="bad">FAILED</span>' in stale  # re-verified, not the file's
     # the console wrote nothing anywhere in the registry or the runs
     assert _snapshot(copy) == before
 
