@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -265,6 +267,18 @@ def time_pages(url: str, pages: list[str], repeats: int) -> list[tuple[str, floa
     return rows
 
 
+def _wait_for_port(server: subprocess.Popen, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"fedgov console exited with status {server.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"fedgov console did not listen on port {port} within {timeout:g} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.console",
@@ -276,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="warm loads per page (default: 5)")
     parser.add_argument("--out", help="build the fixture here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from processes import free_port, managed_processes
-
     with tempfile.TemporaryDirectory(prefix="fedgov-console-bench-") as tmp:
         root = Path(args.out or tmp)
         started = time.perf_counter()
@@ -288,38 +299,46 @@ def main(argv: list[str] | None = None) -> int:
             f"fixture: {args.versions} versions, {args.runs} runs × {ROUNDS} rounds × "
             f"{len(SITES)} sites, built in {time.perf_counter() - started:.1f} s"
         )
-        port = free_port()
-        with managed_processes(root / "logs") as group:
-            proc = group.start(
-                "console",
-                [
-                    sys.executable,
-                    "-m",
-                    "fedgov",
-                    "console",
-                    "--registry",
-                    str(root / "registry"),
-                    "--runs",
-                    str(root / "runs"),
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-            )
-            group.wait_for_port(proc, port, timeout=120)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedgov",
+            "console",
+            "--registry",
+            str(root / "registry"),
+            "--runs",
+            str(root / "runs"),
+            "--port",
+            str(port),
+        ]
+        with open(root / "console.log", "wb") as log:
+            server = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(server, port, timeout=120)
+            last = f"/models/bench-mlp/{args.versions}"
             pages = [
                 "/",
                 "/runs",
-                "/runs/run-20",
+                f"/runs/run-{args.runs:02d}",
                 "/models",
-                f"/models/bench-mlp/{args.versions}",
-                f"/models/bench-mlp/{args.versions}/statement",
+                last,
+                f"{last}/statement",
                 "/metrics",
                 "/?format=json",
                 "/models?format=json",
-                f"/models/bench-mlp/{args.versions}/statement.pdf",
+                f"{last}/statement.pdf",
             ]
             rows = time_pages(f"http://127.0.0.1:{port}", pages, args.repeats)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         print(f"{'page':<34} {'cold s':>8} {'warm s (median of ' + str(args.repeats) + ')':>24}")
         for page, cold, warm in rows:
             print(f"{page:<34} {cold:>8.3f} {warm:>24.3f}")
