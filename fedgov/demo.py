@@ -49,7 +49,24 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
     print_summary(metrics, run_dir)
     print_privacy(run_dir, out / "sites")
     print_governance(out, run_dir, public_keys)
+    print_console(out)
     return metrics
+
+
+def print_console(out: Path) -> None:
+    """The command that opens the governance console over this demo's registry and runs."""
+    import os
+    import shlex
+
+    def shown(path: Path) -> str:
+        relative = os.path.relpath(path)
+        return shlex.quote(relative if not relative.startswith("..") else str(path))
+
+    sys.stdout.write(
+        "\n Governance console (privacy budgets, runs, approvals; read-only, 127.0.0.1):\n"
+        f"   fedgov console --registry {shown(out / 'registry')} --runs {shown(out)}\n"
+    )
+    sys.stdout.flush()
 
 
 def print_governance(out: Path, run_dir: Path, public_keys: dict[str, str]) -> None:

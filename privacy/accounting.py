@@ -120,7 +120,7 @@ def independent_epsilon(
         orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
         rdp = np.zeros(len(orders))
         for sigma, rate, steps in entries:
-            rdp += steps * log_moment_by_integration(sigma, rate, orders) / (orders - 1)
+            rdp += steps * np.asarray(_rdp_per_step_by_integration(float(sigma), float(rate)))
         eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
         return float(np.nanmin(eps))
     if accountant != "prv":
@@ -137,6 +137,17 @@ def independent_epsilon(
                 event = dp_event.PoissonSampledDpEvent(rate, event)
             backend.compose(event, steps)
         return float(backend.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step_by_integration(sigma: float, rate: float) -> tuple[float, ...]:
+    """One step's RDP at Opacus' orders, by integration; cached (re-verifying a report replays
+    the same (σ, q) entries in every receipt's cumulative history)."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    return tuple(log_moment_by_integration(sigma, rate, orders) / (orders - 1))
 
 
 def log_moment_by_integration(sigma: float, rate: float, orders: Sequence[float]):
