@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 
-for _name, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}.items():
+from fedgov.deploy import FLOWER_ENVIRONMENT
+
+for _name, _value in FLOWER_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
 HEAVY_TIERS = ("process", "ray", "external")
@@ -42,6 +39,7 @@ MODULE_TIERS: dict[str, tuple[str, ...]] = {
     "test_serving": ("process", "ray"),  # module fixtures: a Ray run, then `fedgov serve`
     "test_registry_demo": ("process", "ray"),  # the demo's Ray run, then `fedgov serve`
     "test_registry_postgres": ("external",),  # a throwaway PostgreSQL server
+    "test_engine_failures": ("ray",),
 }
 
 #: module::test (parametrisations included) → tiers, for modules that are otherwise fast.
@@ -66,6 +64,16 @@ TEST_TIERS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: module::test → slow only: property tests that take the longest of the fast tier (measured with
+#: --durations: 25-65 s each on a loaded 2-core machine, most of the fast tier's time there).
+SLOW_TESTS = {
+    "test_privacy_maths::test_prv_epsilon_matches_a_pld_accountant_within_one_percent",
+    "test_privacy_maths::test_noise_for_a_target_spends_at_most_the_target",
+    "test_privacy_maths::test_rdp_epsilon_matches_numerical_integration_within_one_percent",
+    "test_privacy_maths::test_epsilon_grows_with_steps_and_falls_with_noise",
+    "test_privacy_site::test_a_ledger_never_lets_epsilon_pass_its_cap",
+}
+
 #: fixture → tiers of every test that uses it, directly or through another fixture.
 FIXTURE_TIERS: dict[str, tuple[str, ...]] = {
     "processes": ("process",),  # tests/processes.py: real processes on 127.0.0.1
@@ -81,12 +89,16 @@ MODULE_TIMEOUTS: dict[str, float] = {
 }
 
 
+def _name(item: pytest.Item) -> str:
+    """The test function's name, without a parametrisation's ``[...]``."""
+    return getattr(item, "originalname", None) or item.name.partition("[")[0]
+
+
 def tiers_of(item: pytest.Item) -> set[str]:
     """The heavy tiers ``item`` belongs to, from the tables above and its own markers."""
     module = Path(str(item.fspath)).stem
-    name = getattr(item, "originalname", None) or item.name.partition("[")[0]
     tiers = set(MODULE_TIERS.get(module, ()))
-    tiers.update(TEST_TIERS.get(f"{module}::{name}", ()))
+    tiers.update(TEST_TIERS.get(f"{module}::{_name(item)}", ()))
     for fixture in getattr(item, "fixturenames", ()):
         tiers.update(FIXTURE_TIERS.get(fixture, ()))
     tiers.update(tier for tier in HEAVY_TIERS if item.get_closest_marker(tier))
@@ -99,7 +111,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tiers = tiers_of(item)
         for tier in sorted(tiers):
             item.add_marker(getattr(pytest.mark, tier))
-        if tiers and not item.get_closest_marker("slow"):
+        slow = f"{Path(str(item.fspath)).stem}::{_name(item)}" in SLOW_TESTS
+        if (tiers or slow) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
         timeout = MODULE_TIMEOUTS.get(Path(str(item.fspath)).stem)
         if timeout and not item.get_closest_marker("timeout"):
