@@ -34,7 +34,8 @@ vce.vce_api`` (simulation)         (each site's privacy keys in its node config)
                                    ``add_messages_to_queue`` (prompt delivery) and the
                                    state's ``store_message_ins`` (rings it);
 ``...vce.backend.raybackend``      ``RayBackend``: fedgov's subclass (Ray start retried,
-                                   lost actors replaced, failures named by site, round, stage).
+                                   lost actors replaced, failures named by site, round, stage),
+                                   which uses its ``BasicActorPool``'s ``pool`` list too.
 ``flwr.supercore.task_identity``   ``TaskIdentity``: set for the in-process ServerApp, as
                                    Flower's own runtimes set it; ``_run_simulation`` is called.
 =================================  ==========================================================
@@ -533,6 +534,14 @@ def simulation_backend_problems() -> list[str]:
             problems.append(f"RayBackend.{name} is gone")
     if backend is not None and "self.pool" not in inspect.getsource(backend.__init__):
         problems.append("RayBackend no longer keeps its actor pool as .pool")
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    pool_source = inspect.getsource(BasicActorPool.__init__)
+    if "self.pool" not in pool_source or "self.create_actor_fn" not in pool_source:
+        problems.append("BasicActorPool no longer keeps .pool and .create_actor_fn")
+    for name in ("submit", "add_actor_back_to_pool"):
+        if not callable(getattr(BasicActorPool, name, None)):
+            problems.append(f"BasicActorPool.{name} is gone")
     return problems
 
 
