@@ -34,6 +34,7 @@ from typing import Any
 
 import ray
 from flwr.app import Context, Message
+from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import PARTITION_ID_KEY
 from flwr.common.logger import log
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
@@ -179,5 +180,11 @@ def _run_on(used: list[Any], actor: Any, app_fn: Any, message: Any, cid: str, co
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+    """``Type: first line of the message`` (300 characters at most); for Flower's wrapper of a
+    ClientApp's exception (whose text Ray's unpickling may wrap twice), the ClientApp's words."""
+    text = str(error)
+    name = type(error).__name__
+    if isinstance(error, ClientAppException):
+        text, name = text.rpartition("occurred. Message: ")[2], "the ClientApp raised"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"{name}: {lines[0] if lines else ''}"[:300]

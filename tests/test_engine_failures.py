@@ -1,6 +1,7 @@
 """The simulation engine on a bad day (simulations/backend.py), through the real Ray engine: a
 site's actor killed between rounds is replaced and its message retried, naming site, round and
-stage; an engine that cannot start its actors says so instead of "An error was encountered"."""
+stage; a site whose ClientApp raises is recorded by site, round and stage; an engine that cannot
+start its actors says so instead of "An error was encountered"."""
 
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.telemetry import EventType
 
+from fedgov.flower_hooks import run_simulation_engine, simulation_backend
+from fedgov.messages import SERVER_ROUND
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.backend import EngineFailure
+from simulations.backend import (
+    MESSAGE_TIMEOUT_KEY,
+    RAY_ENVIRONMENT,
+    SITE_IDS_KEY,
+    EngineFailure,
+    PatientRayBackend,
+)
 
 SYNTHETIC = ("dataset=synthetic", "model=mlp", "federation.num_sites=3")
 
@@ -111,3 +124,60 @@ def test_an_engine_that_cannot_place_its_actors_names_that_stage(simulate):
     assert message.startswith("simulation engine: starting the ClientApp actors failed: ")
     assert "ActorPool is empty" in message
     assert "An error was encountered" not in message
+
+
+# ---- a site whose ClientApp raises, on Flower's engine with fedgov's backend -----------------
+
+FAILING_PARTITION = 1
+flaky_client = ClientApp()
+recording_server = ServerApp()
+
+
+@flaky_client.train()
+def _train(message: Message, context: Context) -> Message:
+    if context.node_config["partition-id"] == FAILING_PARTITION:
+        raise ValueError("the site's disk is full")
+    return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
+
+
+@recording_server.main()
+def _main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 300
+    while len(list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine registers its nodes after the ServerApp starts
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({SERVER_ROUND: 3})}), node, "train")
+        for node in sorted(grid.get_node_ids())
+    ]
+    replies = grid.send_and_receive(messages, timeout=600)
+    reasons = {str(r.metadata.src_node_id): r.error.reason for r in replies if r.has_error()}
+    context.state["reasons"] = ConfigRecord(reasons)
+    context.state["answered"] = ConfigRecord({"count": len(replies)})
+
+
+def test_a_site_whose_clientapp_raises_is_named_by_site_round_and_stage(
+    flower_warnings, monkeypatch
+):
+    for name, value in RAY_ENVIRONMENT.items():  # as simulations.engine sets them
+        monkeypatch.setenv(name, value)
+    with simulation_backend(PatientRayBackend) as installed:
+        assert installed
+        result = run_simulation_engine(
+            num_supernodes=2,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=flaky_client,
+            server_app=recording_server,
+            backend_name="ray",
+            backend_config={
+                "client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "logging_level": "ERROR"},
+                SITE_IDS_KEY: ["hospital-a", "hospital-b"],
+                MESSAGE_TIMEOUT_KEY: 600.0,
+            },
+        )
+    state = result.context.state
+    assert state["answered"]["count"] == 2
+    (reason,) = state["reasons"].values()  # only the failing site's reply is an error
+    expected = "site hospital-b, round 3, stage train failed: "
+    assert expected in reason and "the site's disk is full" in reason, reason
+    assert any(expected in line for line in flower_warnings), flower_warnings
