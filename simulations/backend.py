@@ -5,8 +5,11 @@ Flower 1.42's simulation engine (``flwr.server.superlink.fleet.vce``) ends a who
 pool has three weak spots on a loaded machine:
 
 - **starting Ray**: ``ray.init`` gives the raylet 30 s to register with the GCS (hard-coded in
-  ``ray/_private/node.py``), then raises; on a machine with a load of ~10 that can pass, and the
-  run ends before round 1 with nothing naming the cause;
+  ``ray/_private/node.py``), then raises "The current node timed out during startup"; Flower
+  reports only "An error was encountered. Ending simulation." (its worker threads turn every
+  other failure into a site's error reply, so that message means the backend did not start).
+  Measured on the 2-core development machine at a load of 29-37: ``ray.init`` failed so once
+  in three tries and took 42 s and 48 s the other two times;
 - **a lost actor**: an actor whose worker process dies or does not register in time (Ray's
   ``worker_register_timeout_seconds``, 60 s by default) raises ``RayActorError`` for its message,
   and Flower puts the dead actor back into its pool, so every later message it is handed fails
