@@ -8,7 +8,7 @@ pool has three weak spots on a loaded machine:
   ``ray/_private/node.py``), then raises "The current node timed out during startup"; Flower
   reports only "An error was encountered. Ending simulation." (its worker threads turn every
   other failure into a site's error reply, so that message means the backend did not start).
-  Measured on the 2-core development machine at a load of 29-37: ``ray.init`` failed so once
+  Measured on the 2-core development machine at a load of 29-37: ``ray.init`` failed that way once
   in three tries and took 42 s and 48 s the other two times;
 - **a lost actor**: an actor whose worker process dies or does not register in time (Ray's
   ``worker_register_timeout_seconds``, 60 s by default) raises ``RayActorError`` for its message,
@@ -45,7 +45,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
 from fedgov.messages import SERVER_ROUND
 
-RAY_START_ATTEMPTS = 3
+RAY_START_ATTEMPTS = 4  # ~1 in 3 starts failed at a load of ~30: all four, ~1 in 80
 RAY_RETRY_PAUSE_SECONDS = 2.0
 #: Ray's settings, read from the environment by every Ray process (set when absent): its log
 #: lines undeduplicated, no accelerator variables touched, and (system config) a worker process
