@@ -40,6 +40,17 @@ MODULE_TIERS: dict[str, tuple[str, ...]] = {
     "test_registry_demo": ("process", "ray"),  # the demo's Ray run, then `fedgov serve`
     "test_registry_postgres": ("external",),  # a throwaway PostgreSQL server
     "test_engine_failures": ("ray",),
+    # modules of the other branches of this round of work (real processes or fedgov subprocesses
+    # from module fixtures or helpers, which the fixture table below cannot see)
+    "test_malicious_coordinator": ("process",),
+    "test_registry_insiders": ("process",),
+    "test_serving_abuse": ("process",),
+    "test_console": ("process", "ray"),
+    "test_federation_own_data": ("process",),
+    "test_control_api_lockdown": ("process",),
+    "test_coordinator_admin": ("process",),
+    "test_process_guard": ("process",),
+    "test_process_lifetime": ("process",),
 }
 
 #: module::test (parametrisations included) → tiers, for modules that are otherwise fast.
