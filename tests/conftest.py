@@ -67,6 +67,7 @@ TEST_TIERS: dict[str, tuple[str, ...]] = {
     "test_registry::test_mistakes_are_one_line_without_a_traceback": ("process",),
     "test_registry_postgres::test_concurrent_publishers_on_postgresql": ("process",),
     "test_simulation::test_multirun_sweep_writes_one_run_per_combination": ("process",),
+    "test_site_status::test_status_imports_nothing_heavy": ("process",),  # issue 16b's branch
     "test_tiers::test_the_fast_tier_leaves_out_exactly_the_heavy_tests_of_real_modules": (
         "process",
     ),
