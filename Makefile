@@ -1,5 +1,6 @@
-# The README's two commands: `make demo` and `make test`. Each creates .venv when it is missing and
-# installs torch==2.13.0 (the CPU wheel) before anything else, so nothing pulls a CUDA build.
+# The README's two commands: `make demo` and `make test` (`make test-fast` is the inner loop). Each
+# creates .venv when it is missing and installs torch==2.13.0 (the CPU wheel) before anything
+# else, so nothing pulls a CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: demo test lint format install clean postgres chromium
+.PHONY: demo test test-fast lint format install clean postgres chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +62,16 @@ chromium:
 			"the privacy report's rendering test will skip"; \
 	fi
 
+# CI (.ci/run): every tier, the 15 slowest tests listed, a hung test failed by pytest-timeout
+# (the default in pyproject.toml).
 test: lint postgres chromium
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+# The inner loop: no test that starts processes, Ray, PostgreSQL or Chromium, or is marked slow
+# (tiers: tests/conftest.py).
+FAST_TIERS := not slow and not process and not ray and not external
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=10 -m "$(FAST_TIERS)"
 
 clean:
 	rm -rf $(VENV) demo-output outputs multirun .pytest_cache .ruff_cache

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedgov.deploy import FLOWER_ENVIRONMENT
+
 VARIANTS = ("plain", "fedgov")
 TARGET_RATIO = 1.3
 SEED = 0
@@ -47,15 +49,8 @@ LR = 0.05
 MOMENTUM = 0.9
 TEST_FRACTION = 0.2
 
-# From docs (flower-1.42-notes.md): every run sets these; plus one thread per BLAS pool.
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
+# Every run sets fedgov's Flower environment, plus one thread per BLAS pool.
+FLOWER_ENV = {**FLOWER_ENVIRONMENT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # ---- one variant, inside its own subprocess -----------------------------------------------------
@@ -99,10 +94,17 @@ def _run_plain(sites: int, rounds: int, work: Path) -> dict[str, object]:
 
     result_path = work / "plain-result.json"
     settings = plain.PlainSettings(
-        sites=sites, rounds=rounds, seed=SEED, hidden=HIDDEN, local_epochs=LOCAL_EPOCHS,
-        batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM, test_fraction=TEST_FRACTION,
+        sites=sites,
+        rounds=rounds,
+        seed=SEED,
+        hidden=HIDDEN,
+        local_epochs=LOCAL_EPOCHS,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        momentum=MOMENTUM,
+        test_fraction=TEST_FRACTION,
         result_path=str(result_path),
-    )  # fmt: skip
+    )
     os.environ[plain.PLAIN_APP_ENV] = plain.encode_settings(settings)  # Ray workers inherit it
     from flwr.simulation import run_simulation
 
@@ -280,11 +282,9 @@ def run_variant(
     result = work / "result.json"
     log = work / "output.log"
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "flwr-home")}
-    command = [
-        sys.executable, "-m", "benchmarks.simulation_scale", "--variant", variant,
-        "--sites", str(sites), "--rounds", str(rounds), "--work-dir", str(work),
-        "--result", str(result),
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "benchmarks.simulation_scale", "--variant", variant]
+    command += ["--sites", str(sites), "--rounds", str(rounds)]
+    command += ["--work-dir", str(work), "--result", str(result)]
     root = Path(__file__).resolve().parent.parent
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -355,8 +355,10 @@ def summarise(
     for v in VARIANTS:
         cells = [v, *(_fmt(medians[v][key], spec) for key, _, spec, _ in COLUMNS)]
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
-    cells = ["fg/plain", *(_fmt(ratios.get(key), ".2f") + "×" * (key in ratios)
-                           for key, *_ in COLUMNS)]  # fmt: skip
+    cells = [
+        "fg/plain",
+        *(_fmt(ratios.get(key), ".2f") + "×" * (key in ratios) for key, *_ in COLUMNS),
+    ]
     print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     verdicts = {}
     for key, label in (("wall_seconds", "wall time"), ("peak_tree_rss_mb", "peak memory (RSS)")):
@@ -420,8 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in order:
             if args.only and variant != args.only:
                 continue
-            print(f"[{pair + 1}/{args.repeats}] {variant}: {args.sites} sites × {args.rounds} "
-                  "rounds ...", end=" ", flush=True)  # fmt: skip
+            print(
+                f"[{pair + 1}/{args.repeats}] {variant}: {args.sites} sites × {args.rounds} "
+                "rounds ...",
+                end=" ",
+                flush=True,
+            )
             run = run_variant(
                 variant, args.sites, args.rounds, base / f"{pair}-{variant}", args.sample_interval
             )

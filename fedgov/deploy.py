@@ -11,11 +11,14 @@ import yaml
 
 from fedgov.errors import ConfigError
 
-#: Set for every Flower process fedgov starts: no telemetry, no update check, no `uv sync`.
+#: Set for every Flower process fedgov starts and every run it simulates (the one definition:
+#: the simulation engine, the tests and the benchmarks use it): no telemetry, no update check,
+#: no `uv sync`, no Ray usage statistics.
 FLOWER_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 

@@ -7,7 +7,9 @@ ServerApp (:mod:`server.messaging`) rebinds one name in its own process. These n
 are internals of flwr 1.42.0 (pinned in pyproject.toml), so each group has a ``*_problems()``
 check: the flwr version, that the name is still looked up where we rebind it, the signatures
 and the call sites in Flower's source. A process whose check fails logs a warning and runs
-Flower unmodified (slower, never broken); ``tests/test_flower_hooks.py`` fails loudly instead.
+Flower unmodified (slower, never broken); ``tests/test_flower_hooks.py`` asserts every check
+and fails loudly instead. The simulation engine (:mod:`simulations.engine`) rebinds names of
+Flower's engine in its own process for the duration of one run.
 
 =================================  ==========================================================
 where (module namespace)           what and why
@@ -24,8 +26,23 @@ start_client_internal``            ``sleep(0.5)`` reply polls, bounded while a r
 run_clientapp`` (the zygote and    ``install_from_fab``: skips re-extracting and re-hashing
 its ClientApp children)            a FAB whose exact bytes are already installed.
 ``flwr.superlink.grid.http_grid``  ``pull_objects``: the ServerApp's pull of a site's reply
-(the ServerApp, deployment only)   objects, same retry bound.
+(the ServerApp, deployment only)   objects, same retry bound (installed at its first exchange).
+``flwr.app.Metadata`` (ServerApp)  ``__dict__["_src_node_id"]``: a reply the SuperLink wrote
+                                   itself is attributed to the site it was sent to.
+``flwr.server.superlink.fleet.     for one simulation run only: ``_register_node_info_stores``
+vce.vce_api`` (simulation)         (each site's privacy keys in its node config),
+                                   ``add_messages_to_queue`` (prompt delivery) and the
+                                   state's ``store_message_ins`` (rings it);
+``...vce.backend.raybackend``      ``RayBackend``: fedgov's subclass (Ray start retried,
+                                   lost actors replaced, failures named by site, round, stage),
+                                   which uses its ``BasicActorPool``'s ``pool`` list too.
+``flwr.supercore.task_identity``   ``TaskIdentity``: set for the in-process ServerApp, as
+                                   Flower's own runtimes set it; ``_run_simulation`` is called.
 =================================  ==========================================================
+
+No rebinding happens at import time: each is installed by a call (a site process's start, the
+ServerApp's first exchange, a simulation run) after its ``*_problems()`` check passes. A check
+that fails is logged once at WARNING (:func:`checked`) and Flower's own code runs instead.
 
 Why the object-pull retries matter: a message's objects (the model's arrays) are uploaded
 after the message itself. A consumer that looks early (a SuperNode polling fast, a ClientApp
@@ -38,12 +55,16 @@ per-object try limit is lifted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
+import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,12 +317,246 @@ def grid_problems() -> list[str]:
 
 
 def install_grid_pull_tuning() -> bool:
-    """Bounded retries for the ServerApp's reply-object pulls; False (and nothing changed)
-    when Flower's internals differ. Idempotent."""
-    if grid_problems():
+    """Bounded retries for the ServerApp's reply-object pulls; False (nothing changed, logged
+    once) when Flower's internals differ. Idempotent."""
+    if not checked("ServerApp grid", grid_problems):
         return False
     from flwr.superlink.grid import http_grid as module
 
     if not getattr(module.pull_objects, "fedgov_bounded", False):
         module.pull_objects = bounded_pull(module.pull_objects)  # type: ignore[assignment]
     return True
+
+
+# ---- checks run once per process; a failed one is logged, never silent ----------------------
+
+_CHECKED: dict[str, list[str]] = {}
+
+
+def checked(group: str, problems: Callable[[], list[str]]) -> bool:
+    """Whether ``problems()`` finds nothing (run once per process and group). When it finds
+    something, fedgov leaves that part of Flower as it is and says so once, at WARNING."""
+    if group not in _CHECKED:
+        _CHECKED[group] = found = problems()
+        if found:
+            from flwr.common.logger import log
+
+            log(
+                logging.WARNING,
+                "fedgov: Flower's %s internals differ from flwr %s (%s); running Flower's own "
+                "code there instead",
+                group,
+                FLOWER_VERSION,
+                "; ".join(found),
+            )
+    return not _CHECKED[group]
+
+
+# ---- a reply's sender (server/messaging.py) -------------------------------------------------
+
+
+def metadata_problems() -> list[str]:
+    from flwr.app import Metadata
+
+    problems = _version_problems()
+    getter = getattr(getattr(Metadata, "src_node_id", None), "fget", None)
+    if getter is None or '__dict__["_src_node_id"]' not in inspect.getsource(getter):
+        problems.append("Metadata.src_node_id no longer reads __dict__['_src_node_id']")
+    return problems
+
+
+def set_reply_sender(reply: Any, node_id: int) -> bool:
+    """Name ``node_id`` as the sender of ``reply`` (Flower's Metadata has no setter for it);
+    False (the reply unchanged, logged once) when Flower's Metadata differs."""
+    if not checked("Message metadata", metadata_problems):
+        return False
+    reply.metadata.__dict__["_src_node_id"] = node_id
+    return True
+
+
+# ---- the simulation engine (simulations/engine.py, simulations/delivery.py) -----------------
+# Flower's engine is run in this process through its private ``_run_simulation`` (what
+# ``flwr run`` does for a simulation federation). Three names of ``vce_api`` and the engine's
+# Ray backend class are rebound for the duration of one run only (context managers below).
+
+SIMULATION_PARAMETERS = {
+    "num_supernodes", "exit_event", "backend_name", "backend_config", "client_app_attr",
+    "server_app_attr", "server_app_context", "app_dir", "run", "is_app",
+}  # fmt: skip
+NODE_INFO_PARAMETERS = ["nodes_mapping", "run", "app_dir"]
+FEED_PARAMETERS = ["state", "queue", "nodes_mapping", "f_stop"]
+
+
+def simulation_problems() -> list[str]:
+    """The engine entry point and the task identity fedgov sets (no fallback exists)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # by name: the package flwr.simulation exports a function called run_simulation
+    module = importlib.import_module("flwr.simulation.run_simulation")
+    problems = _version_problems()
+    engine = getattr(module, "_run_simulation", None)
+    if engine is None:
+        return [*problems, "flwr.simulation.run_simulation no longer has _run_simulation"]
+    if not set(_parameters(engine)) >= SIMULATION_PARAMETERS:
+        problems.append(f"_run_simulation's signature changed: {_parameters(engine)}")
+    for name in ("task_id", "run_id", "node_id"):
+        if getattr(type(TaskIdentity), name, None) is None:
+            problems.append(f"TaskIdentity has no settable {name}")
+    return problems
+
+
+def run_simulation_engine(**arguments: Any) -> Any:
+    """Flower's ``_run_simulation(**arguments)``; a clear error when Flower's differs."""
+    problems = simulation_problems()
+    if problems:
+        raise RuntimeError(f"Flower's simulation engine changed: {'; '.join(problems)}")
+    engine = importlib.import_module("flwr.simulation.run_simulation")._run_simulation
+    return engine(**arguments)
+
+
+def set_task_identity(task_id: int, run_id: int, node_id: int) -> None:
+    """Stamp messages this process creates with this task identity (as Flower's runtimes do)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = task_id
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+
+
+def simulation_node_config_problems() -> list[str]:
+    from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    problems = _version_problems()
+    register = getattr(vce_api, "_register_node_info_stores", None)
+    if register is None or _parameters(register) != NODE_INFO_PARAMETERS:
+        return [*problems, "vce_api._register_node_info_stores changed"]
+    if "_register_node_info_stores(" not in inspect.getsource(vce_api.start_vce):
+        problems.append("start_vce no longer calls _register_node_info_stores")
+    source = inspect.getsource(DeprecatedRunInfoStore)
+    if "self.node_config = node_config" not in source or "self.run_infos" not in source:
+        problems.append("DeprecatedRunInfoStore no longer keeps node_config and run_infos")
+    return problems
+
+
+@contextlib.contextmanager
+def simulation_node_configs(extra: dict[int, dict[str, Any]]) -> Iterator[bool]:
+    """During the block, the simulated node of each partition id in ``extra`` has those keys in
+    its node config (and in the Contexts registered for it). Yields whether they are added."""
+    if not extra:
+        yield True
+        return
+    if not checked("simulation node config", simulation_node_config_problems):
+        yield False
+        return
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api._register_node_info_stores
+
+    def register(nodes_mapping: Any, *args: Any, **kwargs: Any) -> Any:
+        stores = original(nodes_mapping, *args, **kwargs)
+        for node_id, partition_id in nodes_mapping.items():
+            keys = extra.get(partition_id, {})
+            store = stores[node_id]
+            store.node_config.update(keys)
+            for info in store.run_infos.values():  # Contexts registered by the original
+                info.context.node_config.update(keys)
+        return stores
+
+    vce_api._register_node_info_stores = register
+    try:
+        yield True
+    finally:
+        vce_api._register_node_info_stores = original
+
+
+def simulation_feed_problems() -> list[str]:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+
+    problems = _version_problems()
+    feed = getattr(vce_api, "add_messages_to_queue", None)
+    if feed is None or _parameters(feed) != FEED_PARAMETERS:
+        return [*problems, "vce_api.add_messages_to_queue changed"]
+    if "target=add_messages_to_queue" not in inspect.getsource(vce_api.run_api):
+        problems.append("run_api no longer starts add_messages_to_queue as its feeding thread")
+    for name, parameters in (
+        ("store_message_ins", ["message"]),
+        ("get_message_ins", ["node_id", "limit"]),
+    ):
+        method = getattr(InMemoryLinkState, name, None)
+        if method is None or _parameters(method)[1 : 1 + len(parameters)] != parameters:
+            problems.append(f"InMemoryLinkState.{name} changed")
+    return problems
+
+
+@contextlib.contextmanager
+def simulation_feed(feed: Callable[..., None]) -> Iterator[bool]:
+    """During the block, the engine's thread that moves stored messages to the Ray actors runs
+    ``feed(state, queue, nodes_mapping, f_stop, bell)``, where ``bell`` (a threading.Event) is
+    set each time the ServerApp stores a message in ``state``. Yields whether it is installed."""
+    if not checked("simulation message feed", simulation_feed_problems):
+        yield False
+        return
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        bell = threading.Event()
+        store = state.store_message_ins
+
+        def store_and_ring(message: Any) -> Any:
+            message_id = store(message)
+            bell.set()
+            return message_id
+
+        state.store_message_ins = store_and_ring  # this run's state object only
+        feed(state, queue, nodes_mapping, f_stop, bell)
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield True
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
+def simulation_backend_problems() -> list[str]:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    problems = _version_problems()
+    if "from .backend.raybackend import RayBackend" not in inspect.getsource(vce_api.start_vce):
+        problems.append("start_vce no longer imports RayBackend when it builds its backend")
+    backend = getattr(raybackend, "RayBackend", None)
+    for name in ("init_ray", "build", "process_message", "terminate"):
+        if not callable(getattr(backend, name, None)):
+            problems.append(f"RayBackend.{name} is gone")
+    if backend is not None and "self.pool" not in inspect.getsource(backend.__init__):
+        problems.append("RayBackend no longer keeps its actor pool as .pool")
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    pool_source = inspect.getsource(BasicActorPool.__init__)
+    if "self.pool" not in pool_source or "self.create_actor_fn" not in pool_source:
+        problems.append("BasicActorPool no longer keeps .pool and .create_actor_fn")
+    for name in ("submit", "add_actor_back_to_pool"):
+        if not callable(getattr(BasicActorPool, name, None)):
+            problems.append(f"BasicActorPool.{name} is gone")
+    return problems
+
+
+@contextlib.contextmanager
+def simulation_backend(backend: type) -> Iterator[bool]:
+    """During the block, the engine builds ``backend`` (a subclass of Flower's ``RayBackend``)
+    instead of ``RayBackend``. Yields whether it is installed."""
+    if not checked("simulation backend", simulation_backend_problems):
+        yield False
+        return
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend
+    raybackend.RayBackend = backend  # type: ignore[misc]
+    try:
+        yield True
+    finally:
+        raybackend.RayBackend = original  # type: ignore[misc]

@@ -15,11 +15,6 @@ from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
 
-def to_array_record(model: torch.nn.Module) -> ArrayRecord:
-    """The model's state dict as an ArrayRecord (the one wire format for weights)."""
-    return ArrayRecord(model.state_dict())
-
-
 def load_array_record(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """Load weights from the server into ``model`` (strict: names and shapes must match)."""
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)

@@ -167,13 +167,3 @@ def conv2d_per_record_weight_grads(
         [False, True, False],
     )
     return grads.reshape(batch, channels_out, channels_in * kh * kw)
-
-
-def supports_fused(model: nn.Module) -> bool:
-    """Whether :class:`FusedClipper` handles every parameter of ``model``."""
-    try:
-        clipper = FusedClipper(model)
-    except UnsupportedModel:
-        return False
-    clipper.remove()
-    return True

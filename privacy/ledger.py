@@ -276,12 +276,6 @@ class SiteLedger:
         self.write(state)
         return Reservation(spend, spent, spend.epsilon_after, state.history())
 
-    def record_decline(self, decline: Decline) -> None:
-        with self.locked():
-            state = self.read()
-            state.declines.append(decline)
-            self.write(state)
-
 
 def _released_before(state: LedgerState, new: Spend) -> Spend | None:
     """The latest released spend of the same run, round and input as ``new``, if any."""

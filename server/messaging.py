@@ -4,7 +4,8 @@ Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls on a real SuperLink;
 the messages and polls with a back-off from 10 ms to 100 ms, so a round ends as soon as the last
 site answers. A reply seen that early may still be uploading its objects (the model's arrays),
 and Flower's Grid then retries after 1 s, 2 s...: on a SuperLink, the ServerApp's process
-retries after 20 ms instead (fedgov/flower_hooks.py, guarded by checks of Flower's internals).
+retries after 20 ms instead (fedgov/flower_hooks.py, installed at its first exchange, guarded by
+checks of Flower's internals).
 On a SuperLink, each message's model weights also travel as one packed object each way
 (fedgov/wire.py): Flower sends every object of a message as an HTTP request of its own. Grids
 that hand messages over in memory (Flower's simulation, the tests' in-process grid) carry them
@@ -29,12 +30,10 @@ except ImportError:  # pragma: no cover - another Flower: messages go unpacked
     HttpGrid = None  # type: ignore[assignment,misc]
 
 from fedgov import wire
-from fedgov.flower_hooks import install_grid_pull_tuning
+from fedgov.flower_hooks import install_grid_pull_tuning, set_reply_sender
 
 FIRST_POLL_SECONDS = 0.01
 MAX_POLL_SECONDS = 0.1
-
-install_grid_pull_tuning()  # this process only; unchanged Flower if its internals differ
 
 
 def exchange(
@@ -47,6 +46,7 @@ def exchange(
     """
     messages = list(messages)
     if packs_weights(grid):
+        install_grid_pull_tuning()  # this process only, once; Flower's retries if it differs
         wire.pack_messages(messages)
     message_ids = list(grid.push_messages(messages))
     addressee = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=False)}
@@ -74,7 +74,7 @@ def _attribute_to_addressee(reply: Message, addressee: dict[str, int]) -> None:
     failure is recorded against the right site."""
     node_id = addressee.get(reply.metadata.reply_to_message_id)
     if node_id is not None and reply.metadata.src_node_id != node_id and reply.has_error():
-        reply.metadata.__dict__["_src_node_id"] = node_id
+        set_reply_sender(reply, node_id)
 
 
 def _unpacked(reply: Message) -> bool:
@@ -83,8 +83,12 @@ def _unpacked(reply: Message) -> bool:
     try:
         wire.unpack_message(reply)
     except Exception as error:  # anything a malformed packed record may raise
-        log(WARNING, "dropping a reply of node %s: unreadable packed weights (%s)",
-            reply.metadata.src_node_id, error)  # fmt: skip
+        log(
+            WARNING,
+            "dropping a reply of node %s: unreadable packed weights (%s)",
+            reply.metadata.src_node_id,
+            error,
+        )
         return False
     return True
 

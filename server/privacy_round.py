@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
@@ -256,20 +256,12 @@ class PrivacyRound:
             entry["receipt_valid"] = receipt.verify(view.public_key)
         self._view(site_id).declines.append(entry)
 
-    def decline_round_summary(self) -> dict[str, list[int]]:
-        return {site: [d["round"] for d in view.declines] for site, view in self.sites.items()}
-
 
 def _float_or_none(value: object) -> float | None:
     try:
         return None if value is None else float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-def secure_round_config(min_survivors: int) -> ConfigRecord:
-    """The config entry a secure-aggregation round sends so sites size their noise shares."""
-    return ConfigRecord({keys.DP_MIN_SURVIVORS: int(min_survivors)})
 
 
 def report_of(privacy: PrivacyRound, run_id: str) -> dict[str, Any]:

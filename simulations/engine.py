@@ -12,43 +12,50 @@ key, here ``<federation.sites_dir or run dir/sites>/<site-id>``), ``epsilon-cap`
 ``privacy.site_epsilon_cap`` stands for every simulated site's own cap) and ``delta``. These reach
 the sites through their node config — the Context the engine builds in this process and ships to
 the Ray actors with every message — never through the server's messages:
-:func:`_site_node_configs` wraps ``flwr``'s ``vce_api._register_node_info_stores`` for the
-duration of the run and adds each site's keys to the node's config before the Contexts exist.
+:func:`fedgov.flower_hooks.simulation_node_configs` wraps ``flwr``'s
+``vce_api._register_node_info_stores`` for the duration of the run and adds each site's keys to
+the node's config before the Contexts exist.
+
+**A loaded machine.** The engine runs with :class:`simulations.backend.PatientRayBackend`
+(Ray's start retried, lost actors replaced, failures named by site, round and stage); a run the
+engine itself cannot finish raises :class:`simulations.backend.EngineFailure` naming the stage.
+Every Flower internal used here is rebound through :mod:`fedgov.flower_hooks`, for this run only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, get_project_config
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from fedgov.config import RunConfig, to_flower_config, validate
+from fedgov.deploy import FLOWER_ENVIRONMENT
 from fedgov.errors import ConfigError
+from fedgov.flower_hooks import (
+    run_simulation_engine,
+    set_task_identity,
+    simulation_backend,
+    simulation_node_configs,
+)
+from simulations.backend import (
+    MESSAGE_TIMEOUT_KEY,
+    RAY_ENVIRONMENT,
+    SITE_IDS_KEY,
+    EngineFailure,
+    PatientRayBackend,
+)
 from simulations.delivery import prompt_delivery
 from simulations.federation import resolved_num_sites, simulated_federation
-
-FLOWER_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
 
 
 def app_dir() -> Path:
@@ -60,8 +67,9 @@ def app_dir() -> Path:
 
 
 def set_flower_environment(flwr_home: Path | None = None) -> None:
-    """Telemetry off, no runtime dependency installation, FLWR_HOME inside the run if given."""
-    for name, value in FLOWER_ENVIRONMENT.items():
+    """Telemetry off, no runtime dependency installation, Ray's settings (each unless already
+    set), FLWR_HOME inside the run if given."""
+    for name, value in {**FLOWER_ENVIRONMENT, **RAY_ENVIRONMENT}.items():
         os.environ.setdefault(name, value)
     if flwr_home is not None:
         os.environ["FLWR_HOME"] = str(flwr_home)
@@ -89,9 +97,7 @@ def run_simulation(cfg: RunConfig) -> None:
     run.primary_task_id = secrets.randbits(63)
     run.federation_id = NOOP_FEDERATION_ID
     # Messages the ServerApp creates are stamped with this process's task identity.
-    TaskIdentity.task_id = run.primary_task_id
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    set_task_identity(run.primary_task_id, run.run_id, SUPERLINK_NODE_ID)
     context = Context(
         run_id=run.run_id,
         node_id=0,
@@ -107,20 +113,48 @@ def run_simulation(cfg: RunConfig) -> None:
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
         "init_args": init_args,
+        SITE_IDS_KEY: list(simulated_federation(cfg).site_ids),
+        MESSAGE_TIMEOUT_KEY: float(cfg.federation.round_timeout),
     }
-    with _site_node_configs(node_configs), prompt_delivery():
-        _run_simulation(
-            num_supernodes=cfg.federation.num_sites,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=components["serverapp"],
-            client_app_attr=components["clientapp"],
-            backend_name="ray",
-            backend_config=backend_config,
-            app_dir=str(project),
-            run=run,
-            server_app_context=context,
-            is_app=True,
-        )
+    with (
+        simulation_node_configs(node_configs),
+        prompt_delivery(),
+        simulation_backend(PatientRayBackend),
+    ):
+        try:
+            run_simulation_engine(
+                num_supernodes=cfg.federation.num_sites,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                server_app_attr=components["serverapp"],
+                client_app_attr=components["clientapp"],
+                backend_name="ray",
+                backend_config=backend_config,
+                app_dir=str(project),
+                run=run,
+                server_app_context=context,
+                is_app=True,
+            )
+        except RuntimeError as error:
+            failure = _engine_failure(error)
+            if failure is error:
+                raise
+            raise failure from error
+
+
+def _engine_failure(error: RuntimeError) -> RuntimeError:
+    """Flower's "An error was encountered. Ending simulation." (and its "Simulation Runtime
+    crashed."), replaced by the innermost cause's own words: fedgov's :class:`EngineFailure`
+    names the stage; anything else is named as what stopped the engine."""
+    causes: list[BaseException] = [error]
+    while causes[-1].__cause__ is not None and len(causes) < 20:
+        causes.append(causes[-1].__cause__)
+    named = next((c for c in causes if isinstance(c, EngineFailure)), None)
+    if named is not None:
+        return EngineFailure(str(named))
+    if len(causes) == 1:
+        return error  # not the engine's wrapper: the ServerApp's own error, as it is
+    root = causes[-1]
+    return EngineFailure(f"simulation engine stopped: {type(root).__name__}: {root}")
 
 
 def _privacy_node_configs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
@@ -151,30 +185,3 @@ def _privacy_node_configs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
         }
         for index, site_id in enumerate(federation.site_ids)
     }
-
-
-@contextlib.contextmanager
-def _site_node_configs(extra: dict[int, dict[str, Any]]) -> Iterator[None]:
-    """Give every simulated node (by partition id) its extra node-config keys during the run."""
-    if not extra:
-        yield
-        return
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    original = vce_api._register_node_info_stores
-
-    def register(nodes_mapping, *args, **kwargs):
-        stores = original(nodes_mapping, *args, **kwargs)
-        for node_id, partition_id in nodes_mapping.items():
-            keys = extra.get(partition_id, {})
-            store = stores[node_id]
-            store.node_config.update(keys)
-            for info in store.run_infos.values():  # Contexts registered by the original
-                info.context.node_config.update(keys)
-        return stores
-
-    vce_api._register_node_info_stores = register
-    try:
-        yield
-    finally:
-        vce_api._register_node_info_stores = original

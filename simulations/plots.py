@@ -45,9 +45,12 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         out / "loss.png",
         "Loss per round",
         "cross-entropy",
-        {"train_loss": "train (sites)", "eval_loss": "eval (sites)",
-         "central_eval_loss": "eval (central hold-out)"},
-    )  # fmt: skip
+        {
+            "train_loss": "train (sites)",
+            "eval_loss": "eval (sites)",
+            "central_eval_loss": "eval (central hold-out)",
+        },
+    )
     curve(
         out / "accuracy.png",
         "Accuracy per round",

@@ -1,4 +1,5 @@
-"""The Flower 1.42 internals fedgov's site processes rebind (clients/flower_hooks.py).
+"""The Flower 1.42 internals fedgov rebinds (fedgov/flower_hooks.py): site processes, the
+ServerApp's grid and reply metadata, and the simulation engine.
 
 The first test is the tripwire: after a Flower upgrade it fails, naming what changed, before a
 site silently runs with Flower's pauses (the processes themselves only warn and fall back).
@@ -7,6 +8,8 @@ The others check each rebinding's effect; they restore Flower's modules afterwar
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 import time
 import tomllib
@@ -31,8 +34,112 @@ def test_the_rebound_flower_internals_are_those_of_the_pinned_flower():
     flwr = next(d for d in pinned if re.match(r"flwr(\[.*\])?==", d))
     assert flwr.endswith(f"=={flower_hooks.FLOWER_VERSION}")
     assert flower_hooks.superexec_problems() == []
+    assert flower_hooks.superexec_sleep_problems() == []
     assert flower_hooks.supernode_problems() == []
     assert flower_hooks.clientapp_problems() == []
+    assert flower_hooks.grid_problems() == []
+    assert flower_hooks.metadata_problems() == []
+    assert flower_hooks.simulation_problems() == []
+    assert flower_hooks.simulation_node_config_problems() == []
+    assert flower_hooks.simulation_feed_problems() == []
+    assert flower_hooks.simulation_backend_problems() == []
+
+
+def test_every_problems_check_is_asserted_above():
+    checks = {n for n in dir(flower_hooks) if n.endswith("_problems") and not n.startswith("_")}
+    source = inspect.getsource(test_the_rebound_flower_internals_are_those_of_the_pinned_flower)
+    assert checks == set(re.findall(r"flower_hooks\.(\w+_problems)\(\)", source))
+
+
+def test_importing_fedgov_rebinds_nothing_until_asked(monkeypatch):
+    import importlib
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.superlink.grid import http_grid
+
+    import server.messaging
+    import simulations.engine
+
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    importlib.reload(server.messaging)  # runs the modules' top level again
+    importlib.reload(simulations.engine)
+    assert http_grid.pull_objects is inflatable_utils.pull_objects
+    assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__
+    assert vce_api._register_node_info_stores.__module__ == vce_api.__name__
+
+
+class _Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_failed_check_is_logged_once_and_flower_runs_unchanged(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    collected = _Collected()
+    monkeypatch.setattr(logging.getLogger("flwr"), "handlers", [collected])  # only ours, for now
+    monkeypatch.setattr(flower_hooks, "_CHECKED", {})
+    monkeypatch.setattr(http_grid, "pull_objects", lambda *args, **kwargs: None)
+    unchanged = http_grid.pull_objects
+    assert flower_hooks.install_grid_pull_tuning() is False
+    assert flower_hooks.install_grid_pull_tuning() is False
+    assert http_grid.pull_objects is unchanged
+    (line,) = collected.lines  # once, however often installing is tried
+    assert "http_grid no longer imports pull_objects" in line
+    assert "running Flower's own code there instead" in line
+
+
+def test_the_simulation_rebindings_last_one_run_and_do_what_they_say(monkeypatch):
+    import queue
+    import threading
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    flower = (
+        vce_api.add_messages_to_queue,
+        vce_api._register_node_info_stores,
+        raybackend.RayBackend,
+    )
+    fed: list[tuple] = []
+
+    def feed(state, messages, nodes_mapping, f_stop, bell):
+        state.store_message_ins("m1")
+        fed.append((bell.is_set(), messages, nodes_mapping))
+
+    class Backend(raybackend.RayBackend):
+        pass
+
+    class State:
+        def store_message_ins(self, message):
+            return f"id-{message}"
+
+    extra = {1: {"site-dir": "/sites/b"}}
+    with (
+        flower_hooks.simulation_feed(feed) as fed_ok,
+        flower_hooks.simulation_node_configs(extra) as configs_ok,
+        flower_hooks.simulation_backend(Backend) as backend_ok,
+    ):
+        assert fed_ok and configs_ok and backend_ok
+        state, messages = State(), queue.Queue()
+        vce_api.add_messages_to_queue(state, messages, {7: 0}, threading.Event())
+        assert fed == [(True, messages, {7: 0})]  # storing a message rang the bell
+        assert raybackend.RayBackend is Backend
+        from flwr.supercore.run import Run
+
+        stores = vce_api._register_node_info_stores({10: 0, 11: 1}, Run.create_empty(5), None)
+        assert stores[11].node_config["site-dir"] == "/sites/b"
+        assert "site-dir" not in stores[10].node_config
+        assert stores[11].retrieve_context(5).node_config["site-dir"] == "/sites/b"
+    assert (
+        vce_api.add_messages_to_queue,
+        vce_api._register_node_info_stores,
+        raybackend.RayBackend,
+    ) == flower
 
 
 class _Injected(Exception):
@@ -58,8 +165,9 @@ def test_run_superexec_builds_its_executor_with_the_rebound_factory(monkeypatch)
 def test_bounded_sleep_polls_fast_while_a_run_is_on_and_as_flower_when_idle():
     now = [100.0]
     slept: list[float] = []
-    policy = BoundedSleep(fast=0.02, cap=0.2, hot_window=60, local=0.01,
-                          sleeper=slept.append, clock=lambda: now[0])  # fmt: skip
+    policy = BoundedSleep(
+        fast=0.02, cap=0.2, hot_window=60, local=0.01, sleeper=slept.append, clock=lambda: now[0]
+    )
     for _ in range(8):
         policy.sleep(3)  # Flower's pause after an empty pull
     assert slept[0] == 0.02 and slept[-1] == 0.2
@@ -187,10 +295,16 @@ def test_forked_tasks_get_the_command_line_flowers_subprocess_executor_builds(mo
     )
     for insecure, certificates, installs in ((True, None, False), (False, "/ca.crt", True)):
         spec = ExecutionSpec(
-            task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9", token="t0k",
-            insecure=insecure, root_certificates_path=certificates,
-            runtime_dependency_install=installs, parent_pid=42, suppress_output=False, task_id=7,
-        )  # fmt: skip
+            task_type=TaskType.CLIENT_APP,
+            runtime_api_address="127.0.0.1:9",
+            token="t0k",
+            insecure=insecure,
+            root_certificates_path=certificates,
+            runtime_dependency_install=installs,
+            parent_pid=42,
+            suppress_output=False,
+            task_id=7,
+        )
         SubprocessExecutor().launch(spec)
         ours = _task_argv(spec)
         assert Path(ours[0]).name == started[-1][0] == "flwr-clientapp"

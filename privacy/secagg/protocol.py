@@ -33,7 +33,6 @@ SETUP = "setup"
 SHARE_KEYS = "share_keys"
 MASKED_INPUT = "masked_input"
 UNMASK = "unmask"
-STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK)
 ABORT = "abort"  # not a stage: the server's notice that a round was aborted (sites wipe it)
 
 

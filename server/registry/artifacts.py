@@ -50,10 +50,6 @@ class ArtifactStore:
             raise
         return digest
 
-    def put_file(self, source: str | Path) -> str:
-        """Store the bytes of the file ``source``; return their sha256."""
-        return self.put_bytes(Path(source).read_bytes())
-
     def read_verified(self, sha256: str, what: str = "artifact") -> bytes:
         """The bytes stored under ``sha256``, after checking that they still hash to it.
 
