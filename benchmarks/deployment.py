@@ -148,6 +148,8 @@ class Processes:
 KINDS = (
     ("serverapp", "flwr-serverapp"),
     ("superlink", "flower-superlink"),
+    ("superlink", "server.superlink"),
+    ("process guards", "fedgov.process_guard"),
     ("clientapp (stock)", "flwr-clientapp"),
     ("zygote + forked ClientApps", "clients.zygote"),
     ("site superexec", "clients.superexec"),

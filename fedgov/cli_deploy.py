@@ -38,7 +38,7 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     certs.add_argument(
         "--host", action="append", default=None,
         help="host name or IP address the sites use to reach the coordinator (repeatable; "
-        "default: 127.0.0.1 and localhost)",
+        "127.0.0.1 and localhost are always added: the coordinator's own calls use them)",
     )  # fmt: skip
     certs.add_argument("--federation", default="fedgov", help="federation name in the certificates")
     certs.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -88,7 +88,8 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
 def _server_certs(args: argparse.Namespace) -> int:
     from server.certs import create_federation_certs
 
-    hosts = args.host or ["127.0.0.1", "localhost"]
+    # The coordinator's own `flwr` calls reach its Control API through loopback only.
+    hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
     paths = create_federation_certs(args.out, hosts, args.federation, overwrite=args.overwrite)
     print(f"CA certificate (give to every site): {paths.ca_cert}")
     print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
@@ -99,6 +100,7 @@ def _server_certs(args: argparse.Namespace) -> int:
 def _server_start(args: argparse.Namespace) -> int:
     from server.coordinator import (
         check_server_files,
+        claim_coordinator,
         load_server_settings,
         run_superlink,
         write_flwr_connection,
@@ -117,6 +119,7 @@ def _server_start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     check_server_files(settings, insecure)
+    claim_coordinator(settings)  # one coordinator per state, a free port: before anything else
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     write_flwr_connection(settings, insecure)
     print(
@@ -174,6 +177,11 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     start.add_argument("--check", action="store_true", help="only validate, do not connect")
     start.add_argument(
+        "--port", type=int, default=None,
+        help="local port of the SuperNode's runtime API, over site.yaml's `port` (two sites on "
+        "one host need two ports)",
+    )  # fmt: skip
+    start.add_argument(
         "--stock-executor", action="store_true",
         help="run Flower's stock SuperNode (a fresh ClientApp interpreter per message and "
         "Flower's fixed pauses), for comparison; default: fedgov's SuperNode and forking SuperExec",
@@ -223,10 +231,18 @@ def _site_init(args: argparse.Namespace) -> int:
 
 
 def _site_start(args: argparse.Namespace) -> int:
-    from clients.daemon import check_site, load_site_settings, run_site
+    import dataclasses
+
+    from clients.daemon import check_site, claim_site, load_site_settings, run_site
 
     settings = load_site_settings(args.config)
+    if args.port is not None:
+        if not 1 <= args.port <= 65535:
+            raise FedgovError(f"--port must be in 1..65535, got {args.port}")
+        settings = dataclasses.replace(settings, port=args.port)
     insecure = args.insecure or settings.insecure
+    if not args.check:
+        claim_site(settings)  # one daemon per site folder, a free port: before anything else
     rows = check_site(settings, insecure)
     print(
         f"fedgov: site {settings.site_id}: {rows} rows valid; joining {settings.coordinator}"
