@@ -36,6 +36,8 @@ Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.dep
 
 from __future__ import annotations
 
+# ``fedgov site status`` reads site.yaml through this module: nothing heavy (torch, pandas,
+# Flower) is imported at module level; the functions that need it import it themselves.
 import os
 import queue
 import secrets
@@ -53,8 +55,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
-from clients.connector import load_schema_file, read_site_table
-from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
@@ -181,6 +181,8 @@ def init_site(
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
     public_key = create_node_auth_key(out / "keys" / "node.key")
+    from clients.site_privacy import open_site_state  # torch: only where a site is set up
+
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
     fields: dict[str, Any] = {
@@ -203,6 +205,8 @@ def check_site(settings: SiteSettings, insecure: bool) -> int:
     """Validate everything before connecting: data against schema, key, CA. Returns row count."""
     if not settings.schema.is_file():
         raise FedgovError(f"site {settings.site_id}: schema file {settings.schema} does not exist")
+    from clients.connector import load_schema_file, read_site_table  # pandas: not for status
+
     schema = load_schema_file(settings.schema)
     _, labels = read_site_table(settings.data, schema)
     if insecure:
