@@ -101,12 +101,13 @@ class SiteSettings:
         }
 
 
-def create_node_auth_key(private_path: str | Path) -> Path:
+def create_node_auth_key(private_path: str | Path, site_id: str | None = None) -> Path:
     """A site's SuperNode authentication key pair (ECDSA P-384, OpenSSH public key).
 
     Writes the private key (OpenSSH format, as flower-supernode loads it; mode 0600) at
-    ``private_path`` and the public key next to it as ``<name>.pub``; returns the public key's
-    path, which the coordinator registers.
+    ``private_path`` and the public key next to it as ``<name>.pub``, with ``site_id`` as its
+    comment (``fedgov server add-site`` names the site by it); returns the public key's path,
+    which the coordinator registers.
     """
     private_path = Path(private_path)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -125,6 +126,7 @@ def create_node_auth_key(private_path: str | Path) -> Path:
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
+        + (f" {site_id}".encode() if site_id else b"")
         + b"\n",
         private=False,
     )
@@ -180,7 +182,7 @@ def init_site(
     if config_path.exists():
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
-    public_key = create_node_auth_key(out / "keys" / "node.key")
+    public_key = create_node_auth_key(out / "keys" / "node.key", site_id)
     from clients.site_privacy import open_site_state  # torch: only where a site is set up
 
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
@@ -323,6 +325,18 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
             f"{PORT_FIX}"
         )
     if "CERTIFICATE_VERIFY_FAILED" in log_tail:
+        problem = coordinator_certificate_problem(settings)
+        if problem and problem != "is not signed by":
+            advice = (
+                "ask the coordinator to renew it: fedgov server renew-cert"
+                if problem.startswith(("expired", "is not valid before"))
+                else "ask the coordinator to renew it for that name: fedgov server renew-cert "
+                "--host NAME"
+            )
+            return (
+                f"site {settings.site_id}: the coordinator's certificate at "
+                f"{settings.coordinator} {problem}; {advice}"
+            )
         return (
             f"site {settings.site_id}: the coordinator's certificate at {settings.coordinator} is "
             f"not signed by {settings.ca_cert} (wrong CA file?)"
@@ -337,6 +351,22 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
     if code == EXIT_NOT_CONNECTED or f"Exit Code: {EXIT_NOT_CONNECTED}" in log_tail:
         return f"site {settings.site_id}: could not connect to {settings.coordinator}"
     return f"site {settings.site_id}: the SuperNode exited with code {code}"
+
+
+def coordinator_certificate_problem(settings: SiteSettings) -> str | None:
+    """Why the coordinator's certificate fails verification against this site's ``ca.crt``
+    (``expired on ...``, ``is not signed by``, ...): fetched from the coordinator without
+    verifying it, only to name the problem. None when it cannot be fetched or looks right."""
+    import ssl
+
+    from server.certs import certificate_problem
+
+    host, _, port = settings.coordinator.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=10)
+        return certificate_problem(pem.encode(), settings.ca_cert.read_bytes(), host.strip("[]"))
+    except (OSError, ValueError):
+        return None
 
 
 #: Log lines after which the SuperNode cannot succeed by retrying: stop at once and say why.

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from fedgov.deploy import flower_environment as flower_env
-from fedgov.deploy import flower_tool, read_yaml_mapping
+from fedgov.deploy import read_yaml_mapping
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_groups
@@ -157,28 +157,6 @@ def write_flwr_connection(settings: ServerSettings, insecure: bool) -> Path:
 def flower_environment(settings: ServerSettings) -> dict[str, str]:
     """The environment for every Flower process the coordinator starts."""
     return flower_env(settings.flwr_home)
-
-
-def register_site(settings: ServerSettings, public_key: str | Path) -> str:
-    """Register a site's node-authentication public key with the running SuperLink."""
-    key = Path(public_key)
-    if not key.is_file():
-        raise FedgovError(f"add-site: public key {key} does not exist")
-    if not key.read_text().startswith("ecdsa-sha2-"):
-        raise FedgovError(
-            f"add-site: {key} is not an OpenSSH ECDSA public key (expected the site's "
-            "keys/node.key.pub written by `fedgov site init`)"
-        )
-    write_flwr_connection(settings, settings.insecure)
-    result = subprocess.run(
-        [flower_tool("flwr"), "supernode", "register", str(key), settings.federation],
-        env=flower_environment(settings), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0 or "registered successfully" not in output:
-        last = output.splitlines()[-1] if output else f"exit {result.returncode}"
-        raise FedgovError(f"add-site: the coordinator at {settings.address} refused: {last}")
-    return output.splitlines()[-1]
 
 
 def claim_coordinator(settings: ServerSettings) -> None:
