@@ -29,6 +29,8 @@ from fedgov.errors import FedgovError
 from server.coordinator import ServerSettings, flower_environment, write_flwr_connection
 
 SITES_FILE = "sites.json"
+#: Flower's states of a node whose key was unregistered: no longer a site.
+GONE = ("unregistered", "deleted")
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -125,7 +127,8 @@ def add_site(settings: ServerSettings, public_key: Path, site_id: str | None) ->
 
 
 def list_sites(settings: ServerSettings) -> list[dict[str, Any]]:
-    """Every node the SuperLink knows, with its site id where fedgov recorded one."""
+    """Every node the SuperLink knows (but those unregistered), with its site id where fedgov
+    recorded one."""
     nodes = _flwr(settings, "supernode", "list").get("nodes", [])
     by_node = {entry["node_id"]: site for site, entry in read_sites(settings).items()}
     return [
@@ -137,6 +140,7 @@ def list_sites(settings: ServerSettings) -> list[dict[str, Any]]:
             "offline_at": node.get("offline-at"),
         }
         for node in nodes
+        if node.get("status") not in GONE
     ]
 
 

@@ -77,3 +77,34 @@ def test_any_other_path_is_refused_to_another_host(app, path):
         assert reply.status_code != 403
     else:
         assert reply.status_code == 403, path
+
+
+def test_the_task_cleanup_runs_at_most_once_per_interval():
+    from server.superlink import ThrottledCall
+
+    ran: list[object] = []
+    now = [100.0]
+    throttled = ThrottledCall(ran.append, 1.0, clock=lambda: now[0])
+    for step in (0.0, 0.3, 0.6, 0.99, 1.0, 1.5, 2.2, 2.3):
+        now[0] = 100.0 + step
+        throttled("state")
+    assert (throttled.calls, throttled.runs) == (8, 3)  # at 0.0, 1.0 and 2.2
+    assert ran == ["state"] * 3
+
+
+def test_the_bound_applies_to_flowers_own_state_class():
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    from server.superlink import bound_task_cleanup
+
+    original = SqlCoreState._cleanup_expired_task_tokens
+    try:
+        throttled = bound_task_cleanup(interval=3600)
+        assert throttled is not None and throttled.method is original
+        seen: list[object] = []
+        throttled.method = seen.append  # what Flower's cleanup would be given
+        SqlCoreState._cleanup_expired_task_tokens("a state")  # type: ignore[arg-type]
+        SqlCoreState._cleanup_expired_task_tokens("a state")  # type: ignore[arg-type]
+        assert seen == ["a state"] and throttled.calls == 2
+    finally:
+        SqlCoreState._cleanup_expired_task_tokens = original  # type: ignore[method-assign]
