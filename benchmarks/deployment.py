@@ -1,7 +1,11 @@
 """Seconds per round on a real federation: Flower's stock SuperNode against fedgov's site daemon.
 
     python -m benchmarks.deployment [--rounds 4] [--runtimes stock,fork,fedgov] [--dataset randhie]
-                                    [--sites 3] [--keep] [--json PATH]
+                                    [--sites 3[,10]] [--privacy] [--secagg] [--keep] [--json PATH]
+
+``--privacy`` / ``--secagg`` run every configuration twice: plain and with sample-level DP at
+each site and/or SecAgg+ (``privacy=sample_dp``, ``secagg=secaggplus``); ``--sites 3,10`` runs
+each site count; a closing summary lists s/round and CPU-s/round of every configuration.
 
 Each runtime gets a fresh federation on 127.0.0.1 built with fedgov's own code paths: the CA and
 server certificate (``fedgov server certs``' function), a coordinator (``fedgov server start``:
@@ -148,6 +152,8 @@ class Processes:
 KINDS = (
     ("serverapp", "flwr-serverapp"),
     ("superlink", "flower-superlink"),
+    ("superlink", "server.superlink"),
+    ("process guards", "fedgov.process_guard"),
     ("clientapp (stock)", "flwr-clientapp"),
     ("zygote + forked ClientApps", "clients.zygote"),
     ("site superexec", "clients.superexec"),
@@ -290,12 +296,27 @@ def node_service_seconds(log: list[tuple[float, str]]) -> dict[str, list[float]]
     return found
 
 
+#: ``--privacy`` and ``--secagg``: the Hydra overrides of the private variant.
+PRIVACY_OVERRIDES = ["privacy=sample_dp"]
+SECAGG_OVERRIDES = ["secagg=secaggplus"]
+#: A benchmark site's ε cap: high enough that no round is declined for budget.
+BENCH_EPSILON_CAP = 1000.0
+
+
 def run_runtime(
-    runtime: str, work: Path, sites: list[tuple[str, Path, Path]], dataset: str, rounds: int
+    runtime: str,
+    work: Path,
+    sites: list[tuple[str, Path, Path]],
+    dataset: str,
+    rounds: int,
+    overrides: list[str] | None = None,
 ) -> dict[str, object]:
+    """One federation with ``runtime`` at every site and one run of ``rounds`` rounds
+    (``overrides``: extra Hydra overrides, e.g. DP and SecAgg+); its timings and CPU."""
     from clients.daemon import init_site
     from server.certs import create_federation_certs
-    from server.coordinator import load_server_settings, register_site, write_server_config
+    from server.coordinator import load_server_settings, write_server_config
+    from server.sites import add_site
 
     work.mkdir(parents=True)
     processes = Processes(work / "logs")
@@ -312,9 +333,9 @@ def run_runtime(
         for (site_id, data, schema), port in zip(sites, site_ports, strict=True):
             site_config, public_key = init_site(
                 work / "sites" / site_id, site_id, data, schema, f"127.0.0.1:{link_port}",
-                coordinator / "certs" / "ca.crt", port=port,
+                coordinator / "certs" / "ca.crt", epsilon_cap=BENCH_EPSILON_CAP, port=port,
             )  # fmt: skip
-            register_site(settings, public_key)
+            add_site(settings, public_key, site_id)
             daemons.append(processes.start(
                 f"site-{site_id}",
                 [*FEDGOV, "site", "start", "--config", str(site_config), *RUNTIME_FLAGS[runtime]],
@@ -333,8 +354,10 @@ def run_runtime(
         run = processes.start("fedgov-run", [
             *FEDGOV, "run", "--config", str(config), "--out", str(run_dir), f"dataset={dataset}",
             f"federation.num_sites={len(sites)}", f"rounds={rounds}", "progress=false",
+            *(overrides or []),
         ], coordinator)  # fmt: skip
-        _wait(lambda: run.popen.poll() is not None, 120 + 60 * rounds, "the run",
+        # DP + SecAgg+ rounds on a loaded shared machine took up to ~60 s each.
+        _wait(lambda: run.popen.poll() is not None, 300 + 120 * rounds, "the run",
               [link, *daemons])  # fmt: skip
         wall = time.monotonic() - started
         cpu = sampler.stop()
@@ -351,6 +374,8 @@ def run_runtime(
     failures = [r["failures"] for r in metrics["rounds"] if r["failures"]]
     return {
         "runtime": runtime,
+        "sites": len(sites),
+        "overrides": list(overrides or []),
         "round_seconds": round_seconds,
         "steady_round_seconds": statistics.median(round_seconds[1:] or round_seconds),
         "first_round_seconds": round_seconds[0],
@@ -434,7 +459,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.deployment", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per runtime (default: 4)")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (default: 3)")
+    parser.add_argument(
+        "--sites", default="3",
+        help="number of sites, or a comma-separated list of them, e.g. 3,10 (default: 3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--privacy", action="store_true",
+        help="also run every configuration with sample-level DP at each site (privacy=sample_dp)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--secagg", action="store_true",
+        help="also run every configuration with SecAgg+ (secagg=secaggplus)",
+    )  # fmt: skip
     parser.add_argument("--dataset", default="randhie",
                         help="a dataset with natural sites (default: randhie)")  # fmt: skip
     parser.add_argument(
@@ -444,6 +480,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     args = parser.parse_args(argv)
+    try:
+        args.sites = [int(n) for n in str(args.sites).split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--sites: whole numbers separated by commas, got {args.sites!r}")
+    if not args.sites or min(args.sites) < 2:
+        parser.error("--sites: at least 2 sites per federation")
+    private = [*(PRIVACY_OVERRIDES if args.privacy else []),
+               *(SECAGG_OVERRIDES if args.secagg else [])]  # fmt: skip
+    args.variants = [[], private] if private else [[]]
     args.runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
@@ -451,20 +496,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def variant_label(overrides: list[str]) -> str:
+    """``plain``, or what the private variant turns on (``DP + SecAgg+``)."""
+    parts = []
+    if any(o.startswith("privacy=") for o in overrides):
+        parts.append("DP")
+    if any(o.startswith("secagg=") for o in overrides):
+        parts.append("SecAgg+")
+    return " + ".join(parts) or "plain"
+
+
+def summary(results: list[dict[str, object]]) -> str:
+    """Every configuration run: sites, variant, runtime, s/round, CPU-s/round."""
+    row = "{:>5}  {:<14} {:<36} {:>8} {:>8} {:>10}"
+    lines = [row.format("sites", "variant", "runtime", "s/round", "round 1", "CPU-s/round")]
+    for result in results:
+        lines.append(row.format(
+            int(result["sites"]),  # type: ignore[call-overload]
+            variant_label(result["overrides"]),  # type: ignore[arg-type]
+            LABELS[str(result["runtime"])],
+            f"{float(result['steady_round_seconds']):.2f}",  # type: ignore[arg-type]
+            f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
+            f"{float(result['cpu_seconds_per_round']):.1f}",  # type: ignore[arg-type]
+        ))  # fmt: skip
+    lines.append(
+        f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+        "timings on a shared machine vary with its load)"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="fedgov-deploy-bench-"))
-    sites = site_files(base, args.dataset, args.sites)
     results = []
     try:
-        for runtime in args.runtimes:
-            print(f"{LABELS[runtime]}: {args.rounds} rounds ...", end=" ", flush=True)
-            result = run_runtime(runtime, base / runtime, sites, args.dataset, args.rounds)
-            results.append(result)
-            rounds = ", ".join(f"{s:.1f}" for s in result["round_seconds"])  # type: ignore[attr-defined]
-            print(f"rounds {rounds} s; load {os.getloadavg()[0]:.1f}", flush=True)
-            if result["failures"]:
-                print(f"  site failures: {result['failures']}", flush=True)
+        for count in args.sites:
+            sites = site_files(base / f"{count}-sites", args.dataset, count)
+            for overrides in args.variants:
+                label = variant_label(overrides)
+                for runtime in args.runtimes:
+                    print(f"{count} sites, {label}, {LABELS[runtime]}: {args.rounds} rounds ...",
+                          end=" ", flush=True)  # fmt: skip
+                    work = base / f"{count}-sites" / label.replace(" + ", "-") / runtime
+                    result = run_runtime(runtime, work, sites, args.dataset, args.rounds,
+                                         overrides)  # fmt: skip
+                    results.append(result)
+                    rounds = ", ".join(f"{s:.1f}" for s in result["round_seconds"])  # type: ignore[attr-defined]
+                    print(f"rounds {rounds} s; load {os.getloadavg()[0]:.1f}", flush=True)
+                    if result["failures"]:
+                        print(f"  site failures: {result['failures']}", flush=True)
     finally:
         if args.keep:
             print(f"work folder and logs: {base}")
@@ -472,8 +553,16 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
-    print()
-    print(table(results, args.sites, args.dataset, args.rounds))
+    for count in args.sites:
+        for overrides in args.variants:
+            group = [r for r in results if r["sites"] == count and r["overrides"] == overrides]
+            if group:
+                print()
+                print(f"[{variant_label(overrides)}]")
+                print(table(group, count, args.dataset, args.rounds))
+    if len(results) > len(args.runtimes):
+        print()
+        print(summary(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -36,6 +36,8 @@ Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.dep
 
 from __future__ import annotations
 
+# ``fedgov site status`` reads site.yaml through this module: nothing heavy (torch, pandas,
+# Flower) is imported at module level; the functions that need it import it themselves.
 import os
 import queue
 import secrets
@@ -53,10 +55,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
-from clients.connector import load_schema_file, read_site_table
-from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
+from fedgov.instance_lock import check_port_free, hold_lock
+from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
 
 SITE_KEYS = (
     "site_id", "coordinator", "ca_cert", "auth_key", "data", "schema", "epsilon_cap", "port",
@@ -65,6 +67,7 @@ SITE_KEYS = (
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
 RUNTIMES = ("fedgov", "fork", "stock")
 SUPEREXEC_SECRET = "keys/superexec.secret"
+LOCK_FILE = "daemon.lock"  # held (flock) by the running daemon: one daemon per site folder
 EXIT_DRAIN_SECONDS = 2.0  # how long to read a stopped process's last lines
 
 
@@ -98,12 +101,13 @@ class SiteSettings:
         }
 
 
-def create_node_auth_key(private_path: str | Path) -> Path:
+def create_node_auth_key(private_path: str | Path, site_id: str | None = None) -> Path:
     """A site's SuperNode authentication key pair (ECDSA P-384, OpenSSH public key).
 
     Writes the private key (OpenSSH format, as flower-supernode loads it; mode 0600) at
-    ``private_path`` and the public key next to it as ``<name>.pub``; returns the public key's
-    path, which the coordinator registers.
+    ``private_path`` and the public key next to it as ``<name>.pub``, with ``site_id`` as its
+    comment (``fedgov server add-site`` names the site by it); returns the public key's path,
+    which the coordinator registers.
     """
     private_path = Path(private_path)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -122,6 +126,7 @@ def create_node_auth_key(private_path: str | Path) -> Path:
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
+        + (f" {site_id}".encode() if site_id else b"")
         + b"\n",
         private=False,
     )
@@ -177,7 +182,9 @@ def init_site(
     if config_path.exists():
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
-    public_key = create_node_auth_key(out / "keys" / "node.key")
+    public_key = create_node_auth_key(out / "keys" / "node.key", site_id)
+    from clients.site_privacy import open_site_state  # torch: only where a site is set up
+
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
     fields: dict[str, Any] = {
@@ -200,6 +207,8 @@ def check_site(settings: SiteSettings, insecure: bool) -> int:
     """Validate everything before connecting: data against schema, key, CA. Returns row count."""
     if not settings.schema.is_file():
         raise FedgovError(f"site {settings.site_id}: schema file {settings.schema} does not exist")
+    from clients.connector import load_schema_file, read_site_table  # pandas: not for status
+
     schema = load_schema_file(settings.schema)
     _, labels = read_site_table(settings.data, schema)
     if insecure:
@@ -310,7 +319,24 @@ def site_environment(settings: SiteSettings) -> dict[str, str]:
 
 def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> str:
     """One line saying why the SuperNode stopped, from its exit code and last log lines."""
+    if "address already in use" in log_tail.lower():
+        return (
+            f"site {settings.site_id}: port {settings.port} on 127.0.0.1 is already in use; "
+            f"{PORT_FIX}"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in log_tail:
+        problem = coordinator_certificate_problem(settings)
+        if problem and problem != "is not signed by":
+            advice = (
+                "ask the coordinator to renew it: fedgov server renew-cert"
+                if problem.startswith(("expired", "is not valid before"))
+                else "ask the coordinator to renew it for that name: fedgov server renew-cert "
+                "--host NAME"
+            )
+            return (
+                f"site {settings.site_id}: the coordinator's certificate at "
+                f"{settings.coordinator} {problem}; {advice}"
+            )
         return (
             f"site {settings.site_id}: the coordinator's certificate at {settings.coordinator} is "
             f"not signed by {settings.ca_cert} (wrong CA file?)"
@@ -327,6 +353,22 @@ def explain_supernode_exit(settings: SiteSettings, code: int, log_tail: str) -> 
     return f"site {settings.site_id}: the SuperNode exited with code {code}"
 
 
+def coordinator_certificate_problem(settings: SiteSettings) -> str | None:
+    """Why the coordinator's certificate fails verification against this site's ``ca.crt``
+    (``expired on ...``, ``is not signed by``, ...): fetched from the coordinator without
+    verifying it, only to name the problem. None when it cannot be fetched or looks right."""
+    import ssl
+
+    from server.certs import certificate_problem
+
+    host, _, port = settings.coordinator.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=10)
+        return certificate_problem(pem.encode(), settings.ca_cert.read_bytes(), host.strip("[]"))
+    except (OSError, ValueError):
+        return None
+
+
 #: Log lines after which the SuperNode cannot succeed by retrying: stop at once and say why.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 FATAL_PATTERNS = (ACTIVATION_REFUSED, "CERTIFICATE_VERIFY_FAILED")
@@ -336,6 +378,38 @@ FATAL_PATTERNS = (ACTIVATION_REFUSED, "CERTIFICATE_VERIFY_FAILED")
 #: site that was connected before (``daemon.json`` knows its node) therefore retries that long.
 REACTIVATION_WINDOW_SECONDS = 100.0
 REACTIVATION_PAUSE_SECONDS = 5.0
+
+
+PORT_FIX = "give this site another port (`fedgov site start --port N`, or `port:` in site.yaml)"
+
+
+def claim_site(settings: SiteSettings) -> None:
+    """Make this process the site's only daemon, before it changes anything in the folder.
+
+    Takes the site folder's lock (a second ``fedgov site start`` is refused at once, in one
+    line), stops what a killed predecessor left running (recorded in ``daemon.json``) and
+    checks that the SuperNode's port is free (one line naming it and ``--port`` if not).
+    Idempotent within a process.
+    """
+    from clients.site_status import DAEMON_FILE, _read_json
+
+    hold_lock(
+        settings.site_dir / LOCK_FILE,
+        f"site {settings.site_id}: a daemon already runs from {settings.site_dir} (pid {{pid}}); "
+        "stop it first (`fedgov site status` shows it)",
+    )
+    recorded, _ = _read_json(settings.site_dir / DAEMON_FILE)
+    helpers = (recorded or {}).get("processes")
+    if isinstance(helpers, dict):
+        stopped = stop_leftovers({k: v for k, v in helpers.items() if isinstance(v, dict)})
+        if stopped:
+            print(
+                f"fedgov: site {settings.site_id}: stopped the {' and '.join(stopped)} its "
+                "killed daemon left running",
+                file=sys.stderr,
+                flush=True,
+            )
+    check_port_free("127.0.0.1", settings.port, f"site {settings.site_id}", PORT_FIX)
 
 
 class ActivationRefused(FedgovError):
@@ -388,6 +462,7 @@ def run_site(
     a site that never joined stops at once with one line (its key is not registered)."""
     from clients.site_status import previous_daemon_crashed, previous_node_id
 
+    claim_site(settings)
     node_id = previous_node_id(settings.site_dir)
     if node_id is not None and not insecure and previous_daemon_crashed(settings.site_dir):
         end_stale_session(settings, node_id)  # what a SuperNode does when it stops normally
@@ -421,8 +496,25 @@ def run_supernode(
 ) -> int:
     """Run the site's processes in the foreground, echoing their logs; a failure ends in one
     line. With the ``fedgov`` and ``fork`` runtimes these are the SuperNode and fedgov's
-    SuperExec: when either stops, the other is stopped too."""
+    SuperExec: when either stops, the other is stopped too, and both stop when this process
+    dies, however it dies (:mod:`fedgov.process_guard`)."""
     _check_runtime(runtime)
+    claim_site(settings)
+    guard = ProcessGuard()  # stops the helpers' groups if this daemon is killed outright
+    try:
+        return _run_site_processes(settings, insecure, max_wait_seconds, runtime, guard)
+    finally:
+        guard.close()
+
+
+def _run_site_processes(
+    settings: SiteSettings,
+    insecure: bool,
+    max_wait_seconds: float | None,
+    runtime: str,
+    guard: ProcessGuard,
+) -> int:
+    """:func:`run_supernode`'s body: start, watch and stop the helpers."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
     env = site_environment(settings)
@@ -438,11 +530,14 @@ def run_supernode(
     processes: dict[str, subprocess.Popen] = {}
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
+        # Each helper leads its own process group (stopped as a whole), and gets SIGTERM
+        # from the kernel the moment this daemon dies, even by SIGKILL.
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1, start_new_session=True,
+            bufsize=1, start_new_session=True, preexec_fn=exit_with_parent,
         )  # fmt: skip
         processes[name] = process
+        guard.watch(process.pid)
 
         def pump() -> None:
             assert process.stdout is not None

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgov.records import atomic_write_json
-
 DAEMON_FILE = "daemon.json"
 ACTIVITY_FILE = "activity.json"
 #: After a failed attempt, Flower waits the logged time and tries again; no new failure within
@@ -104,6 +102,8 @@ class DaemonStatus:
         }
 
     def write(self) -> None:
+        from fedgov.records import atomic_write_json
+
         self.data["updated_at"] = _now()
         atomic_write_json(self.path, self.data)
 
@@ -170,6 +170,8 @@ def record_activity(
     epsilon: float | None = None,
 ) -> None:
     """The ClientApp's side: what the site last did with a train request (``activity.json``)."""
+    from fedgov.records import atomic_write_json
+
     atomic_write_json(
         Path(site_dir) / ACTIVITY_FILE,
         {

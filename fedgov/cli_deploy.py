@@ -38,7 +38,7 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     certs.add_argument(
         "--host", action="append", default=None,
         help="host name or IP address the sites use to reach the coordinator (repeatable; "
-        "default: 127.0.0.1 and localhost)",
+        "127.0.0.1 and localhost are always added: the coordinator's own calls use them)",
     )  # fmt: skip
     certs.add_argument("--federation", default="fedgov", help="federation name in the certificates")
     certs.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -80,15 +80,58 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     )
     add_site.add_argument("public_key", metavar="PUBKEY", help="the site's node.key.pub")
     add_site.add_argument(
+        "--site-id", default=None,
+        help="the site's name (default: the key's comment, written by `fedgov site init`)",
+    )  # fmt: skip
+    add_site.add_argument(
         "--config", default="server.yaml", help="server config (default: %(default)s)"
     )
     add_site.set_defaults(handler=_server_add_site)
+
+    sites = actions.add_parser(
+        "sites",
+        help="list the sites: name, node id, online or offline",
+        description="Every node the coordinator knows (Flower's list), with the site name "
+        "`fedgov server add-site` recorded for it in sites.json beside the state database.",
+    )
+    sites.add_argument(
+        "--config", default="server.yaml", help="server config (default: %(default)s)"
+    )
+    sites.add_argument("--json", action="store_true", help="machine-readable output")
+    sites.set_defaults(handler=_server_sites)
+
+    remove = actions.add_parser(
+        "remove-site",
+        help="unregister a site's key: it can no longer join",
+        description="Unregister the site's key at the coordinator (Flower's `flwr supernode "
+        "unregister`) and forget its name. Give the site id (or its node id).",
+    )
+    remove.add_argument("site", metavar="SITE", help="site id (as `fedgov server sites` lists)")
+    remove.add_argument(
+        "--config", default="server.yaml", help="server config (default: %(default)s)"
+    )
+    remove.set_defaults(handler=_server_remove_site)
+
+    renew = actions.add_parser(
+        "renew-cert",
+        help="issue a new server.crt (same key, same CA) before the old one expires",
+        description="Sign a fresh server.crt with the federation's ca.key for the coordinator's "
+        "existing server.key; sites keep their ca.crt. Restart the coordinator to use it.",
+    )
+    renew.add_argument("--certs", default="certs", help="certificate folder (default: %(default)s)")
+    renew.add_argument(
+        "--host", action="append", default=None,
+        help="host names or addresses to certify (repeatable; default: those of the old "
+        "certificate)",
+    )  # fmt: skip
+    renew.add_argument("--days", type=int, default=None, help="validity in days (default: 825)")
+    renew.set_defaults(handler=_server_renew_cert)
 
 
 def _server_certs(args: argparse.Namespace) -> int:
     from server.certs import create_federation_certs
 
-    hosts = args.host or ["127.0.0.1", "localhost"]
+    hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
     paths = create_federation_certs(args.out, hosts, args.federation, overwrite=args.overwrite)
     print(f"CA certificate (give to every site): {paths.ca_cert}")
     print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
@@ -99,6 +142,7 @@ def _server_certs(args: argparse.Namespace) -> int:
 def _server_start(args: argparse.Namespace) -> int:
     from server.coordinator import (
         check_server_files,
+        claim_coordinator,
         load_server_settings,
         run_superlink,
         write_flwr_connection,
@@ -117,6 +161,7 @@ def _server_start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     check_server_files(settings, insecure)
+    claim_coordinator(settings)  # one coordinator per state, a free port: before anything else
     settings.database.parent.mkdir(parents=True, exist_ok=True)
     write_flwr_connection(settings, insecure)
     print(
@@ -129,9 +174,52 @@ def _server_start(args: argparse.Namespace) -> int:
 
 
 def _server_add_site(args: argparse.Namespace) -> int:
-    from server.coordinator import load_server_settings, register_site
+    from server.coordinator import load_server_settings
+    from server.sites import add_site
 
-    print(register_site(load_server_settings(args.config), args.public_key))
+    site = add_site(load_server_settings(args.config), Path(args.public_key), args.site_id)
+    print(
+        f"site {site['site_id']} registered successfully as node {site['node_id']}; it may join now"
+    )
+    return 0
+
+
+def _server_sites(args: argparse.Namespace) -> int:
+    import json
+
+    from server.coordinator import load_server_settings
+    from server.sites import list_sites
+
+    sites = list_sites(load_server_settings(args.config))
+    if args.json:
+        print(json.dumps(sites, indent=2))
+        return 0
+    if not sites:
+        print("no sites added yet (fedgov server add-site PUBKEY)")
+    for site in sites:
+        name = site["site_id"] or "(not added by fedgov)"
+        print(f"{name:<24} node {site['node_id']:<22} {site['status']}")
+    return 0
+
+
+def _server_remove_site(args: argparse.Namespace) -> int:
+    from server.coordinator import load_server_settings
+    from server.sites import remove_site
+
+    removed = remove_site(load_server_settings(args.config), args.site)
+    name = f"site {removed['site_id']}" if removed["site_id"] else "a site"
+    print(f"{name} (node {removed['node_id']}) removed: its key can no longer join")
+    return 0
+
+
+def _server_renew_cert(args: argparse.Namespace) -> int:
+    from server.certs import renew_server_cert
+
+    cert = renew_server_cert(args.certs, args.host, days=args.days)
+    print(
+        f"server certificate renewed: {cert.path}, valid until {cert.not_after:%Y-%m-%d %H:%M} "
+        f"UTC for {', '.join(cert.hosts)}; restart the coordinator (fedgov server start) to use it"
+    )
     return 0
 
 
@@ -173,6 +261,11 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
         help="give up after this many seconds without the coordinator (default: never)",
     )  # fmt: skip
     start.add_argument("--check", action="store_true", help="only validate, do not connect")
+    start.add_argument(
+        "--port", type=int, default=None,
+        help="local port of the SuperNode's runtime API, over site.yaml's `port` (two sites on "
+        "one host need two ports)",
+    )  # fmt: skip
     start.add_argument(
         "--stock-executor", action="store_true",
         help="run Flower's stock SuperNode (a fresh ClientApp interpreter per message and "
@@ -223,10 +316,18 @@ def _site_init(args: argparse.Namespace) -> int:
 
 
 def _site_start(args: argparse.Namespace) -> int:
-    from clients.daemon import check_site, load_site_settings, run_site
+    import dataclasses
+
+    from clients.daemon import check_site, claim_site, load_site_settings, run_site
 
     settings = load_site_settings(args.config)
+    if args.port is not None:
+        if not 1 <= args.port <= 65535:
+            raise FedgovError(f"--port must be in 1..65535, got {args.port}")
+        settings = dataclasses.replace(settings, port=args.port)
     insecure = args.insecure or settings.insecure
+    if not args.check:
+        claim_site(settings)  # one daemon per site folder, a free port: before anything else
     rows = check_site(settings, insecure)
     print(
         f"fedgov: site {settings.site_id}: {rows} rows valid; joining {settings.coordinator}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -76,7 +77,7 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
         strategy,
         arrays,
         central,
-        on_round=_round_observer(cfg, privacy, run_id),
+        on_round=_round_observer(cfg, privacy, run_id, resume_from.records if resume_from else ()),
         privacy=privacy,
         resume_from=resume_from,
         run_id=run_id,
@@ -122,10 +123,16 @@ def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callab
     return central_evaluate
 
 
-def _round_observer(cfg: RunConfig, privacy: PrivacyRound | None, run_id: str):
-    """After each round: the progress line, and the run's status.json for the coordinator."""
+def _round_observer(
+    cfg: RunConfig,
+    privacy: PrivacyRound | None,
+    run_id: str,
+    earlier: Sequence[RoundRecord] = (),
+):
+    """After each round: the progress line, and the run's status.json for the coordinator
+    (counting ``earlier``: the rounds a resumed run completed before its checkpoint)."""
     show = _progress_printer(cfg, privacy) if cfg.progress else None
-    records: list[RoundRecord] = []
+    records: list[RoundRecord] = list(earlier)
 
     def observe(record: RoundRecord) -> None:
         records.append(record)

@@ -14,8 +14,10 @@ This module turns the file into typed settings and command lines; the CLI runs t
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from typing import Any
 import yaml
 
 from fedgov.deploy import flower_environment as flower_env
-from fedgov.deploy import flower_tool, read_yaml_mapping
+from fedgov.deploy import read_yaml_mapping
 from fedgov.errors import ConfigError, FedgovError
+from fedgov.instance_lock import check_port_free, hold_lock
+from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_groups
 
 SERVER_KEYS = ("federation", "host", "port", "certs", "database", "insecure")
 
@@ -44,6 +48,13 @@ class ServerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def local_address(self) -> str:
+        """Where the coordinator's own ``flwr`` calls reach its SuperLink: its Control API
+        answers only this host (server/superlink.py), so a wildcard host goes via loopback."""
+        wildcards = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}
+        return f"{wildcards.get(self.host, self.host)}:{self.port}"
 
     @property
     def flwr_home(self) -> Path:
@@ -102,9 +113,10 @@ def check_server_files(settings: ServerSettings, insecure: bool) -> None:
 
 
 def superlink_command(settings: ServerSettings, insecure: bool) -> list[str]:
-    """The flower-superlink command line for these settings."""
+    """The SuperLink's command line for these settings: Flower's ``flower-superlink`` through
+    :mod:`server.superlink` (Control and Runtime APIs answer only this host)."""
     command = [
-        flower_tool("flower-superlink"),
+        sys.executable, "-m", "server.superlink",  # flower-superlink, Control API local-only
         "--host", settings.host,
         "--port", str(settings.port),
         "--database", str(settings.database),
@@ -131,7 +143,7 @@ def write_flwr_connection(settings: ServerSettings, insecure: bool) -> Path:
         f'default = "{settings.federation}"',
         "",
         f"[superlink.{settings.federation}]",
-        f'address = "{settings.address}"',
+        f'address = "{settings.local_address}"',
     ]
     if insecure:
         lines.append("insecure = true")
@@ -147,26 +159,22 @@ def flower_environment(settings: ServerSettings) -> dict[str, str]:
     return flower_env(settings.flwr_home)
 
 
-def register_site(settings: ServerSettings, public_key: str | Path) -> str:
-    """Register a site's node-authentication public key with the running SuperLink."""
-    key = Path(public_key)
-    if not key.is_file():
-        raise FedgovError(f"add-site: public key {key} does not exist")
-    if not key.read_text().startswith("ecdsa-sha2-"):
-        raise FedgovError(
-            f"add-site: {key} is not an OpenSSH ECDSA public key (expected the site's "
-            "keys/node.key.pub written by `fedgov site init`)"
-        )
-    write_flwr_connection(settings, settings.insecure)
-    result = subprocess.run(
-        [flower_tool("flwr"), "supernode", "register", str(key), settings.federation],
-        env=flower_environment(settings), capture_output=True, text=True, timeout=60,
+def claim_coordinator(settings: ServerSettings) -> None:
+    """Make this process the only coordinator of this state, before it starts anything.
+
+    Takes the lock beside the state database (a second ``fedgov server start`` is refused at
+    once, in one line) and checks that the SuperLink's port is free (one line naming it).
+    """
+    hold_lock(
+        settings.database.with_name(settings.database.name + ".lock"),
+        f"coordinator '{settings.federation}': a coordinator already runs on the state "
+        f"{settings.database} (pid {{pid}}); stop it first",
+    )
+    check_port_free(
+        settings.host, settings.port, f"coordinator '{settings.federation}'",
+        f"choose another `port:` in {settings.config_path.name} (and give the sites the new "
+        "address)",
     )  # fmt: skip
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0 or "registered successfully" not in output:
-        last = output.splitlines()[-1] if output else f"exit {result.returncode}"
-        raise FedgovError(f"add-site: the coordinator at {settings.address} refused: {last}")
-    return output.splitlines()[-1]
 
 
 def run_superlink(
@@ -179,6 +187,9 @@ def run_superlink(
     """Run the SuperLink in the foreground (with /metrics and JSON logs if asked); exit status."""
     from server.observability import MetricsServer, json_log_line, prometheus_text, read_statuses
 
+    claim_coordinator(settings)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
     metrics = None
     if metrics_port is not None:
         state_dir = settings.database.parent
@@ -191,13 +202,19 @@ def run_superlink(
                 f"--metrics-port: cannot listen on {metrics_host}:{metrics_port} ({error.strerror})"
             ) from None
         print(f"fedgov: metrics on http://{metrics_host}:{metrics.port}/metrics", file=sys.stderr)
+    guard = ProcessGuard()  # stops the SuperLink's group if this command is killed outright
+    # The SuperLink leads its own process group and gets SIGTERM from the kernel the moment
+    # this command dies, even by SIGKILL; its flower-superexec watches its pid.
     process = subprocess.Popen(
         superlink_command(settings, insecure),
         env=flower_environment(settings),
         stdout=subprocess.PIPE if log_format == "json" else None,
         stderr=subprocess.STDOUT if log_format == "json" else None,
         text=True,
+        start_new_session=True,
+        preexec_fn=exit_with_parent,
     )
+    guard.watch(process.pid)
     try:
         if process.stdout is not None:
             for line in process.stdout:
@@ -205,9 +222,14 @@ def run_superlink(
                     print(record, flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_groups([process.pid], grace=30)
+        process.wait()
         return 130
     finally:
+        guard.close()
         if metrics is not None:
             metrics.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

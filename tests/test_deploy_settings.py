@@ -28,7 +28,8 @@ def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path):
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert names.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    # localhost always: the coordinator's own `flwr` calls reach it through loopback
+    assert names.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]
     assert oct(paths.server_key.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(FedgovError, match="already exists"):
         create_federation_certs(tmp_path, ["127.0.0.1"])
@@ -148,3 +149,38 @@ def test_site_budget_reads_the_ledger_and_recomputes_epsilon(tmp_path):
     assert broken.returncode == 2
     assert "unreadable" in broken.stderr.strip().splitlines()[-1]
     assert "Traceback" not in broken.stderr
+
+
+def test_a_coordinator_certificate_problem_is_named(tmp_path):
+    import datetime as dt
+
+    from cryptography import x509
+
+    from server.certs import certificate_problem, create_federation_certs, renew_server_cert
+
+    certs = create_federation_certs(tmp_path / "certs", ["coordinator.example.org"], "banks")
+    other = create_federation_certs(tmp_path / "other", ["coordinator.example.org"], "banks")
+    ca, server = certs.ca_cert.read_bytes(), certs.server_cert.read_bytes()
+    assert certificate_problem(server, ca, "coordinator.example.org") is None
+    assert certificate_problem(server, ca, "127.0.0.1") is None  # always certified
+    assert certificate_problem(server, ca, "10.9.8.7") == "does not name 10.9.8.7"
+    assert certificate_problem(server, other.ca_cert.read_bytes(), "127.0.0.1") == (
+        "is not signed by"
+    )
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=900)
+    until = x509.load_pem_x509_certificate(server).not_valid_after_utc
+    assert certificate_problem(server, ca, "127.0.0.1", now=later) == (
+        f"expired on {until:%Y-%m-%d %H:%M} UTC"
+    )
+    # Renewal keeps the key and the names, signs with the same CA.
+    key = certs.server_key.read_bytes()
+    renewed = renew_server_cert(tmp_path / "certs", now=later)
+    assert certs.server_key.read_bytes() == key and certs.ca_cert.read_bytes() == ca
+    assert renewed.hosts[0] == "coordinator.example.org"
+    assert sorted(renewed.hosts) == ["127.0.0.1", "coordinator.example.org", "localhost"]
+    fresh = certs.server_cert.read_bytes()
+    assert certificate_problem(fresh, ca, "coordinator.example.org", now=later) is None
+    starts = renewed.not_after - dt.timedelta(days=825, minutes=5)
+    assert certificate_problem(fresh, ca, "coordinator.example.org") == (
+        f"is not valid before {starts:%Y-%m-%d %H:%M} UTC"
+    )

@@ -51,6 +51,8 @@ def test_a_run_killed_after_round_two_resumes_to_the_same_model(tmp_path):
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert "[fedgov] resuming" in output
+    status = json.loads((crashed / "status.json").read_text())  # counts the rounds before too
+    assert (status["rounds_completed"], status["last_round"], status["rounds_planned"]) == (4, 4, 4)
 
     expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((crashed / "metrics.json").read_text())

@@ -185,3 +185,20 @@ def test_help(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--json" in out and "--config" in out
+
+
+def test_status_imports_nothing_heavy(tmp_path):
+    """`fedgov site status` answers from a few small files: no torch, pandas or Flower (torch
+    alone took 20-30 s to import on a loaded machine)."""
+    folder = _site(tmp_path)
+    probe = (
+        "import sys\n"
+        "from fedgov.cli import main\n"
+        f"code = main(['site', 'status', '--config', {str(folder / 'site.yaml')!r}, '--json'])\n"
+        "heavy = sorted({'torch', 'pandas', 'flwr', 'opacus'} & set(sys.modules))\n"
+        "print('HEAVY', heavy, code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY [] 0" in result.stdout, result.stdout

@@ -67,19 +67,53 @@ def input_schema(schema: DatasetSchema) -> dict[str, Any]:
     return out
 
 
-def code_commit() -> tuple[str | None, bool | None]:
-    """(commit, has uncommitted changes) of the code that ran; ``$FEDGOV_CODE_COMMIT`` wins."""
+#: Folders of a source tree that are not the app's code (for :func:`source_digest`).
+_NOT_CODE = {"tests", "runs", "outputs", "multirun", "__pycache__", "node_modules"}
+
+
+def source_digest(root: Path) -> str | None:
+    """``sha256:<hex>`` over the app's own code under ``root`` (every ``.py`` file and
+    ``pyproject.toml``, by relative path and content), None when there is none: what identifies
+    the code where there is no git checkout (a FAB installed by the SuperLink, a wheel)."""
+    import hashlib
+
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if (path.suffix == ".py" or path.name == "pyproject.toml")
+        and path.is_file()
+        and not any(
+            part.startswith(".") or part in _NOT_CODE for part in path.relative_to(root).parts[:-1]
+        )
+    )
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def code_commit(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, has uncommitted changes) of the code that ran; ``$FEDGOV_CODE_COMMIT`` wins.
+
+    Outside a git checkout (a deployment runs the FAB the SuperLink installed) the commit is the
+    code's :func:`source_digest` instead, and whether it has changes is unknown (None).
+    """
     if os.environ.get("FEDGOV_CODE_COMMIT"):
         return os.environ["FEDGOV_CODE_COMMIT"], None
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[2] if root is None else root
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
+        top, head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
             check=True,
-        ).stdout.strip()
+        ).stdout.split()
+        if Path(top).resolve() != root.resolve():  # some other repository holds the code
+            return source_digest(root), None
         status = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
@@ -87,9 +121,9 @@ def code_commit() -> tuple[str | None, bool | None]:
             timeout=5,
             check=True,
         ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return head or None, bool(status.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return source_digest(root), None
+    return head or source_digest(root), bool(status.strip())
 
 
 def publish_model(

@@ -1,0 +1,233 @@
+"""fedgov's SuperLink: Flower's ``flower-superlink`` whose Control and Runtime APIs answer only the
+coordinator's own host.
+
+    python -m server.superlink <flower-superlink options>
+
+Flower 1.42 serves the Fleet API (what SuperNodes use), the Control API (``flwr run``,
+``flwr supernode register``: who may join, what runs) and the Runtime API (the ServerApp's
+link) from one HTTP server on one ``--host``/``--port``; its ``--control-api-address`` is
+deprecated and ignored. The Control API has no authentication in Flower's open-source
+edition, so anyone who reaches the sites' address with the public ``ca.crt`` could register a
+key of their own and join, or start a run.
+
+This entry point runs Flower's own ``flower-superlink`` (same options) after adding, in this
+process only, one ASGI middleware in front of every route (through Flower's own extension hook
+``flwr.superlink.extensions.get_middleware``): a request from any peer other than the
+coordinator's own host (``127.0.0.1``, ``::1``, or the specific address given as ``--host``)
+is answered ``403`` unless its path is a Fleet route (``/v1/fleet/...``) or ``/health``. The
+list is of what remote peers MAY reach, so a route Flower adds later is local-only by default.
+
+It also bounds one cost measured with py-spy during ``python -m benchmarks.deployment``: Flower's
+``SqlCoreState._cleanup_expired_task_tokens`` (an UPDATE over the task table, expiring task
+claims whose heartbeat lapsed tens of seconds ago) runs inside every run-status lookup, i.e. on
+every object a SuperNode pushes or pulls and every poll of ``flwr run --stream``: about 8 % of
+the SuperLink's CPU samples. Here it runs at most once per :data:`CLEANUP_INTERVAL_SECONDS` per
+process, so a lapsed claim is expired at most that much later; nothing else changes.
+
+No installed file is changed. If the hook is missing (another Flower version), the SuperLink
+does not start: it refuses rather than run with its Control API open. (The cleanup bound is
+left out, with a warning, if its method is missing.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import ipaddress
+import json
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+#: Paths a peer other than the coordinator's own host may reach (prefixes, or exact paths).
+REMOTE_PREFIXES = ("/v1/fleet/",)
+REMOTE_PATHS = ("/health",)
+LOOPBACK_PEERS = ("127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+#: The most often Flower's expired-task cleanup runs (seconds; see the module docstring).
+CLEANUP_INTERVAL_SECONDS = 1.0
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
+
+
+def _normal(address: str) -> str:
+    """``address`` in one canonical text form (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        parsed = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return str(parsed)
+
+
+def local_peers(bind_host: str) -> frozenset[str]:
+    """The peer addresses that count as the coordinator's own host for a SuperLink bound to
+    ``bind_host``: loopback's two, plus ``bind_host`` itself when it is one specific address
+    (the host's own connections to that address come from it; no remote peer can complete a
+    TCP handshake from it)."""
+    peers = {_normal(peer) for peer in LOOPBACK_PEERS}
+    if bind_host not in WILDCARD_HOSTS:
+        with contextlib.suppress(ValueError):
+            peers.add(_normal(bind_host))
+    return frozenset(peers)
+
+
+def remote_may_reach(path: str) -> bool:
+    """Whether a peer from another host may reach ``path``."""
+    return path in REMOTE_PATHS or path.startswith(REMOTE_PREFIXES)
+
+
+class LocalOnlyRoutes:
+    """ASGI middleware: every route but the Fleet API and health answers only local peers."""
+
+    def __init__(self, app: ASGIApp, peers: frozenset[str] = frozenset(LOOPBACK_PEERS)) -> None:
+        self.app, self.peers = app, peers
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not remote_may_reach(str(scope.get("path", ""))):
+            client = scope.get("client")
+            peer = _normal(str(client[0])) if client else ""
+            if peer not in self.peers:
+                body = json.dumps(
+                    {
+                        "detail": "this SuperLink's Control and Runtime APIs answer only its own "
+                        "host; sites reach /v1/fleet/ only",
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def hook_problems() -> list[str]:
+    """Why the middleware cannot be installed on the Flower found here (empty: it can)."""
+    import flwr
+    from flwr.superlink import extensions, main
+
+    problems = []
+    version = getattr(flwr, "__version__", None) or _flwr_version()
+    if version != "1.42.0":
+        problems.append(f"flwr is {version}, fedgov checked 1.42.0")
+    if not callable(getattr(extensions, "get_middleware", None)):
+        problems.append("flwr.superlink.extensions.get_middleware is missing")
+    try:
+        source = inspect.getsource(main._get_middleware)
+    except (AttributeError, OSError, TypeError):
+        source = ""
+    if "extensions.get_middleware()" not in source:
+        problems.append("flwr.superlink.main._get_middleware no longer calls the extension hook")
+    return problems
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def install(peers: frozenset[str]) -> None:
+    """Put :class:`LocalOnlyRoutes` outermost in the SuperLink's app, and check it is there."""
+    from flwr.superlink import extensions, main
+    from starlette.middleware import Middleware
+
+    flower_middleware = extensions.get_middleware
+    flower_create_app = main.create_app
+
+    def get_middleware() -> tuple[Middleware, ...]:
+        return (Middleware(LocalOnlyRoutes, peers=peers), *flower_middleware())
+
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        app = flower_create_app(*args, **kwargs)
+        if not any(m.cls is LocalOnlyRoutes for m in app.user_middleware):
+            raise SystemExit("fedgov: the Control API could not be restricted; not starting")
+        return app
+
+    extensions.get_middleware = get_middleware
+    main.create_app = create_app
+
+
+class ThrottledCall:
+    """Calls ``method`` (of any instance) at most once per ``interval`` seconds in all."""
+
+    def __init__(
+        self,
+        method: Callable[..., None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.method, self.interval, self.clock = method, interval, clock
+        self.last: float | None = None
+        self.calls = self.runs = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, instance: object) -> None:
+        with self._lock:
+            self.calls += 1
+            now = self.clock()
+            if self.last is not None and now - self.last < self.interval:
+                return
+            self.last = now
+            self.runs += 1
+        self.method(instance)
+
+
+def bound_task_cleanup(interval: float = CLEANUP_INTERVAL_SECONDS) -> ThrottledCall | None:
+    """Make Flower's expired-task cleanup run at most once per ``interval`` s (this process)."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    method = getattr(SqlCoreState, "_cleanup_expired_task_tokens", None)
+    if method is None or list(inspect.signature(method).parameters) != ["self"]:
+        print("fedgov: Flower's task cleanup left as it is (method changed)", file=sys.stderr)
+        return None
+    throttled = ThrottledCall(method, interval)
+
+    def cleanup(self: object) -> None:
+        throttled(self)
+
+    SqlCoreState._cleanup_expired_task_tokens = cleanup  # type: ignore[method-assign]
+    return throttled
+
+
+def _bind_host(argv: list[str]) -> str:
+    """The value of ``--host`` in flower-superlink's options (Flower's default 127.0.0.1)."""
+    for index, arg in enumerate(argv):
+        if arg == "--host" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "127.0.0.1"
+
+
+def main() -> None:
+    problems = hook_problems()
+    if problems:
+        raise SystemExit(
+            "fedgov: cannot restrict the SuperLink's Control API (" + "; ".join(problems) + ")"
+        )
+    args = sys.argv[1:]
+    install(local_peers(_bind_host(args)))
+    bound_task_cleanup()
+    from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    sys.argv = [str(Path(sys.executable).parent / "flower-superlink"), *args]
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
