@@ -38,6 +38,14 @@ class DatasetConfig:
     alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
     holdout_fraction: float = 0.2  # share kept back for central evaluation (0 = none)
     test_fraction: float = 0.2  # share of each site's rows kept for its local evaluation
+    # A real federation's own data: the sites' agreed schema as JSON text (`fedgov run --schema
+    # schema.yaml` fills it; "" = the bundled dataset `name`'s schema). The model's input width
+    # and classes come from it, and a site whose schema differs is left out at discovery.
+    schema: str = ""
+    # The coordinator's own hold-out file (CSV/Parquet of the same schema) for central
+    # evaluation, a path on the coordinator (`fedgov run --holdout FILE`); with a schema and no
+    # hold-out there is no central evaluation (never a bundled dataset's rows instead).
+    holdout: str = ""
 
 
 @dataclass
@@ -148,7 +156,7 @@ class RegistryConfig:
     publish: bool = False  # publish the final global model as a new candidate version
     path: str = ""  # registry folder; "" = $FEDGOV_REGISTRY or ./.fedgov/registry
     db_url: str = ""  # SQLAlchemy URL of its metadata; "" = SQLite in the folder (registry.db)
-    model_name: str = ""  # "" = "<dataset>-<model>" (e.g. randhie-mlp)
+    model_name: str = ""  # "" = "<schema name>-<model>" (e.g. randhie-mlp)
     # The server's Ed25519 private key (PEM) that signs manifests; "" = <path>/keys/publisher.key.
     # Generated on first use when absent; the policy must list its public key as a publisher.
     signing_key: str = ""
@@ -251,6 +259,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: {value} is below its minimum {low}")
 
     choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
+    if cfg.dataset.schema:
+        federation_schema(cfg)  # a bad schema fails here, before anything runs
+    elif cfg.dataset.holdout:
+        raise ConfigError(
+            "dataset.holdout: a coordinator hold-out needs the federation's schema "
+            "(dataset.schema, or `fedgov run --schema FILE`)"
+        )
     choice("dataset.partitioner", cfg.dataset.partitioner, PARTITIONERS)
     choice("model.name", cfg.model.name, MODEL_NAMES)
     choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
@@ -287,12 +302,24 @@ def validate(cfg: RunConfig) -> None:
     at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
     validate_privacy(cfg)
     validate_secagg(cfg)
-    image = cfg.dataset.name in ("digits", "mnist5k")
+    image = cfg.dataset.name in ("digits", "mnist5k") and not cfg.dataset.schema
     if cfg.model.name in ("cnn", "gabor") and not image:
         raise ConfigError(
             f"model.name: '{cfg.model.name}' needs an image dataset (digits, mnist5k), not "
             f"'{cfg.dataset.name}'"
         )
+
+
+def federation_schema(cfg: RunConfig):
+    """The schema the run's model is built for: ``dataset.schema`` when set, else the bundled
+    dataset's (returns a ``fedgov.datasets.DatasetSchema``)."""
+    from fedgov.datasets import schema_from_json
+
+    if cfg.dataset.schema:
+        return schema_from_json(cfg.dataset.schema)
+    from simulations.federation import simulated_federation
+
+    return simulated_federation(cfg).pool.schema
 
 
 def sample_level_on(cfg: RunConfig) -> bool:
