@@ -322,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
         composed = compose_config(list(args.overrides))
         cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
         _federation_data(cfg, args.schema, args.holdout)
+        _deployment_privacy_defaults(cfg, list(args.overrides))
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +388,28 @@ def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> 
             read_site_table(holdout_file, schema)
             cfg.dataset.holdout = str(Path(holdout_file).resolve())
         validate(cfg)
+
+
+#: ε a DP-SGD run spends at each site when the overrides choose neither σ nor a target.
+DEFAULT_RUN_EPSILON = 1.0
+#: The most of a site's remaining budget a run may plan to spend unless confirmed.
+DEFAULT_BUDGET_SHARE = 0.5
+
+
+def _deployment_privacy_defaults(cfg, overrides: list[str]) -> None:
+    """A real site's budget is for life: unless the overrides say otherwise, plan σ for
+    ε = DEFAULT_RUN_EPSILON per run (not σ = 1) and refuse a run past DEFAULT_BUDGET_SHARE of a
+    site's remaining budget (simulated sites start afresh each run and keep the config's)."""
+    from fedgov.config import sample_level_on, validate
+
+    given = {item.lstrip("+").split("=", 1)[0] for item in overrides}
+    if not sample_level_on(cfg):
+        return
+    if not {"privacy.noise_multiplier", "privacy.target_epsilon"} & given:
+        cfg.privacy.target_epsilon = min(DEFAULT_RUN_EPSILON, cfg.privacy.site_epsilon_cap)
+    if "privacy.budget_share" not in given:
+        cfg.privacy.budget_share = DEFAULT_BUDGET_SHARE
+    validate(cfg)
 
 
 def _interrupted_run_config(run_dir: Path):

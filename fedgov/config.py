@@ -46,6 +46,9 @@ class DatasetConfig:
     # evaluation, a path on the coordinator (`fedgov run --holdout FILE`); with a schema and no
     # hold-out there is no central evaluation (never a bundled dataset's rows instead).
     holdout: str = ""
+    # A site with its own data file and fewer rows than this declines ("too few rows"); simulated
+    # sites (a bundled dataset's partitions) are not held to it.
+    min_site_rows: int = 10
 
 
 @dataclass
@@ -120,6 +123,11 @@ class PrivacyConfig:
     # Simulation only: stands for every simulated site's own cap, which reaches the sites through
     # their node config (epsilon-cap), never through the server's messages.
     site_epsilon_cap: float = 8.0
+    # Before a run with DP-SGD the coordinator asks every site its ε spent, cap and δ and refuses
+    # a run that would spend more than this share of any site's remaining budget (0 = no check;
+    # `fedgov run` uses 0.5 unless given) unless budget_confirmed.
+    budget_share: float = 0.0
+    budget_confirmed: bool = False
     # -- site-level (a whole site): DP-FedAvg
     clipping_norm: float = 1.0  # L2 norm a site's update is clipped to (C)
     site_noise_multiplier: float = 1.0  # z: noise std on the sum of updates is z·C
@@ -279,6 +287,7 @@ def validate(cfg: RunConfig) -> None:
     at_least("train.local_epochs", cfg.train.local_epochs, 1)
     at_least("train.batch_size", cfg.train.batch_size, 1)
     at_least("model.hidden", cfg.model.hidden, 1)
+    at_least("dataset.min_site_rows", cfg.dataset.min_site_rows, 1)
     validate_registry(cfg)
     if (
         cfg.federation.sites_per_round >= 1
@@ -355,6 +364,10 @@ def validate_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             f"privacy.target_epsilon: {p.target_epsilon} must be > 0 (or 0 to use "
             "privacy.noise_multiplier)"
+        )
+    if not 0 <= p.budget_share <= 1:
+        raise ConfigError(
+            f"privacy.budget_share: {p.budget_share} must be in [0, 1] (0 = no budget check)"
         )
     if p.site_epsilon_cap <= 0:
         raise ConfigError(f"privacy.site_epsilon_cap: {p.site_epsilon_cap} must be > 0")

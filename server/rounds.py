@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgov import messages as keys
 from fedgov import site_query as keys_schema
-from fedgov.config import RunConfig, to_flower_config
+from fedgov.config import RunConfig, sample_level_on, to_flower_config
 from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
 from server.checkpoint import Checkpoint, save_checkpoint
@@ -42,6 +42,8 @@ class SiteInfo:
     site_id: str
     num_train: int
     num_test: int
+    # The site's answer to the budget plan under DP-SGD (ε spent, cap, δ); None when not sent.
+    budget: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -168,7 +170,8 @@ class SiteDirectory:
                 self._leave_out(node_id, site_id, problem)
                 continue
             self.left_out.pop(site_id, None)  # fixed and back: it takes part again
-            info = SiteInfo(site_id, int(site["num-train"]), int(site["num-test"]))
+            info = SiteInfo(site_id, int(site["num-train"]), int(site["num-test"]),
+                            keys_schema.budget_of(site))  # fmt: skip
             if info.site_id in known_ids:
                 log(WARNING, "two nodes claim site id %s; ignoring node %s", info.site_id,
                     reply.metadata.src_node_id)  # fmt: skip
@@ -219,6 +222,22 @@ class SiteDirectory:
         return {info.site_id: node_id for node_id, info in self.by_node.items()}
 
 
+def _plan_budgets(cfg: RunConfig, directory: SiteDirectory, rounds: int, enforce: bool) -> None:
+    """Print each site's projected ε for the run against its remaining budget; refuse the run
+    (ConfigError) past ``privacy.budget_share`` unless confirmed (privacy/planning.py)."""
+    from privacy.planning import SiteBudget, check_budget_plan, plan_lines, plan_site
+
+    plans = [
+        plan_site(cfg, SiteBudget(info.site_id, info.num_train, *info.budget), rounds)
+        for info in directory.by_node.values()
+        if info.budget is not None
+    ]
+    for line in plan_lines(plans, rounds):
+        print(f"[fedgov] {line}", file=sys.stderr, flush=True)
+    if enforce:
+        check_budget_plan(cfg, plans)
+
+
 def _by_site(replies: list[Message], directory: SiteDirectory) -> list[tuple[str, Message]]:
     """Replies paired with their site id, sorted by site id (a fixed aggregation order)."""
     pairs = []
@@ -261,6 +280,9 @@ def run_rounds(
     fed = cfg.federation
     directory = SiteDirectory(grid, fed.round_timeout, schema_digest)
     directory.wait_for(fed.num_sites or fed.min_sites_per_round, progress=cfg.progress)
+    if privacy is not None and sample_level_on(cfg):
+        rounds_left = cfg.rounds - (resume_from.completed_round if resume_from else 0)
+        _plan_budgets(cfg, directory, rounds_left, enforce=resume_from is None)
     arrays = initial_arrays
     records: list[RoundRecord] = list(resume_from.records) if resume_from else []
     seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
