@@ -104,7 +104,8 @@ def check_server_files(settings: ServerSettings, insecure: bool) -> None:
 def superlink_command(settings: ServerSettings, insecure: bool) -> list[str]:
     """The flower-superlink command line for these settings."""
     command = [
-        flower_tool("flower-superlink"),
+        # flower-superlink with a SQLite state that holds under load (server/superlink_state.py)
+        sys.executable, "-m", "server.superlink_state",
         "--host", settings.host,
         "--port", str(settings.port),
         "--database", str(settings.database),

@@ -92,7 +92,23 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     assert "hosp-a: its schema differs from the federation's" in last
     assert f"{BROKEN}: declined: data invalid" in last
 
+    # A plan that would spend most of a site's lifetime budget is refused before any spend.
+    greedy = fedgov(
+        "run", "--config", "server.yaml", "--out", str(tmp_path / "greedy"),
+        "--schema", str(files["hosp-a"][1]), "rounds=3", "federation.num_sites=4",
+        "privacy=sample_dp", "privacy.noise_multiplier=0.5", cwd=coordinator, timeout=300,
+    )  # fmt: skip
+    assert greedy.returncode == 2, greedy.stderr[-3000:]
+    last = greedy.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedgov: error: run failed: privacy plan: this run would spend ε "), last
+    assert "of its remaining budget 8, above privacy.budget_share 0.5" in last
+    assert "[fedgov] privacy plan: site hosp-a: σ 0.5, projected ε " in greedy.stderr
+    for folder in folders:
+        ledger = folder / "privacy_ledger.json"
+        assert not ledger.exists() or json.loads(ledger.read_text())["spends"] == []
+
     # The federation's own schema: four sites train under DP-SGD and SecAgg+; one declines.
+    # No σ given: `fedgov run` has each site plan σ for ε = 1 over the run.
     run_dir = tmp_path / "run"
     registry = tmp_path / "registry"
     result = fedgov(
@@ -113,6 +129,9 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     assert metrics["final"]["central_eval_accuracy"] is not None
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert sorted(report["sample_level"]["sites"]) == trained
+    for site in trained:
+        assert 0.99 <= report["sample_level"]["sites"][site]["epsilon"] <= 1.0
+        assert f"[fedgov] privacy plan: site {site}: σ " in result.stderr
 
     # Nothing about the broken file reached the coordinator: not its path, not the row.
     coordinator_text = result.stdout + result.stderr + link.log_text()
