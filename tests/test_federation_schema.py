@@ -239,3 +239,36 @@ def test_the_privacy_report_of_a_run_where_no_site_trained_does_not_contradict_i
 def test_the_published_name_comes_from_the_schema():
     assert _default_model_name(SCHEMA_NAME, "mlp") == "tumour-markers-mlp"
     assert _default_model_name("randhie", "mlp") == "randhie-mlp"  # bundled: as before
+
+
+# ---- fedgov run: the schema and hold-out are checked before anything runs ---------------------
+
+
+def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys):
+    from fedgov.cli import main
+
+    files = write_sites(tmp_path / "data", ["a"], rows_per_site=40, holdout_rows=30)
+    (tmp_path / "server.yaml").write_text("federation: hospitals\nport: 9\n")
+    config = str(tmp_path / "server.yaml")
+
+    def run(*args: str) -> str:
+        assert main(["run", "--config", config, *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    assert run("--holdout", str(files["holdout"][0])) == (
+        "fedgov: error: run --holdout: needs --schema (the hold-out's schema)"
+    )
+    missing = tmp_path / "nope.yaml"
+    assert run("--schema", str(missing)) == f"fedgov: error: schema file {missing}: file not found"
+    semicolons = tmp_path / "holdout.csv"
+    semicolons.write_text(files["holdout"][0].read_text().replace(",", ";"))
+    assert run("--schema", str(files["a"][1]), "--holdout", str(semicolons)) == (
+        f"fedgov: error: site data {semicolons}: has one column only: its values are separated "
+        "by semicolons, not commas (expected a comma-separated CSV; save it again with ',' as the "
+        "separator)"
+    )
+    assert run("--resume", str(tmp_path), "--schema", str(files["a"][1])).startswith(
+        "fedgov: error: run --resume: takes no overrides, --out, --schema or --holdout"
+    )
