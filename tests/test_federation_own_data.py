@@ -102,7 +102,10 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     last = greedy.stderr.strip().splitlines()[-1]
     assert last.startswith("fedgov: error: run failed: privacy plan: this run would spend ε "), last
     assert "of its remaining budget 8, above privacy.budget_share 0.5" in last
-    assert "[fedgov] privacy plan: site hosp-a: σ 0.5, projected ε " in greedy.stderr
+    # The ServerApp's lines reach `fedgov run`'s output through Flower's log stream.
+    assert (
+        "[fedgov] privacy plan: site hosp-a: σ 0.5, projected ε " in greedy.stdout + greedy.stderr
+    )
     for folder in folders:
         ledger = folder / "privacy_ledger.json"
         assert not ledger.exists() or json.loads(ledger.read_text())["spends"] == []
@@ -131,7 +134,7 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     assert sorted(report["sample_level"]["sites"]) == trained
     for site in trained:
         assert 0.99 <= report["sample_level"]["sites"][site]["epsilon"] <= 1.0
-        assert f"[fedgov] privacy plan: site {site}: σ " in result.stderr
+        assert f"[fedgov] privacy plan: site {site}: σ " in result.stdout + result.stderr
 
     # Nothing about the broken file reached the coordinator: not its path, not the row.
     coordinator_text = result.stdout + result.stderr + link.log_text()
