@@ -9,6 +9,7 @@ evaluates centrally only on its own hold-out of that schema, and says when no si
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -183,7 +184,12 @@ def test_waiting_for_sites_says_who_is_there_and_fails_naming_those_left_out(tmp
     )
     assert "hosp-d: declined: data invalid" in message and "\n" not in message
     err = capsys.readouterr().err
-    assert "[fedgov] 2 of 3 sites connected: hosp-a, hosp-b (2 left out); waiting up to 1 s" in err
+    # The seconds left depend on how long discovery took: 1 at most.
+    assert re.search(
+        r"^\[fedgov\] 2 of 3 sites connected: hosp-a, hosp-b \(2 left out\); waiting up to [01] s$",
+        err,
+        re.MULTILINE,
+    ), err
     assert "[fedgov] site hosp-d left out: declined: data invalid" in err
 
 
