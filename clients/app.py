@@ -6,6 +6,7 @@ site holds), does its work in plain functions (``clients.training``) and replies
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -17,8 +18,10 @@ from clients import secagg
 from clients.site_data import SiteData, load_site_data
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
-from fedgov import wire
-from fedgov.config import RunConfig, from_flower_config
+from fedgov import site_query, wire
+from fedgov.config import RunConfig, from_flower_config, sample_level_on
+from fedgov.datasets import schema_digest
+from fedgov.errors import DataValidationError
 from fedgov.evaluation import evaluate
 from privacy.secagg.protocol import ABORT, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
@@ -48,18 +51,64 @@ def _prepare(context: Context) -> tuple[RunConfig, SiteData]:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Say who this site is and how many rows it holds (no data leaves the site)."""
-    _, site = _prepare(context)
+    """Say who this site is, how many rows it holds, its schema's digest and, under DP-SGD,
+    its ε spent, cap and δ for the coordinator's budget plan (no data leaves).
+
+    A site whose data file fails validation declines with "data invalid" and keeps the exact
+    error (file, column, row) in its own ``activity.json`` for ``fedgov site status``; a site
+    with its own file of fewer than ``dataset.min_site_rows`` rows declines too.
+    """
+    try:
+        cfg, site = _prepare(context)
+    except DataValidationError as error:
+        site_id = str(context.node_config.get("site-id", "") or "")
+        _record_declined(context, f"{site_query.DATA_INVALID}: {error}")
+        return Message(keys.decline_content(site_id, site_query.DATA_INVALID), reply_to=msg)
+    rows = len(site.train.y) + len(site.test.y)
+    if "data-path" in context.node_config and rows < cfg.dataset.min_site_rows:
+        reason = f"too few rows: {rows} (dataset.min_site_rows {cfg.dataset.min_site_rows})"
+        _record_declined(context, reason)
+        return Message(keys.decline_content(site.site_id, reason), reply_to=msg)
     record = keys.site_record(
-        site.site_id, **{"num-train": len(site.train.y), "num-test": len(site.test.y)}
+        site.site_id,
+        **{
+            "num-train": len(site.train.y),
+            "num-test": len(site.test.y),
+            site_query.SCHEMA_DIGEST: schema_digest(site.schema),
+            **(
+                site_query.budget_fields(cfg, context.node_config, site.site_id)
+                if sample_level_on(cfg)
+                else {}
+            ),
+        },
     )
     return Message(RecordDict({keys.SITE: record}), reply_to=msg)
+
+
+def _record_declined(context: Context, reason: str) -> None:
+    """Why the site declined the run (the exact validation error, say), for the site's operator
+    only (``activity.json``, shown by ``fedgov site status``)."""
+    site_dir = str(context.node_config.get("site-dir", "") or "")
+    if not site_dir:
+        return
+    from clients.site_status import record_activity
+
+    with contextlib.suppress(OSError):
+        record_activity(
+            site_dir, run_id=str(context.run_id), flower_run_id=context.run_id, server_round=0,
+            outcome="declined", reason=reason,
+        )  # fmt: skip
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's rows and return the new weights."""
-    cfg, site = _prepare(context)
+    try:
+        cfg, site = _prepare(context)
+    except DataValidationError as error:  # the file went bad after discovery: decline the same
+        _record_declined(context, f"{site_query.DATA_INVALID}: {error}")
+        site_id = str(context.node_config.get("site-id", "") or "")
+        return Message(keys.decline_content(site_id, site_query.DATA_INVALID), reply_to=msg)
     try:
         update = compute_update(
             cfg,

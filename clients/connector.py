@@ -2,7 +2,10 @@
 
 Every problem raises :class:`DataValidationError` with one line naming the file, the column and
 what was expected. Rows are counted from 1, the header not included. The whole file is validated
-before anything is returned; columns the schema does not name are ignored.
+before anything is returned; columns the schema does not name are ignored. A CSV is UTF-8; one
+that is not (a Latin-1 export) is accepted only when the columns the schema uses are plain ASCII,
+so that stray accents in an ignored column (a name, a note) do not stop a site. A CSV separated by
+semicolons or tabs is refused with that hint.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fedgov.errors import ConfigError, DataValidationError
 
 TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 SCHEMA_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
+_NOT_UTF8 = "fedgov-not-utf8"  # frame.attrs key: where a CSV first broke UTF-8
 
 
 def _one_line(text: object) -> str:
@@ -71,7 +75,16 @@ def _read_frame(path: Path, source: str) -> pd.DataFrame:
     try:
         if suffix == ".csv":
             # Read as text: numbers are parsed below, so a bad cell can be named by row.
-            return pd.read_csv(path, dtype=str)
+            try:
+                return pd.read_csv(path, dtype=str, encoding="utf-8")
+            except UnicodeDecodeError as error:
+                # Maybe a Latin-1 export: read it so; read_site_table refuses it unless the
+                # bytes that are not UTF-8 sit only in columns the schema does not use.
+                frame = pd.read_csv(path, dtype=str, encoding="latin-1")
+                frame.attrs[_NOT_UTF8] = (
+                    f"byte 0x{error.object[error.start]:02x} at offset {error.start}"
+                )
+                return frame
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise _fail(source, "file is empty") from None
@@ -84,6 +97,13 @@ def _missing_columns(source: str, frame: pd.DataFrame, expected: list[str]) -> N
     missing = [name for name in expected if name not in present]
     if not missing:
         return
+    for separator, called in ((";", "semicolons"), ("\t", "tabs")):
+        if len(present) == 1 and separator in present[0]:
+            raise _fail(
+                source,
+                f"has one column only: its values are separated by {called}, not commas "
+                "(expected a comma-separated CSV; save it again with ',' as the separator)",
+            )
     unused = [c for c in present if c not in expected]
     hint = difflib.get_close_matches(missing[0], unused, n=1)
     others = f"; also missing: {', '.join(missing[1:])}" if len(missing) > 1 else ""
@@ -93,6 +113,22 @@ def _missing_columns(source: str, frame: pd.DataFrame, expected: list[str]) -> N
         f"column '{missing[0]}' is missing (expected columns: {', '.join(expected)}"
         f"{others}{did_you_mean})",
     )
+
+
+def _check_text_needs_no_encoding(source: str, frame: pd.DataFrame, used: list[str]) -> None:
+    """A file that is not UTF-8 (read as Latin-1) is accepted only when every column the schema
+    uses is plain ASCII, where Latin-1 and UTF-8 agree; else one line says how to fix it."""
+    for column in used:
+        cells = frame[column].dropna().astype(str)
+        odd = cells.map(lambda cell: not cell.isascii()).to_numpy()
+        if odd.any():
+            row = int(np.flatnonzero(odd)[0]) + 1
+            raise _fail(
+                source,
+                f"is not UTF-8 ({frame.attrs[_NOT_UTF8]}) and column '{column}' holds non-ASCII "
+                f"text at row {row} (expected UTF-8: save the file as UTF-8, e.g. "
+                "iconv -f latin1 -t utf-8)",
+            )
 
 
 def _check_no_missing(source: str, column: str, series: pd.Series) -> None:
@@ -189,6 +225,8 @@ def read_site_table(path: str | Path, schema: DatasetSchema) -> tuple[np.ndarray
     if len(frame) == 0:
         raise _fail(source, "file is empty (a header but no data rows)")
     _missing_columns(source, frame, [*schema.feature_names, schema.target])
+    if _NOT_UTF8 in frame.attrs:
+        _check_text_needs_no_encoding(source, frame, [*schema.feature_names, schema.target])
     numeric = {}
     for spec in schema.features:
         series = frame[spec.name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -385,6 +386,16 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         help="continue an interrupted run from its last checkpoint, with the config it started "
         "with (no overrides)",
     )  # fmt: skip
+    run.add_argument(
+        "--schema", metavar="FILE", default=None,
+        help="the sites' agreed schema.yaml: the model's inputs and classes come from it and a "
+        "site with another schema is left out (default: the bundled dataset's schema)",
+    )  # fmt: skip
+    run.add_argument(
+        "--holdout", metavar="FILE", default=None,
+        help="the coordinator's own CSV/Parquet of the same schema for central evaluation "
+        "(with --schema; without it there is no central evaluation)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
 
@@ -392,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from fedgov.config import from_mapping, to_flower_config
-    from fedgov.deploy import flower_tool, toml_value
+    from fedgov.deploy import flower_tool
     from server.coordinator import flower_environment, load_server_settings
     from server.observability import remember_run
     from simulations.engine import app_dir
@@ -401,33 +412,105 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_server_settings(args.config)
     if args.resume:
-        if args.overrides or args.out:
+        if args.overrides or args.out or args.schema or args.holdout:
             raise FedgovError(
-                "run --resume: takes no overrides or --out (the run keeps its config)"
+                "run --resume: takes no overrides, --out, --schema or --holdout (the run keeps "
+                "its config)"
             )
         run_dir = Path(args.resume).resolve()
         cfg = _interrupted_run_config(run_dir)
     else:
         composed = compose_config(list(args.overrides))
         cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+        _federation_data(cfg, args.schema, args.holdout)
+        _deployment_privacy_defaults(cfg, list(args.overrides))
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
-    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in to_flower_config(cfg).items())
+    # A file, not `key=value` words: Flower's word parser cuts a value at its first quote, and
+    # dataset.schema is JSON text. Every value is a TOML basic string, integer, float or bool.
+    config_file = run_dir / "run_config.toml"
+    config_file.write_text(
+        "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in to_flower_config(cfg).items())
+    )
     command = [flower_tool("flwr"), "run", str(app_dir()), settings.federation,
-               "--run-config", run_config, "--stream"]  # fmt: skip
+               "--run-config", str(config_file), "--stream"]  # fmt: skip
     remember_run(settings.database.parent, run_dir)  # reported by the coordinator's /metrics
+    (run_dir / "failure.json").unlink(missing_ok=True)
     result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
     metrics = run_dir / "metrics.json"
+    failure = _read_json(run_dir / "failure.json")
+    if failure is not None:
+        raise FedgovError(f"run failed: {failure.get('reason', 'unknown cause')}")
     if result.returncode != 0 or not metrics.is_file():
         raise FedgovError(
             f"run: the federation '{settings.federation}' did not finish the run "
             f"(flwr run exited {result.returncode}; see its output above)"
         )
+    outcome = (_read_json(metrics) or {}).get("outcome") or {"trained": True}
+    if not outcome.get("trained", True):
+        raise FedgovError(str(outcome.get("reason") or "run failed: no site trained"))
     write_plots(run_dir)
     print(f"fedgov: run finished; outputs in {run_dir}")
     return 0
+
+
+def _toml(value: bool | int | float | str) -> str:
+    """A run-config value as TOML (strings as JSON-escaped basic strings, valid TOML)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    from fedgov.deploy import toml_value
+
+    return toml_value(value)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> None:
+    """Put the federation's schema (and the coordinator's hold-out path) into the run config,
+    checking both here so that a mistake stops before anything runs."""
+    from clients.connector import load_schema_file, read_site_table
+    from fedgov.config import validate
+    from fedgov.datasets import schema_to_json
+
+    if holdout_file and not schema_file:
+        raise FedgovError("run --holdout: needs --schema (the hold-out's schema)")
+    if schema_file:
+        schema = load_schema_file(schema_file)
+        cfg.dataset.schema = schema_to_json(schema)
+        if holdout_file:
+            read_site_table(holdout_file, schema)
+            cfg.dataset.holdout = str(Path(holdout_file).resolve())
+        validate(cfg)
+
+
+#: ε a DP-SGD run spends at each site when the overrides choose neither σ nor a target.
+DEFAULT_RUN_EPSILON = 1.0
+#: The most of a site's remaining budget a run may plan to spend unless confirmed.
+DEFAULT_BUDGET_SHARE = 0.5
+
+
+def _deployment_privacy_defaults(cfg, overrides: list[str]) -> None:
+    """A real site's budget is for life: unless the overrides say otherwise, plan σ for
+    ε = DEFAULT_RUN_EPSILON per run (not σ = 1) and refuse a run past DEFAULT_BUDGET_SHARE of a
+    site's remaining budget (simulated sites start afresh each run and keep the config's)."""
+    from fedgov.config import sample_level_on, validate
+
+    given = {item.lstrip("+").split("=", 1)[0] for item in overrides}
+    if not sample_level_on(cfg):
+        return
+    if not {"privacy.noise_multiplier", "privacy.target_epsilon"} & given:
+        cfg.privacy.target_epsilon = min(DEFAULT_RUN_EPSILON, cfg.privacy.site_epsilon_cap)
+    if "privacy.budget_share" not in given:
+        cfg.privacy.budget_share = DEFAULT_BUDGET_SHARE
+    validate(cfg)
 
 
 def _interrupted_run_config(run_dir: Path):

@@ -38,6 +38,17 @@ class DatasetConfig:
     alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
     holdout_fraction: float = 0.2  # share kept back for central evaluation (0 = none)
     test_fraction: float = 0.2  # share of each site's rows kept for its local evaluation
+    # A real federation's own data: the sites' agreed schema as JSON text (`fedgov run --schema
+    # schema.yaml` fills it; "" = the bundled dataset `name`'s schema). The model's input width
+    # and classes come from it, and a site whose schema differs is left out at discovery.
+    schema: str = ""
+    # The coordinator's own hold-out file (CSV/Parquet of the same schema) for central
+    # evaluation, a path on the coordinator (`fedgov run --holdout FILE`); with a schema and no
+    # hold-out there is no central evaluation (never a bundled dataset's rows instead).
+    holdout: str = ""
+    # A site with its own data file and fewer rows than this declines ("too few rows"); simulated
+    # sites (a bundled dataset's partitions) are not held to it.
+    min_site_rows: int = 10
 
 
 @dataclass
@@ -112,6 +123,11 @@ class PrivacyConfig:
     # Simulation only: stands for every simulated site's own cap, which reaches the sites through
     # their node config (epsilon-cap), never through the server's messages.
     site_epsilon_cap: float = 8.0
+    # Before a run with DP-SGD the coordinator asks every site its ε spent, cap and δ and refuses
+    # a run that would spend more than this share of any site's remaining budget (0 = no check;
+    # `fedgov run` uses 0.5 unless given) unless budget_confirmed.
+    budget_share: float = 0.0
+    budget_confirmed: bool = False
     # -- site-level (a whole site): DP-FedAvg
     clipping_norm: float = 1.0  # L2 norm a site's update is clipped to (C)
     site_noise_multiplier: float = 1.0  # z: noise std on the sum of updates is z·C
@@ -148,7 +164,7 @@ class RegistryConfig:
     publish: bool = False  # publish the final global model as a new candidate version
     path: str = ""  # registry folder; "" = $FEDGOV_REGISTRY or ./.fedgov/registry
     db_url: str = ""  # SQLAlchemy URL of its metadata; "" = SQLite in the folder (registry.db)
-    model_name: str = ""  # "" = "<dataset>-<model>" (e.g. randhie-mlp)
+    model_name: str = ""  # "" = "<schema name>-<model>" (e.g. randhie-mlp)
     # The server's Ed25519 private key (PEM) that signs manifests; "" = ~/.fedgov/keys/publisher.key
     # ($FEDGOV_KEYS_DIR), outside the registry folder.
     # Generated on first use when absent; the policy must list its public key as a publisher.
@@ -252,6 +268,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: {value} is below its minimum {low}")
 
     choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
+    if cfg.dataset.schema:
+        federation_schema(cfg)  # a bad schema fails here, before anything runs
+    elif cfg.dataset.holdout:
+        raise ConfigError(
+            "dataset.holdout: a coordinator hold-out needs the federation's schema "
+            "(dataset.schema, or `fedgov run --schema FILE`)"
+        )
     choice("dataset.partitioner", cfg.dataset.partitioner, PARTITIONERS)
     choice("model.name", cfg.model.name, MODEL_NAMES)
     choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
@@ -265,6 +288,7 @@ def validate(cfg: RunConfig) -> None:
     at_least("train.local_epochs", cfg.train.local_epochs, 1)
     at_least("train.batch_size", cfg.train.batch_size, 1)
     at_least("model.hidden", cfg.model.hidden, 1)
+    at_least("dataset.min_site_rows", cfg.dataset.min_site_rows, 1)
     validate_registry(cfg)
     if (
         cfg.federation.sites_per_round >= 1
@@ -288,12 +312,24 @@ def validate(cfg: RunConfig) -> None:
     at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
     validate_privacy(cfg)
     validate_secagg(cfg)
-    image = cfg.dataset.name in ("digits", "mnist5k")
+    image = cfg.dataset.name in ("digits", "mnist5k") and not cfg.dataset.schema
     if cfg.model.name in ("cnn", "gabor") and not image:
         raise ConfigError(
             f"model.name: '{cfg.model.name}' needs an image dataset (digits, mnist5k), not "
             f"'{cfg.dataset.name}'"
         )
+
+
+def federation_schema(cfg: RunConfig):
+    """The schema the run's model is built for: ``dataset.schema`` when set, else the bundled
+    dataset's (returns a ``fedgov.datasets.DatasetSchema``)."""
+    from fedgov.datasets import schema_from_json
+
+    if cfg.dataset.schema:
+        return schema_from_json(cfg.dataset.schema)
+    from simulations.federation import simulated_federation
+
+    return simulated_federation(cfg).pool.schema
 
 
 def sample_level_on(cfg: RunConfig) -> bool:
@@ -329,6 +365,10 @@ def validate_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             f"privacy.target_epsilon: {p.target_epsilon} must be > 0 (or 0 to use "
             "privacy.noise_multiplier)"
+        )
+    if not 0 <= p.budget_share <= 1:
+        raise ConfigError(
+            f"privacy.budget_share: {p.budget_share} must be in [0, 1] (0 = no budget check)"
         )
     if p.site_epsilon_cap <= 0:
         raise ConfigError(f"privacy.site_epsilon_cap: {p.site_epsilon_cap} must be > 0")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +96,7 @@ class DatasetSchema:
         """Read a schema written by :meth:`to_dict`; a wrong key or value raises ConfigError."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"schema: expected a mapping, got {type(data).__name__}")
-        check_keys("schema", data, required=_SCHEMA_KEYS, optional=("site_column",))
+        check_keys("schema", data, required=_SCHEMA_KEYS, optional=("input_shape", "site_column"))
         features_raw = data["features"]
         if not isinstance(features_raw, list):
             raise ConfigError("schema.features: expected a list of feature mappings")
@@ -111,7 +113,8 @@ class DatasetSchema:
         classes_t = tuple(str(label) for label in classes)
         if len(set(classes_t)) != len(classes_t):
             raise ConfigError("schema.classes: class labels must be distinct")
-        shape = data["input_shape"]
+        # A tabular schema may leave input_shape out: it is [number of features].
+        shape = data.get("input_shape", [len(features)] if features else None)
         if (
             not isinstance(shape, list)
             or not shape
@@ -141,7 +144,43 @@ class DatasetSchema:
         )
 
 
-_SCHEMA_KEYS = ("name", "features", "target", "classes", "input_shape")
+_SCHEMA_KEYS = ("name", "features", "target", "classes")
+
+
+def schema_digest(schema: DatasetSchema) -> str:
+    """SHA-256 (hex) of the schema's canonical JSON: equal exactly when two sites' schemas agree.
+
+    Computed over :meth:`DatasetSchema.to_dict` (every feature with its dtype and normalisation
+    constants, the target, the classes in order, the input shape), so YAML layout, key order and
+    optional keys left at their defaults do not change it; any difference that changes the model's
+    inputs or labels does.
+    """
+    text = json.dumps(schema.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def schema_from_json(text: str, where: str = "dataset.schema") -> DatasetSchema:
+    """A schema from its JSON text (how the federation's schema travels in the run config)."""
+    return _schema_from_json(text, where)
+
+
+@functools.lru_cache(maxsize=8)
+def _schema_from_json(text: str, where: str) -> DatasetSchema:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    try:
+        return DatasetSchema.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def schema_to_json(schema: DatasetSchema) -> str:
+    """The schema's canonical JSON text (what :func:`schema_from_json` reads back)."""
+    return json.dumps(schema.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
 _FEATURE_KEYS = ("name", "dtype", "mean", "std", "log1p")
 
 

@@ -279,7 +279,12 @@ def summary_paragraph(document: Mapping[str, Any]) -> str:
     delta = document["delta"]
     sample = document.get("sample_level")
     site_level = document.get("site_level")
-    if sample:
+    if sample and not sample["sites"]:
+        parts.append(
+            "No site trained in this run: no site spent any privacy budget, and no update left "
+            "a site, so there were no receipts to verify."
+        )
+    elif sample:
         sites = sample["sites"]
         spent = [s["epsilon"] for s in sites.values()]
         caps = sorted({s["cap"] for s in sites.values() if s["cap"] is not None})
@@ -318,7 +323,7 @@ def summary_paragraph(document: Mapping[str, Any]) -> str:
             f"{_eps(site_level['epsilon'])} (δ = {delta:g})."
         )
     verification = document.get("verification") or {}
-    if sample:
+    if sample and sample["sites"]:
         checked = verification.get("receipts_checked", 0)
         if verification.get("receipts_verified"):
             parts.append(
@@ -579,6 +584,8 @@ def _verification_html(document: Mapping[str, Any]) -> str:
     v = document.get("verification") or {}
     e = html.escape
     status = '<span class="ok">passed</span>' if v.get("ok") else '<span class="bad">FAILED</span>'
+    if v.get("ok") and not v.get("receipts_checked"):
+        status = "had nothing to check (no site trained)"
     lines = [
         "<h2>Verification</h2>",
         f"<p>Verification {status}: {v.get('receipts_checked', 0)} receipts checked "

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgov.config import RunConfig, from_flower_config
-from fedgov.datasets import DatasetSchema
-from fedgov.errors import ConfigError
+from fedgov.config import RunConfig, federation_schema, from_flower_config
+from fedgov.datasets import Dataset, DatasetSchema, schema_digest
+from fedgov.errors import ConfigError, FedgovError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
@@ -21,18 +23,26 @@ from server.checkpoint import load_checkpoint
 from server.observability import round_status, write_status
 from server.outputs import write_privacy_report, write_run_outputs
 from server.privacy_round import PrivacyRound, report_of
-from server.rounds import RoundRecord, run_rounds
+from server.rounds import RoundRecord, run_outcome, run_rounds
 from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
 app = ServerApp()
+#: In the run directory when the ServerApp failed: ``{"reason": one line}``.
+FAILURE_FILE = "failure.json"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, train for ``rounds`` rounds, write the run's outputs."""
     cfg = from_flower_config(context.run_config)
-    run_federation(grid, cfg, flower_run_id=context.run_id)
+    try:
+        run_federation(grid, cfg, flower_run_id=context.run_id)
+    except BaseException as error:
+        # `fedgov run` ends with this one line, whatever Flower prints around it.
+        if cfg.output_dir:
+            write_failure(cfg.output_dir, error)
+        raise
 
 
 def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None) -> None:
@@ -46,14 +56,14 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
     # Flower logs every sampling and aggregation at INFO; fedgov prints one line per round.
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.monotonic()
-    federation = simulated_federation(cfg)
-    schema = federation.pool.schema
+    schema = federation_schema(cfg)
     model = initial_model(
         cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
     )
-    central = (
-        _central_evaluator(cfg, schema, federation.holdout) if len(federation.holdout.y) else None
-    )
+    holdout, central_note = central_holdout(cfg, schema)
+    central = _central_evaluator(cfg, schema, holdout) if holdout is not None else None
+    if central is None:
+        print(f"[fedgov] central evaluation: none ({central_note})", file=sys.stderr, flush=True)
     strategy = build_strategy(cfg.strategy)
     arrays = ArrayRecord(model.state_dict())
     privacy = PrivacyRound(cfg) if cfg.privacy.name != "none" else None
@@ -81,14 +91,61 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
         privacy=privacy,
         resume_from=resume_from,
         run_id=run_id,
+        schema_digest=schema_digest(schema),
     )
+    outcome = run_outcome(result)
     if cfg.output_dir:
-        write_run_outputs(cfg.output_dir, cfg, result, time.monotonic() - started)
+        write_run_outputs(
+            cfg.output_dir, cfg, result, time.monotonic() - started,
+            schema=schema, central_evaluation=central_note, outcome=outcome,
+        )  # fmt: skip
         if privacy is not None:
             write_privacy_report(cfg.output_dir, report_of(privacy, run_id))
+    if not outcome["trained"]:
+        print(f"[fedgov] {outcome['reason']}", file=sys.stderr, flush=True)
+        if cfg.registry.publish:
+            print("[fedgov] nothing published: no site trained", file=sys.stderr, flush=True)
+        return
     # Last: every output of the run (privacy_report.json included) must be written before this.
     if cfg.registry.publish:
         _publish(cfg, schema, run_id or None)
+
+
+def central_holdout(cfg: RunConfig, schema: DatasetSchema) -> tuple[Dataset | None, str]:
+    """The rows central evaluation uses and a note saying which (or why there are none).
+
+    With the federation's own schema (``dataset.schema``) only the coordinator's hold-out file of
+    that schema (``dataset.holdout``) qualifies; a bundled dataset is never borrowed. Without it,
+    the bundled dataset's label-stratified hold-out (simulations, demos), as before.
+    """
+    if cfg.dataset.schema:
+        if not cfg.dataset.holdout:
+            return None, (
+                f"no coordinator hold-out of schema '{schema.name}' was given "
+                "(fedgov run --holdout FILE)"
+            )
+        from clients.connector import read_site_table
+
+        x, y = read_site_table(cfg.dataset.holdout, schema)
+        rows = Dataset(x=x, y=y, site=np.full(len(y), "", dtype=object), schema=schema)
+        return rows, f"coordinator hold-out {cfg.dataset.holdout} ({len(y)} rows)"
+    holdout = simulated_federation(cfg).holdout
+    if not len(holdout.y):
+        return None, "dataset.holdout_fraction is 0"
+    return holdout, f"hold-out of bundled dataset '{cfg.dataset.name}' ({len(holdout.y)} rows)"
+
+
+def write_failure(output_dir: str, error: BaseException) -> None:
+    """Leave the run's cause of failure (one line) in ``failure.json`` for ``fedgov run``."""
+    from pathlib import Path
+
+    from fedgov.records import atomic_write_json
+
+    line = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, FedgovError):
+        line = f"{type(error).__name__}: {line}"
+    with contextlib.suppress(OSError):
+        atomic_write_json(Path(output_dir) / FAILURE_FILE, {"reason": line})
 
 
 def _publish(cfg: RunConfig, schema: DatasetSchema, run_id: str | None) -> None:

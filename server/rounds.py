@@ -9,6 +9,7 @@ participation, declines and failures recorded per round, and a short reply poll.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgov import messages as keys
-from fedgov.config import RunConfig, to_flower_config
+from fedgov import site_query as keys_schema
+from fedgov.config import RunConfig, sample_level_on, to_flower_config
 from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
 from server.checkpoint import Checkpoint, save_checkpoint
@@ -30,6 +32,7 @@ from server.sampling import sample_sites, sites_per_round
 from server.secagg_round import PreparedSetup, run_secagg_round
 
 DISCOVERY_POLL_SECONDS = 0.5
+WAIT_REPORT_SECONDS = 30.0  # while waiting for sites, repeat the progress line this often
 
 
 @dataclass
@@ -39,6 +42,8 @@ class SiteInfo:
     site_id: str
     num_train: int
     num_test: int
+    # The site's answer to the budget plan under DP-SGD (ε spent, cap, δ); None when not sent.
+    budget: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -67,20 +72,73 @@ class RoundRecord:
 
 @dataclass
 class RunResult:
-    """The final global weights, the round records and the sites seen."""
+    """The final global weights, the round records, the sites seen and those left out."""
 
     arrays: ArrayRecord
     rounds: list[RoundRecord]
     sites: dict[str, SiteInfo]
+    left_out: dict[str, str] = field(default_factory=dict)  # site id → why discovery left it out
+
+
+def run_outcome(result: RunResult) -> dict[str, object]:
+    """``{"trained": bool, "reason": str}``: whether any site's update reached the model.
+
+    A run trained when some round that was not aborted had a participant; otherwise ``reason``
+    is one line saying why (every round aborted, or what the sites answered).
+    """
+    if any(r.participants and not r.aborted for r in result.rounds):
+        return {"trained": True, "reason": ""}
+    total = len(result.rounds)
+    if total and all(r.aborted for r in result.rounds):
+        reasons = sorted({str(r.abort_reason) for r in result.rounds})
+        why = "; ".join(reasons)
+        return {"trained": False, "reason": f"run failed: all {total} rounds aborted ({why})"}
+    answers: dict[str, str] = dict(result.left_out)
+    for r in result.rounds:
+        answers.update(r.decline_reasons)
+        answers.update(r.failures)
+    detail = "; ".join(f"{site}: {reason}" for site, reason in sorted(answers.items()))
+    return {
+        "trained": False,
+        "reason": f"run failed: no site trained in {total} round(s)"
+        + (f" ({detail})" if detail else ""),
+    }
 
 
 class SiteDirectory:
-    """Maps Flower node ids to fedgov site ids, asking each new node who it is (a query message)."""
+    """Maps Flower node ids to fedgov site ids, asking each new node who it is (a query message).
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    A site whose schema digest differs from the federation's (``schema_digest``), or that declines
+    the query (its data is invalid, too few rows), is left out of the run with its reason
+    (``left_out``) and not asked again while its node stays connected.
+    """
+
+    def __init__(self, grid: Grid, timeout: float, schema_digest: str = "") -> None:
         self._grid = grid
         self._timeout = timeout
+        self._schema_digest = schema_digest
         self.by_node: dict[int, SiteInfo] = {}
+        self.left_out: dict[str, str] = {}  # site id → reason
+        self._left_out_nodes: set[int] = set()
+
+    def _leave_out(self, node_id: int, site_id: str, reason: str) -> None:
+        self._left_out_nodes.add(node_id)
+        if self.left_out.get(site_id) != reason:
+            print(f"[fedgov] site {site_id} left out: {reason}", file=sys.stderr, flush=True)
+        self.left_out[site_id] = reason
+
+    def _schema_problem(self, site: ConfigRecord) -> str | None:
+        if not self._schema_digest:
+            return None
+        digest = str(site.get(keys_schema.SCHEMA_DIGEST, ""))
+        if not digest:
+            return "sent no schema digest (an older fedgov?)"
+        if digest != self._schema_digest:
+            return (
+                f"its schema differs from the federation's (digest {digest[:12]}, expected "
+                f"{self._schema_digest[:12]}): it must use the federation's schema.yaml"
+            )
+        return None
 
     def refresh(self) -> None:
         """Query nodes that connected since the last call; forget nodes that left."""
@@ -88,7 +146,8 @@ class SiteDirectory:
         for node_id in list(self.by_node):
             if node_id not in online:
                 del self.by_node[node_id]
-        new = sorted(online - set(self.by_node))
+        self._left_out_nodes &= online
+        new = sorted(online - set(self.by_node) - self._left_out_nodes)
         if not new:
             return
         queries = [
@@ -102,7 +161,17 @@ class SiteDirectory:
                     reply.error.reason)  # fmt: skip
                 continue
             site = reply.content.config_records[keys.SITE]
-            info = SiteInfo(str(site[keys.SITE_ID]), int(site["num-train"]), int(site["num-test"]))
+            site_id = str(site[keys.SITE_ID])
+            node_id = reply.metadata.src_node_id
+            if (declined := keys.decline_reason(reply)) is not None:
+                self._leave_out(node_id, site_id, f"declined: {declined}")
+                continue
+            if (problem := self._schema_problem(site)) is not None:
+                self._leave_out(node_id, site_id, problem)
+                continue
+            self.left_out.pop(site_id, None)  # fixed and back: it takes part again
+            info = SiteInfo(site_id, int(site["num-train"]), int(site["num-test"]),
+                            keys_schema.budget_of(site))  # fmt: skip
             if info.site_id in known_ids:
                 log(WARNING, "two nodes claim site id %s; ignoring node %s", info.site_id,
                     reply.metadata.src_node_id)  # fmt: skip
@@ -110,22 +179,63 @@ class SiteDirectory:
             known_ids.add(info.site_id)
             self.by_node[reply.metadata.src_node_id] = info
 
-    def wait_for(self, count: int) -> None:
-        """Block until ``count`` sites are known, or raise after the timeout."""
+    def wait_for(self, count: int, progress: bool = True) -> None:
+        """Block until ``count`` sites are known, or raise after the timeout.
+
+        While waiting, a line says who is connected whenever that changes (and every
+        ``WAIT_REPORT_SECONDS``); the timeout's error names the sites left out and why.
+        """
         deadline = time.monotonic() + self._timeout
+        shown: tuple[tuple[str, ...], float] | None = None
         while True:
             self.refresh()
             if len(self.by_node) >= count:
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            names = tuple(sorted(info.site_id for info in self.by_node.values()))
+            if progress and (
+                shown is None or shown[0] != names or now - shown[1] >= WAIT_REPORT_SECONDS
+            ):
+                print(f"[fedgov] {self.waiting_line(count, deadline - now)}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                shown = (names, now)
+            if now > deadline:
+                left = "; ".join(f"{site}: {why}" for site, why in sorted(self.left_out.items()))
                 raise FedgovError(
                     f"federation: only {len(self.by_node)} of {count} sites connected within "
                     f"{self._timeout:.0f} s (federation.round_timeout)"
+                    + (f"; left out: {left}" if left else "")
                 )
             time.sleep(DISCOVERY_POLL_SECONDS)
 
+    def waiting_line(self, count: int, seconds_left: float) -> str:
+        """``2 of 4 sites connected: hosp-a, hosp-b; waiting up to 600 s``."""
+        names = sorted(info.site_id for info in self.by_node.values())
+        listed = f": {', '.join(names)}" if names else ""
+        left = f" ({len(self.left_out)} left out)" if self.left_out else ""
+        return (
+            f"{len(names)} of {count} sites connected{listed}{left}; waiting up to "
+            f"{max(seconds_left, 0):.0f} s"
+        )
+
     def node_of(self) -> dict[str, int]:
         return {info.site_id: node_id for node_id, info in self.by_node.items()}
+
+
+def _plan_budgets(cfg: RunConfig, directory: SiteDirectory, rounds: int, enforce: bool) -> None:
+    """Print each site's projected ε for the run against its remaining budget; refuse the run
+    (ConfigError) past ``privacy.budget_share`` unless confirmed (privacy/planning.py)."""
+    from privacy.planning import SiteBudget, check_budget_plan, plan_lines, plan_site
+
+    plans = [
+        plan_site(cfg, SiteBudget(info.site_id, info.num_train, *info.budget), rounds)
+        for info in directory.by_node.values()
+        if info.budget is not None
+    ]
+    for line in plan_lines(plans, rounds):
+        print(f"[fedgov] {line}", file=sys.stderr, flush=True)
+    if enforce:
+        check_budget_plan(cfg, plans)
 
 
 def _by_site(replies: list[Message], directory: SiteDirectory) -> list[tuple[str, Message]]:
@@ -153,6 +263,7 @@ def run_rounds(
     privacy: PrivacyRound | None = None,
     resume_from: Checkpoint | None = None,
     run_id: str = "",
+    schema_digest: str = "",
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of federated training and evaluation.
 
@@ -162,10 +273,16 @@ def run_rounds(
 
     ``privacy`` (server/privacy_round.py), when DP is on: Poisson site sampling under site-level
     DP, receipts and declines kept per site, and the noisy DP-FedAvg aggregate.
+
+    ``schema_digest``: the federation schema's digest; a site answering discovery with another is
+    left out (``RunResult.left_out``), as is a site that declines discovery.
     """
     fed = cfg.federation
-    directory = SiteDirectory(grid, fed.round_timeout)
-    directory.wait_for(fed.num_sites or fed.min_sites_per_round)
+    directory = SiteDirectory(grid, fed.round_timeout, schema_digest)
+    directory.wait_for(fed.num_sites or fed.min_sites_per_round, progress=cfg.progress)
+    if privacy is not None and sample_level_on(cfg):
+        rounds_left = cfg.rounds - (resume_from.completed_round if resume_from else 0)
+        _plan_budgets(cfg, directory, rounds_left, enforce=resume_from is None)
     arrays = initial_arrays
     records: list[RoundRecord] = list(resume_from.records) if resume_from else []
     seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
@@ -228,7 +345,7 @@ def run_rounds(
             )  # fmt: skip
         if on_round is not None:
             on_round(record)
-    return RunResult(arrays=arrays, rounds=records, sites=seen)
+    return RunResult(arrays=arrays, rounds=records, sites=seen, left_out=dict(directory.left_out))
 
 
 def _train_plain(

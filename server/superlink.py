@@ -24,6 +24,9 @@ every object a SuperNode pushes or pulls and every poll of ``flwr run --stream``
 the SuperLink's CPU samples. Here it runs at most once per :data:`CLEANUP_INTERVAL_SECONDS` per
 process, so a lapsed claim is expired at most that much later; nothing else changes.
 
+It also gives the SuperLink's SQLite writers a longer busy timeout (:mod:`server.superlink_state`:
+the cause of "database is locked" under the sites' load).
+
 No installed file is changed. If the hook is missing (another Flower version), the SuperLink
 does not start: it refuses rather than run with its Control API open. (The cleanup bound is
 left out, with a warning, if its method is missing.)
@@ -41,6 +44,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from server.superlink_state import install as install_busy_timeout
 
 #: Paths a peer other than the coordinator's own host may reach (prefixes, or exact paths).
 REMOTE_PREFIXES = ("/v1/fleet/",)
@@ -223,6 +228,7 @@ def main() -> None:
     args = sys.argv[1:]
     install(local_peers(_bind_host(args)))
     bound_task_cleanup()
+    install_busy_timeout()
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = [str(Path(sys.executable).parent / "flower-superlink"), *args]

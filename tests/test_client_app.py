@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,8 @@ from clients import app as client_app
 from clients.site_data import load_site_data
 from clients.training import train_local
 from fedgov.config import RunConfig, to_flower_config
-from fedgov.datasets import load_dataset, load_table
-from fedgov.errors import ConfigError, DataValidationError
+from fedgov.datasets import load_dataset, load_table, schema_digest
+from fedgov.errors import ConfigError
 from fedgov.evaluation import evaluate
 from fedgov.models import build_model, initial_model
 from simulations.federation import simulated_federation
@@ -89,6 +91,7 @@ def test_query_handler_says_who_the_site_is_without_data():
     site = load_site_data(cfg, {"partition-id": 2})
     assert dict(record) == {
         "site-id": "site-02", "num-train": len(site.train.y), "num-test": len(site.test.y),
+        "schema-digest": schema_digest(site.schema),
     }  # fmt: skip
     assert not reply.content.array_records
 
@@ -126,19 +129,33 @@ def test_a_site_with_its_own_csv_trains_on_exactly_its_rows(tmp_path):
     assert site.schema == schema
 
 
-def test_invalid_site_data_stops_the_site_before_training(tmp_path):
+def test_invalid_site_data_declines_and_keeps_the_error_at_the_site(tmp_path):
     table = load_table("medpar").head(50).drop(columns=["los"])
     schema = load_dataset("medpar").schema
     data_path, schema_path = tmp_path / "bad.csv", tmp_path / "schema.json"
     table.to_csv(data_path, index=False)
     schema_path.write_text(_json(schema.to_dict()))
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
     cfg = RunConfig()
     cfg.dataset.name = "medpar"
     model = build_model("mlp", schema.input_shape, len(schema.classes))
-    msg = _incoming(MessageType.TRAIN, ArrayRecord(model.state_dict()), {"server-round": 1})
-    node = {"data-path": str(data_path), "schema-path": str(schema_path)}
-    with pytest.raises(DataValidationError, match=r"bad\.csv.*'los'"):
-        client_app.train(msg, _context(cfg, node))
+    node = {"data-path": str(data_path), "schema-path": str(schema_path), "site-id": "hosp-a",
+            "site-dir": str(site_dir)}  # fmt: skip
+    for handler, message_type, arrays in (
+        (client_app.query, MessageType.QUERY, None),
+        (client_app.train, MessageType.TRAIN, ArrayRecord(model.state_dict())),
+    ):
+        reply = handler(_incoming(message_type, arrays, {"server-round": 1}), _context(cfg, node))
+        # The coordinator learns only that the data is invalid: no path, column or row.
+        assert not reply.has_error()
+        assert dict(reply.content.config_records["decline"]) == {"reason": "data invalid"}
+        assert dict(reply.content.config_records["site"]) == {"site-id": "hosp-a"}
+        assert not reply.content.array_records
+        # The site's own activity.json keeps the exact error for `fedgov site status`.
+        activity = json.loads((site_dir / "activity.json").read_text())
+        assert activity["outcome"] == "declined"
+        assert activity["reason"].startswith(f"data invalid: site data {data_path}: column 'los'")
 
 
 def test_a_node_without_data_settings_is_told_what_is_expected():

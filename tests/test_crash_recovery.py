@@ -48,6 +48,7 @@ RUN_TIMEOUT = 400.0
 RUN = [
     "dataset=medpar", "federation.num_sites=3", "privacy=sample_dp", "seed=11",
     "progress=true", "run_id=crash-recovery",
+    "privacy.noise_multiplier=1.0",  # a fixed σ (fedgov run would plan σ for ε 1 per run)
 ]  # fmt: skip
 
 

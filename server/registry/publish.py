@@ -317,6 +317,14 @@ def run_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _default_model_name(schema_name: str, architecture: str) -> str:
+    """``<schema>-<model>``, lower-cased to the registry's alphabet (a-z, 0-9, '.', '_', '-')."""
+    import re
+
+    stem = re.sub(r"[^a-z0-9._-]+", "-", schema_name.lower()).strip("-._") or "model"
+    return f"{stem}-{architecture}"[:64]
+
+
 def publish_run(
     run_dir: str | Path,
     cfg: RunConfig,
@@ -342,8 +350,12 @@ def publish_run(
     try:
         key_path = Path(cfg.registry.signing_key or registry.default_publisher_key_path())
         key, created = load_or_create_key(key_path)
-        name = cfg.registry.model_name or f"{cfg.dataset.name}-{cfg.model.name}"
+        # Named after the schema the model was trained for (the bundled dataset's name in
+        # simulations), never a bundled dataset the federation did not use.
+        name = cfg.registry.model_name or _default_model_name(schema.name, cfg.model.name)
         run_id_text = str(run_id) if run_id is not None else uuid.uuid4().hex
+        lineage = run_lineage(cfg, metrics, run_id_text, run_dir.resolve())
+        lineage["dataset"] = schema.name
         record = publish_model(
             registry,
             name=name,
@@ -351,7 +363,7 @@ def publish_run(
             spec=ModelSpec(cfg.model.name, cfg.model.hidden),
             schema=schema,
             run_config=to_flower_config(cfg),
-            lineage=run_lineage(cfg, metrics, run_id_text, run_dir.resolve()),
+            lineage=lineage,
             metrics=run_metrics(metrics),
             privacy_report=privacy_report,
             key=key,
