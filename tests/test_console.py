@@ -272,7 +272,8 @@ def test_models_pages_show_gates_approvals_and_audit_as_the_registry_evaluates_t
 
     url, out = world["url"], world["out"]
     models = _json(f"{url}/models")
-    assert models["audit"]["ok"] is True and models["audit"]["entries"] == 6
+    # the demo's log: policy version 1, two publishes, the approvals and the promotion
+    assert models["audit"]["ok"] is True and models["audit"]["entries"] == 7
     model = models["models"][0]
     assert model["aliases"]["production"]["version"] == 1
     assert [(p["alias"], p["version"], p["by"]) for p in model["alias_history"]] == [
