@@ -180,6 +180,10 @@ def init_site(
     public_key = create_node_auth_key(out / "keys" / "node.key")
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
+    # The app installed here is the one app this site runs until its operator approves another.
+    from clients.app_approval import approve_installed_app
+
+    approve_installed_app(out, site_id, comment="the app installed at site init")
     fields: dict[str, Any] = {
         "site_id": site_id,
         "coordinator": coordinator,
@@ -426,6 +430,11 @@ def run_supernode(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
     env = site_environment(settings)
+    # Every ClientApp Flower starts by name (stock executor, forking executor's fallback) is the
+    # guarded one (clients/app_guard.py): an app the site did not approve never runs.
+    from clients.app_guard import write_clientapp_shim
+
+    env["PATH"] = f"{write_clientapp_shim(settings.site_dir)}{os.pathsep}{env.get('PATH', '')}"
     if runtime != "stock":
         write_superexec_secret(settings)
     if runtime == "fedgov" and doorbell.available():

@@ -50,6 +50,8 @@ class RoundRecord:
     sites_connected: int = 0
     declined: list[str] = field(default_factory=list)
     decline_reasons: dict[str, str] = field(default_factory=dict)
+    # Sites that refused to run this run's app at all (not approved there): site → reason.
+    refused: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     train_loss: float | None = None
     eval_loss: float | None = None
@@ -81,6 +83,8 @@ class SiteDirectory:
         self._grid = grid
         self._timeout = timeout
         self.by_node: dict[int, SiteInfo] = {}
+        # Nodes whose site refused the run's app (clients/app_guard.py): not asked again.
+        self.refused: dict[int, tuple[str, str]] = {}  # node id -> (site id, reason)
 
     def refresh(self) -> None:
         """Query nodes that connected since the last call; forget nodes that left."""
@@ -88,7 +92,7 @@ class SiteDirectory:
         for node_id in list(self.by_node):
             if node_id not in online:
                 del self.by_node[node_id]
-        new = sorted(online - set(self.by_node))
+        new = sorted(online - set(self.by_node) - set(self.refused))
         if not new:
             return
         queries = [
@@ -100,6 +104,11 @@ class SiteDirectory:
             if reply.has_error():
                 log(WARNING, "node %s failed discovery: %s", reply.metadata.src_node_id,
                     reply.error.reason)  # fmt: skip
+                continue
+            if (reason := keys.decline_reason(reply)) is not None:
+                site_id = keys.reply_site_id(reply) or f"node-{reply.metadata.src_node_id}"
+                log(WARNING, "site %s refused: %s", site_id, reason)
+                self.refused[reply.metadata.src_node_id] = (site_id, reason)
                 continue
             site = reply.content.config_records[keys.SITE]
             info = SiteInfo(str(site[keys.SITE_ID]), int(site["num-train"]), int(site["num-test"]))
@@ -118,11 +127,17 @@ class SiteDirectory:
             if len(self.by_node) >= count:
                 return
             if time.monotonic() > deadline:
+                refused = "; ".join(reason for _, reason in self.refused.values())
                 raise FedgovError(
                     f"federation: only {len(self.by_node)} of {count} sites connected within "
                     f"{self._timeout:.0f} s (federation.round_timeout)"
+                    + (f"; refused: {refused}" if refused else "")
                 )
             time.sleep(DISCOVERY_POLL_SECONDS)
+
+    def refusals(self) -> dict[str, str]:
+        """{site id: reason} of the sites that refused the run's app."""
+        return {site_id: reason for site_id, reason in sorted(self.refused.values())}
 
     def node_of(self) -> dict[str, int]:
         return {info.site_id: node_id for node_id, info in self.by_node.items()}
@@ -182,6 +197,7 @@ def run_rounds(
             chosen = poisson  # site-level DP: Poisson sampling, accounted at its rate
         view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
         record = RoundRecord(round=server_round, participants=[], sites_connected=len(node_of))
+        record.refused = directory.refusals()
 
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
@@ -209,7 +225,10 @@ def run_rounds(
             else []
         )
         eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
-        good_eval = [reply for _, reply in eval_replies if not reply.has_error()]
+        good_eval = [
+            reply for _, reply in eval_replies
+            if not reply.has_error() and keys.decline_reason(reply) is None
+        ]  # fmt: skip
         if good_eval:
             eval_metrics = strategy.aggregate_evaluate(server_round, good_eval)
             record.eval_loss = _metric(eval_metrics, "eval_loss")
