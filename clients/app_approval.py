@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedgov.errors import FedgovError
+from fedgov.records import atomic_write_bytes
 from privacy.receipts import canonical_json, load_site_key, public_key_bytes
 
 APPS_DIR = "apps"
@@ -291,8 +292,6 @@ class AppLog:
         """Keep a FAB's bytes for review (never unpacked)."""
         path = self.folder / FABS_DIR / f"{digest}.fab"
         if not path.exists():
-            from fedgov.records import atomic_write_bytes
-
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, fab)
         return path
@@ -315,8 +314,6 @@ class AppLog:
                 return digest
         digest = fab_app_digest(fab)
         with contextlib.suppress(OSError):
-            from fedgov.records import atomic_write_bytes
-
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(cached, digest.encode())
         return digest

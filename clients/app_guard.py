@@ -19,6 +19,11 @@ The guard rebinds, in ``flwr.supernode.runtime.run_clientapp``'s namespace only,
 - ``get_load_client_app_fn``: for a refused FAB, a loader that imports nothing and returns
   :class:`RefusingApp`, whose reply is a decline naming the site and the app digest.
 
+For an approved FAB the loader first forgets the modules of the packages the FAB ships that
+this process imported from the site's copy (the guard's own), so the FAB's code is what runs,
+exactly as in a stock ClientApp; in a forked task the zygote does this (it keeps its preloaded
+modules only for a FAB byte-identical to them).
+
 So an unapproved FAB is never unpacked, put on ``sys.path``, imported or run, and the
 coordinator gets a normal reply (a decline) for the message. A site without ``site-dir`` in its
 node config is not a fedgov site (a plain ``flower-supernode``): its tasks pass unchecked.
@@ -28,12 +33,25 @@ task stops before pulling anything (fail closed); ``tests/test_app_approval.py``
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
+import io
 import os
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from flwr.app import Message
+
+# Everything the guard runs is imported here, never inside its functions: in a forked task the
+# zygote drops the app's modules from ``sys.modules`` before the guard runs, and an import then
+# would load them again from the site's copy, ahead of the FAB's (clients/zygote.py).
+from clients.app_approval import AppRefused, refuse_unapproved_app
+from clients.site_status import record_activity
+from fedgov import messages as keys
 
 #: The module whose names are rebound, and the parameters each name must take (flwr 1.42).
 RUNTIME_MODULE = "flwr.supernode.runtime.run_clientapp"
@@ -50,8 +68,6 @@ NODE_SITE_DIR, NODE_SITE_ID = "site-dir", "site-id"
 
 def guard_problems() -> list[str]:
     """Why the guard cannot be installed in this Flower (empty: it can)."""
-    import importlib
-
     try:
         runtime = importlib.import_module(RUNTIME_MODULE)
     except ImportError as error:
@@ -80,10 +96,6 @@ class RefusingApp:
         self.digest = digest
 
     def __call__(self, message: Any, context: Any) -> Any:
-        from flwr.app import Message
-
-        from fedgov import messages as keys
-
         content = keys.decline_content(
             self.site_id, self.reason, refused="app", **{"app-digest": self.digest}
         )
@@ -96,10 +108,10 @@ class TaskGuard:
     def __init__(self) -> None:
         self.checked = False
         self.refusal: RefusingApp | None = None
+        self.fab_content = b""
 
     def check(self, context: Any, run: Any, fab: Any) -> None:
-        from clients.app_approval import AppRefused, refuse_unapproved_app
-
+        self.fab_content = bytes(fab.content)
         node_config = context.node_config
         site_dir = str(node_config.get(NODE_SITE_DIR, "") or "")
         self.checked = True
@@ -115,19 +127,33 @@ class TaskGuard:
 
 def _record_refusal(site_dir: str, run: Any, reason: str) -> None:
     """``fedgov site status`` shows the refusal as the site's last activity."""
-    import contextlib
-
-    from clients.site_status import record_activity
-
     with contextlib.suppress(OSError):
         record_activity(site_dir, run_id=str(run.run_id), flower_run_id=run.run_id,
                         server_round=0, outcome="refused", reason=reason)  # fmt: skip
 
 
-def install_app_guard() -> TaskGuard:
-    """Rebind the four names (see the module docstring); the guard that holds the verdict."""
-    import importlib
+def shipped_packages(fab: bytes) -> set[str]:
+    """Top-level module names a FAB ships (``clients``, ``fedgov``, a root ``module.py``...)."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".py")]
+    return {n.split("/", 1)[0] if "/" in n else n[: -len(".py")] for n in names}
 
+
+def drop_modules(packages: set[str]) -> None:
+    """Forget imported modules of ``packages``: the FAB's own copies are imported next."""
+    for name in [m for m in sys.modules if m.partition(".")[0] in packages]:
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+
+
+def install_app_guard(drop_site_modules: bool = True) -> TaskGuard:
+    """Rebind the four names (see the module docstring); the guard that holds the verdict.
+
+    ``drop_site_modules``: before an approved FAB's app is loaded, forget the modules of the
+    packages it ships that this process imported from the site's copy (the guard's own), so
+    that the FAB's are the ones that run; a forked task leaves this to the zygote, which keeps
+    its preloaded modules only where the installed FAB is byte-identical to them.
+    """
     runtime = importlib.import_module(RUNTIME_MODULE)
     guard = TaskGuard()
     pull, install = runtime.pull_task_input, runtime.install_from_fab
@@ -150,6 +176,8 @@ def install_app_guard() -> TaskGuard:
         if guard.refusal is not None:
             refusal = guard.refusal
             return lambda *_args, **_kwargs: refusal  # nothing imported
+        if drop_site_modules and guard.fab_content:
+            drop_modules(shipped_packages(guard.fab_content))
         return loader(*args, **kwargs)
 
     runtime.pull_task_input = pull_task_input
@@ -159,17 +187,22 @@ def install_app_guard() -> TaskGuard:
     return guard
 
 
-def guarded_clientapp() -> None:
+def guarded_clientapp(drop_site_modules: bool = True) -> None:
     """``flwr-clientapp``, with the app guard installed first (fails closed if it cannot be)."""
     problems = guard_problems()
     if problems:
         print("fedgov app guard: cannot check apps, running nothing: " + "; ".join(problems),
               file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(1)
-    install_app_guard()
+    install_app_guard(drop_site_modules)
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     flwr_clientapp()
+
+
+def guarded_forked_clientapp() -> None:
+    """:func:`guarded_clientapp` in a task forked from the zygote (which drops app modules)."""
+    guarded_clientapp(drop_site_modules=False)
 
 
 def write_clientapp_shim(site_dir: str | Path, python: str = sys.executable) -> Path:

@@ -71,7 +71,7 @@ CLIENTAPP_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
 #: Always imported before the app modules.
 BASE_PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp")
 #: A fedgov site's task entry: the ClientApp behind the site's app approval (clients/app_guard.py).
-GUARDED_CLIENTAPP_ENTRY = "clients.app_guard:guarded_clientapp"
+GUARDED_CLIENTAPP_ENTRY = "clients.app_guard:guarded_forked_clientapp"
 #: What ``clients.app`` imports lazily on some paths (differential privacy), and the app guard
 #: with what it checks with: preloaded too.
 DEFAULT_PRELOAD = (
