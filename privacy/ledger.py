@@ -13,10 +13,13 @@ The ledger is the site's, not the server's: it lives in the site's directory (no
   attempt released nothing: ``released`` is written before any reply), so nothing is counted twice.
 - **Retried releases**: a round asked again after its update left the site (the coordinator died
   before it used the reply and resumed from its last checkpoint) has the same (run, round, input
-  weights). The site trains it again with the same secret seeds (clients/site_privacy.py derives
-  them from its key, the run, the round and the input hash), so it releases the same bits: the
-  ledger keeps the one spend and records the update's SHA-256 to check it. If the retry's update
-  differs (the same bits could not be reproduced), it is a new release and a new spend.
+  weights) and the same ``release_sha256`` (every other input of the release: σ, q, steps, C,
+  δ, the training settings, the model, the site's rows). The site trains it again with the same
+  secret seeds (clients/site_privacy.py derives them from its key and ``release_sha256``), so it
+  releases the same bits: the ledger keeps the one spend and records the update's SHA-256 to
+  check it. If the retry's update differs (the same bits could not be reproduced), it is a new
+  release and a new spend. A request for the round with any other input (another σ, clipping
+  norm, learning rate...) is a new release: fresh seeds, a new spend.
 - **Fail closed**: a ledger that is unreadable (bad JSON, wrong format, checksum mismatch, another
   site's or key's ledger) or missing while the site's key exists (the key proves the site was
   initialised, hence may have history) raises :class:`LedgerError`; the site then declines every
@@ -70,6 +73,9 @@ class Spend:
     signature: str = ""  # the receipt's signature (hex) once released
     recorded_at: float = field(default_factory=time.time)
     update_sha256: str = ""  # the released update's hash (checks a retry released the same bits)
+    # Everything the release depends on (clients/site_privacy.py: release_sha256): a retry is the
+    # same release only with the same value; its DP randomness is derived from it.
+    release_sha256: str = ""
 
     @property
     def entry(self) -> HistoryEntry:
@@ -316,9 +322,11 @@ def _same_attempt(existing: Spend, new: Spend) -> bool:
 
 
 def _same_round(existing: Spend, new: Spend) -> bool:
-    """The same run, round and input weights: the same round asked again."""
+    """The same run, round, input weights and every other input of the release: the same round
+    asked again, byte for byte (any other request for the round is a new release)."""
     return (
         existing.run_id == new.run_id
         and existing.round == new.round
         and existing.input_sha256 == new.input_sha256
+        and existing.release_sha256 == new.release_sha256
     )
