@@ -144,11 +144,15 @@ def project_files(root: Path) -> dict[str, Path]:
 def installed_app_fab() -> bytes:
     """The FAB Flower builds from the fedgov app installed here (``flwr run`` builds the same
     from the project folder), so its digest is the installed app's."""
+    import warnings
+
     from flwr.cli.build import build_fab_from_files
 
     from simulations.engine import app_dir
 
-    return build_fab_from_files(project_files(app_dir()))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pathspec's, inside Flower's build
+        return build_fab_from_files(project_files(app_dir()))[0]
 
 
 def diff_files(

@@ -18,7 +18,8 @@ killed, it first ends the session its predecessor left open at the coordinator
 (:func:`end_stale_session`), which would otherwise refuse the site's key for up to a minute.
 
 Everything the site's ClientApp needs reaches it through the node config (``site-id``,
-``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap``), never through the server's messages.
+``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap`` and the run policy: ``delta``,
+``require-dp``, ... see clients/site_policy.py), never through the server's messages.
 
 Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
 
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
 from clients.connector import load_schema_file, read_site_table
+from clients.site_policy import POLICY_KEYS, SitePolicy, policy_from_yaml
 from clients.site_privacy import open_site_state
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
@@ -61,6 +63,7 @@ from fedgov.errors import ConfigError, FedgovError
 SITE_KEYS = (
     "site_id", "coordinator", "ca_cert", "auth_key", "data", "schema", "epsilon_cap", "port",
     "insecure",
+    *POLICY_KEYS,  # the site's run policy (clients/site_policy.py, docs/operators.md)
 )  # fmt: skip
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
 RUNTIMES = ("fedgov", "fork", "stock")
@@ -82,6 +85,7 @@ class SiteSettings:
     epsilon_cap: float
     port: int
     insecure: bool
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     @property
     def site_dir(self) -> Path:
@@ -95,6 +99,7 @@ class SiteSettings:
             "schema-path": str(self.schema),
             "site-dir": str(self.site_dir),
             "epsilon-cap": self.epsilon_cap,
+            **self.policy.node_config(),  # delta, require-dp, max-rounds-per-run...
         }
 
 
@@ -158,6 +163,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
         epsilon_cap=float(cap),
         port=port,
         insecure=bool(data.get("insecure", False)),
+        policy=policy_from_yaml(data, str(path)),
     )
 
 
@@ -194,6 +200,7 @@ def init_site(
         "epsilon_cap": float(epsilon_cap),
         "port": port,
         "insecure": False,
+        "delta": policy_from_yaml({}, "").delta,  # this site's δ: every ε it computes uses it
     }
     config_path.write_text(yaml.safe_dump(fields, sort_keys=False))
     load_site_settings(config_path)  # what we wrote must read back

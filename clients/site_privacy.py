@@ -171,6 +171,7 @@ class RoundBudget:
     # A retry of a round whose update already left the site (see privacy/ledger.py): the same
     # seeds give the same update, which spends nothing new; other bits are a new spend.
     repeat: bool = False
+    run_cap: float | None = None  # the site policy's max_epsilon_per_run
 
     def seeds(self) -> tuple[int, int]:
         """(sampling, noise) seeds of this release: a function of the site's secret key and of
@@ -186,7 +187,9 @@ class RoundBudget:
         (:class:`BudgetRefusal` when that would pass the cap).
         """
         if self.repeat:
-            again = self.ledger.release_again(self.spend, released_sha256, self.cap)
+            again = self.ledger.release_again(self.spend, released_sha256, self.cap, self.run_cap)
+            if again.spend is None and again.reason:
+                raise BudgetRefusal(again.reason, epsilon_spent=again.epsilon_spent, cap=self.cap)
             if again.spend is None:
                 raise BudgetRefusal(
                     f"privacy budget exhausted: the retried round {self.spend.round} did not "
@@ -260,6 +263,19 @@ def reserve_round(
             cap=settings.epsilon_cap,
         )
     plan = plan_dp_sgd(cfg, num_records, delta)
+    from clients.site_policy import (
+        PolicyError,
+        SitePolicy,
+        noise_violation,
+        run_epsilon_violation,
+    )
+
+    try:
+        policy = SitePolicy.from_node_config(node_config)
+    except PolicyError as error:
+        raise BudgetRefusal(f"site policy unusable, failing closed: {error}") from None
+    if reason := noise_violation(policy, plan.noise_multiplier):
+        raise BudgetRefusal(reason, cap=settings.epsilon_cap)
     spend = Spend(
         run_id=run_id,
         round=server_round,
@@ -276,9 +292,14 @@ def reserve_round(
         ),
     )  # fmt: skip
     try:
-        reservation = ledger.reserve(spend, settings.epsilon_cap)
+        reservation = ledger.reserve(spend, settings.epsilon_cap, policy.max_epsilon_per_run)
     except LedgerError as error:
         raise BudgetRefusal(f"privacy ledger unusable, failing closed: {error}") from None
+    if reservation.spend is None and reservation.reason:  # the per-run limit, not the cap
+        raise BudgetRefusal(
+            run_epsilon_violation(policy, reservation.epsilon_after) or reservation.reason,
+            epsilon_spent=reservation.epsilon_spent, cap=settings.epsilon_cap,
+        )  # fmt: skip
     if reservation.spend is None:
         receipt = sign(
             key,
@@ -306,7 +327,7 @@ def reserve_round(
         )
     return RoundBudget(
         key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history,
-        repeat=reservation.repeat,
+        repeat=reservation.repeat, run_cap=policy.max_epsilon_per_run,
     )  # fmt: skip
 
 

@@ -124,6 +124,14 @@ def _compute_update(
     server_round: int,
 ) -> tuple[SiteUpdate, float | None]:
     """:func:`compute_update`'s work; also returns the site's ε after it (None without DP)."""
+    from clients.site_policy import PolicyError, SitePolicy, policy_violation
+
+    try:  # the site's own terms (site.yaml, via the node config), before anything trains
+        policy = SitePolicy.from_node_config(context.node_config)
+    except PolicyError as error:
+        raise SiteDeclined(f"site policy unusable, failing closed: {error}") from None
+    if reason := policy_violation(policy, cfg, server_round, site.schema.feature_names):
+        raise SiteDeclined(reason)
     model = site_model(cfg, site, global_arrays)
     proximal_mu = float(config.get("proximal-mu", 0.0))
     budget = None

@@ -155,6 +155,8 @@ class Reservation:
     # True: ``spend`` is an already released spend of the same (run, round, input): a retry that
     # spends nothing new as long as it releases the same update (:meth:`SiteLedger.release_again`).
     repeat: bool = False
+    # Why nothing was reserved when it is not the site's overall cap (e.g. its per-run limit).
+    reason: str = ""
 
 
 class SiteLedger:
@@ -213,7 +215,7 @@ class SiteLedger:
         finally:
             os.close(directory)
 
-    def reserve(self, spend: Spend, cap: float) -> Reservation:
+    def reserve(self, spend: Spend, cap: float, run_cap: float | None = None) -> Reservation:
         """Check ``spend`` against ``cap`` and, if it fits, write it as pending — one locked step.
 
         ``spend.epsilon_after`` is recomputed here from the ledger's own history (a pending entry
@@ -228,7 +230,7 @@ class SiteLedger:
             released = _released_before(state, spend)
             if released is not None:  # a retry of a release: nothing new unless the bits differ
                 return _repeat(state, released, spent)
-            return self._reserve_new(state, spend, spent, cap)
+            return self._reserve_new(state, spend, spent, cap, run_cap)
 
     def release(self, spend: Spend, signature: str, update_sha256: str = "") -> None:
         """Mark ``spend`` released with its receipt's signature (before the reply leaves)."""
@@ -247,7 +249,9 @@ class SiteLedger:
                 )
             self.write(state)
 
-    def release_again(self, released: Spend, update_sha256: str, cap: float) -> Reservation:
+    def release_again(
+        self, released: Spend, update_sha256: str, cap: float, run_cap: float | None = None
+    ) -> Reservation:
         """A retried round (``reserve`` returned ``repeat``) is about to release ``update_sha256``.
 
         The same bits as ``released``: nothing new is spent (``repeat`` again, with that spend and
@@ -263,15 +267,29 @@ class SiteLedger:
             fresh = dataclasses.replace(
                 released, status=PENDING, signature="", update_sha256="", recorded_at=time.time()
             )
-            return self._reserve_new(state, fresh, spent, cap)
+            return self._reserve_new(state, fresh, spent, cap, run_cap)
 
     def _reserve_new(
-        self, state: LedgerState, spend: Spend, spent: float, cap: float
+        self,
+        state: LedgerState,
+        spend: Spend,
+        spent: float,
+        cap: float,
+        run_cap: float | None = None,
     ) -> Reservation:
         """Write ``spend`` ahead as pending, or a decline when it would take ε (``spent`` now)
-        above ``cap``; the caller holds the lock and read ``state``."""
+        above ``cap`` or the run's own ε above ``run_cap`` (the site's per-run limit); the caller
+        holds the lock and read ``state``."""
         history = state.history()
         spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
+        if run_cap is not None:
+            run_history = [s.entry for s in state.spends if s.run_id == spend.run_id]
+            run_after = epsilon_after(run_history, spend.entry, spend.delta, spend.accountant)
+            if run_after > run_cap:
+                reason = f"max_epsilon_per_run: run {spend.run_id} would reach ε = {run_after:.4g}"
+                state.declines.append(Decline(spend.run_id, spend.round, reason, spent, run_cap))
+                self.write(state)
+                return Reservation(None, spent, run_after, history, reason=reason)
         if spend.epsilon_after > cap:
             state.declines.append(
                 Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
