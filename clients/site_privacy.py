@@ -224,6 +224,8 @@ class RoundBudget:
                 "history": [list(entry) for entry in self.history],
                 "input_sha256": self.spend.input_sha256,
                 "release_sha256": self.spend.release_sha256,
+                "ledger_seq": self.spend.ledger_seq,
+                "ledger_sha256": self.spend.ledger_sha256,
                 "update_sha256": released_sha256,
             },
         )
