@@ -472,3 +472,94 @@ def test_a_malformed_policy_in_site_yaml_is_one_line(tmp_path):
                                         "schema": "s.yaml", key: value}))  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_site_settings(path)
+
+
+# ---- (d) a ledger rolled back or edited --------------------------------------------------------
+
+
+def _train_round(cfg, node, start, server_round):
+    from flwr.app import Context, MessageType, RecordDict
+
+    from clients import app as client_app
+    from fedgov.config import to_flower_config
+
+    context = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(),
+                      run_config=to_flower_config(cfg))  # fmt: skip
+    return client_app.train(_message(MessageType.TRAIN, start, server_round), context)
+
+
+def _remove_first_spend_keep_checksum(path: Path) -> None:
+    """What a careless or hostile edit does: drop a spend, recompute the SHA-256 checksum."""
+    import hashlib
+
+    data = json.loads(path.read_text())
+    del data["spends"][0]
+    body = {k: v for k, v in data.items() if k not in ("checksum", "signature")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    data["checksum"] = hashlib.sha256(canonical.encode()).hexdigest()
+    path.write_text(json.dumps(data))
+
+
+def test_an_edited_ledger_and_an_older_copy_are_refused_until_an_explicit_restore(
+    tmp_path, task_identity, capsys
+):
+    from fedgov import messages
+    from fedgov.cli import main as fedgov_main
+    from privacy.ledger import JOURNAL_FILE, LEDGER_FILE, SiteLedger
+    from privacy.receipts import PRIVATE_KEY_FILE, Receipt
+
+    cfg = _policy_cfg()
+    site_dir = tmp_path / "site"
+    node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
+            "epsilon-cap": 50.0}  # fmt: skip
+    start = _start_arrays(cfg)
+    ledger = SiteLedger(site_dir, "site-00", PRIVATE_KEY_FILE)
+    receipts = []
+    for server_round in (1, 2):
+        reply = _train_round(cfg, node, start, server_round)
+        assert messages.decline_reason(reply) is None, messages.decline_reason(reply)
+        receipts.append(Receipt.from_record(reply.content.config_records[messages.RECEIPT]))
+        if server_round == 1:
+            backup = tmp_path / "backup-after-round-1.json"
+            backup.write_bytes((site_dir / LEDGER_FILE).read_bytes())
+    # Every receipt names the journalled ledger write its spend was reserved against.
+    journal = {entry["seq"]: entry["sha256"] for entry in ledger.journal()}
+    for receipt in receipts:
+        assert journal[receipt.payload["ledger_seq"]] == receipt.payload["ledger_sha256"]
+    assert receipts[1].payload["ledger_seq"] > receipts[0].payload["ledger_seq"]
+    current = (site_dir / LEDGER_FILE).read_bytes()
+
+    def declined(server_round: int) -> str:
+        reply = _train_round(cfg, node, start, server_round)
+        assert not reply.content.array_records  # nothing trained, nothing released
+        reason = messages.decline_reason(reply)
+        assert reason is not None and "failing closed" in reason
+        return reason
+
+    # (1) Spends removed, checksum recomputed: not signed by the site's key.
+    _remove_first_spend_keep_checksum(site_dir / LEDGER_FILE)
+    assert "not signed by this site's key" in declined(3)
+    # (2) The older copy from the backup (signed, fewer spends): older than its journal.
+    (site_dir / LEDGER_FILE).write_bytes(backup.read_bytes())
+    assert "is an older copy" in declined(3)
+    # (3) The ledger swapped back: the site trains on, and spends are as before the attack.
+    (site_dir / LEDGER_FILE).write_bytes(current)
+    assert [s.round for s in ledger.read().spends] == [1, 2]
+
+    # (4) A legitimate restore is explicit and journalled; the site then accepts the backup.
+    (site_dir / "site.yaml").write_text(yaml.safe_dump(
+        {"site_id": "site-00", "coordinator": "h:1", "data": "d.csv", "schema": "s.yaml"}
+    ))  # fmt: skip
+    config = str(site_dir / "site.yaml")
+    with pytest.raises(SystemExit):  # --reason is required
+        fedgov_main(["site", "ledger", "restore", str(backup), "--config", config])
+    capsys.readouterr()
+    assert fedgov_main(["site", "ledger", "restore", str(backup), "--reason", "disk lost",
+                        "--config", config]) == 0  # fmt: skip
+    assert "ledger restored" in capsys.readouterr().out
+    assert [s.round for s in ledger.read().spends] == [1]
+    last = ledger.journal()[-1]
+    assert last["event"] == "restore" and "disk lost" in last["reason"]
+    assert (site_dir / JOURNAL_FILE).read_bytes().count(b"\n") == len(ledger.journal())
+    reply = _train_round(cfg, node, start, 2)
+    assert messages.decline_reason(reply) is None
