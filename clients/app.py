@@ -14,7 +14,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import secagg
+from clients import secagg, site_policy
 from clients.site_data import SiteData, load_site_data
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
@@ -110,6 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         site_id = str(context.node_config.get("site-id", "") or "")
         return Message(keys.decline_content(site_id, site_query.DATA_INVALID), reply_to=msg)
     try:
+        site_policy.refuse_outside_policy(cfg, context.node_config, clear=True)
         update = compute_update(
             cfg,
             site,
@@ -135,6 +136,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out rows."""
     cfg, site = _prepare(context)
+    try:
+        site_policy.refuse_outside_policy(cfg, context.node_config, evaluate=True)
+    except SiteDeclined as declined:  # e.g. report_eval_metrics off: nothing computed
+        return Message(keys.decline_content(site.site_id, declined.reason), reply_to=msg)
     result = evaluate(site_model(cfg, site, msg.content.array_records[keys.ARRAYS]), site.test)
     metrics = MetricRecord(
         {"eval_loss": result.loss, "eval_accuracy": result.accuracy,

@@ -18,7 +18,8 @@ killed, it first ends the session its predecessor left open at the coordinator
 (:func:`end_stale_session`), which would otherwise refuse the site's key for up to a minute.
 
 Everything the site's ClientApp needs reaches it through the node config (``site-id``,
-``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap``), never through the server's messages.
+``data-path``, ``schema-path``, ``site-dir``, ``epsilon-cap`` and the run policy: ``delta``,
+``require-dp``, ... see clients/site_policy.py), never through the server's messages.
 
 Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
 
@@ -46,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
+from clients.site_policy import POLICY_KEYS, SitePolicy, policy_from_yaml
 from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
@@ -63,6 +65,7 @@ from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
 SITE_KEYS = (
     "site_id", "coordinator", "ca_cert", "auth_key", "data", "schema", "epsilon_cap", "port",
     "insecure",
+    *POLICY_KEYS,  # the site's run policy (clients/site_policy.py, docs/operators.md)
 )  # fmt: skip
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
 RUNTIMES = ("fedgov", "fork", "stock")
@@ -85,6 +88,7 @@ class SiteSettings:
     epsilon_cap: float
     port: int
     insecure: bool
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     @property
     def site_dir(self) -> Path:
@@ -98,6 +102,7 @@ class SiteSettings:
             "schema-path": str(self.schema),
             "site-dir": str(self.site_dir),
             "epsilon-cap": self.epsilon_cap,
+            **self.policy.node_config(),  # delta, require-dp, max-rounds-per-run...
         }
 
 
@@ -163,6 +168,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
         epsilon_cap=float(cap),
         port=port,
         insecure=bool(data.get("insecure", False)),
+        policy=policy_from_yaml(data, str(path)),
     )
 
 
@@ -187,6 +193,10 @@ def init_site(
 
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
+    # The app installed here is the one app this site runs until its operator approves another.
+    from clients.app_approval import approve_installed_app
+
+    approve_installed_app(out, site_id, comment="the app installed at site init")
     fields: dict[str, Any] = {
         "site_id": site_id,
         "coordinator": coordinator,
@@ -197,6 +207,7 @@ def init_site(
         "epsilon_cap": float(epsilon_cap),
         "port": port,
         "insecure": False,
+        "delta": policy_from_yaml({}, "").delta,  # this site's δ: every ε it computes uses it
     }
     config_path.write_text(yaml.safe_dump(fields, sort_keys=False))
     load_site_settings(config_path)  # what we wrote must read back
@@ -518,6 +529,11 @@ def _run_site_processes(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
     env = site_environment(settings)
+    # Every ClientApp Flower starts by name (stock executor, forking executor's fallback) is the
+    # guarded one (clients/app_guard.py): an app the site did not approve never runs.
+    from clients.app_guard import write_clientapp_shim
+
+    env["PATH"] = f"{write_clientapp_shim(settings.site_dir)}{os.pathsep}{env.get('PATH', '')}"
     if runtime != "stock":
         write_superexec_secret(settings)
     if runtime == "fedgov" and doorbell.available():

@@ -17,6 +17,7 @@ in simulation ``simulations.engine`` gives every simulated site its own (the run
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from privacy.ledger import LedgerError, LedgerState, SiteLedger, Spend
 from privacy.receipts import (
     PRIVATE_KEY_FILE,
     Receipt,
+    canonical_json,
     create_site_key,
     load_site_key,
     public_key_bytes,
@@ -169,9 +171,13 @@ class RoundBudget:
     # A retry of a round whose update already left the site (see privacy/ledger.py): the same
     # seeds give the same update, which spends nothing new; other bits are a new spend.
     repeat: bool = False
+    run_cap: float | None = None  # the site policy's max_epsilon_per_run
 
     def seeds(self) -> tuple[int, int]:
-        return secret_seeds(self.key, self.spend.run_id, self.spend.round, self.spend.input_sha256)
+        """(sampling, noise) seeds of this release: a function of the site's secret key and of
+        everything the release depends on (``release_sha256``), so a byte-identical retry draws
+        the same and any other request draws independent randomness."""
+        return secret_seeds(self.key, "release", self.spend.release_sha256)
 
     def release(self, released_sha256: str) -> Receipt:
         """Sign the receipt and mark the spend released (call just before replying).
@@ -181,7 +187,9 @@ class RoundBudget:
         (:class:`BudgetRefusal` when that would pass the cap).
         """
         if self.repeat:
-            again = self.ledger.release_again(self.spend, released_sha256, self.cap)
+            again = self.ledger.release_again(self.spend, released_sha256, self.cap, self.run_cap)
+            if again.spend is None and again.reason:
+                raise BudgetRefusal(again.reason, epsilon_spent=again.epsilon_spent, cap=self.cap)
             if again.spend is None:
                 raise BudgetRefusal(
                     f"privacy budget exhausted: the retried round {self.spend.round} did not "
@@ -215,6 +223,9 @@ class RoundBudget:
                 "cap": self.cap,
                 "history": [list(entry) for entry in self.history],
                 "input_sha256": self.spend.input_sha256,
+                "release_sha256": self.spend.release_sha256,
+                "ledger_seq": self.spend.ledger_seq,
+                "ledger_sha256": self.spend.ledger_sha256,
                 "update_sha256": released_sha256,
             },
         )
@@ -228,8 +239,15 @@ def reserve_round(
     run_id: str,
     server_round: int,
     input_sha256: str,
+    *,
+    request_sha256: str = "",
 ) -> RoundBudget:
     """Check this round against the site's cap and reserve it in the ledger (write-ahead).
+
+    ``request_sha256`` (:func:`release_request_sha256`): what else the release depends on (the
+    run's training settings, the round's train config, the site's rows); with the plan (σ, q,
+    steps, C, n), δ, the run, the round and the input weights it makes the spend's
+    ``release_sha256``, from which the release's DP randomness is derived.
 
     Raises :class:`BudgetRefusal` (→ a decline) when the settings are missing, the ledger cannot
     be trusted, δ is not below 1/n, or the round would take ε above the cap.
@@ -247,6 +265,19 @@ def reserve_round(
             cap=settings.epsilon_cap,
         )
     plan = plan_dp_sgd(cfg, num_records, delta)
+    from clients.site_policy import (
+        PolicyError,
+        SitePolicy,
+        noise_violation,
+        run_epsilon_violation,
+    )
+
+    try:
+        policy = SitePolicy.from_node_config(node_config)
+    except PolicyError as error:
+        raise BudgetRefusal(f"site policy unusable, failing closed: {error}") from None
+    if reason := noise_violation(policy, plan.noise_multiplier):
+        raise BudgetRefusal(reason, cap=settings.epsilon_cap)
     spend = Spend(
         run_id=run_id,
         round=server_round,
@@ -257,11 +288,20 @@ def reserve_round(
         accountant=cfg.privacy.accountant,
         epsilon_after=0.0,
         input_sha256=input_sha256,
-    )
+        release_sha256=release_sha256(
+            request_sha256, run_id, server_round, input_sha256, plan, delta,
+            cfg.privacy.accountant,
+        ),
+    )  # fmt: skip
     try:
-        reservation = ledger.reserve(spend, settings.epsilon_cap)
+        reservation = ledger.reserve(spend, settings.epsilon_cap, policy.max_epsilon_per_run)
     except LedgerError as error:
         raise BudgetRefusal(f"privacy ledger unusable, failing closed: {error}") from None
+    if reservation.spend is None and reservation.reason:  # the per-run limit, not the cap
+        raise BudgetRefusal(
+            run_epsilon_violation(policy, reservation.epsilon_after) or reservation.reason,
+            epsilon_spent=reservation.epsilon_spent, cap=settings.epsilon_cap,
+        )  # fmt: skip
     if reservation.spend is None:
         receipt = sign(
             key,
@@ -289,8 +329,51 @@ def reserve_round(
         )
     return RoundBudget(
         key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history,
-        repeat=reservation.repeat,
+        repeat=reservation.repeat, run_cap=policy.max_epsilon_per_run,
     )  # fmt: skip
+
+
+#: Run-config keys that change nothing a site releases (a resumed run differs in some of them);
+#: every other key is an input of the release (including one more is only conservative).
+NOT_RELEASE_INPUTS = frozenset({"resume", "output_dir", "progress", "run_id"})
+NOT_RELEASE_PREFIXES = ("federation.", "registry.")
+
+
+def release_request_sha256(
+    cfg: RunConfig, train_config: Mapping[str, Any], data_sha256: str
+) -> str:
+    """SHA-256 of what a release depends on besides its plan: the run config's training settings
+    (model, optimiser, lr, momentum, epochs, batch, σ, C, accountant, seed...), the round's train
+    config (e.g. FedProx's μ) and the site's training rows (``data_sha256``)."""
+    from fedgov.config import to_flower_config
+
+    settings = {
+        key: value
+        for key, value in to_flower_config(cfg).items()
+        if key not in NOT_RELEASE_INPUTS and not key.startswith(NOT_RELEASE_PREFIXES)
+    }
+    config = {str(key): repr(value) for key, value in train_config.items()}
+    payload = {"run_config": settings, "train_config": config, "data": data_sha256}
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def release_sha256(
+    request_sha256: str,
+    run_id: str,
+    server_round: int,
+    input_sha256: str,
+    plan: DpSgdPlan,
+    delta: float,
+    accountant: str,
+) -> str:
+    """SHA-256 of everything a release depends on: equal for a byte-identical retry only."""
+    payload = {
+        "request": request_sha256, "run": run_id, "round": server_round, "input": input_sha256,
+        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+        "steps": plan.steps, "max_grad_norm": plan.max_grad_norm, "records": plan.num_records,
+        "delta": delta, "accountant": accountant,
+    }  # fmt: skip
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
 def receipt_fields(receipt: Receipt) -> dict[str, str]:

@@ -57,7 +57,12 @@ from flwr.supercore.superexec.executor import (
 )
 
 from clients import doorbell
-from clients.zygote import CLIENTAPP_ENTRY, DEFAULT_PRELOAD, SINGLE_THREAD_ENVIRONMENT
+from clients.zygote import (
+    CLIENTAPP_ENTRY,
+    DEFAULT_PRELOAD,
+    GUARDED_CLIENTAPP_ENTRY,
+    SINGLE_THREAD_ENVIRONMENT,
+)
 from fedgov.flower_hooks import (
     install_executor_factory,
     install_superexec_sleep,
@@ -274,7 +279,7 @@ class ForkingExecutor:
         ready_timeout: float = READY_TIMEOUT_SECONDS,
         zygote_factory: Callable[[], ZygoteProcess] | None = None,
         fallback: SubprocessExecutor | None = None,
-        entry: str = CLIENTAPP_ENTRY,
+        entry: str = GUARDED_CLIENTAPP_ENTRY,
     ) -> None:
         if max_tasks < 1:
             raise ValueError("max_tasks must be at least 1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 
@@ -45,6 +46,17 @@ class SiteUpdate:
     def extra_records(self) -> dict[str, ConfigRecord]:
         """Records to add to the reply next to the update (the receipt, under ``receipt``)."""
         return {keys.RECEIPT: self.receipt} if self.receipt is not None else {}
+
+
+def rows_sha256(site: SiteData) -> str:
+    """SHA-256 of the site's training rows (features and labels, with shapes and types)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (site.train.x, site.train.y):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
 
 
 def site_model(cfg: RunConfig, site: SiteData, arrays: ArrayRecord) -> torch.nn.Module:
@@ -112,18 +124,27 @@ def _compute_update(
     server_round: int,
 ) -> tuple[SiteUpdate, float | None]:
     """:func:`compute_update`'s work; also returns the site's ε after it (None without DP)."""
+    from clients.site_policy import PolicyError, SitePolicy, policy_violation
+
+    try:  # the site's own terms (site.yaml, via the node config), before anything trains
+        policy = SitePolicy.from_node_config(context.node_config)
+    except PolicyError as error:
+        raise SiteDeclined(f"site policy unusable, failing closed: {error}") from None
+    if reason := policy_violation(policy, cfg, server_round, site.schema.feature_names):
+        raise SiteDeclined(reason)
     model = site_model(cfg, site, global_arrays)
     proximal_mu = float(config.get("proximal-mu", 0.0))
     budget = None
     if sample_level_on(cfg):
         from clients.dp_training import train_local_dp
-        from clients.site_privacy import BudgetRefusal, reserve_round
+        from clients.site_privacy import BudgetRefusal, release_request_sha256, reserve_round
         from privacy.receipts import arrays_sha256
 
         try:
             budget = reserve_round(
                 cfg, context.node_config, site.site_id, len(site.train.y), run_id,
                 server_round, arrays_sha256(arrays_to_numpy(global_arrays)),
+                request_sha256=release_request_sha256(cfg, config, rows_sha256(site)),
             )  # fmt: skip
         except BudgetRefusal as refusal:
             raise SiteDeclined(refusal.reason, **refusal.details) from None

@@ -70,8 +70,14 @@ SINGLE_THREAD_ENVIRONMENT = {
 CLIENTAPP_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
 #: Always imported before the app modules.
 BASE_PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp")
-#: What ``clients.app`` imports lazily on some paths (differential privacy): preloaded too.
-DEFAULT_PRELOAD = ("clients.app", "clients.dp_training", "clients.site_privacy")
+#: A fedgov site's task entry: the ClientApp behind the site's app approval (clients/app_guard.py).
+GUARDED_CLIENTAPP_ENTRY = "clients.app_guard:guarded_forked_clientapp"
+#: What ``clients.app`` imports lazily on some paths (differential privacy), and the app guard
+#: with what it checks with: preloaded too.
+DEFAULT_PRELOAD = (
+    "clients.app", "clients.dp_training", "clients.site_privacy", "clients.app_guard",
+    "clients.app_approval",
+)  # fmt: skip
 #: App files compared with a task's FAB.
 COMPARED_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
 #: Diagnostics: set to a folder, every forked task writes a cProfile there (task-PID.prof).
@@ -423,6 +429,9 @@ def _run_child(
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
+        # The entry (the app guard) is resolved before the app's modules are dropped: it is the
+        # site's own code, never the FAB's, and it decides whether the FAB may be imported.
+        target = load_entry(entry)
         for name in evict:
             sys.modules.pop(name, None)
         importlib.invalidate_caches()
@@ -436,11 +445,11 @@ def _run_child(
 
             profiler = cProfile.Profile()
             try:
-                profiler.runcall(load_entry(entry))
+                profiler.runcall(target)
             finally:
                 profiler.dump_stats(os.path.join(profile_dir, f"task-{os.getpid()}.prof"))
         else:
-            load_entry(entry)()
+            target()
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)

@@ -72,3 +72,11 @@ def decline_reason(reply: Message) -> str | None:
     if reply.has_error() or DECLINE not in reply.content.config_records:
         return None
     return str(reply.content.config_records[DECLINE]["reason"])
+
+
+def is_app_refusal(reply: Message) -> bool:
+    """Whether a reply declines because the site refused to run this run's app (not approved
+    there: clients/app_guard.py), rather than declining one round."""
+    if reply.has_error() or DECLINE not in reply.content.config_records:
+        return False
+    return reply.content.config_records[DECLINE].get("refused") == "app"

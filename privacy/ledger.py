@@ -13,17 +13,27 @@ The ledger is the site's, not the server's: it lives in the site's directory (no
   attempt released nothing: ``released`` is written before any reply), so nothing is counted twice.
 - **Retried releases**: a round asked again after its update left the site (the coordinator died
   before it used the reply and resumed from its last checkpoint) has the same (run, round, input
-  weights). The site trains it again with the same secret seeds (clients/site_privacy.py derives
-  them from its key, the run, the round and the input hash), so it releases the same bits: the
-  ledger keeps the one spend and records the update's SHA-256 to check it. If the retry's update
-  differs (the same bits could not be reproduced), it is a new release and a new spend.
+  weights) and the same ``release_sha256`` (every other input of the release: σ, q, steps, C,
+  δ, the training settings, the model, the site's rows). The site trains it again with the same
+  secret seeds (clients/site_privacy.py derives them from its key and ``release_sha256``), so it
+  releases the same bits: the ledger keeps the one spend and records the update's SHA-256 to
+  check it. If the retry's update differs (the same bits could not be reproduced), it is a new
+  release and a new spend. A request for the round with any other input (another σ, clipping
+  norm, learning rate...) is a new release: fresh seeds, a new spend.
 - **Fail closed**: a ledger that is unreadable (bad JSON, wrong format, checksum mismatch, another
   site's or key's ledger) or missing while the site's key exists (the key proves the site was
   initialised, hence may have history) raises :class:`LedgerError`; the site then declines every
   round with that message until an operator restores the ledger. It never starts over at zero.
 
-The file holds a SHA-256 checksum of its own canonical content, so a truncated or hand-edited
-ledger is detected.
+The file holds a SHA-256 checksum of its own canonical content (damage), an Ed25519 signature
+by the site's key (``site_key.pem``) over it once the key exists (an edit with the checksum
+recomputed: spends removed, ε lowered), and a sequence number ``seq`` that every write
+increments. Beside it, ``privacy_ledger.journal`` is an append-only log: one line per write
+(``seq``, the ledger's SHA-256, the previous line's SHA-256, signed). A ledger older than its
+journal (a copy restored from an old backup: fewer spends) or one that does not match the
+journal's entry for its ``seq`` is refused; the only way back is the explicit, journalled
+``fedgov site ledger restore`` (:meth:`SiteLedger.restore`). Every receipt carries the ``seq``
+and SHA-256 of the ledger state that reserved its spend.
 """
 
 from __future__ import annotations
@@ -40,12 +50,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from privacy.accounting import HistoryEntry, epsilon, epsilon_after, normalise_history
 
 LEDGER_FILE = "privacy_ledger.json"
+JOURNAL_FILE = "privacy_ledger.journal"
 LOCK_FILE = ".privacy_ledger.lock"
 LEDGER_FORMAT = "fedgov-privacy-ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 PENDING, RELEASED = "pending", "released"
 
 
@@ -70,6 +85,13 @@ class Spend:
     signature: str = ""  # the receipt's signature (hex) once released
     recorded_at: float = field(default_factory=time.time)
     update_sha256: str = ""  # the released update's hash (checks a retry released the same bits)
+    # Everything the release depends on (clients/site_privacy.py: release_sha256): a retry is the
+    # same release only with the same value; its DP randomness is derived from it.
+    release_sha256: str = ""
+    # The ledger write this spend was reserved against (its seq and SHA-256, in the journal):
+    # the receipt names it, so a ledger rolled back behind it is provably older.
+    ledger_seq: int = 0
+    ledger_sha256: str = ""
 
     @property
     def entry(self) -> HistoryEntry:
@@ -96,21 +118,34 @@ class LedgerState:
     public_key: str = ""  # hex of the site's Ed25519 public key, bound at initialisation
     spends: list[Spend] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
+    seq: int = 0  # incremented by every write (the journal records each)
+    prev_sha256: str = ""  # the digest of the state this one replaced
+    signature: str = ""  # hex Ed25519 signature by the site's key over the body ("" before it)
+
+    @property
+    def sha256(self) -> str:
+        """The digest of this state's signed body (receipts and the journal name it)."""
+        return _checksum(self.body())
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": LEDGER_FORMAT,
+            "version": LEDGER_VERSION,
+            "site_id": self.site_id,
+            "public_key": self.public_key,
+            "seq": self.seq,
+            "prev_sha256": self.prev_sha256,
+            "spends": [asdict(s) for s in self.spends],
+            "declines": [asdict(d) for d in self.declines],
+        }
 
     def history(self) -> list[HistoryEntry]:
         """Every spend (pending ones included) as Opacus accountant history."""
         return normalise_history(spend.entry for spend in self.spends)
 
     def to_json(self) -> dict[str, Any]:
-        body = {
-            "format": LEDGER_FORMAT,
-            "version": LEDGER_VERSION,
-            "site_id": self.site_id,
-            "public_key": self.public_key,
-            "spends": [asdict(s) for s in self.spends],
-            "declines": [asdict(d) for d in self.declines],
-        }
-        return {**body, "checksum": _checksum(body)}
+        body = self.body()
+        return {**body, "checksum": _checksum(body), "signature": self.signature}
 
     @classmethod
     def from_json(cls, data: Any, where: Path) -> LedgerState:
@@ -118,7 +153,7 @@ class LedgerState:
             raise LedgerError(f"privacy ledger {where} is not a fedgov ledger")
         if data.get("version") != LEDGER_VERSION:
             raise LedgerError(f"privacy ledger {where} has unknown version {data.get('version')}")
-        body = {k: v for k, v in data.items() if k != "checksum"}
+        body = {k: v for k, v in data.items() if k not in ("checksum", "signature")}
         if data.get("checksum") != _checksum(body):
             raise LedgerError(f"privacy ledger {where} fails its checksum (damaged or edited)")
         try:
@@ -127,14 +162,20 @@ class LedgerState:
                 public_key=str(data["public_key"]),
                 spends=[Spend(**s) for s in data["spends"]],
                 declines=[Decline(**d) for d in data["declines"]],
+                seq=int(data["seq"]),
+                prev_sha256=str(data["prev_sha256"]),
+                signature=str(data.get("signature", "")),
             )
         except (KeyError, TypeError) as error:
             raise LedgerError(f"privacy ledger {where} is malformed ({error})") from None
 
 
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_canonical(body)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -146,9 +187,14 @@ class Reservation:
     epsilon_spent: float
     epsilon_after: float
     history: list[HistoryEntry]  # the ledger's history (with the spend when reserved)
+    # The ledger state this reservation left (or found, for a repeat): its seq and digest.
+    ledger_seq: int = 0
+    ledger_sha256: str = ""
     # True: ``spend`` is an already released spend of the same (run, round, input): a retry that
     # spends nothing new as long as it releases the same update (:meth:`SiteLedger.release_again`).
     repeat: bool = False
+    # Why nothing was reserved when it is not the site's overall cap (e.g. its per-run limit).
+    reason: str = ""
 
 
 class SiteLedger:
@@ -193,12 +239,117 @@ class SiteLedger:
                 f"privacy ledger {self.path} belongs to site '{state.site_id}', "
                 f"not '{self.site_id}'"
             )
+        self._check_signature(state)
+        self._check_journal(state)
         return state
 
-    def write(self, state: LedgerState) -> None:
-        """Atomically replace the ledger (temporary file, fsync, rename, fsync of the folder)."""
+    # ---- the site key's signature and the journal -------------------------------------------
+    def _key(self) -> Ed25519PrivateKey | None:
+        """The site's key, once it exists (before ``open_site_state`` made it: None)."""
+        if not self._key_path.exists():
+            return None
+        try:
+            key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as error:
+            raise LedgerError(f"site key {self._key_path} is unreadable ({error})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise LedgerError(f"site key {self._key_path} is not an Ed25519 key")
+        return key
+
+    def _check_signature(self, state: LedgerState) -> None:
+        key = self._key()
+        if key is None:
+            return  # not initialised yet: open_site_state refuses spends without a key
+        if not state.signature and not state.public_key and not state.spends:
+            return  # written empty just before the key was made, not yet bound to it
+        try:
+            key.public_key().verify(bytes.fromhex(state.signature), _canonical(state.body()))
+        except (InvalidSignature, ValueError):
+            raise LedgerError(
+                f"privacy ledger {self.path} is not signed by this site's key (edited: spends "
+                "removed or changed?)"
+            ) from None
+
+    def journal(self) -> list[dict[str, Any]]:
+        """The journal's entries, each checked: chained to the one before, signed once keyed."""
+        path = self.site_dir / JOURNAL_FILE
+        if not path.exists():
+            return []
+        key = self._key()
+        entries: list[dict[str, Any]] = []
+        previous = ""
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = json.loads(raw)
+                entry, signature = line["entry"], str(line.get("signature", ""))
+                if key is not None and signature:
+                    key.public_key().verify(bytes.fromhex(signature), _canonical(entry))
+                elif key is not None and entries and entries[-1].get("signed"):
+                    raise ValueError("unsigned after signed entries")
+            except (InvalidSignature, ValueError, KeyError, TypeError) as error:
+                raise LedgerError(f"ledger journal {path} line {number} is not valid ({error})"
+                                  ) from None  # fmt: skip
+            if entry.get("prev") != previous or (entries and entry["seq"] <= entries[-1]["seq"]):
+                raise LedgerError(f"ledger journal {path} line {number} is out of sequence")
+            previous = hashlib.sha256(raw).hexdigest()
+            entries.append({**entry, "signed": bool(signature), "line_sha256": previous})
+        return entries
+
+    def _check_journal(self, state: LedgerState) -> None:
+        """The ledger must be the state the journal last recorded (or the write just after it)."""
+        entries = self.journal()
+        if not entries:
+            if state.seq > 1:
+                raise LedgerError(
+                    f"privacy ledger {self.path} is at write {state.seq} but its journal "
+                    f"{JOURNAL_FILE} is missing; restore both from the same backup"
+                )
+            return
+        last = entries[-1]
+        if state.seq == last["seq"] and state.sha256 == last["sha256"]:
+            return
+        if state.seq > last["seq"] and state.prev_sha256 == last["sha256"]:
+            return  # written, then stopped before its journal line: the next write adds one
+        if state.seq < last["seq"]:
+            raise LedgerError(
+                f"privacy ledger {self.path} is an older copy: it is at write {state.seq} but "
+                f"its journal records write {last['seq']} (restored from an old backup?); "
+                "restore explicitly with `fedgov site ledger restore`"
+            )
+        raise LedgerError(
+            f"privacy ledger {self.path} does not match its journal at write {state.seq} "
+            "(replaced or edited?)"
+        )
+
+    def _append_journal(self, entry: dict[str, Any], key: Ed25519PrivateKey | None) -> None:
+        entries = self.journal()
+        body = {**entry, "prev": entries[-1]["line_sha256"] if entries else "",
+                "at": round(time.time(), 3)}  # fmt: skip
+        line = {"entry": body, "signature": key.sign(_canonical(body)).hex() if key else ""}
+        fd = os.open(self.site_dir / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, json.dumps(line, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, state: LedgerState, event: str = "write", reason: str = "") -> None:
+        """Atomically replace the ledger (temporary file, fsync, rename, fsync of the folder) as
+        the next write: ``seq`` + 1, signed with the site's key, then journalled."""
         from fedgov.records import atomic_write_bytes
 
+        entries = self.journal()
+        on_disk: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            on_disk = json.loads(self.path.read_text(encoding="utf-8"))
+        on_disk = on_disk if isinstance(on_disk, dict) else {}
+        seqs = [state.seq, entries[-1]["seq"] if entries else 0]
+        if isinstance(on_disk.get("seq"), int):
+            seqs.append(on_disk["seq"])
+        state.seq = max(seqs) + 1
+        state.prev_sha256 = str(on_disk.get("checksum", ""))  # the digest of the state replaced
+        key = self._key()
+        state.signature = key.sign(_canonical(state.body())).hex() if key else ""
         payload = json.dumps(state.to_json(), indent=1, allow_nan=False) + "\n"
         atomic_write_bytes(self.path, payload.encode("utf-8"))
         directory = os.open(self.site_dir, os.O_RDONLY)
@@ -206,8 +357,29 @@ class SiteLedger:
             os.fsync(directory)
         finally:
             os.close(directory)
+        journal = {"seq": state.seq, "sha256": state.sha256, "event": event, "reason": reason}
+        self._append_journal(journal, key)
 
-    def reserve(self, spend: Spend, cap: float) -> Reservation:
+    def restore(self, backup: str | Path, reason: str) -> LedgerState:
+        """Make a backup copy of this site's ledger the current one, explicitly: it must be this
+        site's, signed by its key; it becomes the next write, journalled as a restore."""
+        backup = Path(backup)
+        try:
+            data = json.loads(backup.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LedgerError(f"ledger backup {backup} is unreadable ({error})") from None
+        restored = LedgerState.from_json(data, backup)
+        if restored.site_id != self.site_id:
+            raise LedgerError(f"ledger backup {backup} belongs to site '{restored.site_id}'")
+        self._check_signature(restored)
+        if not reason.strip():
+            raise LedgerError("a restore needs a reason (it is kept in the ledger's journal)")
+        with self.locked():
+            from_seq = restored.seq
+            self.write(restored, event="restore", reason=f"from write {from_seq}: {reason}")
+        return restored
+
+    def reserve(self, spend: Spend, cap: float, run_cap: float | None = None) -> Reservation:
         """Check ``spend`` against ``cap`` and, if it fits, write it as pending — one locked step.
 
         ``spend.epsilon_after`` is recomputed here from the ledger's own history (a pending entry
@@ -216,13 +388,14 @@ class SiteLedger:
         """
         with self.locked():
             state = self.read()
+            spend.ledger_seq, spend.ledger_sha256 = state.seq, (state.sha256 if state.seq else "")
             state.spends = [s for s in state.spends if not _same_attempt(s, spend)]
             history = state.history()
             spent = epsilon(history, spend.delta, spend.accountant)
             released = _released_before(state, spend)
             if released is not None:  # a retry of a release: nothing new unless the bits differ
                 return _repeat(state, released, spent)
-            return self._reserve_new(state, spend, spent, cap)
+            return self._reserve_new(state, spend, spent, cap, run_cap)
 
     def release(self, spend: Spend, signature: str, update_sha256: str = "") -> None:
         """Mark ``spend`` released with its receipt's signature (before the reply leaves)."""
@@ -241,7 +414,9 @@ class SiteLedger:
                 )
             self.write(state)
 
-    def release_again(self, released: Spend, update_sha256: str, cap: float) -> Reservation:
+    def release_again(
+        self, released: Spend, update_sha256: str, cap: float, run_cap: float | None = None
+    ) -> Reservation:
         """A retried round (``reserve`` returned ``repeat``) is about to release ``update_sha256``.
 
         The same bits as ``released``: nothing new is spent (``repeat`` again, with that spend and
@@ -255,26 +430,44 @@ class SiteLedger:
             if update_sha256 and update_sha256 == released.update_sha256:
                 return _repeat(state, released, spent)
             fresh = dataclasses.replace(
-                released, status=PENDING, signature="", update_sha256="", recorded_at=time.time()
-            )
-            return self._reserve_new(state, fresh, spent, cap)
+                released, status=PENDING, signature="", update_sha256="", recorded_at=time.time(),
+                ledger_seq=state.seq, ledger_sha256=state.sha256,
+            )  # fmt: skip
+            return self._reserve_new(state, fresh, spent, cap, run_cap)
 
     def _reserve_new(
-        self, state: LedgerState, spend: Spend, spent: float, cap: float
+        self,
+        state: LedgerState,
+        spend: Spend,
+        spent: float,
+        cap: float,
+        run_cap: float | None = None,
     ) -> Reservation:
         """Write ``spend`` ahead as pending, or a decline when it would take ε (``spent`` now)
-        above ``cap``; the caller holds the lock and read ``state``."""
+        above ``cap`` or the run's own ε above ``run_cap`` (the site's per-run limit); the caller
+        holds the lock and read ``state``."""
         history = state.history()
         spend.epsilon_after = epsilon_after(history, spend.entry, spend.delta, spend.accountant)
+        if run_cap is not None:
+            run_history = [s.entry for s in state.spends if s.run_id == spend.run_id]
+            run_after = epsilon_after(run_history, spend.entry, spend.delta, spend.accountant)
+            if run_after > run_cap:
+                reason = f"max_epsilon_per_run: run {spend.run_id} would reach ε = {run_after:.4g}"
+                state.declines.append(Decline(spend.run_id, spend.round, reason, spent, run_cap))
+                self.write(state)
+                return Reservation(None, spent, run_after, history, state.seq, state.sha256,
+                                   reason=reason)  # fmt: skip
         if spend.epsilon_after > cap:
             state.declines.append(
                 Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
             )
             self.write(state)
-            return Reservation(None, spent, spend.epsilon_after, history)
+            return Reservation(None, spent, spend.epsilon_after, history, state.seq, state.sha256)
         state.spends.append(spend)
         self.write(state)
-        return Reservation(spend, spent, spend.epsilon_after, state.history())
+        return Reservation(
+            spend, spent, spend.epsilon_after, state.history(), state.seq, state.sha256
+        )
 
 
 def _released_before(state: LedgerState, new: Spend) -> Spend | None:
@@ -293,8 +486,9 @@ def _released_before(state: LedgerState, new: Spend) -> Spend | None:
 def _repeat(state: LedgerState, released: Spend, spent: float) -> Reservation:
     """A retry of ``released``: nothing new spent; the history its receipt stated."""
     return Reservation(
-        released, spent, released.epsilon_after, _history_until(state, released), repeat=True
-    )
+        released, spent, released.epsilon_after, _history_until(state, released), state.seq,
+        state.sha256, repeat=True,
+    )  # fmt: skip
 
 
 def _history_until(state: LedgerState, spend: Spend) -> list[HistoryEntry]:
@@ -310,9 +504,11 @@ def _same_attempt(existing: Spend, new: Spend) -> bool:
 
 
 def _same_round(existing: Spend, new: Spend) -> bool:
-    """The same run, round and input weights: the same round asked again."""
+    """The same run, round, input weights and every other input of the release: the same round
+    asked again, byte for byte (any other request for the round is a new release)."""
     return (
         existing.run_id == new.run_id
         and existing.round == new.round
         and existing.input_sha256 == new.input_sha256
+        and existing.release_sha256 == new.release_sha256
     )

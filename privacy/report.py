@@ -127,6 +127,7 @@ def _sample_level(data: Mapping[str, Any], delta: float, accountant: str) -> dic
         }
     return {
         "accountant": accountant,
+        "neighbouring_relation": SAMPLE_LEVEL_RELATION,
         "mechanism": "DP-SGD at each site (Poisson sampling of records, per-record clipping, "
         "Gaussian noise), accounted by Opacus",
         "noise_multiplier": data.get("noise_multiplier"),
@@ -135,6 +136,16 @@ def _sample_level(data: Mapping[str, Any], delta: float, accountant: str) -> dic
         "grad_sample_mode": data.get("grad_sample_mode"),
         "sites": sites,
     }
+
+
+#: The neighbouring relation each guarantee holds for (stated in the JSON, HTML and MD reports).
+SAMPLE_LEVEL_RELATION = (
+    "add/remove one record at one site (each site's DP-SGD, accounted at that site's own δ)"
+)
+SITE_LEVEL_RELATION = (
+    "add/remove one whole site (its clipped update); under secure aggregation the protected "
+    "site's own noise share is not counted in the noise protecting it"
+)
 
 
 def _last_signed(receipts: list[Receipt], declines: list[dict[str, Any]]) -> Receipt | None:
@@ -154,6 +165,8 @@ def _site_level(data: Mapping[str, Any], delta: float, accountant: str) -> dict[
     without_sampling = [(z, 1.0, n) for z, _, n in history]
     return {
         "accountant": accountant,
+        "neighbouring_relation": SITE_LEVEL_RELATION,
+        "noise_accounting": data.get("noise_accounting", ""),
         "mechanism": "DP-FedAvg: each site's update clipped to the clipping norm, Gaussian noise "
         "on the sum, sites Poisson-sampled each round",
         "sampling": data.get("sampling", "poisson"),
@@ -359,7 +372,9 @@ def guarantee_lines(document: Mapping[str, Any]) -> list[tuple[str, str]]:
                 "Sample-level (one record at one site)",
                 f"DP-SGD at every site: {sigma}, per-record clipping norm C = "
                 f"{sample['max_grad_norm']:g}, Poisson sampling of records; accountant "
-                f"{sample['accountant'].upper()}; ε per site below; enforced by each site.",
+                f"{sample['accountant'].upper()}; ε per site below; enforced by each site. "
+                "Neighbouring relation: "
+                f"{sample.get('neighbouring_relation', SAMPLE_LEVEL_RELATION)}.",
             )
         )
     site_level = document.get("site_level")
@@ -384,7 +399,8 @@ def guarantee_lines(document: Mapping[str, Any]) -> list[tuple[str, str]]:
                 + f"; ε = {_eps(site_level['epsilon'])} (accountant "
                 f"{site_level['accountant'].upper()}); "
                 f"{_eps(site_level['epsilon_if_participation_is_public'])} if who took part in "
-                "each round is disclosed.",
+                "each round is disclosed. Neighbouring relation: "
+                f"{site_level.get('neighbouring_relation', SITE_LEVEL_RELATION)}.",
             )
         )
     return lines

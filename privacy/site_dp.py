@@ -12,7 +12,10 @@ Under secure aggregation the server only ever sees the sum, so the noise cannot 
 each site adds its share, Gaussian of std z·C/√t, before masking, t being the number of survivors
 the shares were sized for. With s survivors the sum carries std z·C·√(s/t): at least z·C when
 s ≥ t, and an *effective* noise multiplier z·√(s/t) otherwise, which the round either accounts
-for or refuses (:func:`dropout_decision`).
+for or refuses (:func:`dropout_decision`). The noise that protects one site, though, excludes
+its own share (it leaves with the site under add/remove-one-site): the rounds are accounted at
+:func:`protected_noise_multiplier`, z·√((s−1)/t), the conservative choice; z·√(s/t) would hold
+only for a "zero-out" relation (the site's data replaced by zeros, its noise share kept).
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ def effective_noise_multiplier(
     if min_survivors < 1:
         raise ValueError(f"min_survivors must be ≥ 1, got {min_survivors}")
     return noise_multiplier * math.sqrt(max(survivors, 0) / min_survivors)
+
+
+def protected_noise_multiplier(
+    noise_multiplier: float, survivors: int, min_survivors: int
+) -> float:
+    """The noise multiplier that protects one site in a sum of ``survivors`` shares sized for
+    ``min_survivors``, counting every share but its own: z·√((s−1)/t) (add/remove one site: the
+    site's own share leaves with it). 0 with a single survivor: nothing protects it."""
+    return effective_noise_multiplier(noise_multiplier, max(survivors - 1, 0), min_survivors)
 
 
 def dropout_decision(survivors: int, min_survivors: int, policy: str) -> str:

@@ -211,6 +211,8 @@ def _progress_printer(cfg: RunConfig, privacy: PrivacyRound | None = None):
         parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
         if record.declined:
             parts.append(f"{len(record.declined)} declined")
+        if record.refused:
+            parts.append(f"refused by {', '.join(record.refused)} (app not approved there)")
         if record.failures:
             parts.append(f"{len(record.failures)} failed")
         if record.dropouts:

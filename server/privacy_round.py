@@ -45,9 +45,9 @@ from privacy.receipts import Receipt, arrays_sha256
 from privacy.site_dp import (
     clip_update,
     dropout_decision,
-    effective_noise_multiplier,
     noisy_mean_update,
     poisson_sample,
+    protected_noise_multiplier,
     site_sampling_rate,
 )
 
@@ -174,7 +174,15 @@ class PrivacyRound:
                                note=f"{survivors} survivors < {min_survivors}: not unmasked")
             )  # fmt: skip
             return False
-        z = effective_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
+        # The protected site's own noise share leaves with it (add/remove one site): not counted.
+        z = protected_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
+        if z <= 0:  # a lone survivor: nothing but its own share would protect it
+            self.site_level_rounds.append(
+                SiteLevelRound(server_round, sampled, survivors, self._accounted_rate(), 0.0,
+                               self.site_level_epsilon(), aborted=True,
+                               note=f"{survivors} survivor: no other site's noise protects it")
+            )  # fmt: skip
+            return False
         self._account(server_round, survivors, z, sampled=sampled)
         return True
 
@@ -303,6 +311,11 @@ def report_of(privacy: PrivacyRound, run_id: str) -> dict[str, Any]:
             "sampling": "poisson",
             # Under secure aggregation the server (the adversary) sees who takes part: q = 1.
             "amplification": not privacy.secure_aggregation,
+            "noise_accounting": (
+                "z·√((s−1)/t) for s survivors of t: the protected site's own share not counted"
+                if privacy.secure_aggregation
+                else "z: the server adds all the noise"
+            ),
             "rounds": [asdict(r) for r in privacy.site_level_rounds],
         }
     return report_document(

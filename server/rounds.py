@@ -55,6 +55,8 @@ class RoundRecord:
     sites_connected: int = 0
     declined: list[str] = field(default_factory=list)
     decline_reasons: dict[str, str] = field(default_factory=dict)
+    # Sites that refused to run this run's app at all (not approved there): site → reason.
+    refused: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     train_loss: float | None = None
     eval_loss: float | None = None
@@ -119,6 +121,8 @@ class SiteDirectory:
         self._schema_digest = schema_digest
         self.by_node: dict[int, SiteInfo] = {}
         self.left_out: dict[str, str] = {}  # site id → reason
+        # Nodes whose site refused the run's app (clients/app_guard.py): not asked again.
+        self.refused: dict[int, tuple[str, str]] = {}  # node id -> (site id, reason)
         self._left_out_nodes: set[int] = set()
 
     def _leave_out(self, node_id: int, site_id: str, reason: str) -> None:
@@ -147,7 +151,7 @@ class SiteDirectory:
             if node_id not in online:
                 del self.by_node[node_id]
         self._left_out_nodes &= online
-        new = sorted(online - set(self.by_node) - self._left_out_nodes)
+        new = sorted(online - set(self.by_node) - self._left_out_nodes - set(self.refused))
         if not new:
             return
         queries = [
@@ -159,6 +163,12 @@ class SiteDirectory:
             if reply.has_error():
                 log(WARNING, "node %s failed discovery: %s", reply.metadata.src_node_id,
                     reply.error.reason)  # fmt: skip
+                continue
+            if keys.is_app_refusal(reply):
+                site_id = keys.reply_site_id(reply) or f"node-{reply.metadata.src_node_id}"
+                reason = keys.decline_reason(reply) or "refused the run's app"
+                log(WARNING, "site %s refused: %s", site_id, reason)
+                self.refused[reply.metadata.src_node_id] = (site_id, reason)
                 continue
             site = reply.content.config_records[keys.SITE]
             site_id = str(site[keys.SITE_ID])
@@ -201,10 +211,12 @@ class SiteDirectory:
                 shown = (names, now)
             if now > deadline:
                 left = "; ".join(f"{site}: {why}" for site, why in sorted(self.left_out.items()))
+                refused = "; ".join(reason for _, reason in self.refused.values())
                 raise FedgovError(
                     f"federation: only {len(self.by_node)} of {count} sites connected within "
                     f"{self._timeout:.0f} s (federation.round_timeout)"
                     + (f"; left out: {left}" if left else "")
+                    + (f"; refused: {refused}" if refused else "")
                 )
             time.sleep(DISCOVERY_POLL_SECONDS)
 
@@ -217,6 +229,10 @@ class SiteDirectory:
             f"{len(names)} of {count} sites connected{listed}{left}; waiting up to "
             f"{max(seconds_left, 0):.0f} s"
         )
+
+    def refusals(self) -> dict[str, str]:
+        """{site id: reason} of the sites that refused the run's app."""
+        return {site_id: reason for site_id, reason in sorted(self.refused.values())}
 
     def node_of(self) -> dict[str, int]:
         return {info.site_id: node_id for node_id, info in self.by_node.items()}
@@ -299,6 +315,7 @@ def run_rounds(
             chosen = poisson  # site-level DP: Poisson sampling, accounted at its rate
         view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
         record = RoundRecord(round=server_round, participants=[], sites_connected=len(node_of))
+        record.refused = directory.refusals()
 
         if cfg.secagg.name == "secaggplus":
             num_train = {site_id: info.num_train for site_id, info in seen.items()}
@@ -326,7 +343,10 @@ def run_rounds(
             else []
         )
         eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
-        good_eval = [reply for _, reply in eval_replies if not reply.has_error()]
+        good_eval = [
+            reply for _, reply in eval_replies
+            if not reply.has_error() and keys.decline_reason(reply) is None
+        ]  # fmt: skip
         if good_eval:
             eval_metrics = strategy.aggregate_evaluate(server_round, good_eval)
             record.eval_loss = _metric(eval_metrics, "eval_loss")

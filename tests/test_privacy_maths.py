@@ -370,3 +370,18 @@ def test_opacus_modes_train_and_account_exactly_the_plan(mode):
     assert result.steps == steps
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(),
                                                               strict=True))  # fmt: skip
+
+
+@settings(max_examples=50, deadline=None)
+@given(z=st.floats(0.1, 5), survivors=st.integers(1, 50), needed=st.integers(1, 50))
+def test_a_site_is_protected_by_the_other_survivors_shares_only(z, survivors, needed):
+    """Add/remove one site: its own noise share leaves with it, so the noise protecting it is
+    the other s − 1 shares of std z·C/√t each: z·√((s−1)/t) (0 for a lone survivor)."""
+    from privacy.site_dp import protected_noise_multiplier
+
+    clip = 1.7
+    others_std = noise_share_std(z, clip, needed) * math.sqrt(survivors - 1)
+    assert protected_noise_multiplier(z, survivors, needed) * clip == pytest.approx(others_std)
+    assert protected_noise_multiplier(z, survivors, needed) < effective_noise_multiplier(
+        z, survivors, needed
+    )

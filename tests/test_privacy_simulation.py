@@ -7,6 +7,7 @@ shares no code with Opacus, replaying the receipts the sites signed.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -166,8 +167,14 @@ def test_both_guarantees_under_secure_aggregation(simulate):
     assert report["secure_aggregation"] is True
     assert report["verification"]["ok"], report["verification"]["problems"]
     assert len(report["sample_level"]["sites"]) == 4
-    # each site sized its noise share for all 4 survivors, and all 4 survived
-    assert [row["noise_multiplier"] for row in report["site_level"]["rounds"]] == [1.0, 1.0]
+    # each site sized its noise share for all 4 survivors, and all 4 survived; each site is
+    # protected by the other 3 shares only (add/remove one site): z·√(3/4)
+    protected = [row["noise_multiplier"] for row in report["site_level"]["rounds"]]
+    assert protected == [pytest.approx(math.sqrt(3 / 4))] * 2
+    assert report["site_level"]["neighbouring_relation"].startswith("add/remove one whole site")
+    assert report["sample_level"]["neighbouring_relation"].startswith("add/remove one record")
+    html = (simulate.root / "run" / "privacy_report.html").read_text()
+    assert "Neighbouring relation: add/remove one whole site" in html
     assert all(len(r["participants"]) == 4 and not r["aborted"] for r in metrics["rounds"])
     assert "Secure aggregation was on" in report["summary"]
     # Poisson draws are not known a round ahead: each round runs its own setup
