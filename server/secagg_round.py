@@ -276,10 +276,8 @@ def run_secagg_round(
             )  # fmt: skip
         if privacy is not None:  # receipts and declines, as for a plain train reply
             for i, reply in sorted(replies.items()):
-                try:
-                    privacy.observe_train(server_round, [(site_of[i], reply)])
-                except Exception as error:  # a broken receipt excludes its site, never the round
-                    reason = _one_line(f"unreadable privacy receipt: {error!r}")
+                # a broken receipt excludes its site, never the round
+                for reason in privacy.observe_train(server_round, [(site_of[i], reply)]).values():
                     server.drop(i, MASKED_INPUT, reason, reachable=True)
 
         def parse_input(content: RecordDict, index: int):
@@ -535,8 +533,4 @@ def _mean_metrics(metrics: Mapping[int, MetricRecord], weights: Mapping[int, int
 
 
 def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    line = lines[-1] if lines else ""
-    if len(lines) > 1:
-        line = f"{lines[0]} … {line}"
-    return line[:MAX_REASON_CHARS]
+    return keys.bounded(text, MAX_REASON_CHARS)
