@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 from privacy.secagg import keys, masking, shamir
-from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
+from privacy.secagg.graph import (
+    isolated_survivors,
+    neighbour_graph,
+    resolve_degree,
+    share_threshold,
+)
 from privacy.secagg.protocol import (
     MASKED_INPUT,
     SHARE_KEYS,
@@ -113,6 +118,11 @@ class SiteSecAgg:
         unknown = set(request.shares) - set(self.peers)
         if unknown:
             raise ProtocolRefusal(f"shares from sites {sorted(unknown)} that sent no keys")
+        if len(request.shares) + 1 < self.threshold:  # Bonawitz et al. §4: |U2| ≥ t, or abort
+            raise ProtocolRefusal(
+                f"shares from only {len(request.shares)} neighbours: with its own that is fewer "
+                f"than the threshold {self.threshold}; this site masks nothing with so few"
+            )
         bad: dict[int, str] = {}
         for sender, blob in sorted(request.shares.items()):
             key = keys.agree(
@@ -169,6 +179,16 @@ class SiteSecAgg:
         outside = (survivors | dropped) - set(range(1, self.num_sites + 1))
         if outside:
             raise ProtocolRefusal(f"sites {sorted(outside)} are not in this round")
+        isolated = isolated_survivors(
+            neighbour_graph(self.num_sites, len(self.neighbours), self.round_id),
+            survivors,
+            self.threshold,
+        )
+        if isolated:
+            raise ProtocolRefusal(
+                f"survivors {isolated[:8]} would keep fewer than {self.threshold - 1} surviving "
+                f"neighbours (the design bound t − 1): revealing could expose their inputs"
+            )
         held = {**self.held, self.index: self.own_share} if self.own_share else dict(self.held)
         self_shares, key_shares = {}, {}
         for owner, payload in held.items():

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from privacy.secagg import keys, masking, shamir
-from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
+from privacy.secagg.graph import (
+    isolated_survivors,
+    neighbour_graph,
+    resolve_degree,
+    share_threshold,
+)
 from privacy.secagg.protocol import (
     MASKED_INPUT,
     SETUP,
@@ -191,6 +196,21 @@ class ServerSecAgg:
                 continue
             self.ciphertexts[index] = dict(shares)
         self._drop_silent(SHARE_KEYS, self.ciphertexts)
+        # A site with fewer than t − 1 neighbours left sharing could not have its secrets rebuilt,
+        # and would refuse to mask with so few (client.accept_shares): it leaves now, which can
+        # leave a neighbour short in turn.
+        short = True
+        while short:
+            sharing = set(self.alive())
+            short = [i for i in sorted(sharing)
+                     if len(sharing.intersection(self.graph[i])) + 1 < self.threshold]  # fmt: skip
+            for i in short:
+                self.drop(
+                    i, SHARE_KEYS,
+                    f"only {len(sharing.intersection(self.graph[i]))} of its neighbours shared "
+                    f"keys, {self.threshold - 1} needed",
+                    reachable=True,
+                )  # fmt: skip
         self._require_threshold(SHARE_KEYS)
         sharing = set(self.alive())
         self.partners = {
@@ -230,12 +250,21 @@ class ServerSecAgg:
                 continue
             for sender, reason in masked.bad_shares.items():
                 if sender in self.partners.get(index, ()):
-                    accused.setdefault(sender, f"site {index} could not open its share ({reason})")
+                    accused.setdefault(
+                        sender, f"site {index} could not open its share ({_bounded(reason)})"
+                    )
             self.inputs[index] = masked
         for sender, reason in sorted(accused.items()):
             self.drop(sender, SHARE_KEYS, reason, reachable=sender in self.inputs)
         self._drop_silent(MASKED_INPUT, self.inputs)
         self._require_threshold(MASKED_INPUT)
+        isolated = isolated_survivors(self.graph, self.alive(), self.threshold)
+        if isolated:  # the sites would refuse to reveal: abort before asking
+            raise RoundAborted(
+                MASKED_INPUT,
+                f"survivors {isolated[:8]} keep fewer than {self.threshold - 1} surviving "
+                "neighbours (the design bound t − 1): not unmasked",
+            )
         if sum(self.inputs[i].weight for i in self.alive()) == 0:
             raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
 
@@ -324,6 +353,12 @@ class ServerSecAgg:
             if valid(secret):
                 return secret
         raise RoundAborted(UNMASK, f"the shares of site {owner}'s {what} do not rebuild it")
+
+
+def _bounded(text: str, limit: int = 120) -> str:
+    """A reason a site sent, on one line and at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _advert_problem(advert: KeyAdvert, probe_private: bytes, round_id: bytes) -> str:
