@@ -136,9 +136,11 @@ def handle_masked_input(
                 "secagg: %d of %d update values exceeded secagg.clip_range %g and were clipped",
                 clipped, layout.length, settings.clip_range,
             )  # fmt: skip
+        proof = site_round.accusation_proof(bad_shares)
         masked = MaskedInput(
-            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares, clipped=clipped
-        )
+            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares,
+            clipped=clipped, proof=proof,
+        )  # fmt: skip
         _save(context, site_round)
         config, arrays = records.masked_input_records(site_round.round_id, site_round.index, masked)
         return RecordDict(

@@ -360,6 +360,13 @@ def run_secagg_round(
             "weight_scale": server.weight_scale,
             "stage_seconds": timings,
             "pipelined_stages": pipelined,
+            "bad_share_holders": {
+                site_of[h]: [site_of[o] for o in owners]
+                for h, owners in sorted(server.bad_holders.items())
+            },
+            "ignored_accusations": {
+                site_of[i]: reason for i, reason in sorted(server.ignored_accusations.items())
+            },
         }
     if unmasked is None:
         return result

@@ -123,3 +123,62 @@ def test_the_isolation_rule_is_the_design_bound():
     gone = list(graph[1])
     assert 1 not in secagg_graph.isolated_survivors(graph, set(range(1, 21)) - set(gone[:3]), 6)
     assert 1 in secagg_graph.isolated_survivors(graph, set(range(1, 21)) - set(gone[:4]), 6)
+
+
+# ---- problem 5: accusations need proof -----------------------------------------------------------
+def _accuse(fed: Federation, proof_of):
+    """Site-01 (node 2) claims site index 1's share did not open, with ``proof_of(fed)``."""
+
+    def tamper(request: Message, reply: Message) -> Message:
+        if reply.metadata.src_node_id == 2 and request.metadata.message_type == MASKED:
+            config = reply.content[records.SECAGG]
+            config["bad-senders"], config["bad-reasons"] = [1], ["x" * 10_000]
+            config["accusation-proof"] = proof_of(fed)
+        return reply
+
+    return tamper
+
+
+def _real_key(fed: Federation) -> bytes:
+    return fed.grid.context(2).state.config_records[records.STATE]["enc-private"]
+
+
+@pytest.mark.parametrize(
+    ("proof_of", "why"),
+    [
+        (lambda fed: b"", "no proof"),
+        (lambda fed: bytes(range(32)), "the proof is not the key the accuser advertised"),
+        (_real_key, "the share opens with the accuser's own key"),
+    ],
+)
+def test_a_forged_accusation_is_ignored_with_a_bounded_reason_and_the_sum_is_exact(proof_of, why):
+    fed = Federation(make_cfg())
+    fed.grid.tamper = _accuse(fed, proof_of)
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, _sites(4))  # site-00 stays in the sum
+    assert record.dropouts == {}
+    (reason,) = record.secagg["ignored_accusations"].values()
+    assert list(record.secagg["ignored_accusations"]) == ["site-01"]
+    assert reason.startswith("against site 1 ignored: ") and why in reason
+    assert len(reason) <= 200
+
+
+# ---- problem 6: a bad share never aborts a round that has t good ones ---------------------------
+@pytest.mark.slow
+def test_bad_shares_from_the_lowest_index_holder_at_twenty_sites_leave_the_exact_sum():
+    from privacy.secagg import shamir
+
+    fed = Federation(make_cfg(n=20))
+
+    def lie(request: Message, reply: Message) -> Message:
+        if reply.metadata.src_node_id == 1 and request.metadata.message_type == UNMASK:
+            config = reply.content[records.SECAGG]
+            config["seed-shares"] = [shamir.share_to_bytes(12345)] * len(config["seed-shares"])
+        return reply
+
+    fed.grid.tamper = lie
+    record = fed.run().rounds[0]
+    assert record.secagg["threshold"] == 14 and record.secagg["neighbours"] == 19
+    assert_exact(fed, record, _sites(20))
+    # index 1 (site-00) was found out: its shares (its own seed's too) fit no rebuilt polynomial
+    assert record.secagg["bad_share_holders"] == {"site-00": _sites(20)}

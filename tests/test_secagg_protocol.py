@@ -103,9 +103,11 @@ def run_round(
                 sites[i].decline()
                 server.drop(i, MASKED_INPUT, "declined", reachable=True)
                 continue
+            proof = sites[i].accusation_proof(bad)
             masked[i] = tamper(
-                MASKED_INPUT, i, MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad)
-            )
+                MASKED_INPUT, i,
+                MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad, proof=proof),
+            )  # fmt: skip
         server.receive_masked_inputs(masked)
         request = server.unmask_request()
         answers = {

@@ -139,6 +139,11 @@ class SiteSecAgg:
         self.partners = tuple(sorted(request.shares))
         return bad
 
+    def accusation_proof(self, bad: Mapping[int, str]) -> bytes:
+        """What backs an accusation of ``bad`` senders: this round's share-encryption private key
+        (it opens only the shares sent to this site; never the mask key), or b"" for none."""
+        return self.enc_private if bad else b""
+
     def mask(self, quantised: np.ndarray) -> np.ndarray:
         """The masked input for ``quantised`` (a ring vector); forgets the masking secrets."""
         self._expect(MASKED_INPUT, self.round_id)

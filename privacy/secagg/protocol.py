@@ -92,6 +92,10 @@ class MaskedInput:
     weight: int  # the site's example count, capped at the round's weight scale
     bad_shares: dict[int, str] = field(default_factory=dict)  # sender → why it could not be opened
     clipped: int = 0  # coordinates that clip_range cut
+    # The proof behind ``bad_shares``: this site's share-encryption private key of the round
+    # (32 bytes; empty when it accuses no one). The server checks it against the advertised key
+    # and opens the accused ciphertexts itself; an accusation without it is ignored.
+    proof: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ index in the round). The rest of ``SECAGG`` by stage:
 - masked_input request: ``senders`` (list[int]), ``ciphertexts`` (list[bytes]); the message also
   holds the strategy's ``arrays`` (global weights) and ``config`` records, as a plain train message.
   Reply: ``weight`` (int), ``clipped`` (int), ``bad-senders`` (list[int]), ``bad-reasons``
-  (list[str]); the ArrayRecord ``MASKED`` (``"secagg-masked"``) with the one array ``"masked"``
-  (uint32 or uint64, the model's floating-point values flattened in record order); the
-  MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord ``site``.
+  (list[str]), ``accusation-proof`` (bytes: the site's share-encryption private key of the
+  round when it accuses a sender, else empty); the ArrayRecord ``MASKED`` (``"secagg-masked"``)
+  with the one array ``"masked"`` (uint32 or uint64, the model's floating-point values flattened
+  in record order); the MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord
+  ``site``.
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
 - unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
   ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
@@ -246,6 +248,7 @@ def masked_input_records(
             "clipped": masked.clipped,
             "bad-senders": bad,
             "bad-reasons": [masked.bad_shares[s] for s in bad],
+            "accusation-proof": masked.proof,
         }
     )
     arrays = ArrayRecord({MASKED_ARRAY: Array(np.ascontiguousarray(masked.vector))})
@@ -267,6 +270,7 @@ def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> Mask
         weight=_int(record, "weight"),
         bad_shares=dict(bad),
         clipped=_int(record, "clipped"),
+        proof=_bytes(record, "accusation-proof"),
     )
 
 

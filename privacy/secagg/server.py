@@ -11,6 +11,8 @@ rebuilt and checked. It never holds anything from which one site's input could b
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -107,6 +109,8 @@ class ServerSecAgg:
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # sender → recipient → ciphertext
         self.partners: dict[int, tuple[int, ...]] = {}  # pairwise masks in each site's input
         self.inputs: dict[int, MaskedInput] = {}
+        self.ignored_accusations: dict[int, str] = {}  # accuser → why (bounded), not acted on
+        self.bad_holders: dict[int, list[int]] = {}  # holder → owners whose share did not fit
         if num_sites < 2:
             raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
         if self.threshold > self.group_size:
@@ -248,11 +252,19 @@ class ServerSecAgg:
             if problem:
                 self.drop(index, MASKED_INPUT, problem, reachable=True)
                 continue
-            for sender, reason in masked.bad_shares.items():
-                if sender in self.partners.get(index, ()):
-                    accused.setdefault(
-                        sender, f"site {index} could not open its share ({_bounded(reason)})"
+            for sender, reason in sorted(masked.bad_shares.items()):
+                if sender not in self.partners.get(index, ()):
+                    continue
+                refuted = self._accusation_problem(index, sender, masked.proof)
+                if refuted:  # no proof, or the share opens: the accused stays in the sum
+                    self.ignored_accusations.setdefault(
+                        index, f"against site {sender} ignored: {refuted}"
                     )
+                    continue
+                accused.setdefault(
+                    sender, f"site {index} could not open its share ({_bounded(reason)}); "
+                    "checked with the accuser's key"
+                )  # fmt: skip
             self.inputs[index] = masked
         for sender, reason in sorted(accused.items()):
             self.drop(sender, SHARE_KEYS, reason, reachable=sender in self.inputs)
@@ -267,6 +279,38 @@ class ServerSecAgg:
             )
         if sum(self.inputs[i].weight for i in self.alive()) == 0:
             raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
+
+    def _accusation_problem(self, accuser: int, sender: int, proof: bytes) -> str:
+        """Why ``accuser``'s claim that ``sender``'s share does not open fails ("" = it holds).
+
+        The proof is the accuser's share-encryption private key: it must match the key the
+        accuser advertised; the server then derives the pair's key and opens the ciphertext it
+        forwarded. Only a share that really fails to open (or to parse) convicts the sender.
+        """
+        if not isinstance(proof, bytes) or len(proof) != keys.KEY_BYTES:
+            return "no proof (the accuser's share-encryption key) came with it"
+        try:
+            if keys.public_key_of(proof) != self.adverts[accuser].enc_key:
+                return "the proof is not the key the accuser advertised"
+            key = keys.agree(
+                proof, self.adverts[sender].enc_key, self.round_id, keys.PURPOSE_SHARES,
+                accuser, sender,
+            )  # fmt: skip
+        except (ValueError, keys.KeyAgreementError) as error:
+            return _bounded(f"unusable proof: {error}")
+        blob = self.ciphertexts.get(sender, {}).get(accuser, b"")
+        try:
+            payload = keys.decrypt_share(key, self.round_id, sender, accuser, blob)
+        except keys.ShareDecryptionError:
+            return ""  # it does not open: the accusation holds
+        if len(payload) != 2 * shamir.SHARE_BYTES:
+            return ""
+        try:
+            shamir.share_from_bytes(payload[: shamir.SHARE_BYTES])
+            shamir.share_from_bytes(payload[shamir.SHARE_BYTES :])
+        except shamir.ShareError:
+            return ""
+        return "the share opens with the accuser's own key"
 
     # ---- stage 4: unmasking ----------------------------------------------------------------------
     def unmask_request(self) -> UnmaskRequest:
@@ -335,24 +379,50 @@ class ServerSecAgg:
                 continue  # unusable; the remaining shares may still suffice
 
     def _rebuild(self, owner: int, shares: dict[int, int], what: str, valid) -> bytes:
-        """A secret from ``threshold`` of ``shares`` that passes ``valid``, or abort the round."""
-        if len(shares) < self.threshold:
+        """A secret from ``threshold`` of ``shares`` that passes ``valid``, or abort the round.
+
+        Candidates: first every window of t consecutive holders (cyclically, so one bad holder,
+        the lowest included, is skipped by the next window), then random t-subsets, at most
+        ``MAX_RECONSTRUCTION_TRIES`` in all. Holders whose shares do not lie on the rebuilt
+        polynomial are recorded in ``bad_holders``.
+        """
+        t = self.threshold
+        if len(shares) < t:
             raise RoundAborted(
                 UNMASK,
-                f"only {len(shares)} shares of site {owner}'s {what} came back, "
-                f"{self.threshold} needed",
+                f"only {len(shares)} shares of site {owner}'s {what} came back, {t} needed",
             )
-        holders = sorted(shares)
-        for subset in itertools.islice(
-            itertools.combinations(holders, self.threshold), MAX_RECONSTRUCTION_TRIES
-        ):
+        candidates = _candidate_subsets(sorted(shares), t, owner)
+        for tries, subset in enumerate(itertools.islice(candidates, MAX_RECONSTRUCTION_TRIES)):
+            points = {h: shares[h] for h in subset}
             try:
-                secret = shamir.reconstruct({h: shares[h] for h in subset})
+                secret = shamir.reconstruct(points)
             except shamir.ShareError:
                 continue
             if valid(secret):
+                if tries:  # an earlier candidate failed: name the holders that do not fit
+                    for holder in sorted(set(shares) - set(points)):
+                        if shamir.evaluate_at(points, holder) != shares[holder]:
+                            self.bad_holders.setdefault(holder, []).append(owner)
                 return secret
         raise RoundAborted(UNMASK, f"the shares of site {owner}'s {what} do not rebuild it")
+
+
+def _candidate_subsets(holders: list[int], t: int, owner: int):
+    """t-subsets of ``holders`` to try: the m cyclic windows, then seeded random ones."""
+    m = len(holders)
+    seen: set[tuple[int, ...]] = set()
+    for start in range(m):
+        subset = tuple(sorted(holders[(start + j) % m] for j in range(t)))
+        if subset not in seen:
+            seen.add(subset)
+            yield subset
+    rng = random.Random(owner)
+    while len(seen) < math.comb(m, t):
+        subset = tuple(sorted(rng.sample(holders, t)))
+        if subset not in seen:
+            seen.add(subset)
+            yield subset
 
 
 def _bounded(text: str, limit: int = 120) -> str:
