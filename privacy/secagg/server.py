@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privacy.secagg import keys, masking, shamir
+from privacy.secagg import keys, masking, roster, shamir
 from privacy.secagg.graph import (
     isolated_survivors,
     neighbour_graph,
@@ -53,6 +53,7 @@ class SecAggSettings:
     clip_range: float = 2.0
     bits: int = 32
     max_weight: int = 100_000
+    roster: bytes = b""  # the governance-signed roster the sites check (b"": none)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ class ServerSecAgg:
         server_round: int,
         round_id: bytes | None = None,
         weight_scale: int | None = None,
+        site_ids: tuple[str, ...] = (),
     ) -> None:
+        """``site_ids``: the roster id of each index (1 … n), checked when the run has a roster."""
         self.num_sites = num_sites
         # Weights are quantised as w / weight_scale: the closer it is to the largest weight,
         # the finer the mean (see quantise.mean_error_bound).
@@ -110,6 +113,15 @@ class ServerSecAgg:
         self.partners: dict[int, tuple[int, ...]] = {}  # pairwise masks in each site's input
         self.inputs: dict[int, MaskedInput] = {}
         self.ignored_accusations: dict[int, str] = {}  # accuser → why (bounded), not acted on
+        # With a roster: index → the identity key its site id has there (adverts and
+        # contributions are checked here too, so one site's bad signature drops that site
+        # instead of making its honest peers refuse the whole stage).
+        self.identities: dict[int, bytes] = {}
+        self.site_ids = dict(enumerate(site_ids, start=1))
+        if settings.roster:
+            listed = roster.roster_sites(settings.roster)
+            self.identities = {i: listed[s] for i, s in self.site_ids.items() if s in listed}
+        self.expected_contribution: dict[int, tuple[bytes, bytes]] = {}  # (model, config digest)
         self.bad_holders: dict[int, list[int]] = {}  # holder → owners whose share did not fit
         if num_sites < 2:
             raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
@@ -161,6 +173,7 @@ class ServerSecAgg:
             threshold=self.threshold,
             neighbours=self.graph[index],
             weight_scale=self.weight_scale,
+            roster=self.settings.roster,
         )
 
     def receive_adverts(self, adverts: Mapping[int, KeyAdvert]) -> None:
@@ -169,7 +182,9 @@ class ServerSecAgg:
         for index, advert in sorted(adverts.items()):
             if index in self.dropouts:
                 continue
-            problem = _advert_problem(advert, probe_private, self.round_id)
+            problem = _advert_problem(advert, probe_private, self.round_id) or (
+                self._signature_problem(index, advert) if self.settings.roster else ""
+            )
             if problem:
                 self.drop(index, SETUP, problem, reachable=True)
                 continue
@@ -248,7 +263,7 @@ class ServerSecAgg:
                     f"{self.settings.max_weight})"
                 )
             else:
-                problem = ""
+                problem = self._contribution_problem(index, masked)
             if problem:
                 self.drop(index, MASKED_INPUT, problem, reachable=True)
                 continue
@@ -279,6 +294,27 @@ class ServerSecAgg:
             )
         if sum(self.inputs[i].weight for i in self.alive()) == 0:
             raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
+
+    def _signature_problem(self, index: int, advert: KeyAdvert) -> str:
+        expected = self.site_ids.get(index, "")
+        if advert.site_id != expected or index not in self.identities:
+            return f"advertised as site {advert.site_id[:40]!r}, not {expected!r} of the roster"
+        message = roster.advert_message(
+            self.round_id, index, advert.site_id, advert.enc_key, advert.mask_key
+        )
+        if not roster.verify_signature(self.identities[index], advert.signature, message):
+            return "keys not signed by the site's roster identity key"
+        return ""
+
+    def _contribution_problem(self, index: int, masked: MaskedInput) -> str:
+        if not self.settings.roster or index not in self.expected_contribution:
+            return ""
+        model, config = self.expected_contribution[index]
+        message = roster.contribution_message(self.round_id, index, model, config)
+        if not roster.verify_signature(self.identities.get(index, b""), masked.contribution,
+                                       message):  # fmt: skip
+            return "its contribution statement does not verify (another model or config?)"
+        return ""
 
     def _accusation_problem(self, accuser: int, sender: int, proof: bytes) -> str:
         """Why ``accuser``'s claim that ``sender``'s share does not open fails ("" = it holds).
@@ -320,7 +356,10 @@ class ServerSecAgg:
         dropped = tuple(
             j for j in sorted(set(self.partners) - kept) if kept & set(self.partners[j])
         )
-        return UnmaskRequest(round_id=self.round_id, survivors=survivors, dropped=dropped)
+        signatures = {i: self.inputs[i].contribution for i in survivors}
+        return UnmaskRequest(
+            round_id=self.round_id, survivors=survivors, dropped=dropped, signatures=signatures
+        )
 
     def unmask_targets(self) -> list[int]:
         """Every site that shared keys and still answers (a declined site helps too)."""
