@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedgov import cli_deploy  # fedgov server ..., fedgov site ..., fedgov run
 
     cli_deploy.add_commands(commands)
+    from fedgov import cli_roster  # fedgov roster ... (SecAgg+ identities)
+
+    cli_roster.add_commands(commands)
     return parser
 
 

@@ -212,3 +212,53 @@ def test_sites_refuse_to_reveal_when_a_survivor_signed_another_model(tmp_path, m
         expected = "survivor 2 did not sign" if node == 1 else "survivor 1 did not sign"
         assert expected in reply["refused"], reply["refused"]
     assert record.aborted and record.abort_reason.startswith("unmask: only 0 shares")
+
+
+# ---- the operators' path: fedgov roster ... ------------------------------------------------------
+def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, capsys):
+    from fedgov.cli import main
+
+    members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
+    for member in members:
+        assert main(["roster", "governance-key", "--out", str(member)]) == 0
+    publics = [str(member.with_suffix(".pub")) for member in members]
+    book = tmp_path / "roster.json"
+    for site_id in SITES:
+        site_dir = tmp_path / site_id
+        anchor_args = [f"--governance-key={p}" for p in publics]
+        assert main(["roster", "anchor", "--site-dir", str(site_dir), "--site-id", site_id,
+                     "--quorum", "2", *anchor_args]) == 0  # fmt: skip
+        key_file = str(site_dir / "site_key.pub")
+        assert main(["roster", "add", "--roster", str(book), "--site-id", site_id,
+                     "--key", key_file, "--sign", str(members[0])]) == 0  # fmt: skip
+    # one signature: below the quorum, every site refuses
+    anchor_file = str(tmp_path / "site-00" / "secagg_anchor.json")
+    assert main(["roster", "show", "--roster", str(book), "--anchor", anchor_file]) == 2
+    assert "1 valid governance signature(s), the trust anchor needs 2" in capsys.readouterr().err
+    assert main(["roster", "sign", "--roster", str(book), "--sign", str(members[2])]) == 0
+    assert main(["roster", "show", "--roster", str(book), "--anchor", anchor_file]) == 0
+    assert "v4: verified" in capsys.readouterr().out
+
+    cfg = make_cfg()
+    cfg.secagg.roster = str(book)
+    fed = Federation(cfg)
+    configs = [
+        {"partition-id": i, "num-partitions": 4, "site-dir": str(tmp_path / site_id)}
+        for i, site_id in enumerate(SITES)
+    ]
+    fed.grid = InProcessGrid(client_app, configs, to_flower_config(cfg))
+    fed.grid.tamper_request = fed._remember
+    assert_exact(fed, fed.run().rounds[0], SITES)
+
+
+def test_a_roster_mistake_is_one_line(tmp_path, capsys):
+    from fedgov.cli import main
+
+    assert main(["roster", "governance-key", "--out", str(tmp_path / "g.pem")]) == 0
+    code = main(["roster", "add", "--roster", str(tmp_path / "r.json"), "--site-id", "a",
+                 "--key", "nothex", "--sign", str(tmp_path / "g.pem")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == (
+        "fedgov: error: --key: 'nothex' is not a 32-byte key in hex (or a file holding one)"
+    )
