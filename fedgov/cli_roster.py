@@ -88,8 +88,9 @@ def _governance_key(args: argparse.Namespace) -> int:
 
 
 def _anchor(args: argparse.Namespace) -> int:
-    from privacy.receipts import PUBLIC_KEY_FILE, create_site_key, public_key_bytes
+    from privacy.receipts import PUBLIC_KEY_FILE, public_key_bytes
     from privacy.secagg.roster import RosterError, TrustAnchor, save_anchor
+    from privacy.secagg.simulated_roster import identity_key
 
     site_dir = Path(args.site_dir)
     keys = tuple(bytes.fromhex(_hex_key(v, "--governance-key")) for v in args.governance_key)
@@ -99,8 +100,8 @@ def _anchor(args: argparse.Namespace) -> int:
         raise FedgovError(f"--quorum/--governance-key: {error}") from None
     if (site_dir / PUBLIC_KEY_FILE).exists():
         public = (site_dir / PUBLIC_KEY_FILE).read_text().strip()
-    else:
-        public = public_key_bytes(create_site_key(site_dir)).hex()
+    else:  # created with its privacy ledger, as the site's DP code expects
+        public = public_key_bytes(identity_key(site_dir, args.site_id)).hex()
     print(f"trust anchor {path} (quorum {args.quorum} of {len(keys)})")
     print(f"site {args.site_id}'s identity key (for `fedgov roster add`): {public}")
     return 0

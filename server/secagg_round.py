@@ -377,6 +377,8 @@ def run_secagg_round(
             "weight_scale": server.weight_scale,
             "stage_seconds": timings,
             "pipelined_stages": pipelined,
+            # every key checked against the governance-signed roster (privacy/secagg/roster.py)
+            "signed_keys": bool(server.settings.roster),
             "bad_share_holders": {
                 site_of[h]: [site_of[o] for o in owners]
                 for h, owners in sorted(server.bad_holders.items())

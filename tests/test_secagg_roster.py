@@ -105,6 +105,7 @@ def test_with_a_roster_every_key_is_signed_and_the_sum_is_exact(tmp_path):
     adverts = _watch(fed, SETUP)
     record = fed.run().rounds[0]
     assert_exact(fed, record, SITES)
+    assert record.secagg["signed_keys"] is True
     for node, advert in adverts.items():
         key = roster.roster_sites((tmp_path / "roster.json").read_bytes())[advert["site-id"]]
         message = roster.advert_message(

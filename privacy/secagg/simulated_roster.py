@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedgov.config import RunConfig
-from privacy.receipts import PRIVATE_KEY_FILE, create_site_key, load_site_key, public_key_bytes
+from privacy.receipts import PRIVATE_KEY_FILE, load_site_key, public_key_bytes
 from privacy.secagg.roster import Roster, TrustAnchor, save_anchor, sign_roster
 
 NODE_SITE_DIR = "site-dir"
@@ -42,15 +42,21 @@ def simulated_roster(
     for index, site_id in enumerate(site_ids):
         extra = result.setdefault(index, {})
         site_dir = Path(extra.setdefault(NODE_SITE_DIR, str(root / site_id)))
-        key = (
-            load_site_key(site_dir)
-            if (site_dir / PRIVATE_KEY_FILE).exists()
-            else create_site_key(site_dir)
-        )
-        identities[site_id] = public_key_bytes(key)
+        identities[site_id] = public_key_bytes(identity_key(site_dir, site_id))
         save_anchor(site_dir, TrustAnchor(site_id, governance_keys, GOVERNANCE_QUORUM))
     signed = sign_roster(Roster(1, identities), governance[:GOVERNANCE_QUORUM])
     root.mkdir(parents=True, exist_ok=True)
     (root / ROSTER_FILE).write_bytes(signed)
     cfg.secagg.roster = str(root / ROSTER_FILE)
     return result
+
+
+def identity_key(site_dir: Path, site_id: str) -> Ed25519PrivateKey:
+    """The site's identity key, created with its (empty) privacy ledger when it has none, so the
+    ledger's rule "a key without a ledger means the ledger was lost" keeps holding."""
+    if (Path(site_dir) / PRIVATE_KEY_FILE).exists():
+        return load_site_key(site_dir)
+    from clients.site_privacy import open_site_state
+
+    key, _ = open_site_state(Path(site_dir), site_id)
+    return key
