@@ -263,3 +263,13 @@ def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     assert err == (
         "fedgov: error: --key: 'nothex' is not a 32-byte key in hex (or a file holding one)"
     )
+
+
+@pytest.mark.parametrize("action", ["governance-key", "anchor", "add", "sign", "show"])
+def test_every_roster_command_has_help(action, capsys):
+    from fedgov.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["roster", action, "--help"])
+    assert exit_status.value.code == 0
+    assert f"usage: fedgov roster {action}" in capsys.readouterr().out
