@@ -356,7 +356,7 @@ class ServerSecAgg:
         dropped = tuple(
             j for j in sorted(set(self.partners) - kept) if kept & set(self.partners[j])
         )
-        signatures = {i: self.inputs[i].contribution for i in survivors}
+        signatures = {i: self.inputs[i].contribution for i in survivors if i in self.inputs}
         return UnmaskRequest(
             round_id=self.round_id, survivors=survivors, dropped=dropped, signatures=signatures
         )
