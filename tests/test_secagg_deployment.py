@@ -188,7 +188,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     after_first = _moved(cfg, layout, start, expected, summary)
 
     # Round 2: site-03 was asked for round 2's keys with round 1's masked input, and is gone
-    assert not second["aborted"], second
+    assert not second["aborted"], (second["abort_reason"], second["dropouts"], second["secagg"])
     assert second["participants"] == survivors
     if second["sites_connected"] == NUM_SITES:  # the SuperLink still listed it: same draw
         assert second["secagg"]["pipelined_stages"] == ["setup", "share_keys"]
