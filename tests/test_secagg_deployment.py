@@ -6,8 +6,6 @@ other three sites' inputs. The round must still complete, and the unmasked sum m
 the sum of the other three sites' quantised updates, which this test recomputes itself. A second
 round follows; its key stages ride on the first round's masked input and unmask exchanges, so the
 sites' contexts in the SuperNodes hold two rounds at once, and its sum must be exact too.
-Every site has a folder with its identity key and trust anchor, and the run a governance-signed
-roster (2 of 3): every per-round key travels signed and checked, as in a real federation.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from processes import LOOPBACK, ProcessGroup, free_ports, kill_tree
 from safetensors.numpy import load_file
@@ -32,8 +29,6 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.deploy import flower_environment
 from fedgov.models import initial_model
-from privacy.receipts import create_site_key, public_key_bytes
-from privacy.secagg import roster
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.masking import ring_dtype
 from privacy.secagg.quantise import dequantise_mean, quantise
@@ -114,15 +109,12 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
         ],
     )  # fmt: skip
     processes.wait_for_port(superlink, link_port, START_TIMEOUT)
-    roster_file = _signed_roster(tmp_path / "sites", tmp_path / "roster.json")
     supernodes = []
     for index, port in enumerate(node_ports):
-        site_dir = tmp_path / "sites" / f"site-{index:02d}"
         argv = [
             str(BIN / "flower-supernode"), "--insecure",
             "--superlink", f"{LOOPBACK}:{link_port}", "--host", LOOPBACK, "--port", str(port),
-            "--node-config",
-            f'partition-id={index} num-partitions={NUM_SITES} site-dir="{site_dir}"',
+            "--node-config", f"partition-id={index} num-partitions={NUM_SITES}",
         ]  # fmt: skip
         supernodes.append(processes.start(f"supernode-{index}", argv))
     for node in supernodes:
@@ -139,7 +131,6 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
             "rounds=2", "dataset.name='synthetic'", "dataset.partitioner='natural'",
             f"federation.num_sites={NUM_SITES}", "federation.round_timeout=120.0",
             "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
-            f"secagg.roster={json.dumps(str(roster_file))}",
             f"output_dir={json.dumps(str(run_dir))}",
         ]
     )  # fmt: skip
@@ -176,7 +167,6 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     assert dropout["reason"] == "no reply" or "Node Unavailable" in dropout["reason"], dropout
     summary = record["secagg"]
     assert summary["sites"] == NUM_SITES and summary["threshold"] == 3
-    assert summary["signed_keys"] is True and second["secagg"]["signed_keys"] is True
     # site-03 shared its keys, so the sum needed its mask key rebuilt from the others' shares
     expected, start, layout = _expected_ring_sum(cfg, survivors, summary)
     assert summary["sum_sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
@@ -188,7 +178,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     after_first = _moved(cfg, layout, start, expected, summary)
 
     # Round 2: site-03 was asked for round 2's keys with round 1's masked input, and is gone
-    assert not second["aborted"], (second["abort_reason"], second["dropouts"], second["secagg"])
+    assert not second["aborted"], second
     assert second["participants"] == survivors
     if second["sites_connected"] == NUM_SITES:  # the SuperLink still listed it: same draw
         assert second["secagg"]["pipelined_stages"] == ["setup", "share_keys"]
@@ -207,19 +197,6 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
         f"\n[secagg deployment] the run finished {finished - killed_at:.1f} s after the kill "
         f"(stage timeout {STAGE_TIMEOUT:.0f} s); round 2 stages {summary['stage_seconds']}"
     )
-
-
-def _signed_roster(sites_root: Path, roster_file: Path) -> Path:
-    """Site folders with identity keys and trust anchors, and the roster governance signed."""
-    governance = [Ed25519PrivateKey.generate() for _ in range(3)]
-    trusted = tuple(public_key_bytes(key) for key in governance)
-    identities = {}
-    for index in range(NUM_SITES):
-        site_id = f"site-{index:02d}"
-        identities[site_id] = public_key_bytes(create_site_key(sites_root / site_id))
-        roster.save_anchor(sites_root / site_id, roster.TrustAnchor(site_id, trusted, 2))
-    roster_file.write_bytes(roster.sign_roster(roster.Roster(1, identities), governance[:2]))
-    return roster_file
 
 
 def _moved(
