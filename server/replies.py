@@ -3,7 +3,7 @@
 A site may send anything. Every reply the round loop hands to a Flower strategy passes through
 here first; one that does not fit excludes its site from the round with a bounded reason (one
 line, ``messages.MAX_REASON_CHARS``), never the round. A train reply must hold exactly the records
-``fedgov.messages`` documents: ``ARRAYS`` with the global model's keys, shapes and dtypes and only
+``fedgov.messages`` documents: ``ARRAYS`` with the global model's keys and shapes, numeric, and only
 finite values, and ``METRICS`` with a whole ``num-examples`` in [1, ``MAX_EXAMPLES``] and finite
 values. The strategy then gets a canonical copy of each reply (those two records only, the
 metrics every good reply shares), so Flower's consistency checks cannot fail a whole round
@@ -43,11 +43,13 @@ def check_train_reply(reply: Message, global_arrays: ArrayRecord) -> None:
             value = arrays[name].numpy()
         except Exception as error:
             raise ReplyProblem(keys.bounded(f"array '{name}' unreadable: {error!r}")) from None
-        if value.shape != tuple(expected.shape) or str(value.dtype) != expected.dtype:
+        # The shape must match; the dtype only be numeric (a server optimiser such as FedAdam
+        # keeps float64 weights while the sites train in float32).
+        if value.shape != tuple(expected.shape) or value.dtype.kind not in "fiu":
             raise ReplyProblem(
                 keys.bounded(
                     f"array '{name}' of shape {value.shape} and dtype {value.dtype}, expected "
-                    f"{tuple(expected.shape)} {expected.dtype}"
+                    f"shape {tuple(expected.shape)}, numeric"
                 )
             )
         if value.dtype.kind in "fc" and not np.isfinite(value).all():

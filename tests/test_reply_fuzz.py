@@ -177,6 +177,7 @@ def _well_formed_train(content: RecordDict, initial: ArrayRecord) -> bool:
     return (
         isinstance(weight, int) and weight >= 1
         and all(arrays[k].numpy().shape == initial[k].numpy().shape for k in initial)
+        and all(arrays[k].numpy().dtype.kind in "fiu" for k in initial)
         and all(np.isfinite(arrays[k].numpy()).all() for k in initial)
     )  # fmt: skip
 
@@ -232,3 +233,10 @@ def test_a_decline_without_a_reason_excludes_its_site_and_the_round_completes(se
     assert record.decline_reasons == {"site-01": "declined without a reason (reason = None)"}
     if secagg == "secaggplus":
         assert record.secagg["sum_sha256"] == fed.expected_sum_sha256(1, record.secagg, OTHERS)
+
+
+def test_float32_replies_to_a_float64_server_model_are_well_formed():
+    """FedAdam keeps float64 weights; the sites answer in float32: every site still counts."""
+    fed = Federation(make_cfg(secagg="off", rounds=2, strategy__name="fedadam"))
+    second = fed.run().rounds[1]
+    assert second.participants == SITES and second.failures == {}
