@@ -19,13 +19,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.site_data import SiteData
 from clients.update import SiteDeclined, compute_update
 from fedgov import messages as keys
 from fedgov.config import RunConfig
-from privacy.secagg import records
+from privacy.receipts import load_site_key, public_key_bytes
+from privacy.secagg import records, roster
 from privacy.secagg.client import DONE, SiteSecAgg
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
@@ -40,6 +42,8 @@ from privacy.secagg.protocol import (
 from privacy.secagg.quantise import quantise, ring_scale
 
 logger = logging.getLogger("fedgov.secagg")
+NODE_SITE_DIR = "site-dir"  # the node config key of the site's folder (its key, its anchor)
+ROSTER_STATE = "secagg-roster"  # context.state: the version of the last roster accepted
 
 
 def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -60,7 +64,11 @@ def _setup(content: RecordDict, context: Context, cfg: RunConfig) -> RecordDict:
                 "(replayed or stale)"
             )
     settings = cfg.secagg
-    site = SiteSecAgg(request, settings.threshold, settings.max_weight, settings.neighbours)
+    site_id, roster_sites, identity = _roster_of(request.roster, context)
+    site = SiteSecAgg(
+        request, settings.threshold, settings.max_weight, settings.neighbours,
+        site_id=site_id, roster=roster_sites,
+    )  # fmt: skip
     current = _load(context, records.STATE)
     if current is not None and current.expects != DONE:
         context.state[records.STATE_NEXT] = ConfigRecord(site.state_dict())
@@ -68,8 +76,41 @@ def _setup(content: RecordDict, context: Context, cfg: RunConfig) -> RecordDict:
         context.state[records.STATE] = ConfigRecord(site.state_dict())
         _forget(context, records.STATE_NEXT)
     return RecordDict(
-        {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert())}
+        {records.SECAGG: records.advert_record(site.round_id, site.index, site.advert(identity))}
     )
+
+
+def _roster_of(
+    signed: bytes, context: Context
+) -> tuple[str, dict[str, bytes], Ed25519PrivateKey | None]:
+    """(this site's id, the verified roster, its identity key) when the site has a trust anchor
+    in its ``site-dir``; ("", {}, None) without one. Refuses an unsigned, under-signed or older
+    roster, and one that does not list this site's own key."""
+    site_dir = context.node_config.get(NODE_SITE_DIR)
+    try:
+        anchor = roster.load_anchor(str(site_dir) if site_dir else None)
+        if anchor is None:
+            return "", {}, None
+        seen = context.state.config_records.get(ROSTER_STATE)
+        last = int(seen["version"]) if seen is not None else 0
+        accepted = roster.verify_roster(signed, anchor, min_version=last)
+        identity = load_site_key(str(site_dir))
+    except (roster.RosterError, OSError, ValueError) as error:
+        raise ProtocolRefusal(f"roster: {error}") from None
+    if accepted.sites.get(anchor.site_id) != public_key_bytes(identity):
+        raise ProtocolRefusal(
+            f"roster v{accepted.version} does not list this site ({anchor.site_id!r}) with its key"
+        )
+    context.state[ROSTER_STATE] = ConfigRecord({"version": accepted.version})
+    return anchor.site_id, accepted.sites, identity
+
+
+def _identity(context: Context) -> Ed25519PrivateKey | None:
+    site_dir = context.node_config.get(NODE_SITE_DIR)
+    try:
+        return load_site_key(str(site_dir)) if site_dir else None
+    except (OSError, ValueError):
+        return None
 
 
 def _share_keys(content: RecordDict, context: Context) -> RecordDict:
@@ -136,9 +177,16 @@ def handle_masked_input(
                 "secagg: %d of %d update values exceeded secagg.clip_range %g and were clipped",
                 clipped, layout.length, settings.clip_range,
             )  # fmt: skip
-        masked = MaskedInput(
-            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares, clipped=clipped
+        proof = site_round.accusation_proof(bad_shares)
+        contribution = site_round.contribution(
+            _identity(context) if site_round.roster else None,
+            roster.model_digest((name, global_arrays[name].numpy()) for name in global_arrays),
+            roster.config_digest(dict(msg.content.config_records[keys.CONFIG])),
         )
+        masked = MaskedInput(
+            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares,
+            clipped=clipped, proof=proof, contribution=contribution,
+        )  # fmt: skip
         _save(context, site_round)
         config, arrays = records.masked_input_records(site_round.round_id, site_round.index, masked)
         return RecordDict(

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from console import cli as cli_console  # fedgov console
 
     cli_console.add_commands(commands)
+    from fedgov import cli_roster  # fedgov roster ... (SecAgg+ identities)
+
+    cli_roster.add_commands(commands)
     return parser
 
 

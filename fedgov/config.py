@@ -155,6 +155,9 @@ class SecAggConfig:
     bits: int = 32  # the ring Z_{2^bits}: 32 (uint32 on the wire) or 64 (finer, twice the bytes)
     max_weight: int = 100_000  # the largest weight (example count) a site may claim
     timeout: float = 0.0  # seconds to wait for each stage's replies; 0 = federation.round_timeout
+    # The governance-signed roster file (privacy/secagg/roster.py) the coordinator hands the
+    # sites; "" = none (sites with a trust anchor then refuse the round).
+    roster: str = ""
 
 
 @dataclass

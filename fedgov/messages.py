@@ -36,6 +36,8 @@ SITE_ID = "site-id"
 SERVER_ROUND = "server-round"
 DP_MIN_SURVIVORS = "dp-min-survivors"
 RUN_ID = "fedgov-run-id"
+MAX_REASON_CHARS = 300  # a reason a site sends is cut to this many characters, on one line
+MAX_SITE_ID_CHARS = 100
 
 
 def train_config(run_id: str) -> ConfigRecord:
@@ -54,10 +56,14 @@ def site_record(site_id: str, **fields: int | float | str) -> ConfigRecord:
 
 
 def reply_site_id(reply: Message) -> str:
-    """The site id a reply carries ("" when the reply has none, e.g. an error reply)."""
+    """The site id a reply carries ("" when the reply has none or an unusable one, e.g. an error
+    reply, a number, or more than ``MAX_SITE_ID_CHARS`` characters)."""
     if reply.has_error() or SITE not in reply.content.config_records:
         return ""
-    return str(reply.content.config_records[SITE][SITE_ID])
+    site_id = reply.content.config_records[SITE].get(SITE_ID)
+    if not isinstance(site_id, str) or not 0 < len(site_id) <= MAX_SITE_ID_CHARS:
+        return ""
+    return site_id
 
 
 def decline_content(site_id: str, reason: str, **details: int | float | str) -> RecordDict:
@@ -68,10 +74,23 @@ def decline_content(site_id: str, reason: str, **details: int | float | str) -> 
 
 
 def decline_reason(reply: Message) -> str | None:
-    """The reason a reply declines the round, or None when it does not decline."""
+    """The reason a reply declines the round (one line, at most ``MAX_REASON_CHARS``), or None
+    when it does not decline. A decline without a readable reason still declines."""
     if reply.has_error() or DECLINE not in reply.content.config_records:
         return None
-    return str(reply.content.config_records[DECLINE]["reason"])
+    reason = reply.content.config_records[DECLINE].get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        return f"declined without a reason (reason = {bounded(repr(reason), 40)})"
+    return bounded(reason)
+
+
+def bounded(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` on one line and at most ``limit`` characters (for reasons a site sends)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    if len(lines) > 1:
+        line = f"{lines[0]} … {line}"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def is_app_refusal(reply: Message) -> bool:

@@ -109,17 +109,30 @@ class PrivacyRound:
         self._sampled_this_round = len(chosen)
         return chosen
 
-    def observe_train(self, server_round: int, replies: Sequence[tuple[str, Message]]) -> None:
-        """Keep and verify every receipt and decline of this round's train replies."""
+    def observe_train(
+        self, server_round: int, replies: Sequence[tuple[str, Message]]
+    ) -> dict[str, str]:
+        """Keep and verify every receipt and decline of this round's train replies.
+
+        Returns site → why its receipt or decline could not be read (bounded, one line): that
+        site is excluded from the round; nothing a site sends raises out of here.
+        """
+        unreadable: dict[str, str] = {}
         for site_id, reply in replies:
             if reply.has_error():
                 continue
             records = reply.content.config_records
-            if keys.RECEIPT in records:
-                released = reply.content.array_records.get(keys.ARRAYS)
-                self._keep_receipt(site_id, Receipt.from_record(records[keys.RECEIPT]), released)
-            if keys.DECLINE in records:
-                self._keep_decline(site_id, server_round, records[keys.DECLINE])
+            try:
+                if keys.RECEIPT in records:
+                    released = reply.content.array_records.get(keys.ARRAYS)
+                    receipt = Receipt.from_record(records[keys.RECEIPT])
+                    self._keep_receipt(site_id, receipt, released)
+                if keys.DECLINE in records:
+                    self._keep_decline(site_id, server_round, records[keys.DECLINE])
+            except Exception as error:  # a site's bytes: never the round's failure
+                unreadable[site_id] = keys.bounded(f"unreadable privacy receipt: {error!r}")
+                log(WARNING, "site %s: %s", site_id, unreadable[site_id])
+        return unreadable
 
     def aggregate_train(
         self,
@@ -212,9 +225,10 @@ class PrivacyRound:
 
     def max_site_epsilon(self) -> float | None:
         """The largest sample-level ε any site reported (receipts and declines)."""
-        values = [r.payload["epsilon"] for view in self.sites.values() for r in view.receipts]
+        values = [r.payload.get("epsilon") for view in self.sites.values() for r in view.receipts]
         values += [d["epsilon_spent"] for view in self.sites.values() for d in view.declines
                    if d.get("epsilon_spent") is not None]  # fmt: skip
+        values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return max(values) if values else None
 
     def _account(self, server_round: int, contributed: int, z: float, sampled: int = -1) -> None:
@@ -232,6 +246,8 @@ class PrivacyRound:
     ) -> None:
         """Verify (signature, pinned key, site) and keep a receipt; with the update in the clear
         (no secure aggregation), also check the receipt names exactly the weights received."""
+        if not isinstance(receipt.payload, dict):
+            raise ValueError("the receipt's payload is not a JSON object")
         view = self._view(site_id)
         if view.public_key is None:
             view.public_key = receipt.public_key

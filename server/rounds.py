@@ -28,6 +28,13 @@ from fedgov.evaluation import EvalResult
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.messaging import SampledGrid, exchange
 from server.privacy_round import PrivacyRound
+from server.replies import (
+    MAX_EXAMPLES,
+    ReplyProblem,
+    canonical,
+    check_evaluate_reply,
+    check_train_reply,
+)
 from server.sampling import sample_sites, sites_per_round
 from server.secagg_round import PreparedSetup, run_secagg_round
 
@@ -170,18 +177,21 @@ class SiteDirectory:
                 log(WARNING, "site %s refused: %s", site_id, reason)
                 self.refused[reply.metadata.src_node_id] = (site_id, reason)
                 continue
-            site = reply.content.config_records[keys.SITE]
-            site_id = str(site[keys.SITE_ID])
             node_id = reply.metadata.src_node_id
             if (declined := keys.decline_reason(reply)) is not None:
+                site_id = keys.reply_site_id(reply) or f"node-{node_id}"
                 self._leave_out(node_id, site_id, f"declined: {declined}")
                 continue
-            if (problem := self._schema_problem(site)) is not None:
+            info = _site_info(reply)
+            if info is None:
+                log(WARNING, "node %s sent an unreadable site record; ignoring it",
+                    reply.metadata.src_node_id)  # fmt: skip
+                continue
+            site_id = info.site_id
+            if (problem := self._schema_problem(reply.content.config_records[keys.SITE])) is not None:
                 self._leave_out(node_id, site_id, problem)
                 continue
             self.left_out.pop(site_id, None)  # fixed and back: it takes part again
-            info = SiteInfo(site_id, int(site["num-train"]), int(site["num-test"]),
-                            keys_schema.budget_of(site))  # fmt: skip
             if info.site_id in known_ids:
                 log(WARNING, "two nodes claim site id %s; ignoring node %s", info.site_id,
                     reply.metadata.src_node_id)  # fmt: skip
@@ -254,6 +264,23 @@ def _plan_budgets(cfg: RunConfig, directory: SiteDirectory, rounds: int, enforce
         check_budget_plan(cfg, plans)
 
 
+def _site_info(reply: Message) -> SiteInfo | None:
+    """The site a query reply describes, or None when a field is missing or mistyped."""
+    site_id = keys.reply_site_id(reply)
+    record = reply.content.config_records.get(keys.SITE)
+    counts = [record.get(name) for name in ("num-train", "num-test")] if record else []
+    if (
+        not site_id
+        or len(counts) != 2
+        or any(
+            isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_EXAMPLES
+            for c in counts
+        )
+    ):
+        return None
+    return SiteInfo(site_id, int(counts[0]), int(counts[1]), keys_schema.budget_of(record))
+
+
 def _by_site(replies: list[Message], directory: SiteDirectory) -> list[tuple[str, Message]]:
     """Replies paired with their site id, sorted by site id (a fixed aggregation order)."""
     pairs = []
@@ -261,6 +288,15 @@ def _by_site(replies: list[Message], directory: SiteDirectory) -> list[tuple[str
         info = directory.by_node.get(reply.metadata.src_node_id)
         pairs.append((info.site_id if info else f"node-{reply.metadata.src_node_id}", reply))
     return sorted(pairs, key=lambda pair: pair[0])
+
+
+def _usable(check: Callable[[Message], None], reply: Message) -> bool:
+    try:
+        check(reply)
+    except ReplyProblem as problem:
+        log(WARNING, "node %s: reply not used: %s", reply.metadata.src_node_id, problem)
+        return False
+    return True
 
 
 def _metric(record: object, name: str) -> float | None:
@@ -346,9 +382,10 @@ def run_rounds(
         good_eval = [
             reply for _, reply in eval_replies
             if not reply.has_error() and keys.decline_reason(reply) is None
+            and _usable(check_evaluate_reply, reply)
         ]  # fmt: skip
         if good_eval:
-            eval_metrics = strategy.aggregate_evaluate(server_round, good_eval)
+            eval_metrics = strategy.aggregate_evaluate(server_round, canonical(good_eval))
             record.eval_loss = _metric(eval_metrics, "eval_loss")
             record.eval_accuracy = _metric(eval_metrics, "eval_accuracy")
         if central_evaluate is not None:
@@ -390,18 +427,28 @@ def _train_plain(
     train_replies = _by_site(exchange(grid, train_msgs, timeout), directory)
     answered = {site_id for site_id, _ in train_replies}
     record.failures.update({s: "no reply before the timeout" for s in chosen if s not in answered})
+    # receipts, declines with ε and cap; an unreadable receipt or decline excludes its site
+    unreadable = privacy.observe_train(server_round, train_replies) if privacy is not None else {}
     good: list[Message] = []
     for site_id, reply in train_replies:
         if reply.has_error():
-            record.failures[site_id] = reply.error.reason
+            record.failures[site_id] = keys.bounded(reply.error.reason)
         elif (reason := keys.decline_reason(reply)) is not None:
             record.declined.append(site_id)
             record.decline_reasons[site_id] = reason
+        elif site_id in unreadable:
+            record.failures[site_id] = unreadable[site_id]
         else:
+            try:
+                check_train_reply(reply, arrays)
+            except ReplyProblem as problem:  # one site's bytes never fail the round
+                record.failures[site_id] = f"malformed train reply: {problem}"
+                log(WARNING, "round %d: site %s excluded: %s", server_round, site_id,
+                    record.failures[site_id])  # fmt: skip
+                continue
             good.append(reply)
             record.participants.append(site_id)
-    if privacy is not None:
-        privacy.observe_train(server_round, train_replies)  # receipts, declines with ε and cap
+    good = canonical(good)
     if privacy is not None and privacy.aggregates:  # noise on every round, even an empty one
         new_arrays, _ = privacy.aggregate_train(server_round, arrays, good, strategy)
         arrays = new_arrays if new_arrays is not None else arrays

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -40,6 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgov import messages as keys
 from fedgov.config import RunConfig, site_level_on
+from fedgov.errors import ConfigError
 from privacy.secagg import records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
@@ -51,6 +53,7 @@ from privacy.secagg.protocol import (
     RoundAborted,
 )
 from privacy.secagg.quantise import dequantise_mean, mean_error_bound
+from privacy.secagg.roster import RosterError, config_digest, model_digest, roster_sites
 from privacy.secagg.server import SecAggSettings, ServerSecAgg
 from server.messaging import exchange
 from server.privacy_round import PrivacyRound
@@ -104,12 +107,20 @@ class PreparedSetup:
 
 def settings_of(cfg: RunConfig) -> SecAggSettings:
     s = cfg.secagg
+    signed_roster = b""
+    if s.roster:
+        try:
+            signed_roster = Path(s.roster).read_bytes()
+            roster_sites(signed_roster)
+        except (OSError, RosterError) as error:
+            raise ConfigError(f"secagg.roster: {s.roster}: {error}") from None
     return SecAggSettings(
         threshold=s.threshold,
         neighbours=s.neighbours,
         clip_range=s.clip_range,
         bits=s.bits,
         max_weight=s.max_weight,
+        roster=signed_roster,
     )
 
 
@@ -224,8 +235,9 @@ def run_secagg_round(
             timings.update(dict.fromkeys(pipelined, 0.0))
         else:
             server = ServerSecAgg(
-                len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale
-            )
+                len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale,
+                site_ids=tuple(sites),
+            )  # fmt: skip
             # 1. setup: keys and commitments
             requests = {i: records.setup_request_record(server.setup_request(i))
                         for i in server.alive()}  # fmt: skip
@@ -251,6 +263,7 @@ def run_secagg_round(
         train_content = _train_contents(strategy, server_round, arrays, view, run_id)
         dp_survivors = _dp_min_survivors(cfg, privacy, len(sites))
         contents: dict[int, RecordDict] = {}
+        global_digest = b""
         for i in server.alive():
             content = train_content.get(node_of[site_of[i]])
             if content is None:
@@ -262,6 +275,10 @@ def run_secagg_round(
                 config = ConfigRecord(dict(content.config_records.get(keys.CONFIG, {})))
                 config[keys.DP_MIN_SURVIVORS] = dp_survivors
                 contents[i][keys.CONFIG] = config
+            if server.settings.roster:  # what each site signs it trained from (roster.py)
+                global_digest = global_digest or roster_model_digest(arrays)
+                train_config = dict(contents[i].config_records.get(keys.CONFIG, {}))
+                server.expected_contribution[i] = (global_digest, config_digest(train_config))
         batch = {node_of[site_of[i]]: (MASKED_INPUT, content) for i, content in contents.items()}
         upcoming = _next_setup(cfg, server_round + 1, next_sites, num_train, layout, node_of)
         if upcoming is not None:
@@ -276,10 +293,8 @@ def run_secagg_round(
             )  # fmt: skip
         if privacy is not None:  # receipts and declines, as for a plain train reply
             for i, reply in sorted(replies.items()):
-                try:
-                    privacy.observe_train(server_round, [(site_of[i], reply)])
-                except Exception as error:  # a broken receipt excludes its site, never the round
-                    reason = _one_line(f"unreadable privacy receipt: {error!r}")
+                # a broken receipt excludes its site, never the round
+                for reason in privacy.observe_train(server_round, [(site_of[i], reply)]).values():
                     server.drop(i, MASKED_INPUT, reason, reachable=True)
 
         def parse_input(content: RecordDict, index: int):
@@ -362,6 +377,15 @@ def run_secagg_round(
             "weight_scale": server.weight_scale,
             "stage_seconds": timings,
             "pipelined_stages": pipelined,
+            # every key checked against the governance-signed roster (privacy/secagg/roster.py)
+            "signed_keys": bool(server.settings.roster),
+            "bad_share_holders": {
+                site_of[h]: [site_of[o] for o in owners]
+                for h, owners in sorted(server.bad_holders.items())
+            },
+            "ignored_accusations": {
+                site_of[i]: reason for i, reason in sorted(server.ignored_accusations.items())
+            },
         }
     if unmasked is None:
         return result
@@ -409,6 +433,11 @@ def run_secagg_round(
     return result
 
 
+def roster_model_digest(arrays: ArrayRecord) -> bytes:
+    """The global model's digest as the sites compute it (privacy/secagg/roster.py)."""
+    return model_digest((name, arrays[name].numpy()) for name in arrays)
+
+
 def _content(request: ConfigRecord) -> RecordDict:
     return RecordDict({records.SECAGG: request})
 
@@ -437,8 +466,9 @@ def _next_setup(
     scale = _weight_scale(cfg, sites, num_train)
     try:
         server = ServerSecAgg(
-            len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale
-        )
+            len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale,
+            site_ids=tuple(sites),
+        )  # fmt: skip
     except RoundAborted:  # e.g. a single site: the round reports that itself when it starts
         return None
     return PreparedSetup(server, sites, {site: node_of[site] for site in sites}, scale)
@@ -535,8 +565,4 @@ def _mean_metrics(metrics: Mapping[int, MetricRecord], weights: Mapping[int, int
 
 
 def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    line = lines[-1] if lines else ""
-    if len(lines) > 1:
-        line = f"{lines[0]} … {line}"
-    return line[:MAX_REASON_CHARS]
+    return keys.bounded(text, MAX_REASON_CHARS)

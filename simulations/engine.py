@@ -87,6 +87,11 @@ def run_simulation(cfg: RunConfig) -> None:
     validate(cfg)
     cfg.federation.num_sites = resolved_num_sites(cfg)  # also checks the data before Ray starts
     node_configs = _privacy_node_configs(cfg)  # also checks δ, batch and target ε per site
+    if cfg.secagg.name == "secaggplus" and not cfg.secagg.roster:  # sites check signed keys
+        from privacy.secagg.simulated_roster import simulated_roster
+
+        site_ids = simulated_federation(cfg).site_ids
+        node_configs = simulated_roster(cfg, list(site_ids), node_configs)
     set_flower_environment()
     quiet_flower_logs()
     project = app_dir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -149,6 +150,44 @@ def test_pairwise_masks_cancel_and_self_masks_come_off(n, length, bits):
 
 
 # ---- quantisation --------------------------------------------------------------------------------
+def _exact_mean(rows, weights, clip: float) -> list[Fraction]:
+    """Σ w_i · clip(u_i) / Σ w_i in exact rational arithmetic."""
+    c = Fraction(clip)
+    total = sum(weights)
+    return [
+        sum(w * max(-c, min(c, Fraction(float(r[j])))) for r, w in zip(rows, weights, strict=True))
+        / total
+        for j in range(len(rows[0]))
+    ]
+
+
+def _check_ring_and_bound(rows, weights, max_weight: int, clip: float, bits: int) -> None:
+    n = len(rows)
+    scale = ring_scale(n, bits)
+    assert n * scale <= 2 ** (bits - 1) - 1  # the scale itself rules out a wrap
+    quantised = [
+        quantise(row, clip_range=clip, weight=w, max_weight=max_weight, scale=scale, bits=bits)[0]
+        for row, w in zip(rows, weights, strict=True)
+    ]
+    signed = [to_signed(q, bits) for q in quantised]
+    assert all(np.abs(s).max() <= scale for s in signed)
+    ring_sum = np.sum(quantised, axis=0, dtype=masking.ring_dtype(bits))
+    exact_sum = [sum(int(s[j]) for s in signed) for j in range(len(rows[0]))]  # Python ints
+    assert [int(v) for v in to_signed(ring_sum, bits)] == exact_sum  # exact, no wrap
+    total = sum(weights)
+    if total:
+        mean = dequantise_mean(
+            ring_sum, clip_range=clip, total_weight=total, max_weight=max_weight, scale=scale,
+            bits=bits,
+        )  # fmt: skip
+        bound = Fraction(
+            mean_error_bound(n, clip_range=clip, total_weight=total, max_weight=max_weight,
+                             scale=scale)
+        )  # fmt: skip
+        for got, want in zip(mean, _exact_mean(rows, weights, clip), strict=True):
+            assert abs(Fraction(float(got)) - want) <= bound, (float(got), float(want))
+
+
 @SETTINGS
 @given(
     data=st.data(),
@@ -159,33 +198,30 @@ def test_pairwise_masks_cancel_and_self_masks_come_off(n, length, bits):
 def test_the_ring_sum_of_n_quantised_updates_never_wraps(data, n, bits, clip):
     length = data.draw(st.integers(1, 20))
     max_weight = data.draw(st.integers(1, 10_000))
-    scale = ring_scale(n, bits)
     rows = [
         np.array(data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=length,
                                     max_size=length)))
         for _ in range(n)
     ]  # fmt: skip
     weights = [data.draw(st.integers(0, max_weight)) for _ in range(n)]
-    quantised = [
-        quantise(row, clip_range=clip, weight=w, max_weight=max_weight, scale=scale, bits=bits)[0]
-        for row, w in zip(rows, weights, strict=True)
-    ]
-    signed = [to_signed(q, bits) for q in quantised]
-    assert all(np.abs(s).max() <= scale for s in signed)
-    ring_sum = np.sum(quantised, axis=0, dtype=masking.ring_dtype(bits))
-    assert np.array_equal(to_signed(ring_sum, bits), np.sum(signed, axis=0))  # exact, no wrap
-    total = sum(weights)
-    if total:
-        mean = dequantise_mean(
-            ring_sum, clip_range=clip, total_weight=total, max_weight=max_weight, scale=scale,
-            bits=bits,
-        )  # fmt: skip
-        exact = sum(w * np.clip(r, -clip, clip) for r, w in zip(rows, weights, strict=True))
-        exact = exact / total
-        bound = mean_error_bound(
-            n, clip_range=clip, total_weight=total, max_weight=max_weight, scale=scale
-        )
-        assert np.abs(mean - exact).max() <= bound * (1 + 1e-9) + 1e-12
+    _check_ring_and_bound(rows, weights, max_weight, clip, bits)
+
+
+@SETTINGS
+@given(
+    n=st.sampled_from([1, 2, 3, 1023, 1024, 1025, 2048, 4099]),
+    bits=st.sampled_from([32, 64]),
+    clip=st.sampled_from([1e-6, 0.1, 1.0, 2.0, 3.0, 1e6]),
+    sign=st.sampled_from([1.0, -1.0]),
+    max_weight=st.sampled_from([1, 7, 100_000, 2**53]),
+    extreme=st.floats(0.999999, 10.0),
+)
+def test_sites_at_the_clip_extremes_never_wrap_and_keep_the_error_bound(
+    n, bits, clip, sign, max_weight, extreme
+):
+    """Every site at ±clip (or past it) with the largest weight: the worst case for a wrap."""
+    rows = [np.array([sign * clip * extreme, -sign * clip, sign * clip / 3])] * n
+    _check_ring_and_bound(rows, [max_weight] * n, max_weight, clip, bits)
 
 
 def test_quantise_counts_clipped_values_and_refuses_nan_and_overweight():

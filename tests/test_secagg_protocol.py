@@ -103,9 +103,11 @@ def run_round(
                 sites[i].decline()
                 server.drop(i, MASKED_INPUT, "declined", reachable=True)
                 continue
+            proof = sites[i].accusation_proof(bad)
             masked[i] = tamper(
-                MASKED_INPUT, i, MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad)
-            )
+                MASKED_INPUT, i,
+                MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad, proof=proof),
+            )  # fmt: skip
         server.receive_masked_inputs(masked)
         request = server.unmask_request()
         answers = {
@@ -134,11 +136,13 @@ def oracle(n: int, graph: dict[int, tuple[int, ...]], t: int, fates: dict[int, s
         return SETUP, ()
     refusing = {i for i in u1 if len(set(graph[i]) & u1) + 1 < t}
     u2 = {i for i in u1 if fates.get(i) != SHARE_KEYS} - refusing
+    while short := {i for i in u2 if len(set(graph[i]) & u2) + 1 < t}:
+        u2 -= short  # too few neighbours left sharing: could not mask with t − 1 of them
     if len(u2) < t:
         return SHARE_KEYS, ()
     u3 = {i for i in u2 if fates.get(i) not in (MASKED_INPUT, DECLINE)}
-    if len(u3) < t:
-        return MASKED_INPUT, ()
+    if len(u3) < t or any(len(set(graph[s]) & u3) < t - 1 for s in u3):
+        return MASKED_INPUT, ()  # too few survivors, or one isolated below the design bound
     answering = {i for i in u2 if fates.get(i) not in (MASKED_INPUT, UNMASK)}
     needed = set(u3) | {j for j in u2 - u3 if set(graph[j]) & u3}
     for owner in needed:

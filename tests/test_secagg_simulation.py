@@ -15,6 +15,10 @@ def test_secure_and_plain_runs_on_ray_give_the_same_model_within_the_quantisatio
     plain = simulate(*FEDERATION, "secagg=off", name="plain")
     secure = simulate(*FEDERATION, "secagg=secaggplus", name="secure")
     assert secure["config"]["secagg.name"] == "secaggplus"
+    # the engine played governance: a signed roster and an anchor at every simulated site
+    assert secure["config"]["secagg.roster"].endswith("secagg_roster.json")
+    for site_id in ("site-00", "site-01", "site-02"):
+        assert (simulate.root / "secure" / "sites" / site_id / "secagg_anchor.json").exists()
     for off, on in zip(plain["rounds"], secure["rounds"], strict=True):
         assert on["participants"] == off["participants"] == ["site-00", "site-01", "site-02"]
         assert not on["aborted"] and on["dropouts"] == {} and on["secagg"]["clipped_values"] == 0

@@ -13,9 +13,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privacy.secagg import keys, masking, shamir
-from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
+from privacy.secagg import keys, masking, roster, shamir
+from privacy.secagg.graph import (
+    isolated_survivors,
+    neighbour_graph,
+    resolve_degree,
+    share_threshold,
+)
 from privacy.secagg.protocol import (
     MASKED_INPUT,
     SHARE_KEYS,
@@ -37,11 +43,23 @@ class SiteSecAgg:
     """The per-round secrets and progress of one site."""
 
     def __init__(
-        self, request: SetupRequest, min_threshold: float, max_weight: int, neighbours: int = 0
+        self,
+        request: SetupRequest,
+        min_threshold: float,
+        max_weight: int,
+        neighbours: int = 0,
+        site_id: str = "",
+        roster: Mapping[str, bytes] | None = None,
     ) -> None:
         """``min_threshold``, ``max_weight``, ``neighbours``: the site's own ``secagg.*`` settings,
-        against which it checks the round the server proposes."""
+        against which it checks the round the server proposes. ``site_id`` and ``roster`` (site
+        id → identity key, already verified against the site's trust anchor): with a roster the
+        site signs its keys and checks its peers' (roster.py); without, it trusts the server."""
         _check_setup(request, min_threshold, max_weight, neighbours)
+        self.site_id = site_id
+        self.roster = dict(roster or {})
+        self.model_digest = b""  # of the global model it trained from (with a roster)
+        self.config_digest = b""  # of the round's train config
         self.round_id = request.round_id
         self.server_round = request.server_round
         self.index = request.index
@@ -59,12 +77,24 @@ class SiteSecAgg:
         self.partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in the input
 
     # ---- stage 1 ---------------------------------------------------------------------------------
-    def advert(self) -> KeyAdvert:
-        """The public half of this round's keys and the self-mask commitment."""
+    def advert(self, identity: Ed25519PrivateKey | None = None) -> KeyAdvert:
+        """The public half of this round's keys and the self-mask commitment, signed with the
+        site's identity key when it has a roster."""
+        signature = b""
+        if self.roster:
+            if identity is None:
+                raise ProtocolRefusal("this site has a roster but no identity key to sign with")
+            signature = identity.sign(
+                roster.advert_message(
+                    self.round_id, self.index, self.site_id, self.enc_public, self.mask_public
+                )
+            )
         return KeyAdvert(
             enc_key=self.enc_public,
             mask_key=self.mask_public,
             commitment=keys.commitment(self.round_id, self.index, self.self_seed),
+            site_id=self.site_id,
+            signature=signature,
         )
 
     # ---- stage 2 ---------------------------------------------------------------------------------
@@ -79,6 +109,8 @@ class SiteSecAgg:
                 f"only {len(request.peers)} neighbours left, {self.threshold - 1} needed "
                 f"to share secrets with threshold {self.threshold}"
             )
+        if self.roster:
+            self._check_peer_signatures(request)
         holders = [self.index, *sorted(request.peers)]
         seed_shares = shamir.split(self.self_seed, self.threshold, holders)
         key_shares = shamir.split(self.mask_private, self.threshold, holders)
@@ -113,6 +145,11 @@ class SiteSecAgg:
         unknown = set(request.shares) - set(self.peers)
         if unknown:
             raise ProtocolRefusal(f"shares from sites {sorted(unknown)} that sent no keys")
+        if len(request.shares) + 1 < self.threshold:  # Bonawitz et al. §4: |U2| ≥ t, or abort
+            raise ProtocolRefusal(
+                f"shares from only {len(request.shares)} neighbours: with its own that is fewer "
+                f"than the threshold {self.threshold}; this site masks nothing with so few"
+            )
         bad: dict[int, str] = {}
         for sender, blob in sorted(request.shares.items()):
             key = keys.agree(
@@ -128,6 +165,60 @@ class SiteSecAgg:
             self.held[sender] = payload
         self.partners = tuple(sorted(request.shares))
         return bad
+
+    def _check_peer_signatures(self, request: ShareKeysRequest) -> None:
+        """Every peer's keys signed by the identity key the roster gives its site id."""
+        claimed = [advert.site_id for advert in request.peers.values()]
+        if len(set(claimed)) != len(claimed) or self.site_id in claimed:
+            raise ProtocolRefusal("two peers, or a peer and this site, claim one site id")
+        for peer, advert in sorted(request.peers.items()):
+            key = self.roster.get(advert.site_id)
+            message = roster.advert_message(
+                self.round_id, peer, advert.site_id, advert.enc_key, advert.mask_key
+            )
+            if key is None or not roster.verify_signature(key, advert.signature, message):
+                who = repr(advert.site_id[:40])
+                raise ProtocolRefusal(
+                    f"site {peer}'s keys are not signed by the roster key of site {who} "
+                    "(unknown site or substituted keys): nothing shared"
+                )
+
+    def contribution(
+        self, identity: Ed25519PrivateKey | None, model_digest: bytes, config_digest: bytes
+    ) -> bytes:
+        """Sign that this site sends an input in this round, for this model and config."""
+        self.model_digest, self.config_digest = model_digest, config_digest
+        if not self.roster or identity is None:
+            return b""
+        return identity.sign(
+            roster.contribution_message(self.round_id, self.index, model_digest, config_digest)
+        )
+
+    def _check_consistency(self, request: UnmaskRequest, survivors: set[int]) -> None:
+        """Bonawitz et al.'s consistency check, here over (round id, model, config): every
+        survivor of this site's share group signed the same statement, and at least t did."""
+        group = {self.index: self.site_id, **{p: a.site_id for p, a in self.peers.items()}}
+        valid = 0
+        for member in sorted(survivors & set(group)):
+            key = self.roster.get(group[member], b"")
+            message = roster.contribution_message(
+                self.round_id, member, self.model_digest, self.config_digest
+            )
+            if not roster.verify_signature(key, request.signatures.get(member, b""), message):
+                raise ProtocolRefusal(
+                    f"survivor {member} did not sign this round with the global model and "
+                    "config this site trained with: nothing revealed"
+                )
+            valid += 1
+        if valid < self.threshold:
+            raise ProtocolRefusal(
+                f"{valid} signed survivors in this site's share group, {self.threshold} needed"
+            )
+
+    def accusation_proof(self, bad: Mapping[int, str]) -> bytes:
+        """What backs an accusation of ``bad`` senders: this round's share-encryption private key
+        (it opens only the shares sent to this site; never the mask key), or b"" for none."""
+        return self.enc_private if bad else b""
 
     def mask(self, quantised: np.ndarray) -> np.ndarray:
         """The masked input for ``quantised`` (a ring vector); forgets the masking secrets."""
@@ -169,6 +260,18 @@ class SiteSecAgg:
         outside = (survivors | dropped) - set(range(1, self.num_sites + 1))
         if outside:
             raise ProtocolRefusal(f"sites {sorted(outside)} are not in this round")
+        if self.roster:
+            self._check_consistency(request, survivors)
+        isolated = isolated_survivors(
+            neighbour_graph(self.num_sites, len(self.neighbours), self.round_id),
+            survivors,
+            self.threshold,
+        )
+        if isolated:
+            raise ProtocolRefusal(
+                f"survivors {isolated[:8]} would keep fewer than {self.threshold - 1} surviving "
+                f"neighbours (the design bound t − 1): revealing could expose their inputs"
+            )
         held = {**self.held, self.index: self.own_share} if self.own_share else dict(self.held)
         self_shares, key_shares = {}, {}
         for owner, payload in held.items():
@@ -213,6 +316,12 @@ class SiteSecAgg:
             "held-owners": held,
             "held-shares": [self.held[o] for o in held],
             "partners": list(self.partners),
+            "peer-site-ids": [self.peers[p].site_id for p in peers],
+            "site-id": self.site_id,
+            "roster-ids": sorted(self.roster),
+            "roster-keys": [self.roster[s] for s in sorted(self.roster)],
+            "model-digest": self.model_digest,
+            "config-digest": self.config_digest,
         }
 
     @classmethod
@@ -233,11 +342,18 @@ class SiteSecAgg:
         site.enc_public = keys.public_key_of(site.enc_private) if site.enc_private else b""
         site.mask_public = keys.public_key_of(site.mask_private) if site.mask_private else b""
         site.peers = {
-            int(p): KeyAdvert(bytes(e), bytes(m), b"")
-            for p, e, m in zip(
-                state["peers"], state["peer-enc-keys"], state["peer-mask-keys"], strict=True
+            int(p): KeyAdvert(bytes(e), bytes(m), b"", str(i))
+            for p, e, m, i in zip(
+                state["peers"], state["peer-enc-keys"], state["peer-mask-keys"],
+                state["peer-site-ids"], strict=True,
             )
+        }  # fmt: skip
+        site.site_id = str(state["site-id"])
+        site.roster = {
+            str(s): bytes(k) for s, k in zip(state["roster-ids"], state["roster-keys"], strict=True)
         }
+        site.model_digest = bytes(state["model-digest"])
+        site.config_digest = bytes(state["config-digest"])
         site.own_share = bytes(state["own-share"])
         site.held = {
             int(o): bytes(s)
@@ -269,6 +385,7 @@ class SiteSecAgg:
         self.enc_private = self.enc_public = b""
         self.mask_private = self.mask_public = self.self_seed = b""
         self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
+        self.roster = {}
         self.expects = DONE
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable, Mapping
 
 FULL_GRAPH_UP_TO = 64  # neighbours = 0 (auto): every site is everyone's neighbour up to here
 AUTO_DEGREE_FACTOR = 8  # above it, k = the even number ≥ 8·⌈log2 n⌉
@@ -70,3 +71,17 @@ def share_threshold(group_size: int, threshold: float) -> int:
     majority = group_size // 2 + 1
     wanted = math.ceil(threshold * group_size - 1e-9) if threshold <= 1 else int(threshold)
     return max(wanted, majority, 2)
+
+
+def isolated_survivors(
+    graph: Mapping[int, tuple[int, ...]], survivors: Iterable[int], threshold: int
+) -> list[int]:
+    """Survivors with fewer than ``threshold`` − 1 surviving neighbours, sorted.
+
+    SecAgg+'s design bound: a survivor's input stays hidden in the sum while enough of its
+    neighbours' pairwise masks stay in it; fedgov asks that every survivor keep at least t − 1
+    surviving neighbours (so at most k + 1 − t of its k neighbours dropped out). A site refuses to
+    reveal anything for a survivor set that breaks this (Bell et al. 2020, §3–4).
+    """
+    kept = set(survivors)
+    return sorted(s for s in kept if len(kept.intersection(graph.get(s, ()))) < threshold - 1)

@@ -64,6 +64,7 @@ class SetupRequest:
     # The round's weight normaliser: weights are capped at it and quantised as w / weight_scale.
     # The largest row count among the sampled sites, capped at secagg.max_weight.
     weight_scale: int = 1
+    roster: bytes = b""  # the governance-signed roster (roster.py), b"" when the run has none
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class KeyAdvert:
     enc_key: bytes  # X25519 public key for share encryption
     mask_key: bytes  # X25519 public key for pairwise masks
     commitment: bytes  # SHA-256 commitment to the self-mask seed
+    site_id: str = ""  # the site's roster id ("" without a roster)
+    signature: bytes = b""  # its identity key's signature of roster.advert_message (b"": none)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class MaskedInput:
     weight: int  # the site's example count, capped at the round's weight scale
     bad_shares: dict[int, str] = field(default_factory=dict)  # sender → why it could not be opened
     clipped: int = 0  # coordinates that clip_range cut
+    # The proof behind ``bad_shares``: this site's share-encryption private key of the round
+    # (32 bytes; empty when it accuses no one). The server checks it against the advertised key
+    # and opens the accused ciphertexts itself; an accusation without it is ignored.
+    proof: bytes = b""
+    # roster.contribution_message signed by the site's identity key (b"" without a roster)
+    contribution: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,8 @@ class UnmaskRequest:
     round_id: bytes
     survivors: tuple[int, ...]  # inputs in the sum: their self-mask seeds are rebuilt
     dropped: tuple[int, ...]  # shared keys, input not in the sum: their mask keys are rebuilt
+    # survivor → its signed contribution statement (the consistency check before revealing)
+    signatures: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,24 @@ Every request and reply carries the ConfigRecord ``SECAGG`` (``"secagg"``) with 
 index in the round). The rest of ``SECAGG`` by stage:
 
 - setup request: ``server-round``, ``num-sites``, ``threshold``, ``weight-scale`` (int),
-  ``neighbours`` (list[int]);
-  reply: ``enc-key``, ``mask-key`` (32-byte X25519 public keys), ``commitment`` (32 bytes).
-- share_keys request: ``peers`` (list[int]), ``peer-enc-keys``, ``peer-mask-keys`` (list[bytes]);
+  ``neighbours`` (list[int]), ``roster`` (bytes: the governance-signed roster, empty without);
+  reply: ``enc-key``, ``mask-key`` (32-byte X25519 public keys), ``commitment`` (32 bytes),
+  ``site-id`` (str) and ``signature`` (bytes, Ed25519 over the advert; both empty without roster).
+- share_keys request: ``peers`` (list[int]), ``peer-enc-keys``, ``peer-mask-keys``,
+  ``peer-signatures`` (list[bytes]), ``peer-site-ids`` (list[str]);
   reply: ``recipients`` (list[int]) and ``ciphertexts`` (list[bytes], AES-GCM, one per recipient).
 - masked_input request: ``senders`` (list[int]), ``ciphertexts`` (list[bytes]); the message also
   holds the strategy's ``arrays`` (global weights) and ``config`` records, as a plain train message.
   Reply: ``weight`` (int), ``clipped`` (int), ``bad-senders`` (list[int]), ``bad-reasons``
-  (list[str]); the ArrayRecord ``MASKED`` (``"secagg-masked"``) with the one array ``"masked"``
-  (uint32 or uint64, the model's floating-point values flattened in record order); the
-  MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord ``site``.
+  (list[str]), ``accusation-proof`` (bytes: the site's share-encryption private key of the
+  round when it accuses a sender, else empty), ``contribution`` (bytes: its signed contribution
+  statement, empty without a roster); the ArrayRecord ``MASKED`` (``"secagg-masked"``)
+  with the one array ``"masked"`` (uint32 or uint64, the model's floating-point values flattened
+  in record order); the MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord
+  ``site``.
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
-- unmask request: ``survivors``, ``dropped`` (list[int]); reply: ``seed-share-owners``,
+- unmask request: ``survivors``, ``dropped`` (list[int]), ``survivor-signatures`` (list[bytes],
+  one per survivor: its contribution statement); reply: ``seed-share-owners``,
   ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
 - pipelining: a masked_input request may also carry the ConfigRecord ``NEXT``
   (``"secagg-next"``), the setup request of the site's next round, and an unmask request the
@@ -93,6 +99,7 @@ def setup_request_record(request: SetupRequest) -> ConfigRecord:
             "threshold": request.threshold,
             "neighbours": list(request.neighbours),
             "weight-scale": request.weight_scale,
+            "roster": request.roster,
         }
     )
 
@@ -107,6 +114,7 @@ def parse_setup_request(content: RecordDict) -> SetupRequest:
         threshold=_int(record, "threshold"),
         neighbours=tuple(_ints(record, "neighbours")),
         weight_scale=_int(record, "weight-scale"),
+        roster=_bytes(record, "roster"),
     )
 
 
@@ -118,6 +126,8 @@ def share_keys_request_record(request: ShareKeysRequest) -> ConfigRecord:
             "peers": peers,
             "peer-enc-keys": [request.peers[p].enc_key for p in peers],
             "peer-mask-keys": [request.peers[p].mask_key for p in peers],
+            "peer-signatures": [request.peers[p].signature for p in peers],
+            "peer-site-ids": [request.peers[p].site_id for p in peers],
         }
     )
 
@@ -126,11 +136,12 @@ def parse_share_keys_request(content: RecordDict) -> ShareKeysRequest:
     record = _secagg(content, SHARE_KEYS)
     peers = _zip(
         _ints(record, "peers"), _bytes_list(record, "peer-enc-keys"),
-        _bytes_list(record, "peer-mask-keys"),
+        _bytes_list(record, "peer-mask-keys"), _bytes_list(record, "peer-signatures"),
+        _strs(record, "peer-site-ids"),
     )  # fmt: skip
     return ShareKeysRequest(
         round_id=_bytes(record, "round-id"),
-        peers={p: KeyAdvert(enc, mask, b"") for p, enc, mask in peers},
+        peers={p: KeyAdvert(enc, mask, b"", site, sig) for p, enc, mask, sig, site in peers},
     )
 
 
@@ -157,16 +168,19 @@ def unmask_request_record(request: UnmaskRequest) -> ConfigRecord:
             **_header(UNMASK, request.round_id),
             "survivors": list(request.survivors),
             "dropped": list(request.dropped),
+            "survivor-signatures": [request.signatures.get(i, b"") for i in request.survivors],
         }
     )
 
 
 def parse_unmask_request(content: RecordDict) -> UnmaskRequest:
     record = _secagg(content, UNMASK)
+    survivors = _zip(_ints(record, "survivors"), _bytes_list(record, "survivor-signatures"))
     return UnmaskRequest(
         round_id=_bytes(record, "round-id"),
-        survivors=tuple(_ints(record, "survivors")),
+        survivors=tuple(i for i, _ in survivors),
         dropped=tuple(_ints(record, "dropped")),
+        signatures=dict(survivors),
     )
 
 
@@ -202,6 +216,8 @@ def advert_record(round_id: bytes, index: int, advert: KeyAdvert) -> ConfigRecor
             "enc-key": advert.enc_key,
             "mask-key": advert.mask_key,
             "commitment": advert.commitment,
+            "site-id": advert.site_id,
+            "signature": advert.signature,
         }
     )
 
@@ -212,6 +228,8 @@ def parse_advert(content: RecordDict, round_id: bytes, index: int) -> KeyAdvert:
         enc_key=_bytes(record, "enc-key"),
         mask_key=_bytes(record, "mask-key"),
         commitment=_bytes(record, "commitment"),
+        site_id=_str(record, "site-id"),
+        signature=_bytes(record, "signature"),
     )
 
 
@@ -246,6 +264,8 @@ def masked_input_records(
             "clipped": masked.clipped,
             "bad-senders": bad,
             "bad-reasons": [masked.bad_shares[s] for s in bad],
+            "accusation-proof": masked.proof,
+            "contribution": masked.contribution,
         }
     )
     arrays = ArrayRecord({MASKED_ARRAY: Array(np.ascontiguousarray(masked.vector))})
@@ -267,6 +287,8 @@ def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> Mask
         weight=_int(record, "weight"),
         bad_shares=dict(bad),
         clipped=_int(record, "clipped"),
+        proof=_bytes(record, "accusation-proof"),
+        contribution=_bytes(record, "contribution"),
     )
 
 
@@ -336,6 +358,13 @@ def _int(record: ConfigRecord, key: str) -> int:
     value = _value(record, key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise MalformedReply(f"'{key}' = {value!r} is not an integer")
+    return value
+
+
+def _str(record: ConfigRecord, key: str) -> str:
+    value = _value(record, key)
+    if not isinstance(value, str) or len(value) > 100:
+        raise MalformedReply(f"'{key}' is not a string of at most 100 characters")
     return value
 
 

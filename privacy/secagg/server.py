@@ -11,13 +11,20 @@ rebuilt and checked. It never holds anything from which one site's input could b
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from privacy.secagg import keys, masking, shamir
-from privacy.secagg.graph import neighbour_graph, resolve_degree, share_threshold
+from privacy.secagg import keys, masking, roster, shamir
+from privacy.secagg.graph import (
+    isolated_survivors,
+    neighbour_graph,
+    resolve_degree,
+    share_threshold,
+)
 from privacy.secagg.protocol import (
     MASKED_INPUT,
     SETUP,
@@ -46,6 +53,7 @@ class SecAggSettings:
     clip_range: float = 2.0
     bits: int = 32
     max_weight: int = 100_000
+    roster: bytes = b""  # the governance-signed roster the sites check (b"": none)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,9 @@ class ServerSecAgg:
         server_round: int,
         round_id: bytes | None = None,
         weight_scale: int | None = None,
+        site_ids: tuple[str, ...] = (),
     ) -> None:
+        """``site_ids``: the roster id of each index (1 … n), checked when the run has a roster."""
         self.num_sites = num_sites
         # Weights are quantised as w / weight_scale: the closer it is to the largest weight,
         # the finer the mean (see quantise.mean_error_bound).
@@ -102,6 +112,17 @@ class ServerSecAgg:
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # sender → recipient → ciphertext
         self.partners: dict[int, tuple[int, ...]] = {}  # pairwise masks in each site's input
         self.inputs: dict[int, MaskedInput] = {}
+        self.ignored_accusations: dict[int, str] = {}  # accuser → why (bounded), not acted on
+        # With a roster: index → the identity key its site id has there (adverts and
+        # contributions are checked here too, so one site's bad signature drops that site
+        # instead of making its honest peers refuse the whole stage).
+        self.identities: dict[int, bytes] = {}
+        self.site_ids = dict(enumerate(site_ids, start=1))
+        if settings.roster:
+            listed = roster.roster_sites(settings.roster)
+            self.identities = {i: listed[s] for i, s in self.site_ids.items() if s in listed}
+        self.expected_contribution: dict[int, tuple[bytes, bytes]] = {}  # (model, config digest)
+        self.bad_holders: dict[int, list[int]] = {}  # holder → owners whose share did not fit
         if num_sites < 2:
             raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
         if self.threshold > self.group_size:
@@ -152,6 +173,7 @@ class ServerSecAgg:
             threshold=self.threshold,
             neighbours=self.graph[index],
             weight_scale=self.weight_scale,
+            roster=self.settings.roster,
         )
 
     def receive_adverts(self, adverts: Mapping[int, KeyAdvert]) -> None:
@@ -160,7 +182,9 @@ class ServerSecAgg:
         for index, advert in sorted(adverts.items()):
             if index in self.dropouts:
                 continue
-            problem = _advert_problem(advert, probe_private, self.round_id)
+            problem = _advert_problem(advert, probe_private, self.round_id) or (
+                self._signature_problem(index, advert) if self.settings.roster else ""
+            )
             if problem:
                 self.drop(index, SETUP, problem, reachable=True)
                 continue
@@ -191,6 +215,21 @@ class ServerSecAgg:
                 continue
             self.ciphertexts[index] = dict(shares)
         self._drop_silent(SHARE_KEYS, self.ciphertexts)
+        # A site with fewer than t − 1 neighbours left sharing could not have its secrets rebuilt,
+        # and would refuse to mask with so few (client.accept_shares): it leaves now, which can
+        # leave a neighbour short in turn.
+        short = True
+        while short:
+            sharing = set(self.alive())
+            short = [i for i in sorted(sharing)
+                     if len(sharing.intersection(self.graph[i])) + 1 < self.threshold]  # fmt: skip
+            for i in short:
+                self.drop(
+                    i, SHARE_KEYS,
+                    f"only {len(sharing.intersection(self.graph[i]))} of its neighbours shared "
+                    f"keys, {self.threshold - 1} needed",
+                    reachable=True,
+                )  # fmt: skip
         self._require_threshold(SHARE_KEYS)
         sharing = set(self.alive())
         self.partners = {
@@ -224,20 +263,90 @@ class ServerSecAgg:
                     f"{self.settings.max_weight})"
                 )
             else:
-                problem = ""
+                problem = self._contribution_problem(index, masked)
             if problem:
                 self.drop(index, MASKED_INPUT, problem, reachable=True)
                 continue
-            for sender, reason in masked.bad_shares.items():
-                if sender in self.partners.get(index, ()):
-                    accused.setdefault(sender, f"site {index} could not open its share ({reason})")
+            for sender, reason in sorted(masked.bad_shares.items()):
+                if sender not in self.partners.get(index, ()):
+                    continue
+                refuted = self._accusation_problem(index, sender, masked.proof)
+                if refuted:  # no proof, or the share opens: the accused stays in the sum
+                    self.ignored_accusations.setdefault(
+                        index, f"against site {sender} ignored: {refuted}"
+                    )
+                    continue
+                accused.setdefault(
+                    sender, f"site {index} could not open its share ({_bounded(reason)}); "
+                    "checked with the accuser's key"
+                )  # fmt: skip
             self.inputs[index] = masked
         for sender, reason in sorted(accused.items()):
             self.drop(sender, SHARE_KEYS, reason, reachable=sender in self.inputs)
         self._drop_silent(MASKED_INPUT, self.inputs)
         self._require_threshold(MASKED_INPUT)
+        isolated = isolated_survivors(self.graph, self.alive(), self.threshold)
+        if isolated:  # the sites would refuse to reveal: abort before asking
+            raise RoundAborted(
+                MASKED_INPUT,
+                f"survivors {isolated[:8]} keep fewer than {self.threshold - 1} surviving "
+                "neighbours (the design bound t − 1): not unmasked",
+            )
         if sum(self.inputs[i].weight for i in self.alive()) == 0:
             raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
+
+    def _signature_problem(self, index: int, advert: KeyAdvert) -> str:
+        expected = self.site_ids.get(index, "")
+        if advert.site_id != expected or index not in self.identities:
+            return f"advertised as site {advert.site_id[:40]!r}, not {expected!r} of the roster"
+        message = roster.advert_message(
+            self.round_id, index, advert.site_id, advert.enc_key, advert.mask_key
+        )
+        if not roster.verify_signature(self.identities[index], advert.signature, message):
+            return "keys not signed by the site's roster identity key"
+        return ""
+
+    def _contribution_problem(self, index: int, masked: MaskedInput) -> str:
+        if not self.settings.roster or index not in self.expected_contribution:
+            return ""
+        model, config = self.expected_contribution[index]
+        message = roster.contribution_message(self.round_id, index, model, config)
+        if not roster.verify_signature(self.identities.get(index, b""), masked.contribution,
+                                       message):  # fmt: skip
+            return "its contribution statement does not verify (another model or config?)"
+        return ""
+
+    def _accusation_problem(self, accuser: int, sender: int, proof: bytes) -> str:
+        """Why ``accuser``'s claim that ``sender``'s share does not open fails ("" = it holds).
+
+        The proof is the accuser's share-encryption private key: it must match the key the
+        accuser advertised; the server then derives the pair's key and opens the ciphertext it
+        forwarded. Only a share that really fails to open (or to parse) convicts the sender.
+        """
+        if not isinstance(proof, bytes) or len(proof) != keys.KEY_BYTES:
+            return "no proof (the accuser's share-encryption key) came with it"
+        try:
+            if keys.public_key_of(proof) != self.adverts[accuser].enc_key:
+                return "the proof is not the key the accuser advertised"
+            key = keys.agree(
+                proof, self.adverts[sender].enc_key, self.round_id, keys.PURPOSE_SHARES,
+                accuser, sender,
+            )  # fmt: skip
+        except (ValueError, keys.KeyAgreementError) as error:
+            return _bounded(f"unusable proof: {error}")
+        blob = self.ciphertexts.get(sender, {}).get(accuser, b"")
+        try:
+            payload = keys.decrypt_share(key, self.round_id, sender, accuser, blob)
+        except keys.ShareDecryptionError:
+            return ""  # it does not open: the accusation holds
+        if len(payload) != 2 * shamir.SHARE_BYTES:
+            return ""
+        try:
+            shamir.share_from_bytes(payload[: shamir.SHARE_BYTES])
+            shamir.share_from_bytes(payload[shamir.SHARE_BYTES :])
+        except shamir.ShareError:
+            return ""
+        return "the share opens with the accuser's own key"
 
     # ---- stage 4: unmasking ----------------------------------------------------------------------
     def unmask_request(self) -> UnmaskRequest:
@@ -247,7 +356,10 @@ class ServerSecAgg:
         dropped = tuple(
             j for j in sorted(set(self.partners) - kept) if kept & set(self.partners[j])
         )
-        return UnmaskRequest(round_id=self.round_id, survivors=survivors, dropped=dropped)
+        signatures = {i: self.inputs[i].contribution for i in survivors if i in self.inputs}
+        return UnmaskRequest(
+            round_id=self.round_id, survivors=survivors, dropped=dropped, signatures=signatures
+        )
 
     def unmask_targets(self) -> list[int]:
         """Every site that shared keys and still answers (a declined site helps too)."""
@@ -306,24 +418,56 @@ class ServerSecAgg:
                 continue  # unusable; the remaining shares may still suffice
 
     def _rebuild(self, owner: int, shares: dict[int, int], what: str, valid) -> bytes:
-        """A secret from ``threshold`` of ``shares`` that passes ``valid``, or abort the round."""
-        if len(shares) < self.threshold:
+        """A secret from ``threshold`` of ``shares`` that passes ``valid``, or abort the round.
+
+        Candidates: first every window of t consecutive holders (cyclically, so one bad holder,
+        the lowest included, is skipped by the next window), then random t-subsets, at most
+        ``MAX_RECONSTRUCTION_TRIES`` in all. Holders whose shares do not lie on the rebuilt
+        polynomial are recorded in ``bad_holders``.
+        """
+        t = self.threshold
+        if len(shares) < t:
             raise RoundAborted(
                 UNMASK,
-                f"only {len(shares)} shares of site {owner}'s {what} came back, "
-                f"{self.threshold} needed",
+                f"only {len(shares)} shares of site {owner}'s {what} came back, {t} needed",
             )
-        holders = sorted(shares)
-        for subset in itertools.islice(
-            itertools.combinations(holders, self.threshold), MAX_RECONSTRUCTION_TRIES
-        ):
+        candidates = _candidate_subsets(sorted(shares), t, owner)
+        for tries, subset in enumerate(itertools.islice(candidates, MAX_RECONSTRUCTION_TRIES)):
+            points = {h: shares[h] for h in subset}
             try:
-                secret = shamir.reconstruct({h: shares[h] for h in subset})
+                secret = shamir.reconstruct(points)
             except shamir.ShareError:
                 continue
             if valid(secret):
+                if tries:  # an earlier candidate failed: name the holders that do not fit
+                    for holder in sorted(set(shares) - set(points)):
+                        if shamir.evaluate_at(points, holder) != shares[holder]:
+                            self.bad_holders.setdefault(holder, []).append(owner)
                 return secret
         raise RoundAborted(UNMASK, f"the shares of site {owner}'s {what} do not rebuild it")
+
+
+def _candidate_subsets(holders: list[int], t: int, owner: int):
+    """t-subsets of ``holders`` to try: the m cyclic windows, then seeded random ones."""
+    m = len(holders)
+    seen: set[tuple[int, ...]] = set()
+    for start in range(m):
+        subset = tuple(sorted(holders[(start + j) % m] for j in range(t)))
+        if subset not in seen:
+            seen.add(subset)
+            yield subset
+    rng = random.Random(owner)
+    while len(seen) < math.comb(m, t):
+        subset = tuple(sorted(rng.sample(holders, t)))
+        if subset not in seen:
+            seen.add(subset)
+            yield subset
+
+
+def _bounded(text: str, limit: int = 120) -> str:
+    """A reason a site sent, on one line and at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _advert_problem(advert: KeyAdvert, probe_private: bytes, round_id: bytes) -> str:

@@ -60,6 +60,20 @@ def reconstruct(shares: Mapping[int, int]) -> bytes:
     return secret.to_bytes(SECRET_BYTES, "big")
 
 
+def evaluate_at(shares: Mapping[int, int], x: int) -> int:
+    """The value at ``x`` of the polynomial through ``shares`` (Lagrange; to spot a bad share)."""
+    xs = list(shares)
+    value = 0
+    for x_j, y_j in shares.items():
+        numerator, denominator = 1, 1
+        for x_m in xs:
+            if x_m != x_j:
+                numerator = numerator * (x - x_m) % PRIME
+                denominator = denominator * (x_j - x_m) % PRIME
+        value = (value + y_j * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
+
+
 def share_to_bytes(value: int) -> bytes:
     """A share value as 66 big-endian bytes."""
     return value.to_bytes(SHARE_BYTES, "big")

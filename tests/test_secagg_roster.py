@@ -1,0 +1,275 @@
+"""The federation roster: signed per-round keys and the consistency check, against a coordinator
+that substitutes keys, invents sites, hands out an unsigned roster or different models.
+
+The roster maths are tested directly; every attack runs through the real ClientApp and round
+loop on the in-process wire, with real site folders (site_key.pem, the key that signs DP receipts;
+secagg_anchor.json) and a roster signed by two of three governance keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Array, ArrayRecord, Message
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess import InProcessGrid
+from test_secagg_app import Federation, assert_exact, make_cfg
+
+from clients.app import app as client_app
+from fedgov.config import to_flower_config
+from privacy.receipts import create_site_key, public_key_bytes
+from privacy.secagg import keys as secagg_keys
+from privacy.secagg import records, roster
+from privacy.secagg import server as secagg_server
+
+SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SITES = ["site-00", "site-01", "site-02", "site-03"]
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+GOVERNANCE = [Ed25519PrivateKey.generate() for _ in range(3)]
+
+
+def _anchor(site_id: str) -> roster.TrustAnchor:
+    return roster.TrustAnchor(site_id, tuple(public_key_bytes(k) for k in GOVERNANCE), 2)
+
+
+# ---- the roster itself ---------------------------------------------------------------------------
+def test_a_roster_needs_the_anchors_quorum_of_distinct_governance_signatures():
+    sites = {"a": bytes(range(32)), "b": bytes(32)}
+    anchor = _anchor("a")
+    one = roster.sign_roster(roster.Roster(3, sites), GOVERNANCE[:1])
+    with pytest.raises(roster.RosterError, match="1 valid governance signature"):
+        roster.verify_roster(one, anchor)
+    twice = roster.add_signatures(one, GOVERNANCE[:1])  # the same key again counts once
+    with pytest.raises(roster.RosterError, match="1 valid"):
+        roster.verify_roster(twice, anchor)
+    stranger = roster.add_signatures(one, [Ed25519PrivateKey.generate()])
+    with pytest.raises(roster.RosterError, match="1 valid"):
+        roster.verify_roster(stranger, anchor)
+    two = roster.add_signatures(one, GOVERNANCE[2:])
+    assert roster.verify_roster(two, anchor).sites == sites
+    with pytest.raises(roster.RosterError, match="older than v4"):
+        roster.verify_roster(two, anchor, min_version=4)  # no rollback
+    forged = two.replace(b'\\"version\\":3', b'\\"version\\":9')
+    with pytest.raises(roster.RosterError):
+        roster.verify_roster(forged, anchor)
+    with pytest.raises(roster.RosterError, match="no roster"):
+        roster.verify_roster(b"", anchor)
+
+
+# ---- a federation with a roster ------------------------------------------------------------------
+class RosterFederation(Federation):
+    """Federation whose sites have a site folder, identity key and trust anchor."""
+
+    def __init__(self, tmp: Path, n: int = 4, signers: int = 2, **overrides) -> None:
+        cfg = make_cfg(n=n, **overrides)
+        ids = [f"site-{i:02d}" for i in range(n)]
+        identities = {}
+        for site_id in ids:
+            identities[site_id] = public_key_bytes(create_site_key(tmp / site_id))
+            roster.save_anchor(tmp / site_id, _anchor(site_id))
+        signed = roster.sign_roster(roster.Roster(1, identities), GOVERNANCE[:signers])
+        (tmp / "roster.json").write_bytes(signed)
+        cfg.secagg.roster = str(tmp / "roster.json")
+        super().__init__(cfg)
+        configs = [
+            {"partition-id": i, "num-partitions": n, "site-dir": str(tmp / site_id)}
+            for i, site_id in enumerate(ids)
+        ]
+        self.grid = InProcessGrid(client_app, configs, to_flower_config(cfg))
+        self.grid.tamper_request = self._remember
+
+
+def _watch(fed: Federation, message_type: str) -> dict[int, dict]:
+    seen: dict[int, dict] = {}
+
+    def watch(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == message_type and not reply.has_error():
+            seen[reply.metadata.src_node_id] = dict(reply.content[records.SECAGG])
+        return reply
+
+    fed.grid.tamper = watch
+    return seen
+
+
+def test_with_a_roster_every_key_is_signed_and_the_sum_is_exact(tmp_path):
+    fed = RosterFederation(tmp_path)
+    adverts = _watch(fed, SETUP)
+    record = fed.run().rounds[0]
+    assert_exact(fed, record, SITES)
+    assert record.secagg["signed_keys"] is True
+    for node, advert in adverts.items():
+        key = roster.roster_sites((tmp_path / "roster.json").read_bytes())[advert["site-id"]]
+        message = roster.advert_message(
+            advert["round-id"], advert["index"], advert["site-id"], advert["enc-key"],
+            advert["mask-key"],
+        )  # fmt: skip
+        assert advert["site-id"] == SITES[node - 1]
+        assert roster.verify_signature(key, advert["signature"], message)
+
+
+def test_substituted_keys_are_refused_and_nothing_is_shared(tmp_path):
+    """A coordinator in the middle hands every site its own keys for the peers."""
+    fed = RosterFederation(tmp_path)
+    _, attacker_public = secagg_keys.new_keypair()
+
+    def substitute(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == SHARE:
+            config = message.content[records.SECAGG]
+            config["peer-enc-keys"] = [attacker_public] * len(config["peer-enc-keys"])
+        return message
+
+    fed.grid.tamper_request = substitute
+    shared = _watch(fed, SHARE)
+    record = fed.run().rounds[0]
+    assert set(shared) == {1, 2, 3, 4}
+    for reply in shared.values():
+        assert "not signed by the roster key" in reply["refused"]
+        assert "ciphertexts" not in reply
+    assert record.aborted and record.abort_reason.startswith("share_keys: only 0 of 4")
+
+
+def test_a_peer_the_roster_does_not_know_is_refused(tmp_path):
+    fed = RosterFederation(tmp_path)
+
+    def invent(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == SHARE and node_id == 1:
+            config = message.content[records.SECAGG]
+            config["peer-site-ids"] = ["site-99", *config["peer-site-ids"][1:]]
+        return message
+
+    fed.grid.tamper_request = invent
+    shared = _watch(fed, SHARE)
+    record = fed.run().rounds[0]
+    assert "site 'site-99'" in shared[1]["refused"] and "ciphertexts" not in shared[1]
+    assert_exact(fed, record, SITES[1:])  # the other three, who were told the truth
+
+
+def test_a_roster_short_of_the_governance_quorum_is_refused_by_every_site(tmp_path):
+    fed = RosterFederation(tmp_path, signers=1)
+    adverts = _watch(fed, SETUP)
+    record = fed.run().rounds[0]
+    for reply in adverts.values():
+        assert "1 valid governance signature(s), the trust anchor needs 2" in reply["refused"]
+        assert "enc-key" not in reply
+    assert record.aborted and record.abort_reason.startswith("setup:")
+
+
+def test_a_site_with_an_anchor_refuses_a_run_without_a_roster(tmp_path):
+    fed = RosterFederation(tmp_path)
+    fed.cfg.secagg.roster = ""
+    adverts = _watch(fed, SETUP)
+    record = fed.run().rounds[0]
+    assert all("no roster" in reply["refused"] for reply in adverts.values())
+    assert record.aborted
+
+
+def _other_model_for_node_1(fed: Federation):
+    def tamper(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == MASKED and node_id == 1:
+            arrays = message.content["arrays"]
+            name = next(iter(arrays.keys()))
+            changed = arrays[name].numpy() + np.float32(0.5)
+            message.content["arrays"] = ArrayRecord(
+                {k: (Array(changed) if k == name else arrays[k]) for k in arrays}
+            )
+        return message
+
+    return tamper
+
+
+def test_a_site_given_another_model_is_excluded_by_its_signed_statement(tmp_path):
+    fed = RosterFederation(tmp_path)
+    fed.grid.tamper_request = _other_model_for_node_1(fed)
+    record = fed.run().rounds[0]
+    assert "contribution statement does not verify" in record.dropouts["site-00"]["reason"]
+    assert record.participants == SITES[1:]
+
+
+def test_sites_refuse_to_reveal_when_a_survivor_signed_another_model(tmp_path, monkeypatch):
+    """The coordinator gives site-00 another model and skips its own check: the consistency
+    check at every site stops the unmasking; nothing is revealed."""
+    monkeypatch.setattr(
+        secagg_server.ServerSecAgg, "_contribution_problem", lambda self, index, masked: ""
+    )
+    fed = RosterFederation(tmp_path)
+    fed.grid.tamper_request = _other_model_for_node_1(fed)
+    unmask = _watch(fed, UNMASK)
+    record = fed.run().rounds[0]
+    assert set(unmask) == {1, 2, 3, 4}
+    for node, reply in unmask.items():
+        assert "seed-shares" not in reply and "key-shares" not in reply
+        expected = "survivor 2 did not sign" if node == 1 else "survivor 1 did not sign"
+        assert expected in reply["refused"], reply["refused"]
+    assert record.aborted and record.abort_reason.startswith("unmask: only 0 shares")
+
+
+# ---- the operators' path: fedgov roster ... ------------------------------------------------------
+def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, capsys):
+    from fedgov.cli import main
+
+    members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
+    for member in members:
+        assert main(["roster", "governance-key", "--out", str(member)]) == 0
+    publics = [str(member.with_suffix(".pub")) for member in members]
+    book = tmp_path / "roster.json"
+    for site_id in SITES:
+        site_dir = tmp_path / site_id
+        anchor_args = [f"--governance-key={p}" for p in publics]
+        assert main(["roster", "anchor", "--site-dir", str(site_dir), "--site-id", site_id,
+                     "--quorum", "2", *anchor_args]) == 0  # fmt: skip
+        key_file = str(site_dir / "site_key.pub")
+        assert main(["roster", "add", "--roster", str(book), "--site-id", site_id,
+                     "--key", key_file, "--sign", str(members[0])]) == 0  # fmt: skip
+    # one signature: below the quorum, every site refuses
+    anchor_file = str(tmp_path / "site-00" / "secagg_anchor.json")
+    assert main(["roster", "show", "--roster", str(book), "--anchor", anchor_file]) == 2
+    assert "1 valid governance signature(s), the trust anchor needs 2" in capsys.readouterr().err
+    assert main(["roster", "sign", "--roster", str(book), "--sign", str(members[2])]) == 0
+    assert main(["roster", "show", "--roster", str(book), "--anchor", anchor_file]) == 0
+    assert "v4: verified" in capsys.readouterr().out
+
+    cfg = make_cfg()
+    cfg.secagg.roster = str(book)
+    fed = Federation(cfg)
+    configs = [
+        {"partition-id": i, "num-partitions": 4, "site-dir": str(tmp_path / site_id)}
+        for i, site_id in enumerate(SITES)
+    ]
+    fed.grid = InProcessGrid(client_app, configs, to_flower_config(cfg))
+    fed.grid.tamper_request = fed._remember
+    assert_exact(fed, fed.run().rounds[0], SITES)
+
+
+def test_a_roster_mistake_is_one_line(tmp_path, capsys):
+    from fedgov.cli import main
+
+    assert main(["roster", "governance-key", "--out", str(tmp_path / "g.pem")]) == 0
+    code = main(["roster", "add", "--roster", str(tmp_path / "r.json"), "--site-id", "a",
+                 "--key", "nothex", "--sign", str(tmp_path / "g.pem")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == (
+        "fedgov: error: --key: 'nothex' is not a 32-byte key in hex (or a file holding one)"
+    )
+
+
+@pytest.mark.parametrize("action", ["governance-key", "anchor", "add", "sign", "show"])
+def test_every_roster_command_has_help(action, capsys):
+    from fedgov.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["roster", action, "--help"])
+    assert exit_status.value.code == 0
+    assert f"usage: fedgov roster {action}" in capsys.readouterr().out
