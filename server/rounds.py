@@ -188,7 +188,8 @@ class SiteDirectory:
                     reply.metadata.src_node_id)  # fmt: skip
                 continue
             site_id = info.site_id
-            if (problem := self._schema_problem(reply.content.config_records[keys.SITE])) is not None:
+            site_record = reply.content.config_records[keys.SITE]
+            if (problem := self._schema_problem(site_record)) is not None:
                 self._leave_out(node_id, site_id, problem)
                 continue
             self.left_out.pop(site_id, None)  # fixed and back: it takes part again
