@@ -48,18 +48,20 @@ postgres:
 			"the registry's PostgreSQL test will skip"; \
 	fi
 
-# The privacy report's rendering test opens the HTML report in headless Chromium (Debian's
-# chromium package): install it when absent (CI runs as root); without root the test skips.
+# The privacy report's and the console's rendering tests open pages in headless Chromium (Debian's
+# chromium package) and read the console's PDF with pdftotext (poppler-utils): install them when
+# absent (CI runs as root); without root those tests skip.
 chromium:
-	@if [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then \
+	@if { [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; } && \
+		command -v pdftotext >/dev/null 2>&1; then \
 		:; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Chromium (Debian package) for the privacy report's rendering test"; \
+		echo "installing Chromium and poppler-utils (Debian packages) for the rendering tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends chromium fonts-dejavu-core >/dev/null; \
+			--no-install-recommends chromium fonts-dejavu-core poppler-utils >/dev/null; \
 	else \
-		echo "note: chromium is absent and this is not root:" \
-			"the privacy report's rendering test will skip"; \
+		echo "note: chromium or pdftotext is absent and this is not root:" \
+			"the rendering tests will skip"; \
 	fi
 
 # CI (.ci/run): every tier, the 15 slowest tests listed, a hung test failed by pytest-timeout
