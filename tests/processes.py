@@ -391,3 +391,27 @@ def _children() -> dict[int, list[int]]:
                 parent = int(text[text.rindex(")") + 2 :].split()[1])
                 children.setdefault(parent, []).append(int(entry.name))
     return children
+
+
+def init_medpar_site(root: Path, name: str, port: int, link_port: int, ca: Path) -> Path:
+    """``fedgov site init`` of site ``name`` under ``root`` on one MedPAR hospital's rows (its
+    own CSV and schema), for a coordinator whose Fleet API listens at 127.0.0.1:``link_port``."""
+    import yaml
+
+    from fedgov.datasets import load_dataset, load_table
+
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    table = load_table("medpar")
+    table[table["provnum"] == "hosp-30061"].drop(columns=["provnum"]).to_csv(
+        data / "admissions.csv", index=False
+    )
+    (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
+    folder = root / name
+    made = fedgov(
+        "site", "init", "--site-id", name, "--data", str(data / "admissions.csv"),
+        "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{link_port}",
+        "--ca", str(ca), "--port", str(port), "--out", str(folder), cwd=root,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return folder

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import FEDGOV, fedgov, free_ports
+from processes import FEDGOV, fedgov, free_ports, init_medpar_site
 
 from clients.daemon import create_node_auth_key
-from fedgov.datasets import load_dataset, load_table
 from fedgov.deploy import flower_environment, flower_tool
 
 pytestmark = pytest.mark.slow
@@ -54,24 +53,6 @@ def _from_other_address(tmp_path: Path) -> dict[str, str]:
     (patch / "sitecustomize.py").write_text(SOURCE_PATCH)
     path = os.pathsep.join(p for p in (str(patch), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, "FEDGOV_TEST_SOURCE_ADDRESS": OTHER_ADDRESS}
-
-
-def _site(tmp_path: Path, name: str, port: int, link_port: int, ca: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    table = load_table("medpar")
-    table[table["provnum"] == "hosp-30061"].drop(columns=["provnum"]).to_csv(
-        data / "admissions.csv", index=False
-    )
-    (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
-    folder = tmp_path / name
-    made = fedgov(
-        "site", "init", "--site-id", name, "--data", str(data / "admissions.csv"),
-        "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{link_port}",
-        "--ca", str(ca), "--port", str(port), "--out", str(folder), cwd=tmp_path,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    return folder
 
 
 def test_a_key_registered_from_another_address_is_refused_and_never_joins(tmp_path, processes):
@@ -110,12 +91,12 @@ def test_a_key_registered_from_another_address_is_refused_and_never_joins(tmp_pa
     assert '"nodes"' not in listing.stdout, listing.stdout
 
     # The operator adds the real site from the coordinator's host.
-    site = _site(tmp_path, "hosp-a", site_port, link_port, ca)
+    site = init_medpar_site(tmp_path, "hosp-a", site_port, link_port, ca)
     added = fedgov("server", "add-site", str(site / "keys" / "node.key.pub"), cwd=coordinator)
     assert added.returncode == 0, added.stderr
 
     # The rogue key's SuperNode, from the other address: refused.
-    rogue_site = _site(tmp_path, "rogue", rogue_port, link_port, ca)
+    rogue_site = init_medpar_site(tmp_path, "rogue", rogue_port, link_port, ca)
     (rogue_site / "keys" / "node.key").write_bytes((tmp_path / "rogue" / "node.key").read_bytes())
     refused = subprocess.run(
         [*FEDGOV, "site", "start", "--max-wait", "20"], cwd=rogue_site,

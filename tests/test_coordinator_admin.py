@@ -15,33 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
-from processes import FEDGOV, ProcessGroup, Started, fedgov, free_ports
+from processes import FEDGOV, ProcessGroup, Started, fedgov, free_ports, init_medpar_site
 
-from fedgov.datasets import load_dataset, load_table
 from server.certs import renew_server_cert
 
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT = 120.0
 SITES = ("hosp-a", "hosp-b")
-
-
-def _site(root: Path, name: str, port: int, link_port: int, ca: Path) -> Path:
-    data = root / "data"
-    data.mkdir(exist_ok=True)
-    table = load_table("medpar")
-    table[table["provnum"] == "hosp-30061"].drop(columns=["provnum"]).to_csv(
-        data / "admissions.csv", index=False
-    )
-    (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
-    folder = root / name
-    made = fedgov(
-        "site", "init", "--site-id", name, "--data", str(data / "admissions.csv"),
-        "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{link_port}",
-        "--ca", str(ca), "--port", str(port), "--out", str(folder), cwd=root,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    return folder
 
 
 def _start_coordinator(processes: ProcessGroup, folder: Path, port: int, name: str) -> Started:
@@ -72,7 +53,7 @@ def test_sites_are_added_listed_removed_and_survive_a_renewed_certificate(tmp_pa
     ca = coordinator / "certs" / "ca.crt"
     link = _start_coordinator(processes, coordinator, link_port, "coordinator")
     folders = {
-        name: _site(tmp_path, name, port, link_port, ca)
+        name: init_medpar_site(tmp_path, name, port, link_port, ca)
         for name, port in zip(SITES, site_ports, strict=True)
     }
 

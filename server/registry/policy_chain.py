@@ -12,8 +12,6 @@ a file that is not the head is refused.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,17 +177,9 @@ def write_version(path: str | Path, version: PolicyVersion) -> Path:
         "#   fedgov registry policy propose NEW_POLICY.yaml --out PROPOSAL\n"
     )
     text = header + yaml.safe_dump(version.as_dict(), sort_keys=False, allow_unicode=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from fedgov.records import atomic_write_bytes  # torch and flwr: only when a policy is written
+
+    atomic_write_bytes(path, text.encode())
     return path
 
 

@@ -35,6 +35,20 @@ class ChainDecision:
     comment: str
 
 
+def _chain_decision(entry: AuditEntry, principal: str) -> ChainDecision:
+    """The decision an approve/reject ``entry`` made by ``principal`` records."""
+    details = entry.details or {}
+    return ChainDecision(
+        entry.seq,
+        principal,
+        entry.action,
+        entry.actor_key,
+        str(details.get("signature", "")),
+        entry.at,
+        str(details.get("comment", "")),
+    )
+
+
 @dataclass
 class ChainState:
     """What the audit log says, entry by entry, and every problem found replaying it."""
@@ -119,18 +133,7 @@ def chain_decisions(
         if problem is not None:
             ignored.append(problem)
             continue
-        details = entry.details or {}
-        counted.append(
-            ChainDecision(
-                entry.seq,
-                principal.name,
-                entry.action,
-                entry.actor_key,
-                str(details.get("signature", "")),
-                entry.at,
-                str(details.get("comment", "")),
-            )
-        )
+        counted.append(_chain_decision(entry, principal.name))
     return counted, ignored
 
 
@@ -174,15 +177,7 @@ def replay(
                 state.problems.append(problem)
                 continue
             state.decisions.setdefault((name, version), []).append(
-                ChainDecision(
-                    entry.seq,
-                    principal.name,
-                    entry.action,
-                    entry.actor_key,
-                    str(details.get("signature", "")),
-                    entry.at,
-                    str(details.get("comment", "")),
-                )
+                _chain_decision(entry, principal.name)
             )
         elif entry.action == "promote":
             problem = _promote_problem(entry, principal, policy, state, manifests)
