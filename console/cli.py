@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
 from fedgov.errors import FedgovError
+from server.registry.checkpoint import ANCHOR_ENV, read_checkpoint
 
 DEFAULT_PORT = 8090
 
@@ -39,6 +41,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--token-file",
         help="file holding a bearer token that every request must carry (Authorization: "
         "Bearer TOKEN, or HTTP Basic with the token as password)",
+    )
+    console.add_argument(
+        "--anchor",
+        default=os.environ.get(ANCHOR_ENV) or None,
+        help="a checkpoint of the registry's audit chain kept outside it (fedgov registry "
+        f"checkpoint): the models pages say whether the chain extends it (default: ${ANCHOR_ENV})",
     )
     console.set_defaults(handler=_serve)
 
@@ -108,7 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
             raise FedgovError(
                 f"--port {args.port}: cannot listen on {args.host} ({error.strerror})"
             ) from None
-    app = create_app(Sources(registry_path, runs_root), token, warm=True)
+    anchor = None
+    if args.anchor:
+        anchor = Path(args.anchor).resolve()
+        read_checkpoint(anchor)  # a file that is no checkpoint: one line now, not on every page
+    app = create_app(Sources(registry_path, runs_root, anchor), token, warm=True)
     print(
         f"fedgov console: http://{args.host}:{args.port}/ (read-only; registry {registry_path}, "
         f"runs {runs_root}{', token required' if token else ''}); Ctrl-C stops it",

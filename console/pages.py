@@ -29,6 +29,7 @@ class Sources:
 
     registry: Path
     runs_root: Path
+    anchor: Path | None = None  # a registry checkpoint kept outside the registry (--anchor)
 
     # ---- runs ---------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
@@ -63,7 +64,7 @@ class Sources:
         except registry_view.RegistryUnavailable as error:
             return {"registry": str(self.registry), "error": str(error), "models": []}
         try:
-            overview = registry_view.registry_overview(registry, only)
+            overview = registry_view.registry_overview(registry, only, self.anchor)
             return json_safe({**overview, "error": None})
         except FedgovError as error:
             return {"registry": str(self.registry), "error": str(error), "models": []}

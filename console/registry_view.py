@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgov.errors import FedgovError
+from server.registry.checkpoint import Checkpoint, read_checkpoint
 from server.registry.governance import (
     gate_report,
     verified_decisions,
@@ -60,12 +61,27 @@ def load_policy(registry: Registry) -> tuple[Policy | None, str | None]:
     return policy, None
 
 
-def registry_overview(registry: Registry, only: tuple[str, int] | None = None) -> dict[str, Any]:
+def read_anchor(path: Path | None) -> tuple[Checkpoint | None, str | None]:
+    """The checkpoint file at ``path`` (None: no anchor given), or (None, why it is unusable)."""
+    if path is None:
+        return None, None
+    try:
+        return read_checkpoint(path), None
+    except FedgovError as error:
+        return None, str(error)
+
+
+def registry_overview(
+    registry: Registry, only: tuple[str, int] | None = None, anchor: Path | None = None
+) -> dict[str, Any]:
     """Models, their versions (lineage, verification, gates per alias, decisions), alias history
     and the audit chain's verification, as one plain dict; ``only`` = (name, version) evaluates
-    that version alone (each model still says its ``latest`` version)."""
+    that version alone (each model still says its ``latest`` version); with ``anchor`` (a
+    checkpoint file kept outside the registry) the chain must also extend that checkpoint."""
     policy, policy_problem = load_policy(registry)
-    audit = verify_audit(registry)
+    checkpoint, anchor_problem = read_anchor(anchor)
+    audit = verify_audit(registry, anchor=checkpoint)
+    audit_problems = list(audit.problems) + ([anchor_problem] if anchor_problem else [])
     promotions = [_promotion(e) for e in audit.entries if e.action == "promote"]
     models: dict[str, dict[str, Any]] = {}
     with registry.store.read() as session:
@@ -97,11 +113,21 @@ def registry_overview(registry: Registry, only: tuple[str, int] | None = None) -
         },
         "models": list(models.values()),
         "audit": {
-            "ok": audit.ok,
+            "ok": audit.ok and anchor_problem is None,
             "entries": len(audit.entries),
             "head_seq": audit.head[0],
             "head_hash": audit.head[1],
-            "problems": list(audit.problems),
+            "problems": audit_problems,
+            # the checkpoint the chain was checked against (None: no --anchor given)
+            "anchor": None
+            if anchor is None
+            else {
+                "file": str(anchor),
+                "seq": checkpoint.seq if checkpoint else None,
+                "head_hash": checkpoint.head_hash if checkpoint else None,
+                "signer": checkpoint.signer if checkpoint else None,
+                "extends": checkpoint is not None and audit.ok,
+            },
         },
     }
 

@@ -344,9 +344,21 @@ def _audit_html(audit: dict[str, Any] | None) -> str:
             '<p id="audit" class="banner">Audit chain: <span class="bad">FAILED</span> — '
             + escape("; ".join(audit["problems"]))
         )
+    anchor = audit.get("anchor")
+    if anchor is None:
+        return (
+            text + ". No checkpoint given: whether the chain extends an external anchor is not "
+            "checked.</p>"
+        )
+    if anchor["extends"]:
+        return (
+            text + f'. <span id="anchor" class="ok">Extends the checkpoint</span> of entry '
+            f"{anchor['seq']} signed by {escape(str(anchor['signer']))} "
+            f"(<code>{escape(anchor['file'])}</code>).</p>"
+        )
     return (
-        text + ". No checkpoint given: whether the chain extends an external anchor is not "
-        "checked.</p>"
+        text + f'. <span id="anchor" class="bad">Not shown to extend the checkpoint</span> '
+        f"<code>{escape(anchor['file'])}</code>.</p>"
     )
 
 
