@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -368,3 +369,19 @@ def insider_rewrite_from(db_path: Path, seq: int, key: SigningKey) -> None:
             )
             prev, new_seq = digest, new_seq + 1
         db.execute("UPDATE registry_state SET audit_seq = ?, audit_hash = ?", (new_seq - 1, prev))
+
+
+def insider_cut_last_rejection(db_path: Path) -> int:
+    """As an insider: delete the last audit entry (a rejection) and its decision row, and set
+    the recorded head back one entry. Returns the deleted entry's seq."""
+    with sqlite3.connect(db_path) as connection:
+        (last,) = connection.execute("SELECT MAX(seq) FROM audit_log").fetchone()
+        (previous_hash,) = connection.execute(
+            "SELECT entry_hash FROM audit_log WHERE seq = ?", (last - 1,)
+        ).fetchone()
+        connection.execute("DELETE FROM audit_log WHERE seq = ?", (last,))
+        connection.execute("DELETE FROM decisions WHERE decision = 'reject'")
+        connection.execute(
+            "UPDATE registry_state SET audit_seq = ?, audit_hash = ?", (last - 1, previous_hash)
+        )
+    return last

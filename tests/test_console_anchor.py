@@ -4,11 +4,15 @@ as an insider would) is shown as failed, naming the check; an unusable anchor fi
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
-from registry_support import make_governance, privacy_report, publish_toy
+from registry_support import (
+    insider_cut_last_rejection,
+    make_governance,
+    privacy_report,
+    publish_toy,
+)
 
 from console.pages import Sources
 from console.render import models_html
@@ -39,21 +43,6 @@ def governed(tmp_path: Path):
     return governance, anchor, runs
 
 
-def _cut_last_entry(registry_path: Path) -> int:
-    """Delete the last audit entry and its decision row and set the recorded head back."""
-    with sqlite3.connect(registry_path / "registry.db") as connection:
-        (last,) = connection.execute("SELECT MAX(seq) FROM audit_log").fetchone()
-        (previous_hash,) = connection.execute(
-            "SELECT entry_hash FROM audit_log WHERE seq = ?", (last - 1,)
-        ).fetchone()
-        connection.execute("DELETE FROM audit_log WHERE seq = ?", (last,))
-        connection.execute("DELETE FROM decisions WHERE decision = 'reject'")
-        connection.execute(
-            "UPDATE registry_state SET audit_seq = ?, audit_hash = ?", (last - 1, previous_hash)
-        )
-    return last
-
-
 def test_a_chain_that_extends_the_anchor_says_so(governed):
     governance, anchor, runs = governed
     models = Sources(governance.registry_path, runs, anchor).models()
@@ -70,7 +59,7 @@ def test_a_chain_that_extends_the_anchor_says_so(governed):
 
 def test_entries_cut_off_the_end_fail_against_the_anchor(governed):
     governance, anchor, runs = governed
-    last = _cut_last_entry(governance.registry_path)
+    last = insider_cut_last_rejection(governance.registry_path / "registry.db")
     # Without the anchor the shortened log is consistent: what anchors are for.
     assert Sources(governance.registry_path, runs).models()["audit"]["ok"] is True
     models = Sources(governance.registry_path, runs, anchor).models()

@@ -22,6 +22,7 @@ from registry_support import (
     PRINCIPALS,
     Governance,
     insider_append,
+    insider_cut_last_rejection,
     insider_rewrite_from,
     make_governance,
     privacy_report,
@@ -321,16 +322,7 @@ def test_entries_cut_off_the_end_are_caught_by_the_anchor(world, tmp_path):
         str(world.registry_path),
     )
     assert made.returncode == 0, made.stderr
-    with sqlite3.connect(db(world)) as connection:
-        (last,) = connection.execute("SELECT MAX(seq) FROM audit_log").fetchone()
-        (previous_hash,) = connection.execute(
-            "SELECT entry_hash FROM audit_log WHERE seq = ?", (last - 1,)
-        ).fetchone()
-        connection.execute("DELETE FROM audit_log WHERE seq = ?", (last,))
-        connection.execute("DELETE FROM decisions WHERE decision = 'reject'")
-        connection.execute(
-            "UPDATE registry_state SET audit_seq = ?, audit_hash = ?", (last - 1, previous_hash)
-        )
+    last = insider_cut_last_rejection(db(world))
     # Without an anchor the shortened log is a consistent log: that is what anchors are for.
     assert audit(world).returncode == 0
     line = refused(audit(world, "--anchor", str(anchor)))
