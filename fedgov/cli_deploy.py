@@ -395,12 +395,14 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--schema", metavar="FILE", default=None,
         help="the sites' agreed schema.yaml: the model's inputs and classes come from it and a "
-        "site with another schema is left out (default: the bundled dataset's schema)",
+        "site with another schema is left out (default: server.yaml's schema:, else the bundled "
+        "dataset's schema)",
     )  # fmt: skip
     run.add_argument(
         "--holdout", metavar="FILE", default=None,
         help="the coordinator's own CSV/Parquet of the same schema for central evaluation "
-        "(with --schema; without it there is no central evaluation)",
+        "(with --schema; default: server.yaml's holdout:; without one there is no central "
+        "evaluation)",
     )  # fmt: skip
     run.set_defaults(handler=_run)
 
@@ -428,7 +430,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         composed = compose_config(list(args.overrides))
         cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
-        _federation_data(cfg, args.schema, args.holdout)
+        schema = args.schema or (str(settings.schema) if settings.schema else None)
+        holdout = args.holdout or (str(settings.holdout) if settings.holdout else None)
+        _federation_data(cfg, schema, holdout)
         _deployment_privacy_defaults(cfg, list(args.overrides))
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path(args.out or settings.config_path.parent / "runs" / stamp).resolve()

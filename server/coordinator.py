@@ -8,6 +8,8 @@
     certs: certs                 # ca.crt, server.crt, server.key (`fedgov server certs`)
     database: state/superlink.db # the SuperLink's state: registered sites, runs, messages
     insecure: false              # plain HTTP: only behind the explicit --insecure flag
+    schema: schema.yaml          # optional: the sites' agreed schema (`fedgov run --schema`)
+    holdout: holdout.csv         # optional: the coordinator's hold-out (`fedgov run --holdout`)
 
 This module turns the file into typed settings and command lines; the CLI runs them.
 """
@@ -30,7 +32,7 @@ from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_groups
 
-SERVER_KEYS = ("federation", "host", "port", "certs", "database", "insecure")
+SERVER_KEYS = ("federation", "host", "port", "certs", "database", "insecure", "schema", "holdout")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ServerSettings:
     certs: Path
     database: Path
     insecure: bool
+    schema: Path | None = None  # the federation's schema file, used by `fedgov run`
+    holdout: Path | None = None  # the coordinator's hold-out of that schema
 
     @property
     def address(self) -> str:
@@ -84,7 +88,14 @@ def load_server_settings(path: str | Path) -> ServerSettings:
         certs=(base / str(data.get("certs", "certs"))).resolve(),
         database=(base / str(data.get("database", "state/superlink.db"))).resolve(),
         insecure=bool(data.get("insecure", False)),
+        schema=_optional_path(base, data.get("schema")),
+        holdout=_optional_path(base, data.get("holdout")),
     )
+
+
+def _optional_path(base: Path, value: object) -> Path | None:
+    """A path from ``server.yaml`` resolved against its folder; absent or empty → None."""
+    return (base / str(value)).resolve() if value not in (None, "") else None
 
 
 def write_server_config(path: str | Path, **fields: Any) -> Path:

@@ -278,3 +278,10 @@ def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys)
     assert run("--resume", str(tmp_path), "--schema", str(files["a"][1])).startswith(
         "fedgov: error: run --resume: takes no overrides, --out, --schema or --holdout"
     )
+    # server.yaml's schema: and holdout: (paths beside it) stand in for the flags
+    (tmp_path / "server.yaml").write_text("federation: hospitals\nport: 9\nschema: nope.yaml\n")
+    assert run() == f"fedgov: error: schema file {missing}: file not found"
+    (tmp_path / "server.yaml").write_text(
+        f"federation: hospitals\nport: 9\nschema: {files['a'][1]}\nholdout: holdout.csv\n"
+    )
+    assert run().startswith(f"fedgov: error: site data {semicolons}: has one column only")
