@@ -446,6 +446,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     command = [flower_tool("flwr"), "run", str(app_dir()), settings.federation,
                "--run-config", str(config_file), "--stream"]  # fmt: skip
+    if not _listening(settings.local_address):
+        raise FedgovError(_not_running(settings))
     remember_run(settings.database.parent, run_dir)  # reported by the coordinator's /metrics
     (run_dir / "failure.json").unlink(missing_ok=True)
     result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
@@ -453,6 +455,8 @@ def _run(args: argparse.Namespace) -> int:
     failure = _read_json(run_dir / "failure.json")
     if failure is not None:
         raise FedgovError(f"run failed: {failure.get('reason', 'unknown cause')}")
+    if (result.returncode != 0 or not metrics.is_file()) and not _listening(settings.local_address):
+        raise FedgovError(f"run failed: {_not_running(settings)} (it stopped during the run)")
     if result.returncode != 0 or not metrics.is_file():
         raise FedgovError(
             f"run: the federation '{settings.federation}' did not finish the run "
@@ -464,6 +468,25 @@ def _run(args: argparse.Namespace) -> int:
     write_plots(run_dir)
     print(f"fedgov: run finished; outputs in {run_dir}")
     return 0
+
+
+def _listening(address: str, seconds: float = 3.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` within ``seconds``."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+            return True
+    except OSError:
+        return False
+
+
+def _not_running(settings) -> str:
+    return (
+        f"the coordinator's SuperLink is not running at {settings.local_address} "
+        f"(start it with `fedgov server start --config {settings.config_path}`)"
+    )
 
 
 def _toml(value: bool | int | float | str) -> str:

@@ -285,3 +285,11 @@ def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys)
         f"federation: hospitals\nport: 9\nschema: {files['a'][1]}\nholdout: holdout.csv\n"
     )
     assert run().startswith(f"fedgov: error: site data {semicolons}: has one column only")
+    # everything checks out, but no coordinator listens at 127.0.0.1:9: one line, no flwr run
+    (tmp_path / "server.yaml").write_text(
+        f"federation: hospitals\nport: 9\nschema: {files['a'][1]}\n"
+    )
+    assert run() == (
+        "fedgov: error: the coordinator's SuperLink is not running at 127.0.0.1:9 (start it with "
+        f"`fedgov server start --config {tmp_path / 'server.yaml'}`)"
+    )
