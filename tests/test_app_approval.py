@@ -31,7 +31,7 @@ from clients.app_approval import (
 )
 from clients.daemon import init_site
 from fedgov import messages as keys
-from fedgov.cli import main as fedgov_main
+from fedgov_cli.main import main as fedgov_main
 from privacy.receipts import PRIVATE_KEY_FILE, create_site_key
 
 

@@ -251,7 +251,7 @@ def test_the_published_name_comes_from_the_schema():
 
 
 def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     files = write_sites(tmp_path / "data", ["a"], rows_per_site=40, holdout_rows=30)
     (tmp_path / "server.yaml").write_text("federation: hospitals\nport: 9\n")

@@ -504,7 +504,7 @@ def test_an_edited_ledger_and_an_older_copy_are_refused_until_an_explicit_restor
     tmp_path, task_identity, capsys
 ):
     from fedgov import messages
-    from fedgov.cli import main as fedgov_main
+    from fedgov_cli.main import main as fedgov_main
     from privacy.ledger import JOURNAL_FILE, LEDGER_FILE, SiteLedger
     from privacy.receipts import PRIVATE_KEY_FILE, Receipt
 

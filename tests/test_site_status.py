@@ -24,7 +24,7 @@ from clients.site_status import (
     read_status,
     record_activity,
 )
-from fedgov.cli import main
+from fedgov_cli.main import main
 from fedgov.config import RunConfig
 
 SITE = "hosp-a"
@@ -193,7 +193,7 @@ def test_status_imports_nothing_heavy(tmp_path):
     folder = _site(tmp_path)
     probe = (
         "import sys\n"
-        "from fedgov.cli import main\n"
+        "from fedgov_cli.main import main\n"
         f"code = main(['site', 'status', '--config', {str(folder / 'site.yaml')!r}, '--json'])\n"
         "heavy = sorted({'torch', 'pandas', 'flwr', 'opacus'} & set(sys.modules))\n"
         "print('HEAVY', heavy, code)\n"

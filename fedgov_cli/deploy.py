@@ -301,8 +301,8 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_site_status)
 
-    from fedgov.cli_site_apps import add_apps_command
-    from fedgov.cli_site_ledger import add_ledger_command
+    from fedgov_cli.site_apps import add_apps_command
+    from fedgov_cli.site_ledger import add_ledger_command
 
     add_apps_command(actions)  # fedgov site apps list|show|approve|revoke
     add_ledger_command(actions)  # fedgov site ledger journal|restore
