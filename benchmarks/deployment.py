@@ -314,7 +314,7 @@ def run_runtime(
     """One federation with ``runtime`` at every site and one run of ``rounds`` rounds
     (``overrides``: extra Hydra overrides, e.g. DP and SecAgg+); its timings and CPU."""
     from clients.daemon import init_site
-    from server.certs import create_federation_certs
+    from fedgov.certs import create_federation_certs
     from server.coordinator import load_server_settings, write_server_config
     from server.sites import add_site
 

@@ -189,7 +189,7 @@ def init_site(
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
     public_key = create_node_auth_key(out / "keys" / "node.key", site_id)
-    from clients.site_privacy import open_site_state  # torch: only where a site is set up
+    from privacy.site_state import open_site_state
 
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
@@ -218,7 +218,7 @@ def check_site(settings: SiteSettings, insecure: bool) -> int:
     """Validate everything before connecting: data against schema, key, CA. Returns row count."""
     if not settings.schema.is_file():
         raise FedgovError(f"site {settings.site_id}: schema file {settings.schema} does not exist")
-    from clients.connector import load_schema_file, read_site_table  # pandas: not for status
+    from fedgov_data.connector import load_schema_file, read_site_table  # pandas: not for status
 
     schema = load_schema_file(settings.schema)
     _, labels = read_site_table(settings.data, schema)
@@ -370,7 +370,7 @@ def coordinator_certificate_problem(settings: SiteSettings) -> str | None:
     verifying it, only to name the problem. None when it cannot be fetched or looks right."""
     import ssl
 
-    from server.certs import certificate_problem
+    from fedgov.certs import certificate_problem
 
     host, _, port = settings.coordinator.rpartition(":")
     try:

@@ -102,7 +102,7 @@ class DaemonStatus:
         }
 
     def write(self) -> None:
-        from fedgov.records import atomic_write_json
+        from fedgov.atomic import atomic_write_json
 
         self.data["updated_at"] = _now()
         atomic_write_json(self.path, self.data)
@@ -170,7 +170,7 @@ def record_activity(
     epsilon: float | None = None,
 ) -> None:
     """The ClientApp's side: what the site last did with a train request (``activity.json``)."""
-    from fedgov.records import atomic_write_json
+    from fedgov.atomic import atomic_write_json
 
     atomic_write_json(
         Path(site_dir) / ACTIVITY_FILE,

@@ -130,7 +130,7 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
 
 
 def _server_certs(args: argparse.Namespace) -> int:
-    from server.certs import create_federation_certs
+    from fedgov.certs import create_federation_certs
 
     hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
     paths = create_federation_certs(args.out, hosts, args.federation, overwrite=args.overwrite)
@@ -214,7 +214,7 @@ def _server_remove_site(args: argparse.Namespace) -> int:
 
 
 def _server_renew_cert(args: argparse.Namespace) -> int:
-    from server.certs import renew_server_cert
+    from fedgov.certs import renew_server_cert
 
     cert = renew_server_cert(args.certs, args.host, days=args.days)
     print(
@@ -309,8 +309,8 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
 
 
 def _site_init(args: argparse.Namespace) -> int:
-    from clients.connector import load_schema_file, read_site_table
     from clients.daemon import init_site
+    from fedgov_data.connector import load_schema_file, read_site_table
 
     _, labels = read_site_table(args.data, load_schema_file(args.schema))
     config, public_key = init_site(
@@ -410,9 +410,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from fedgov.config import from_mapping, to_flower_config
     from fedgov.deploy import flower_tool
+    from fedgov.project import app_dir
     from server.coordinator import flower_environment, load_server_settings
     from server.observability import remember_run
-    from simulations.engine import app_dir
     from simulations.plots import write_plots
     from simulations.run import compose_config
 
@@ -482,9 +482,9 @@ def _read_json(path: Path) -> dict | None:
 def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> None:
     """Put the federation's schema (and the coordinator's hold-out path) into the run config,
     checking both here so that a mistake stops before anything runs."""
-    from clients.connector import load_schema_file, read_site_table
     from fedgov.config import validate
     from fedgov.datasets import schema_to_json
+    from fedgov_data.connector import load_schema_file, read_site_table
 
     if holdout_file and not schema_file:
         raise FedgovError("run --holdout: needs --schema (the hold-out's schema)")

@@ -19,8 +19,8 @@ import yaml
 from own_data import CLASSES, FEATURES, SCHEMA_NAME, blank_a_cell, write_sites
 from processes import FEDGOV, fedgov, free_ports
 
-from clients.connector import load_schema_file
 from fedgov.datasets import schema_digest
+from fedgov_data.connector import load_schema_file
 
 pytestmark = pytest.mark.slow
 

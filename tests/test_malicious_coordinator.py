@@ -270,10 +270,10 @@ def test_a_round_re_asked_with_other_noise_or_clipping_gets_fresh_noise_and_a_ne
     sum; with fresh noise it is off by the noise's own size, and the ledger holds both spends."""
     from clients.site_data import load_site_data
     from fedgov.models import initial_model
+    from fedgov_data.federation import simulated_federation
     from privacy.accounting import epsilon
     from privacy.ledger import RELEASED, SiteLedger
     from privacy.receipts import PRIVATE_KEY_FILE
-    from simulations.federation import simulated_federation
 
     site_dir = tmp_path / "site"
     node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
@@ -369,7 +369,7 @@ def _start_arrays(cfg):
     from flwr.app import ArrayRecord
 
     from fedgov.models import initial_model
-    from simulations.federation import simulated_federation
+    from fedgov_data.federation import simulated_federation
 
     schema = simulated_federation(cfg).pool.schema
     return ArrayRecord(initial_model("mlp", schema.input_shape, 2, 64, 0).state_dict())

@@ -1,7 +1,7 @@
 """The registry on disk (SQLite): publish, verify, approve, promote, roll back, audit, export.
 
-Commands run through ``fedgov_cli.main.main`` in this process (the real parser and handlers); one test
-runs the console entry point as a subprocess to check that errors stay one line.
+Commands run through ``fedgov_cli.main.main`` in this process (the real parser and handlers); one
+test runs the console entry point as a subprocess to check that errors stay one line.
 """
 
 from __future__ import annotations

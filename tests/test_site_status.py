@@ -24,8 +24,8 @@ from clients.site_status import (
     read_status,
     record_activity,
 )
-from fedgov_cli.main import main
 from fedgov.config import RunConfig
+from fedgov_cli.main import main
 
 SITE = "hosp-a"
 
