@@ -23,14 +23,14 @@ Everything the site's ClientApp needs reaches it through the node config (``site
 
 Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
 
-- ``fedgov`` (default): two processes, started, watched and stopped together: the SuperNode
-  (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its fixed
-  3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
+- ``zygote+fast-poll`` (default): two processes, started, watched and stopped together: the
+  SuperNode (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its
+  fixed 3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
   Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote);
   the SuperNode rings the SuperExec when a task waits (:mod:`clients.doorbell`). They share a
   fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
   site's SuperExec can take tasks from the SuperNode's local Runtime API;
-- ``fork`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
+- ``zygote`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
 - ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
   subprocess``, which starts Flower's SuperExec, one fresh interpreter per message.
 """
@@ -68,7 +68,10 @@ SITE_KEYS = (
     *POLICY_KEYS,  # the site's run policy (clients/site_policy.py, docs/operators.md)
 )  # fmt: skip
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
-RUNTIMES = ("fedgov", "fork", "stock")
+#: The runtimes of ``fedgov site start`` (module docstring): ClientApps forked from the zygote
+#: with bounded SuperNode pauses, the same with Flower's pauses, and Flower's defaults.
+ZYGOTE_FAST_POLL, ZYGOTE, STOCK = "zygote+fast-poll", "zygote", "stock"
+RUNTIMES = (ZYGOTE_FAST_POLL, ZYGOTE, STOCK)
 SUPEREXEC_SECRET = "keys/superexec.secret"
 LOCK_FILE = "daemon.lock"  # held (flock) by the running daemon: one daemon per site folder
 EXIT_DRAIN_SECONDS = 2.0  # how long to read a stopped process's last lines
@@ -258,21 +261,21 @@ def supernode_command(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None = None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> list[str]:
     """The SuperNode's command line; it reconnects with back-off while the coordinator
     is away (for ``max_wait_seconds`` in total, or forever when None).
 
-    ``runtime`` (see the module docstring): ``fedgov`` runs ``python -m clients.supernode``,
-    ``fork`` and ``stock`` Flower's ``flower-supernode``; all but ``stock`` with
-    ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
+    ``runtime`` (see the module docstring): ``zygote+fast-poll`` runs ``python -m
+    clients.supernode``, ``zygote`` and ``stock`` Flower's ``flower-supernode``; all but
+    ``stock`` with ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
     """
     _check_runtime(runtime)
     node_config = " ".join(
         f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"
         for key, value in settings.node_config().items()
     )
-    if runtime == "fedgov":
+    if runtime == ZYGOTE_FAST_POLL:
         command = [sys.executable, "-m", "clients.supernode"]
     else:
         command = [flower_tool("flower-supernode")]
@@ -291,7 +294,7 @@ def supernode_command(
             "--root-certificates", str(settings.ca_cert),
             "--auth-supernode-private-key", str(settings.auth_key),
         ]  # fmt: skip
-    if runtime == "stock":
+    if runtime == STOCK:
         command += ["--isolation", "subprocess"]
     else:
         secret = settings.site_dir / SUPEREXEC_SECRET
@@ -300,7 +303,7 @@ def supernode_command(
 
 
 def superexec_command(settings: SiteSettings, supernode_pid: int | None = None) -> list[str]:
-    """fedgov's SuperExec for the SuperNode's local Runtime API (runtimes ``fedgov``/``fork``).
+    """fedgov's SuperExec for the SuperNode's local Runtime API (runtimes ``zygote*``).
 
     Like the SuperExec a stock SuperNode starts itself: plain HTTP on 127.0.0.1 (the Runtime
     API never leaves the machine), stopping when the SuperNode's process does.
@@ -466,7 +469,7 @@ def run_site(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> int:
     """:func:`run_supernode`, retrying a refused activation for a while when the site had
     joined before (its previous daemon was killed and the coordinator still counts it online);
@@ -503,10 +506,10 @@ def run_supernode(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> int:
     """Run the site's processes in the foreground, echoing their logs; a failure ends in one
-    line. With the ``fedgov`` and ``fork`` runtimes these are the SuperNode and fedgov's
+    line. With the ``zygote+fast-poll`` and ``zygote`` runtimes these are the SuperNode and fedgov's
     SuperExec: when either stops, the other is stopped too, and both stop when this process
     dies, however it dies (:mod:`fedgov.process_guard`)."""
     _check_runtime(runtime)
@@ -534,11 +537,11 @@ def _run_site_processes(
     from clients.app_guard import write_clientapp_shim
 
     env["PATH"] = f"{write_clientapp_shim(settings.site_dir)}{os.pathsep}{env.get('PATH', '')}"
-    if runtime != "stock":
+    if runtime != STOCK:
         write_superexec_secret(settings)
-    if runtime == "fedgov" and doorbell.available():
+    if runtime == ZYGOTE_FAST_POLL and doorbell.available():
         env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
-    if runtime != "stock":  # the zygote reads the site's rows once, before forking any task
+    if runtime != STOCK:  # the zygote reads the site's rows once, before forking any task
         from clients.site_data import DATA_ENV, SCHEMA_ENV
 
         env[DATA_ENV], env[SCHEMA_ENV] = str(settings.data), str(settings.schema)
@@ -578,7 +581,7 @@ def _run_site_processes(
         supernode = start(
             "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
         )
-        if runtime != "stock":
+        if runtime != STOCK:
             start("superexec", superexec_command(settings, supernode.pid))
         status.started({name: process.pid for name, process in processes.items()})
         while True:

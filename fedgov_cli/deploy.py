@@ -325,7 +325,15 @@ def _site_init(args: argparse.Namespace) -> int:
 def _site_start(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from clients.daemon import check_site, claim_site, load_site_settings, run_site
+    from clients.daemon import (
+        STOCK,
+        ZYGOTE,
+        ZYGOTE_FAST_POLL,
+        check_site,
+        claim_site,
+        load_site_settings,
+        run_site,
+    )
 
     settings = load_site_settings(args.config)
     if args.port is not None:
@@ -344,7 +352,7 @@ def _site_start(args: argparse.Namespace) -> int:
     )
     if args.check:
         return 0
-    runtime = "stock" if args.stock_executor else "fork" if args.stock_supernode else "fedgov"
+    runtime = STOCK if args.stock_executor else ZYGOTE if args.stock_supernode else ZYGOTE_FAST_POLL
     return run_site(settings, insecure, args.max_wait, runtime)
 
 

@@ -322,7 +322,7 @@ def test_site_runtimes_command_lines(tmp_path):
     assert fedgov[1:3] == ["-m", "clients.supernode"]
     assert fedgov[fedgov.index("--isolation") + 1] == "process"
     assert fedgov[fedgov.index("--superexec-auth-secret-file") + 1] == secret
-    fork = supernode_command(settings, insecure=False, runtime="fork")
+    fork = supernode_command(settings, insecure=False, runtime="zygote")
     assert Path(fork[0]).name == "flower-supernode" and "process" in fork
     stock = supernode_command(settings, insecure=False, runtime="stock")
     assert Path(stock[0]).name == "flower-supernode"
