@@ -15,8 +15,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import secagg, site_policy
-from clients.budget import budget_fields
 from clients.site_data import SiteData, load_site_data
+from clients.site_privacy import budget_fields
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov import site_query, wire

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgov import site_query
 from fedgov.errors import FedgovError
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerError, LedgerState, SiteLedger
@@ -99,21 +97,3 @@ def format_budget(summary: BudgetSummary) -> str:
     for d in summary.state.declines:
         lines.append(f" declined run {d.run_id} round {d.round}: {d.reason}")
     return "\n".join(lines)
-
-
-def budget_fields(cfg: Any, node_config: Mapping[str, Any], site_id: str) -> dict[str, float]:
-    """The site's answer to the budget plan (fedgov/site_query.py): ε spent (its ledger), cap
-    and δ; {} when unset."""
-    from clients.site_privacy import BudgetRefusal, budget_settings  # torch: only for a query
-
-    try:
-        settings = budget_settings(node_config)
-        spent = read_budget(settings.site_dir, site_id, settings.epsilon_cap).epsilon_spent
-    except (BudgetRefusal, FedgovError, OSError):
-        return {}
-    delta = settings.delta if settings.delta is not None else cfg.privacy.delta
-    return {
-        site_query.EPSILON_SPENT: float(spent),
-        site_query.EPSILON_CAP: settings.epsilon_cap,
-        site_query.DELTA: float(delta),
-    }

@@ -28,8 +28,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from clients.budget import read_budget
 from clients.dp_training import DpSgdPlan
+from fedgov import site_query
 from fedgov.config import RunConfig
+from fedgov.errors import FedgovError
 from privacy.accounting import epsilon, noise_multiplier_for, steps_per_round
 from privacy.ledger import LedgerError, LedgerState, SiteLedger, Spend
 from privacy.receipts import (
@@ -352,3 +355,19 @@ def receipt_fields(receipt: Receipt) -> dict[str, str]:
 def site_epsilon(ledger_state: LedgerState, accountant: str, delta: float) -> float:
     """ε of everything a site's ledger holds."""
     return epsilon(ledger_state.history(), delta, accountant)
+
+
+def budget_fields(cfg: Any, node_config: Mapping[str, Any], site_id: str) -> dict[str, float]:
+    """The site's answer to the budget plan (fedgov/site_query.py): ε spent (its ledger), cap
+    and δ; {} when unset."""
+    try:
+        settings = budget_settings(node_config)
+        spent = read_budget(settings.site_dir, site_id, settings.epsilon_cap).epsilon_spent
+    except (BudgetRefusal, FedgovError, OSError):
+        return {}
+    delta = settings.delta if settings.delta is not None else cfg.privacy.delta
+    return {
+        site_query.EPSILON_SPENT: float(spent),
+        site_query.EPSILON_CAP: settings.epsilon_cap,
+        site_query.DELTA: float(delta),
+    }
