@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clients.daemon import ZYGOTE_FAST_POLL
 from clients.site_privacy import reserve_round
 from clients.site_status import (
     ACTIVITY_FILE,
@@ -62,7 +63,8 @@ def _status(folder: Path, *args: str, capsys) -> tuple[int, str, str]:
 
 def test_a_running_connected_site_says_so_with_its_last_round_and_epsilon(tmp_path, capsys):
     folder = _site(tmp_path)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")  # this process is the daemon
+    # this process is the daemon
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.write()
     daemon.started({"supernode": daemon.data["pid"]})
     assert read_status(folder, SITE, 8.0).connection == "connecting"
@@ -91,7 +93,7 @@ def test_a_running_connected_site_says_so_with_its_last_round_and_epsilon(tmp_pa
 
 def test_a_lost_coordinator_reads_reconnecting_until_the_retry_goes_through(tmp_path):
     folder = _site(tmp_path)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.observe("SuperNode ID: 5\n")
     daemon.observe("WARNING :   Connection attempt failed, retrying in 3.50 seconds\n")
     saved = json.loads((folder / DAEMON_FILE).read_text())
@@ -113,7 +115,7 @@ def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys
     assert out.splitlines()[0] == f"site {SITE}: not running (never started from {folder})"
     assert "last task: none yet" in out and "privacy: ε spent 0.000 of cap 8" in out
 
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.data["pid"], daemon.data["pid_start"] = _dead_pid(), None
     daemon.observe("SuperNode ID: 5\n")  # it was connected when it was killed
     record_activity(folder, run_id="r", flower_run_id=1, server_round=3, outcome="declined",
@@ -140,7 +142,7 @@ def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys
 def test_a_restarted_daemon_knows_whether_its_predecessor_was_killed(tmp_path):
     folder = _site(tmp_path)
     assert (previous_node_id(folder), previous_daemon_crashed(folder)) == (None, False)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.observe("SuperNode ID: 77\n")
     assert (previous_node_id(folder), previous_daemon_crashed(folder)) == (77, False)  # alive
     daemon.data["pid"], daemon.data["pid_start"] = _dead_pid(), None
