@@ -30,9 +30,13 @@ Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.dep
   the SuperNode rings the SuperExec when a task waits (:mod:`clients.doorbell`). They share a
   fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
   site's SuperExec can take tasks from the SuperNode's local Runtime API;
-- ``zygote`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
-- ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
+- ``zygote`` (``--stock-supernode``): the same, with Flower's own SuperNode pauses;
+- ``stock`` (``--stock-executor``): Flower's defaults: the SuperNode with ``--isolation
   subprocess``, which starts Flower's SuperExec, one fresh interpreter per message.
+
+In every runtime the SuperNode runs through :mod:`clients.supernode`, which records its own
+contact with the SuperLink in ``supernode.json`` (clients/site_status.py); nothing reads
+Flower's log text to tell whether the site is connected.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
 from clients.site_policy import POLICY_KEYS, SitePolicy, policy_from_yaml
-from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
+from clients.supernode import FLOWER_PAUSES_FLAG
+from fedgov.deploy import flower_environment, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
@@ -266,8 +271,9 @@ def supernode_command(
     """The SuperNode's command line; it reconnects with back-off while the coordinator
     is away (for ``max_wait_seconds`` in total, or forever when None).
 
-    ``runtime`` (see the module docstring): ``zygote+fast-poll`` runs ``python -m
-    clients.supernode``, ``zygote`` and ``stock`` Flower's ``flower-supernode``; all but
+    ``runtime`` (see the module docstring): every runtime runs Flower's SuperNode through
+    ``python -m clients.supernode`` (which records its contact with the SuperLink for ``fedgov
+    site status``), ``zygote`` and ``stock`` with Flower's pauses (``--flower-pauses``); all but
     ``stock`` with ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
     """
     _check_runtime(runtime)
@@ -275,10 +281,9 @@ def supernode_command(
         f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"
         for key, value in settings.node_config().items()
     )
-    if runtime == ZYGOTE_FAST_POLL:
-        command = [sys.executable, "-m", "clients.supernode"]
-    else:
-        command = [flower_tool("flower-supernode")]
+    command = [sys.executable, "-m", "clients.supernode"]
+    if runtime != ZYGOTE_FAST_POLL:
+        command.append(FLOWER_PAUSES_FLAG)
     command += [
         "--superlink", settings.coordinator,
         "--node-config", node_config,
@@ -541,6 +546,12 @@ def _run_site_processes(
         write_superexec_secret(settings)
     if runtime == ZYGOTE_FAST_POLL and doorbell.available():
         env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
+    from clients.site_status import SUPERNODE_FILE, SUPERNODE_STATE_ENV
+
+    # The SuperNode records its own contact with the SuperLink there (fedgov site status);
+    # the previous SuperNode's record goes first (its node id was read before, by run_site).
+    (settings.site_dir / SUPERNODE_FILE).unlink(missing_ok=True)
+    env[SUPERNODE_STATE_ENV] = str(settings.site_dir / SUPERNODE_FILE)
     if runtime != STOCK:  # the zygote reads the site's rows once, before forking any task
         from clients.site_data import DATA_ENV, SCHEMA_ENV
 
@@ -570,7 +581,7 @@ def _run_site_processes(
     from clients.site_status import DaemonStatus
 
     status = DaemonStatus(settings.site_dir, settings.site_id, settings.coordinator, runtime)
-    status.write()  # fedgov site status: this daemon's pid, connecting
+    status.write()  # fedgov site status: this daemon's pid; supernode.json: its connection
     tail: list[str] = []
     last_lines: dict[str, list[str]] = {}  # per process, for the one-line error
     fatal = False
@@ -595,8 +606,6 @@ def _run_site_processes(
                 sys.stderr.write(line)
                 tail = [*tail[-40:], line]
                 last_lines[name] = [*last_lines.get(name, [])[-5:], line]
-                if name == "supernode":
-                    status.observe(line)
                 if any(pattern in line for pattern in FATAL_PATTERNS):
                     fatal = True
                     break

@@ -44,7 +44,7 @@ EVIL_QUERY = (
     "    open(_os.path.join(_MARKS, str(context.node_config['site-id'])), 'a').write("
     "open(_os.path.join(str(context.node_config['site-dir']), 'site_key.pem')).read())\n"
 )
-NODE_ID = r"SuperNode ID: \d+"  # the SuperNode connected (clients/site_status.py reads the same)
+NODE_ID = r"SuperNode ID: \d+"  # Flower's log line once the SuperNode connected
 QUERY_DEF = "def query(msg: Message, context: Context) -> Message:\n"
 
 
