@@ -12,8 +12,9 @@
     port: 9094                       # local port of the SuperNode's runtime API
     insecure: false
 
-The daemon keeps ``daemon.json`` in the site folder up to date (its pid, the connection as the
-SuperNode logs it) for ``fedgov site status`` (clients/site_status.py). Restarted after being
+The daemon keeps ``daemon.json`` in the site folder up to date (its pid, its helpers' pids, how
+it ended) and its SuperNode keeps ``supernode.json`` (its node id and last contact with the
+coordinator) for ``fedgov site status`` (clients/site_status.py). Restarted after being
 killed, it first ends the session its predecessor left open at the coordinator
 (:func:`end_stale_session`), which would otherwise refuse the site's key for up to a minute.
 
@@ -394,7 +395,7 @@ FATAL_PATTERNS = (ACTIVATION_REFUSED, "CERTIFICATE_VERIFY_FAILED")
 #: A site killed outright stays "online" at the coordinator until its heartbeats lapse (Flower
 #: 1.42: twice its 30 s heartbeat interval after the last one), and until then the coordinator
 #: refuses to activate the site's key again, with the same message as for an unknown key. A
-#: site that was connected before (``daemon.json`` knows its node) therefore retries that long.
+#: site that was connected before (``supernode.json`` knows its node) therefore retries that long.
 REACTIVATION_WINDOW_SECONDS = 100.0
 REACTIVATION_PAUSE_SECONDS = 5.0
 

@@ -292,8 +292,8 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     status = actions.add_parser(
         "status",
         help="say whether the site's daemon runs and is connected, and what it last did",
-        description="Read the site folder: the daemon's daemon.json (its pid, checked alive, and "
-        "the connection as its SuperNode logged it), the last train request answered "
+        description="Read the site folder: the daemon's daemon.json (its pid, checked alive), "
+        "its SuperNode's supernode.json (node id, last contact), the last train request answered "
         "(activity.json: run, round, trained or declined) and ε spent against the cap (the "
         "ledger). Exit 0 whatever the state; --json for scripts.",
     )
