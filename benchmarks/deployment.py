@@ -16,7 +16,7 @@ registered (``fedgov server add-site``'s function), the site daemons (``fedgov s
 the run (``fedgov run dataset=... federation.num_sites=... rounds=...``). Same app, same data,
 same config; only the site runtime differs:
 
-- ``stock``: ``fedgov site start --stock-executor``: Flower's ``flower-supernode --isolation
+- ``stock``: ``fedgov site start --stock-executor``: Flower's SuperNode loop with ``--isolation
   subprocess`` and Flower's SuperExec: a fresh ClientApp interpreter per message, Flower's
   pauses (3 s after an empty pull, 0.5 s polls for the reply, 1 s SuperExec polls);
 - ``zygote``: ``--stock-supernode``: fedgov's forking SuperExec, Flower's own SuperNode pauses;
