@@ -161,8 +161,9 @@ class SuperNodeContact:
                 self.data["last_message_at"] = now
                 self.data["answering_since"] = now
         self._changed.set()
-        if first:
-            self.write()  # the node id at once: status and a restarted daemon read it
+        if first:  # the node id at once: status and a restarted daemon read it
+            with contextlib.suppress(OSError):  # never an error inside Flower's loop
+                self.write()
 
     def pushed(self, node_id: int) -> None:
         """The replies to the messages this site answered went out to the SuperLink."""
