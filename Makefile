@@ -26,9 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedgov demo
 
+# ruff, then the import layers of .importlinter (README: Layout) with import-linter.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff format .

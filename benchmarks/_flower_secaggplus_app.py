@@ -29,7 +29,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
 from benchmarks._plain_flower_app import _evaluate, _new_model, _site, _train, settings
 from clients.training import site_round_seed
-from simulations.federation import simulated_federation
+from fedgov_data.federation import simulated_federation
 
 SECAGG_ENV = "FEDGOV_BENCH_FLOWER_SECAGG"  # JSON {"num_shares": n, "threshold": t}, or unset
 

@@ -32,7 +32,7 @@ from clients.training import site_round_seed
 from fedgov.config import RunConfig
 from fedgov.datasets import Dataset, split_train_test
 from fedgov.models import build_model, initial_model
-from simulations.federation import simulated_federation
+from fedgov_data.federation import simulated_federation
 
 PLAIN_APP_ENV = "FEDGOV_BENCH_PLAIN_APP"
 

@@ -1,6 +1,7 @@
 """Seconds per round on a real federation: Flower's stock SuperNode against fedgov's site daemon.
 
-    python -m benchmarks.deployment [--rounds 4] [--runtimes stock,fork,fedgov] [--dataset randhie]
+    python -m benchmarks.deployment [--rounds 4] [--runtimes stock,zygote,zygote+fast-poll]
+                                    [--dataset randhie]
                                     [--sites 3[,10]] [--privacy] [--secagg] [--keep] [--json PATH]
 
 ``--privacy`` / ``--secagg`` run every configuration twice: plain and with sample-level DP at
@@ -15,11 +16,11 @@ registered (``fedgov server add-site``'s function), the site daemons (``fedgov s
 the run (``fedgov run dataset=... federation.num_sites=... rounds=...``). Same app, same data,
 same config; only the site runtime differs:
 
-- ``stock``: ``fedgov site start --stock-executor``: Flower's ``flower-supernode --isolation
+- ``stock``: ``fedgov site start --stock-executor``: Flower's SuperNode loop with ``--isolation
   subprocess`` and Flower's SuperExec: a fresh ClientApp interpreter per message, Flower's
   pauses (3 s after an empty pull, 0.5 s polls for the reply, 1 s SuperExec polls);
-- ``fork``: ``--stock-supernode``: fedgov's forking SuperExec, Flower's own SuperNode pauses;
-- ``fedgov``: the default daemon: forking SuperExec and the SuperNode's pauses bounded.
+- ``zygote``: ``--stock-supernode``: fedgov's forking SuperExec, Flower's own SuperNode pauses;
+- ``zygote+fast-poll``: the default daemon: forking SuperExec and the SuperNode's pauses bounded.
 
 Timing starts once every site has joined (and, for fedgov's runtimes, its zygote has warmed up:
 a site daemon does that once, when it starts). Per round the ServerApp sends every site a train
@@ -52,12 +53,14 @@ from pathlib import Path
 
 import yaml
 
-RUNTIMES = ("stock", "fork", "fedgov")
-RUNTIME_FLAGS = {"stock": ["--stock-executor"], "fork": ["--stock-supernode"], "fedgov": []}
+from clients.daemon import STOCK, ZYGOTE, ZYGOTE_FAST_POLL
+
+RUNTIMES = (STOCK, ZYGOTE, ZYGOTE_FAST_POLL)
+RUNTIME_FLAGS = {STOCK: ["--stock-executor"], ZYGOTE: ["--stock-supernode"], ZYGOTE_FAST_POLL: []}
 LABELS = {
-    "stock": "stock Flower (subprocess isolation)",
-    "fork": "fedgov executor, Flower pauses",
-    "fedgov": "fedgov daemon",
+    STOCK: "stock Flower (subprocess isolation)",
+    ZYGOTE: "fedgov executor, Flower pauses",
+    ZYGOTE_FAST_POLL: "fedgov daemon",
 }
 TARGET_SECONDS = 3.0
 LIMIT_SECONDS = 6.0
@@ -314,7 +317,7 @@ def run_runtime(
     """One federation with ``runtime`` at every site and one run of ``rounds`` rounds
     (``overrides``: extra Hydra overrides, e.g. DP and SecAgg+); its timings and CPU."""
     from clients.daemon import init_site
-    from server.certs import create_federation_certs
+    from fedgov.certs import create_federation_certs
     from server.coordinator import load_server_settings, write_server_config
     from server.sites import add_site
 
@@ -344,7 +347,7 @@ def run_runtime(
         for daemon in daemons:
             _wait(lambda d=daemon: "SuperNode ID" in d.text(), START_TIMEOUT,
                   f"{daemon.name} to join", [link, *daemons])  # fmt: skip
-            if runtime != "stock":  # a site daemon warms up once, when it starts: not timed
+            if runtime != STOCK:  # a site daemon warms up once, when it starts: not timed
                 _wait(lambda d=daemon: "fedgov: zygote ready" in d.text(), START_TIMEOUT,
                       f"{daemon.name}'s zygote", [link, *daemons])  # fmt: skip
         run_dir = work / "run"
@@ -430,13 +433,13 @@ def table(results: list[dict[str, object]], sites: int, dataset: str, rounds: in
         lines.append(f"  {LABELS[str(result['runtime'])]}: {parts}")
     lines.append("")
     by_runtime = {r["runtime"]: r for r in results}
-    if "stock" in by_runtime and "fedgov" in by_runtime:
-        stock = float(by_runtime["stock"]["steady_round_seconds"])  # type: ignore[arg-type]
-        ours = float(by_runtime["fedgov"]["steady_round_seconds"])  # type: ignore[arg-type]
+    if STOCK in by_runtime and ZYGOTE_FAST_POLL in by_runtime:
+        stock = float(by_runtime[STOCK]["steady_round_seconds"])  # type: ignore[arg-type]
+        ours = float(by_runtime[ZYGOTE_FAST_POLL]["steady_round_seconds"])  # type: ignore[arg-type]
         lines.append(f"fedgov daemon vs stock Flower: {stock:.2f} → {ours:.2f} s per round "
                      f"({stock / ours:.1f}× faster)")  # fmt: skip
-    if "fedgov" in by_runtime:
-        fedgov = by_runtime["fedgov"]
+    if ZYGOTE_FAST_POLL in by_runtime:
+        fedgov = by_runtime[ZYGOTE_FAST_POLL]
         ours = float(fedgov["steady_round_seconds"])  # type: ignore[arg-type]
         overhead = float(fedgov["overhead_per_message"])  # type: ignore[arg-type]
         lines.append(f"target: {verdict(ours)}")

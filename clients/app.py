@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients import secagg, site_policy
 from clients.site_data import SiteData, load_site_data
+from clients.site_privacy import budget_fields
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov import site_query, wire
@@ -76,7 +77,7 @@ def query(msg: Message, context: Context) -> Message:
             "num-test": len(site.test.y),
             site_query.SCHEMA_DIGEST: schema_digest(site.schema),
             **(
-                site_query.budget_fields(cfg, context.node_config, site.site_id)
+                budget_fields(cfg, context.node_config, site.site_id)
                 if sample_level_on(cfg)
                 else {}
             ),

@@ -43,8 +43,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedgov.atomic import atomic_write_bytes
 from fedgov.errors import FedgovError
-from fedgov.records import atomic_write_bytes
 from privacy.receipts import canonical_json, load_site_key, public_key_bytes
 
 APPS_DIR = "apps"
@@ -148,7 +148,7 @@ def installed_app_fab() -> bytes:
 
     from flwr.cli.build import build_fab_from_files
 
-    from simulations.engine import app_dir
+    from fedgov.project import app_dir
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # pathspec's, inside Flower's build

@@ -12,8 +12,9 @@
     port: 9094                       # local port of the SuperNode's runtime API
     insecure: false
 
-The daemon keeps ``daemon.json`` in the site folder up to date (its pid, the connection as the
-SuperNode logs it) for ``fedgov site status`` (clients/site_status.py). Restarted after being
+The daemon keeps ``daemon.json`` in the site folder up to date (its pid, its helpers' pids, how
+it ended) and its SuperNode keeps ``supernode.json`` (its node id and last contact with the
+coordinator) for ``fedgov site status`` (clients/site_status.py). Restarted after being
 killed, it first ends the session its predecessor left open at the coordinator
 (:func:`end_stale_session`), which would otherwise refuse the site's key for up to a minute.
 
@@ -23,16 +24,20 @@ Everything the site's ClientApp needs reaches it through the node config (``site
 
 Runtimes (``fedgov site start``; per-round seconds in ``python -m benchmarks.deployment``):
 
-- ``fedgov`` (default): two processes, started, watched and stopped together: the SuperNode
-  (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its fixed
-  3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
+- ``zygote+fast-poll`` (default): two processes, started, watched and stopped together: the
+  SuperNode (:mod:`clients.supernode`: Flower's ``flower-supernode --isolation process`` with its
+  fixed 3 s / 0.5 s pauses bounded while a run is on) and the SuperExec (:mod:`clients.superexec`:
   Flower's ``flower-superexec`` whose executor forks each ClientApp task from a warm zygote);
   the SuperNode rings the SuperExec when a task waits (:mod:`clients.doorbell`). They share a
   fresh per-start secret (``keys/superexec.secret``, mode 0600), so only this
   site's SuperExec can take tasks from the SuperNode's local Runtime API;
-- ``fork`` (``--stock-supernode``): the same, with Flower's own ``flower-supernode`` pauses;
-- ``stock`` (``--stock-executor``): Flower's defaults: ``flower-supernode --isolation
+- ``zygote`` (``--stock-supernode``): the same, with Flower's own SuperNode pauses;
+- ``stock`` (``--stock-executor``): Flower's defaults: the SuperNode with ``--isolation
   subprocess``, which starts Flower's SuperExec, one fresh interpreter per message.
+
+In every runtime the SuperNode runs through :mod:`clients.supernode`, which records its own
+contact with the SuperLink in ``supernode.json`` (clients/site_status.py); nothing reads
+Flower's log text to tell whether the site is connected.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients import doorbell
 from clients.site_policy import POLICY_KEYS, SitePolicy, policy_from_yaml
-from fedgov.deploy import flower_environment, flower_tool, read_yaml_mapping, write_file
+from clients.supernode import FLOWER_PAUSES_FLAG
+from fedgov.deploy import flower_environment, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
@@ -68,7 +74,10 @@ SITE_KEYS = (
     *POLICY_KEYS,  # the site's run policy (clients/site_policy.py, docs/operators.md)
 )  # fmt: skip
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
-RUNTIMES = ("fedgov", "fork", "stock")
+#: The runtimes of ``fedgov site start`` (module docstring): ClientApps forked from the zygote
+#: with bounded SuperNode pauses, the same with Flower's pauses, and Flower's defaults.
+ZYGOTE_FAST_POLL, ZYGOTE, STOCK = "zygote+fast-poll", "zygote", "stock"
+RUNTIMES = (ZYGOTE_FAST_POLL, ZYGOTE, STOCK)
 SUPEREXEC_SECRET = "keys/superexec.secret"
 LOCK_FILE = "daemon.lock"  # held (flock) by the running daemon: one daemon per site folder
 EXIT_DRAIN_SECONDS = 2.0  # how long to read a stopped process's last lines
@@ -189,7 +198,7 @@ def init_site(
         raise FedgovError(f"site init: {config_path} already exists (keep it, or remove it first)")
     out.mkdir(parents=True, exist_ok=True)
     public_key = create_node_auth_key(out / "keys" / "node.key", site_id)
-    from clients.site_privacy import open_site_state  # torch: only where a site is set up
+    from privacy.site_state import open_site_state
 
     # The Ed25519 receipt key and an empty privacy ledger bound to it (site_key.pem, ...).
     open_site_state(out, site_id)
@@ -218,7 +227,7 @@ def check_site(settings: SiteSettings, insecure: bool) -> int:
     """Validate everything before connecting: data against schema, key, CA. Returns row count."""
     if not settings.schema.is_file():
         raise FedgovError(f"site {settings.site_id}: schema file {settings.schema} does not exist")
-    from clients.connector import load_schema_file, read_site_table  # pandas: not for status
+    from fedgov_data.connector import load_schema_file, read_site_table  # pandas: not for status
 
     schema = load_schema_file(settings.schema)
     _, labels = read_site_table(settings.data, schema)
@@ -258,24 +267,24 @@ def supernode_command(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None = None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> list[str]:
     """The SuperNode's command line; it reconnects with back-off while the coordinator
     is away (for ``max_wait_seconds`` in total, or forever when None).
 
-    ``runtime`` (see the module docstring): ``fedgov`` runs ``python -m clients.supernode``,
-    ``fork`` and ``stock`` Flower's ``flower-supernode``; all but ``stock`` with
-    ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
+    ``runtime`` (see the module docstring): every runtime runs Flower's SuperNode through
+    ``python -m clients.supernode`` (which records its contact with the SuperLink for ``fedgov
+    site status``), ``zygote`` and ``stock`` with Flower's pauses (``--flower-pauses``); all but
+    ``stock`` with ``--isolation process`` (the SuperExec is :func:`superexec_command`'s).
     """
     _check_runtime(runtime)
     node_config = " ".join(
         f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"
         for key, value in settings.node_config().items()
     )
-    if runtime == "fedgov":
-        command = [sys.executable, "-m", "clients.supernode"]
-    else:
-        command = [flower_tool("flower-supernode")]
+    command = [sys.executable, "-m", "clients.supernode"]
+    if runtime != ZYGOTE_FAST_POLL:
+        command.append(FLOWER_PAUSES_FLAG)
     command += [
         "--superlink", settings.coordinator,
         "--node-config", node_config,
@@ -291,7 +300,7 @@ def supernode_command(
             "--root-certificates", str(settings.ca_cert),
             "--auth-supernode-private-key", str(settings.auth_key),
         ]  # fmt: skip
-    if runtime == "stock":
+    if runtime == STOCK:
         command += ["--isolation", "subprocess"]
     else:
         secret = settings.site_dir / SUPEREXEC_SECRET
@@ -300,7 +309,7 @@ def supernode_command(
 
 
 def superexec_command(settings: SiteSettings, supernode_pid: int | None = None) -> list[str]:
-    """fedgov's SuperExec for the SuperNode's local Runtime API (runtimes ``fedgov``/``fork``).
+    """fedgov's SuperExec for the SuperNode's local Runtime API (runtimes ``zygote*``).
 
     Like the SuperExec a stock SuperNode starts itself: plain HTTP on 127.0.0.1 (the Runtime
     API never leaves the machine), stopping when the SuperNode's process does.
@@ -370,7 +379,7 @@ def coordinator_certificate_problem(settings: SiteSettings) -> str | None:
     verifying it, only to name the problem. None when it cannot be fetched or looks right."""
     import ssl
 
-    from server.certs import certificate_problem
+    from fedgov.certs import certificate_problem
 
     host, _, port = settings.coordinator.rpartition(":")
     try:
@@ -386,7 +395,7 @@ FATAL_PATTERNS = (ACTIVATION_REFUSED, "CERTIFICATE_VERIFY_FAILED")
 #: A site killed outright stays "online" at the coordinator until its heartbeats lapse (Flower
 #: 1.42: twice its 30 s heartbeat interval after the last one), and until then the coordinator
 #: refuses to activate the site's key again, with the same message as for an unknown key. A
-#: site that was connected before (``daemon.json`` knows its node) therefore retries that long.
+#: site that was connected before (``supernode.json`` knows its node) therefore retries that long.
 REACTIVATION_WINDOW_SECONDS = 100.0
 REACTIVATION_PAUSE_SECONDS = 5.0
 
@@ -466,7 +475,7 @@ def run_site(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> int:
     """:func:`run_supernode`, retrying a refused activation for a while when the site had
     joined before (its previous daemon was killed and the coordinator still counts it online);
@@ -503,10 +512,10 @@ def run_supernode(
     settings: SiteSettings,
     insecure: bool,
     max_wait_seconds: float | None,
-    runtime: str = "fedgov",
+    runtime: str = ZYGOTE_FAST_POLL,
 ) -> int:
     """Run the site's processes in the foreground, echoing their logs; a failure ends in one
-    line. With the ``fedgov`` and ``fork`` runtimes these are the SuperNode and fedgov's
+    line. With the ``zygote+fast-poll`` and ``zygote`` runtimes these are the SuperNode and fedgov's
     SuperExec: when either stops, the other is stopped too, and both stop when this process
     dies, however it dies (:mod:`fedgov.process_guard`)."""
     _check_runtime(runtime)
@@ -534,11 +543,17 @@ def _run_site_processes(
     from clients.app_guard import write_clientapp_shim
 
     env["PATH"] = f"{write_clientapp_shim(settings.site_dir)}{os.pathsep}{env.get('PATH', '')}"
-    if runtime != "stock":
+    if runtime != STOCK:
         write_superexec_secret(settings)
-    if runtime == "fedgov" and doorbell.available():
+    if runtime == ZYGOTE_FAST_POLL and doorbell.available():
         env[doorbell.DOORBELL_ENV] = doorbell.new_name()  # the SuperNode rings the SuperExec
-    if runtime != "stock":  # the zygote reads the site's rows once, before forking any task
+    from clients.site_status import SUPERNODE_FILE, SUPERNODE_STATE_ENV
+
+    # The SuperNode records its own contact with the SuperLink there (fedgov site status);
+    # the previous SuperNode's record goes first (its node id was read before, by run_site).
+    (settings.site_dir / SUPERNODE_FILE).unlink(missing_ok=True)
+    env[SUPERNODE_STATE_ENV] = str(settings.site_dir / SUPERNODE_FILE)
+    if runtime != STOCK:  # the zygote reads the site's rows once, before forking any task
         from clients.site_data import DATA_ENV, SCHEMA_ENV
 
         env[DATA_ENV], env[SCHEMA_ENV] = str(settings.data), str(settings.schema)
@@ -567,7 +582,7 @@ def _run_site_processes(
     from clients.site_status import DaemonStatus
 
     status = DaemonStatus(settings.site_dir, settings.site_id, settings.coordinator, runtime)
-    status.write()  # fedgov site status: this daemon's pid, connecting
+    status.write()  # fedgov site status: this daemon's pid; supernode.json: its connection
     tail: list[str] = []
     last_lines: dict[str, list[str]] = {}  # per process, for the one-line error
     fatal = False
@@ -578,7 +593,7 @@ def _run_site_processes(
         supernode = start(
             "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
         )
-        if runtime != "stock":
+        if runtime != STOCK:
             start("superexec", superexec_command(settings, supernode.pid))
         status.started({name: process.pid for name, process in processes.items()})
         while True:
@@ -592,8 +607,6 @@ def _run_site_processes(
                 sys.stderr.write(line)
                 tail = [*tail[-40:], line]
                 last_lines[name] = [*last_lines.get(name, [])[-5:], line]
-                if name == "supernode":
-                    status.observe(line)
                 if any(pattern in line for pattern in FATAL_PATTERNS):
                     fatal = True
                     break

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from clients.connector import load_schema_file, read_site_table
 from fedgov.config import RunConfig
 from fedgov.datasets import Dataset, DatasetSchema, split_train_test
 from fedgov.errors import ConfigError
-from simulations.federation import simulated_federation
+from fedgov_data.connector import load_schema_file, read_site_table
+from fedgov_data.federation import simulated_federation
 
 
 @dataclass(frozen=True)

@@ -28,19 +28,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from clients.budget import read_budget
 from clients.dp_training import DpSgdPlan
+from fedgov import site_query
 from fedgov.config import RunConfig
+from fedgov.errors import FedgovError
 from privacy.accounting import epsilon, noise_multiplier_for, steps_per_round
 from privacy.ledger import LedgerError, LedgerState, SiteLedger, Spend
 from privacy.receipts import (
-    PRIVATE_KEY_FILE,
     Receipt,
     canonical_json,
-    create_site_key,
-    load_site_key,
-    public_key_bytes,
     sign,
 )
+from privacy.site_state import open_site_state
 
 NODE_SITE_DIR = "site-dir"
 NODE_EPSILON_CAP = "epsilon-cap"
@@ -91,40 +91,6 @@ def _positive(node_config: Mapping[str, Any], key: str) -> float | None:
     if not (value > 0 and math.isfinite(value)):
         raise BudgetRefusal(f"node config '{key}': {value} must be a number > 0")
     return value
-
-
-def open_site_state(site_dir: Path, site_id: str) -> tuple[Ed25519PrivateKey, SiteLedger]:
-    """The site's signing key and ledger, initialising both on first use.
-
-    Initialisation writes an empty ledger first, then the key, then binds the ledger to the key,
-    so a crash part-way leaves a state this function completes. A key without a ledger means the
-    ledger was lost (:class:`LedgerError`); so does a ledger with spends but no key, or a ledger
-    bound to another key.
-    """
-    ledger = SiteLedger(site_dir, site_id, PRIVATE_KEY_FILE)
-    key_path = Path(site_dir) / PRIVATE_KEY_FILE
-    with ledger.locked():
-        if not ledger.exists() and not key_path.exists():
-            ledger.write(LedgerState(site_id=site_id))
-        state = ledger.read()  # raises LedgerError when missing with a key, or unreadable
-        if key_path.exists():
-            try:
-                key = load_site_key(site_dir)
-            except (OSError, ValueError) as error:
-                raise LedgerError(f"site key {key_path} is unreadable ({error})") from None
-        elif state.spends:
-            raise LedgerError(
-                f"site key {key_path} is missing but the ledger holds spends; restore the key"
-            )
-        else:
-            key = create_site_key(site_dir)
-        public = public_key_bytes(key).hex()
-        if not state.public_key:
-            state.public_key = public
-            ledger.write(state)
-        elif state.public_key != public:
-            raise LedgerError(f"privacy ledger {ledger.path} is bound to another site key")
-    return key, ledger
 
 
 def secret_seeds(key: Ed25519PrivateKey, *labels: object) -> tuple[int, int]:
@@ -389,3 +355,19 @@ def receipt_fields(receipt: Receipt) -> dict[str, str]:
 def site_epsilon(ledger_state: LedgerState, accountant: str, delta: float) -> float:
     """ε of everything a site's ledger holds."""
     return epsilon(ledger_state.history(), delta, accountant)
+
+
+def budget_fields(cfg: Any, node_config: Mapping[str, Any], site_id: str) -> dict[str, float]:
+    """The site's answer to the budget plan (fedgov/site_query.py): ε spent (its ledger), cap
+    and δ; {} when unset."""
+    try:
+        settings = budget_settings(node_config)
+        spent = read_budget(settings.site_dir, site_id, settings.epsilon_cap).epsilon_spent
+    except (BudgetRefusal, FedgovError, OSError):
+        return {}
+    delta = settings.delta if settings.delta is not None else cfg.privacy.delta
+    return {
+        site_query.EPSILON_SPENT: float(spent),
+        site_query.EPSILON_CAP: settings.epsilon_cap,
+        site_query.DELTA: float(delta),
+    }

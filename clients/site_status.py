@@ -1,15 +1,21 @@
 """``fedgov site status``: is the site's daemon running, is it connected, what did it last do.
 
-Two small JSON files in the site folder, each replaced atomically (temporary file, fsync, rename),
-so a reader never sees half a file:
+Three small JSON files in the site folder, each replaced atomically (temporary file, fsync,
+rename), so a reader never sees half a file. All three are fedgov's own records; nothing is read
+from Flower's log text:
 
 - ``daemon.json``, written by ``fedgov site start`` (:class:`DaemonStatus`, clients/daemon.py):
   the daemon's pid (and its start time, so a reused pid is not mistaken for it), the SuperNode's
-  and SuperExec's pids, the coordinator, and the connection as the SuperNode's log tells it:
-  ``connecting`` → ``connected`` (``SuperNode ID: N``, or any message received) →
-  ``reconnecting`` (a failed attempt; Flower retries after the wait it logs) → ``connected``
-  again; ``stopped`` (with why) when the daemon ends by itself. A daemon killed outright cannot
+  and SuperExec's pids, the coordinator, the runtime, and ``running``, or ``stopped`` (with why,
+  from the helpers' exit codes) when the daemon ends by itself. A daemon killed outright cannot
   say so: its pid is then gone, which is what :func:`read_status` checks.
+- ``supernode.json``, written by the SuperNode process itself (:class:`SuperNodeContact`,
+  clients/supernode.py, through :func:`fedgov.flower_hooks.install_supernode_contact`): its pid,
+  the node id the coordinator gave it, when it last pulled from or pushed to the SuperLink, when
+  the last message arrived and whether it is answering one. The SuperNode's loop pulls at least
+  every 3 s while connected and waits for the ClientApp between a message and its reply, so no
+  contact for :data:`CONTACT_FRESH_SECONDS` while not answering a message means the connection
+  is lost (Flower retries it with back-off).
 - ``activity.json``, written by the ClientApp after every train request it answers
   (:func:`record_activity`, clients/update.py): fedgov's run id, the round, ``trained`` or
   ``declined`` (with the reason) and the site's ε after it.
@@ -19,10 +25,11 @@ so a reader never sees half a file:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
-import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,14 +37,15 @@ from pathlib import Path
 from typing import Any
 
 DAEMON_FILE = "daemon.json"
+SUPERNODE_FILE = "supernode.json"
 ACTIVITY_FILE = "activity.json"
-#: After a failed attempt, Flower waits the logged time and tries again; no new failure within
-#: that wait plus this grace means the attempt went through.
-RECONNECT_GRACE_SECONDS = 10.0
-
-_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-_RETRY = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
-_MESSAGE = re.compile(r"Receiving: (\S+) message|Received successfully|Sent successfully")
+#: Where the daemon tells its SuperNode to keep ``supernode.json`` (the SuperNode's environment).
+SUPERNODE_STATE_ENV = "FEDGOV_SUPERNODE_STATE"
+#: A connected SuperNode pulls at least every 3 s (Flower's idle pause); no contact for this
+#: long, while it is not answering a message, means the connection is lost.
+CONTACT_FRESH_SECONDS = 15.0
+#: The SuperNode writes ``supernode.json`` at most this often (from a thread, off its loop).
+CONTACT_WRITE_SECONDS = 1.0
 
 
 def _now() -> float:
@@ -79,7 +87,7 @@ def process_alive(pid: int | None, start_ticks: int | None = None) -> bool:
 
 
 class DaemonStatus:
-    """The daemon's side: ``daemon.json``, updated from the SuperNode's log lines."""
+    """The daemon's side: ``daemon.json``: its pid, its helpers' pids, and how it ended."""
 
     def __init__(self, site_dir: str | Path, site_id: str, coordinator: str, runtime: str) -> None:
         self.path = Path(site_dir) / DAEMON_FILE
@@ -91,18 +99,14 @@ class DaemonStatus:
             "coordinator": coordinator,
             "runtime": runtime,
             "started_at": _now(),
-            "state": "connecting",
+            "state": "running",
             "state_since": _now(),
-            "node_id": None,
-            "retry_at": None,
-            "last_message_at": None,
-            "last_message": None,
             "processes": {},
             "stopped_reason": None,
         }
 
     def write(self) -> None:
-        from fedgov.records import atomic_write_json
+        from fedgov.atomic import atomic_write_json
 
         self.data["updated_at"] = _now()
         atomic_write_json(self.path, self.data)
@@ -119,34 +123,82 @@ class DaemonStatus:
         if self.data["state"] != state:
             self.data["state"], self.data["state_since"] = state, _now()
 
-    def observe(self, line: str) -> None:
-        """One line of the SuperNode's log; writes the file when it changes what we know."""
-        if match := _NODE_ID.search(line):
-            self.data["node_id"] = int(match[1])
-            self._state("connected")
-            self.data["retry_at"] = None
-        elif match := _RETRY.search(line):
-            self._state("reconnecting")
-            self.data["retry_at"] = _now() + float(match[1])
-        elif match := _MESSAGE.search(line):
-            self._state("connected")
-            self.data["retry_at"] = None
-            self.data["last_message_at"] = _now()
-            if match[1]:
-                self.data["last_message"] = match[1]
-        else:
-            return
-        self.write()
-
     def stopped(self, reason: str) -> None:
         self._state("stopped")
         self.data["stopped_reason"] = reason
         self.write()
 
 
+class SuperNodeContact:
+    """The SuperNode's side: ``supernode.json``, fed by the SuperNode loop's own calls
+    (:func:`fedgov.flower_hooks.install_supernode_contact`) and written from a thread at most
+    every :data:`CONTACT_WRITE_SECONDS`, so the loop itself never waits for the disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        pid = os.getpid()
+        self.data: dict[str, Any] = {
+            "pid": pid,
+            "pid_start": process_start_ticks(pid),
+            "node_id": None,
+            "connected_at": None,
+            "last_contact_at": None,
+            "last_message_at": None,
+            "answering_since": None,
+        }
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+
+    def pulled(self, node_id: int, message_arrived: bool) -> None:
+        """A pull from the SuperLink returned (with a message for this site or without)."""
+        now = _now()
+        with self._lock:
+            first = self.data["node_id"] != node_id
+            self.data["node_id"] = node_id
+            self.data["connected_at"] = self.data["connected_at"] or now
+            self.data["last_contact_at"] = now
+            if message_arrived:
+                self.data["last_message_at"] = now
+                self.data["answering_since"] = now
+        self._changed.set()
+        if first:  # the node id at once: status and a restarted daemon read it
+            with contextlib.suppress(OSError):  # never an error inside Flower's loop
+                self.write()
+
+    def pushed(self, node_id: int) -> None:
+        """The replies to the messages this site answered went out to the SuperLink."""
+        with self._lock:
+            self.data["node_id"] = node_id
+            self.data["last_contact_at"] = _now()
+            self.data["answering_since"] = None
+        self._changed.set()
+
+    def write(self) -> None:
+        from fedgov.atomic import atomic_write_json
+
+        with self._lock:
+            data = dict(self.data)
+            self._changed.clear()
+        data["updated_at"] = _now()
+        atomic_write_json(self.path, data)
+
+    def start(self) -> None:
+        """Write the file now, then whenever it changed, from a daemon thread."""
+        self.write()
+
+        def keep_writing() -> None:
+            while True:
+                self._changed.wait()
+                time.sleep(CONTACT_WRITE_SECONDS)
+                with contextlib.suppress(OSError):  # best effort: the site keeps being served
+                    self.write()
+
+        threading.Thread(target=keep_writing, name="fedgov-contact", daemon=True).start()
+
+
 def previous_node_id(site_dir: str | Path) -> int | None:
-    """The node id the site's last daemon connected as (None: it never connected)."""
-    data, _ = _read_json(Path(site_dir) / DAEMON_FILE)
+    """The node id the site's last SuperNode connected as (None: it never connected)."""
+    data, _ = _read_json(Path(site_dir) / SUPERNODE_FILE)
     node_id = (data or {}).get("node_id")
     return node_id if isinstance(node_id, int) else None
 
@@ -170,7 +222,7 @@ def record_activity(
     epsilon: float | None = None,
 ) -> None:
     """The ClientApp's side: what the site last did with a train request (``activity.json``)."""
-    from fedgov.records import atomic_write_json
+    from fedgov.atomic import atomic_write_json
 
     atomic_write_json(
         Path(site_dir) / ACTIVITY_FILE,
@@ -209,6 +261,7 @@ class SiteStatus:
     running: bool
     connection: str  # connected | connecting | reconnecting | stopped | not running | unknown
     daemon: dict[str, Any] | None
+    supernode: dict[str, Any] | None
     processes: dict[str, bool]  # helper name → alive
     activity: dict[str, Any] | None
     epsilon_spent: float | None
@@ -226,7 +279,7 @@ class SiteStatus:
             t
             for t in (
                 (self.activity or {}).get("at"),
-                (self.daemon or {}).get("last_message_at"),
+                (self.supernode or {}).get("last_message_at"),
             )
             if isinstance(t, (int, float))
         ]
@@ -241,7 +294,8 @@ class SiteStatus:
             "connected": self.connected,
             "connection": self.connection,
             "coordinator": daemon.get("coordinator"),
-            "node_id": daemon.get("node_id"),
+            "node_id": (self.supernode or {}).get("node_id"),
+            "last_contact_at": (self.supernode or {}).get("last_contact_at"),
             "pid": daemon.get("pid"),
             "started_at": daemon.get("started_at"),
             "processes": self.processes,
@@ -255,10 +309,24 @@ class SiteStatus:
         }
 
 
+def _connection(supernode: dict[str, Any] | None, processes: Any, now: float) -> str:
+    """connected | connecting | reconnecting, from the running SuperNode's ``supernode.json``."""
+    own = processes.get("supernode") if isinstance(processes, dict) else None
+    if not supernode or not isinstance(own, dict) or supernode.get("pid") != own.get("pid"):
+        return "connecting"  # this daemon's SuperNode has not reached the SuperLink yet
+    if supernode.get("answering_since") is not None:
+        return "connected"  # waiting for the ClientApp's reply: the loop does not pull meanwhile
+    last = supernode.get("last_contact_at")
+    if not isinstance(last, (int, float)):
+        return "connecting"
+    return "connected" if now - last <= CONTACT_FRESH_SECONDS else "reconnecting"
+
+
 def read_status(
     site_dir: str | Path, site_id: str, epsilon_cap: float, now: float | None = None
 ) -> SiteStatus:
-    """The site's status from its folder: daemon.json + liveness, activity.json, the ledger."""
+    """The site's status from its folder: daemon.json + liveness, supernode.json,
+    activity.json, the ledger."""
     from clients.budget import read_budget
     from fedgov.errors import FedgovError
 
@@ -269,6 +337,9 @@ def read_status(
     if problem:
         problems.append(problem)
     activity, problem = _read_json(site_dir / ACTIVITY_FILE)
+    if problem:
+        problems.append(problem)
+    supernode, problem = _read_json(site_dir / SUPERNODE_FILE)
     if problem:
         problems.append(problem)
     running, connection, helpers = False, "not running", {}
@@ -286,13 +357,8 @@ def read_status(
             connection = "unknown"
             down = ", ".join(name for name, alive in helpers.items() if not alive)
             problems.append(f"the daemon runs but its {down} is gone")
-        elif (
-            state == "reconnecting"
-            and (daemon.get("retry_at") or 0) + RECONNECT_GRACE_SECONDS < now
-        ):
-            connection = "connected"  # no failed attempt since the last retry: it went through
         else:
-            connection = state
+            connection = _connection(supernode, (daemon.get("processes") or {}), now)
     try:
         budget = read_budget(site_dir, site_id, epsilon_cap)
         spent, ledger_problem = budget.epsilon_spent, None
@@ -304,6 +370,7 @@ def read_status(
         running=running,
         connection=connection,
         daemon=daemon,
+        supernode=supernode,
         processes=helpers,
         activity=activity,
         epsilon_spent=spent,
@@ -345,10 +412,12 @@ def format_status(status: SiteStatus, now: float | None = None) -> str:
         )
         where = daemon.get("coordinator")
         if status.connection == "connected":
-            node = f" as node {daemon['node_id']}" if daemon.get("node_id") else ""
+            node_id = (status.supernode or {}).get("node_id")
+            node = f" as node {node_id}" if node_id else ""
             lines.append(f"connection: connected to {where}{node}")
         elif status.connection == "reconnecting":
-            lines.append(f"connection: lost; reconnecting to {where} with back-off")
+            since = _when((status.supernode or {}).get("last_contact_at"), now)
+            lines.append(f"connection: lost; reconnecting to {where} (last contact {since})")
         else:
             lines.append(f"connection: {status.connection} ({where})")
     else:

@@ -21,6 +21,11 @@ rebinding, in this process only, names in that module's namespace
 - ``_pull_and_store_message`` is wrapped to note when a message arrived;
 - ``pull_objects`` retries a message's not-yet-uploaded objects after 20 ms, not 1 s.
 
+With ``--flower-pauses`` (runtimes ``zygote`` and ``stock``) the pauses stay Flower's. In every
+runtime, :func:`record_contact` notes each pull from and push to the SuperLink in the site's
+``supernode.json`` (:class:`clients.site_status.SuperNodeContact`), which ``fedgov site status``
+reads instead of Flower's log text.
+
 With a doorbell (:mod:`clients.doorbell`, named in ``FEDGOV_TASK_DOORBELL`` by the site daemon)
 it also rings fedgov's SuperExec once per stored message.
 
@@ -41,7 +46,17 @@ from logging import WARNING
 from pathlib import Path
 
 from clients import doorbell
-from fedgov.flower_hooks import install_supernode_pauses, supernode_problems
+from clients.site_status import SUPERNODE_STATE_ENV, SuperNodeContact
+from fedgov.flower_hooks import (
+    install_supernode_contact,
+    install_supernode_pauses,
+    supernode_contact_problems,
+    supernode_problems,
+)
+
+#: ``python -m clients.supernode --flower-pauses ...``: leave Flower's pauses as they are (the
+#: ``zygote`` and ``stock`` runtimes); the SuperNode still records its contact for site status.
+FLOWER_PAUSES_FLAG = "--flower-pauses"
 
 #: First pause after a message, growing ×BACKOFF per empty pull up to MAX_POLL_SECONDS.
 FAST_POLL_SECONDS = 0.02
@@ -92,14 +107,34 @@ class BoundedSleep:
         self._sleep(self.pause_for(seconds))
 
 
+def record_contact() -> bool:
+    """Record this SuperNode's contact with the SuperLink in the file the site daemon named
+    (``FEDGOV_SUPERNODE_STATE``); False (logged) when none is named or Flower's loop differs."""
+    from flwr.supercore import log
+
+    path = os.environ.get(SUPERNODE_STATE_ENV)
+    if not path:
+        return False
+    problems = supernode_contact_problems()
+    if problems:
+        log(WARNING, "fedgov: site status cannot see this SuperNode (%s)", "; ".join(problems))
+        return False
+    contact = SuperNodeContact(path)
+    install_supernode_contact(contact.pulled, contact.pushed)
+    contact.start()
+    return True
+
+
 def main() -> None:
     from flwr.supercore import log
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    problems = supernode_problems()
+    flower_pauses = FLOWER_PAUSES_FLAG in sys.argv[1:]
+    argv = [arg for arg in sys.argv[1:] if arg != FLOWER_PAUSES_FLAG]
+    problems = [] if flower_pauses else supernode_problems()  # flower_pauses: zygote, stock
     if problems:
         log(WARNING, "fedgov: SuperNode pauses left as Flower's (%s)", "; ".join(problems))
-    else:
+    elif not flower_pauses:
         policy = BoundedSleep()
         bell_name = os.environ.get(doorbell.DOORBELL_ENV)
         bell = doorbell.Bell(bell_name) if bell_name and doorbell.available() else None
@@ -110,7 +145,8 @@ def main() -> None:
                 bell.ring()  # the SuperExec asks for the task now, not at its next poll
 
         install_supernode_pauses(policy.sleep, message_arrived)
-    sys.argv = [str(Path(sys.executable).parent / "flower-supernode"), *sys.argv[1:]]
+    record_contact()
+    sys.argv = [str(Path(sys.executable).parent / "flower-supernode"), *argv]
     flower_supernode()
 
 

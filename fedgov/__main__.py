@@ -2,6 +2,6 @@
 
 import sys
 
-from fedgov.cli import main
+from fedgov_cli.main import main
 
 sys.exit(main())

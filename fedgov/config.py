@@ -260,7 +260,7 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check ranges and names that the types alone cannot; raise ConfigError naming the field."""
-    from fedgov.datasets import DATASET_NAMES
+    from fedgov.datasets import DATASET_NAMES, schema_from_json
 
     def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
@@ -272,7 +272,7 @@ def validate(cfg: RunConfig) -> None:
 
     choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
     if cfg.dataset.schema:
-        federation_schema(cfg)  # a bad schema fails here, before anything runs
+        schema_from_json(cfg.dataset.schema)  # a bad schema fails here, before anything runs
     elif cfg.dataset.holdout:
         raise ConfigError(
             "dataset.holdout: a coordinator hold-out needs the federation's schema "
@@ -321,18 +321,6 @@ def validate(cfg: RunConfig) -> None:
             f"model.name: '{cfg.model.name}' needs an image dataset (digits, mnist5k), not "
             f"'{cfg.dataset.name}'"
         )
-
-
-def federation_schema(cfg: RunConfig):
-    """The schema the run's model is built for: ``dataset.schema`` when set, else the bundled
-    dataset's (returns a ``fedgov.datasets.DatasetSchema``)."""
-    from fedgov.datasets import schema_from_json
-
-    if cfg.dataset.schema:
-        return schema_from_json(cfg.dataset.schema)
-    from simulations.federation import simulated_federation
-
-    return simulated_federation(cfg).pool.schema
 
 
 def sample_level_on(cfg: RunConfig) -> bool:

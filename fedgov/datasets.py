@@ -3,7 +3,7 @@
 A :class:`DatasetSchema` is what a site publishes about its data: the feature columns with their
 published normalisation constants, the target column and its class labels. The same schema and the
 same :func:`normalise_frame` turn a bundled table (simulation) and a site's own CSV/Parquet file
-(deployment, see ``clients.connector``) into identical model inputs.
+(deployment, see ``fedgov_data.connector``) into identical model inputs.
 
 For the tabular datasets the normalisation constants (``mean``/``std`` of each feature, after
 ``log1p`` where set) are computed once over the whole bundled table and are that dataset's
@@ -241,7 +241,7 @@ class Dataset:
 def normalise_frame(df: pd.DataFrame, schema: DatasetSchema, *, source: str) -> np.ndarray:
     """Normalise ``df``'s feature columns per ``schema``: log1p (where set), then (v - mean) / std.
 
-    ``df`` must already hold numeric, finite values (``clients.connector`` validates a site's file
+    ``df`` must already hold numeric, finite values (``fedgov_data.connector`` checks a site's file
     first). Returns float32 of shape ``(len(df), num_features)``; ``source`` names the data in
     errors.
     """
@@ -522,8 +522,8 @@ def load_table(
 ) -> pd.DataFrame:
     """A tabular dataset's rows as a site would hold them: raw feature units, class-label targets.
 
-    Writing this frame to CSV/Parquet gives a file that ``clients.connector.read_site_table`` reads
-    back to exactly ``load_dataset(name).x``/``.y``. A copy: callers may modify it.
+    Written to CSV/Parquet, this frame gives a file that ``fedgov_data.connector.read_site_table``
+    reads back to exactly ``load_dataset(name).x``/``.y``. A copy: callers may modify it.
     """
     _check_name(name)
     table, _ = _tabular(name, seed, num_sites)
@@ -535,7 +535,7 @@ def load_dataset(name: str, *, seed: int = 0, num_sites: int = DEFAULT_SYNTHETIC
 
     ``seed`` and ``num_sites`` shape only the ``synthetic`` generator (``num_sites=0`` gives its
     default of 10 sites); the bundled tables are fixed and are split into sites by
-    ``simulations.partitioners``.
+    ``fedgov_data.partitioners``.
     """
     _check_name(name)
     if name in ("digits", "mnist5k"):

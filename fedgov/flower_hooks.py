@@ -20,7 +20,9 @@ run_superexec``                    executor; returns fedgov's forking executor i
                                    SuperNode rings (clients/doorbell.py).
 ``flwr.supernode.                  ``time``: its ``sleep(3)`` after an empty pull and
 start_client_internal``            ``sleep(0.5)`` reply polls, bounded while a run is on;
-                                   ``_pull_and_store_message``: wrapped to note arrivals;
+                                   ``_pull_and_store_message``: wrapped to note arrivals
+                                   and, with ``_push_messages``, each contact with the
+                                   SuperLink (``supernode.json``, clients/site_status.py);
                                    ``pull_objects``: first retry after 20 ms, not 1 s.
 ``flwr.supernode.runtime.          ``pull_and_inflate_object_from_tree``: same retry bound;
 run_clientapp`` (the zygote and    ``install_from_fab``: skips re-extracting and re-hashing
@@ -223,6 +225,56 @@ def install_supernode_pauses(
     module._pull_and_store_message = pull_and_note
     module.time = _TimeWithSleep(sleep)  # type: ignore[assignment]
     module.pull_objects = bounded_pull(module.pull_objects)  # type: ignore[assignment]
+
+
+def supernode_contact_problems() -> list[str]:
+    """What :func:`install_supernode_contact` needs of Flower 1.42's SuperNode loop."""
+    from flwr.supernode import start_client_internal as module
+    from flwr.supernode.nodestate import NodeState
+
+    problems = _version_problems()
+    start = getattr(module, "start_client_internal", None)
+    for name in ("_pull_and_store_message", "_push_messages"):
+        function = getattr(module, name, None)
+        if not callable(function):
+            problems.append(f"start_client_internal.{name} is gone")
+        elif "state" not in _parameters(inspect.unwrap(function)):
+            problems.append(f"start_client_internal.{name} no longer takes the node state")
+        elif start is None or f"{name}(\n" not in inspect.getsource(start):
+            problems.append(f"the SuperNode loop no longer calls {name}")
+    if not callable(getattr(NodeState, "get_node_id", None)):
+        problems.append("NodeState.get_node_id is gone")
+    return problems
+
+
+def install_supernode_contact(
+    pulled: Callable[[int, bool], None], pushed: Callable[[int], None]
+) -> None:
+    """Tell fedgov when the SuperNode's loop talked to the SuperLink: ``pulled(node_id,
+    message_arrived)`` after each pull, ``pushed(node_id)`` after replies went out (the loop
+    waits for the ClientApp's reply in between). Wraps whatever is bound now (the pauses'
+    wrapper too)."""
+    from flwr.supernode import start_client_internal as module
+
+    pull, push = module._pull_and_store_message, module._push_messages
+
+    def node_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        return int((kwargs["state"] if "state" in kwargs else args[0]).get_node_id())
+
+    def pull_and_record(*args: Any, **kwargs: Any) -> int | None:
+        run_id = pull(*args, **kwargs)
+        pulled(node_id(args, kwargs), run_id is not None)
+        return run_id
+
+    def push_and_record(*args: Any, **kwargs: Any) -> Any:
+        result = push(*args, **kwargs)
+        pushed(node_id(args, kwargs))
+        return result
+
+    pull_and_record.__wrapped__ = pull  # type: ignore[attr-defined]
+    push_and_record.__wrapped__ = push  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull_and_record
+    module._push_messages = push_and_record
 
 
 # ---- the ClientApp (in the zygote, inherited by every forked child) -------------------------

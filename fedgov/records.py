@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
+
+# Callers that already hold torch and Flower import these from here too.
+from fedgov.atomic import atomic_write_bytes as atomic_write_bytes
+from fedgov.atomic import atomic_write_json as atomic_write_json
 
 
 def load_array_record(model: torch.nn.Module, arrays: ArrayRecord) -> None:
@@ -28,27 +30,6 @@ def arrays_to_numpy(arrays: ArrayRecord) -> OrderedDict[str, np.ndarray]:
 def numpy_to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Name → numpy array (in order) as an ArrayRecord: the inverse of ``arrays_to_numpy``."""
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
-
-
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Atomically write ``data`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_safetensors(

@@ -26,21 +26,6 @@ EPSILON_CAP = "epsilon-cap"
 DELTA = "delta"
 
 
-def budget_fields(cfg: Any, node_config: Mapping[str, Any], site_id: str) -> dict[str, float]:
-    """The site's answer to the budget plan: ε spent (its ledger), cap and δ; {} when unset."""
-    from clients.budget import read_budget
-    from clients.site_privacy import BudgetRefusal, budget_settings
-    from fedgov.errors import FedgovError
-
-    try:
-        settings = budget_settings(node_config)
-        spent = read_budget(settings.site_dir, site_id, settings.epsilon_cap).epsilon_spent
-    except (BudgetRefusal, FedgovError, OSError):
-        return {}
-    delta = settings.delta if settings.delta is not None else cfg.privacy.delta
-    return {EPSILON_SPENT: float(spent), EPSILON_CAP: settings.epsilon_cap, DELTA: float(delta)}
-
-
 def budget_of(site: Mapping[str, Any]) -> tuple[float, float, float] | None:
     """(ε spent, cap, δ) from a query reply's site record, None when it sent none."""
     try:

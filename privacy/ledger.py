@@ -336,7 +336,7 @@ class SiteLedger:
     def write(self, state: LedgerState, event: str = "write", reason: str = "") -> None:
         """Atomically replace the ledger (temporary file, fsync, rename, fsync of the folder) as
         the next write: ``seq`` + 1, signed with the site's key, then journalled."""
-        from fedgov.records import atomic_write_bytes
+        from fedgov.atomic import atomic_write_bytes
 
         entries = self.journal()
         on_disk: dict[str, Any] = {}

@@ -123,7 +123,7 @@ def sign(private_key: Ed25519PrivateKey, payload: dict[str, Any]) -> Receipt:
 
 def create_site_key(site_dir: str | Path) -> Ed25519PrivateKey:
     """Create the site's key pair in ``site_dir`` (refuses to overwrite an existing key)."""
-    from fedgov.records import atomic_write_bytes
+    from fedgov.atomic import atomic_write_bytes
 
     site_dir = Path(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)

@@ -13,18 +13,18 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgov.config import RunConfig, federation_schema, from_flower_config
+from fedgov.config import RunConfig, from_flower_config
 from fedgov.datasets import Dataset, DatasetSchema, schema_digest
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
+from fedgov_data.federation import federation_schema, simulated_federation
 from server.checkpoint import load_checkpoint
 from server.observability import round_status, write_status
 from server.outputs import write_privacy_report, write_run_outputs
 from server.privacy_round import PrivacyRound, report_of
 from server.rounds import RoundRecord, run_outcome, run_rounds
-from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
 app = ServerApp()
@@ -124,7 +124,7 @@ def central_holdout(cfg: RunConfig, schema: DatasetSchema) -> tuple[Dataset | No
                 f"no coordinator hold-out of schema '{schema.name}' was given "
                 "(fedgov run --holdout FILE)"
             )
-        from clients.connector import read_site_table
+        from fedgov_data.connector import read_site_table
 
         x, y = read_site_table(cfg.dataset.holdout, schema)
         rows = Dataset(x=x, y=y, site=np.full(len(y), "", dtype=object), schema=schema)

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from fedgov.records import atomic_write_json
+from fedgov.atomic import atomic_write_json
 
 STATUS_FILE = "status.json"
 RUNS_INDEX = "runs.txt"

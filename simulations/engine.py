@@ -40,13 +40,14 @@ from flwr.supercore.telemetry import EventType
 
 from fedgov.config import RunConfig, to_flower_config, validate
 from fedgov.deploy import FLOWER_ENVIRONMENT
-from fedgov.errors import ConfigError
 from fedgov.flower_hooks import (
     run_simulation_engine,
     set_task_identity,
     simulation_backend,
     simulation_node_configs,
 )
+from fedgov.project import app_dir
+from fedgov_data.federation import resolved_num_sites, simulated_federation
 from simulations.backend import (
     MESSAGE_TIMEOUT_KEY,
     RAY_ENVIRONMENT,
@@ -55,15 +56,6 @@ from simulations.backend import (
     PatientRayBackend,
 )
 from simulations.delivery import prompt_delivery
-from simulations.federation import resolved_num_sites, simulated_federation
-
-
-def app_dir() -> Path:
-    """The Flower app's directory: the project root holding ``pyproject.toml``."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise ConfigError(f"flower app: no pyproject.toml in {root} (install fedgov with pip -e)")
-    return root
 
 
 def set_flower_environment(flwr_home: Path | None = None) -> None:

@@ -31,7 +31,7 @@ from clients.app_approval import (
 )
 from clients.daemon import init_site
 from fedgov import messages as keys
-from fedgov.cli import main as fedgov_main
+from fedgov_cli.main import main as fedgov_main
 from privacy.receipts import PRIVATE_KEY_FILE, create_site_key
 
 
@@ -74,7 +74,7 @@ def test_the_digest_names_the_files_not_the_zip(files, rng):
 def test_the_installed_app_digest_is_flowers_fab_of_the_project():
     from flwr.cli.build import build_fab_from_disk
 
-    from simulations.engine import app_dir
+    from fedgov.project import app_dir
 
     built = installed_app_fab()
     assert built == build_fab_from_disk(app_dir())  # byte for byte what `flwr run` ships

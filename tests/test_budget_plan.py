@@ -18,11 +18,11 @@ from inprocess import InProcessGrid
 from own_data import write_sites
 
 from clients.app import app as client_app
-from clients.connector import load_schema_file
 from clients.site_privacy import plan_dp_sgd
 from fedgov.config import RunConfig, from_flower_config, to_flower_config
 from fedgov.datasets import schema_to_json
 from fedgov.errors import ConfigError
+from fedgov_data.connector import load_schema_file
 from privacy.accounting import independent_epsilon, steps_per_round
 from privacy.planning import SiteBudget, SitePlan, check_budget_plan, plan_lines, plan_site
 from server.app import run_federation

@@ -17,7 +17,7 @@ from fedgov.datasets import load_dataset, load_table, schema_digest
 from fedgov.errors import ConfigError
 from fedgov.evaluation import evaluate
 from fedgov.models import build_model, initial_model
-from simulations.federation import simulated_federation
+from fedgov_data.federation import simulated_federation
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from clients.connector import load_schema_file, read_site_table
 from fedgov.datasets import DatasetSchema, load_dataset, load_table
 from fedgov.errors import DataValidationError
+from fedgov_data.connector import load_schema_file, read_site_table
 
 
 @pytest.mark.parametrize("name", ["medpar", "loans", "randhie"])

@@ -1,4 +1,4 @@
-"""A site's CSV as real exports come: semicolons, Latin-1 bytes (clients/connector.py)."""
+"""A site's CSV as real exports come: semicolons, Latin-1 bytes (fedgov_data/connector.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from own_data import TARGET, own_schema, own_table
 
-from clients.connector import read_site_table
 from fedgov.datasets import DatasetSchema
 from fedgov.errors import DataValidationError
+from fedgov_data.connector import read_site_table
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 from processes import free_port, managed_processes
 
 from console.pdf import chromium_path, dump_dom, screenshot
-from fedgov.cli import main as fedgov_main
+from fedgov_cli.main import main as fedgov_main
 from privacy.accounting import epsilon, independent_epsilon
 from privacy.receipts import Receipt
 
@@ -69,7 +69,7 @@ def _console(group, name: str, out: Path, runs: Path, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from fedgov.demo import DEMO_OVERRIDES, run_demo
+    from fedgov_cli.demo import DEMO_OVERRIDES, run_demo
     from simulations.run import compose_config, run_from_hydra
 
     base = tmp_path_factory.mktemp("console")

@@ -17,7 +17,7 @@ import yaml
 from cryptography import x509
 from processes import FEDGOV, ProcessGroup, Started, fedgov, free_ports, init_medpar_site
 
-from server.certs import renew_server_cert
+from fedgov.certs import renew_server_cert
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from clients.daemon import explain_supernode_exit, init_site, load_site_settings, supernode_command
+from fedgov.certs import create_federation_certs
 from fedgov.datasets import load_dataset, load_table
 from fedgov.deploy import toml_value
 from fedgov.errors import ConfigError, FedgovError
-from server.certs import create_federation_certs
 from server.coordinator import load_server_settings, superlink_command
 
 
@@ -156,7 +156,7 @@ def test_a_coordinator_certificate_problem_is_named(tmp_path):
 
     from cryptography import x509
 
-    from server.certs import certificate_problem, create_federation_certs, renew_server_cert
+    from fedgov.certs import certificate_problem, create_federation_certs, renew_server_cert
 
     certs = create_federation_certs(tmp_path / "certs", ["coordinator.example.org"], "banks")
     other = create_federation_certs(tmp_path / "other", ["coordinator.example.org"], "banks")

@@ -30,7 +30,7 @@ from fedgov.config import RunConfig
 from fedgov.deploy import flower_environment
 from fedgov.evaluation import evaluate
 from fedgov.models import build_model
-from simulations.federation import simulated_federation
+from fedgov_data.federation import simulated_federation
 
 pytestmark = pytest.mark.slow
 

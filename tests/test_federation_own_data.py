@@ -19,8 +19,9 @@ import yaml
 from own_data import CLASSES, FEATURES, SCHEMA_NAME, blank_a_cell, write_sites
 from processes import FEDGOV, fedgov, free_ports
 
-from clients.connector import load_schema_file
+from clients.site_status import read_status
 from fedgov.datasets import schema_digest
+from fedgov_data.connector import load_schema_file
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +32,10 @@ CONNECT_TIMEOUT = 240.0
 
 
 def _wait_connected(folders: list[Path], processes) -> None:
-    """Until every daemon's daemon.json says it is connected to the coordinator."""
+    """Until every site's status (daemon.json, supernode.json) says it is connected."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while time.monotonic() < deadline:
-        states = []
-        for folder in folders:
-            try:
-                states.append(json.loads((folder / "daemon.json").read_text()).get("state"))
-            except (OSError, ValueError):
-                states.append(None)
+        states = [read_status(folder, folder.name, 8.0).connection for folder in folders]
         if all(state == "connected" for state in states):
             return
         time.sleep(1.0)

@@ -21,10 +21,11 @@ from own_data import CLASSES, FEATURES, SCHEMA_NAME, TARGET, blank_a_cell, write
 from safetensors.numpy import load_file
 
 from clients.app import app as client_app
-from clients.connector import load_schema_file
-from fedgov.config import RunConfig, federation_schema, from_flower_config, to_flower_config
+from fedgov.config import RunConfig, from_flower_config, to_flower_config
 from fedgov.datasets import DatasetSchema, load_dataset, schema_digest, schema_to_json
 from fedgov.errors import ConfigError, FedgovError
+from fedgov_data.connector import load_schema_file
+from fedgov_data.federation import federation_schema
 from privacy.report import summary_paragraph
 from server.app import run_federation
 from server.registry.publish import _default_model_name
@@ -251,7 +252,7 @@ def test_the_published_name_comes_from_the_schema():
 
 
 def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     files = write_sites(tmp_path / "data", ["a"], rows_per_site=40, holdout_rows=30)
     (tmp_path / "server.yaml").write_text("federation: hospitals\nport: 9\n")

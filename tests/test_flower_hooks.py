@@ -36,6 +36,7 @@ def test_the_rebound_flower_internals_are_those_of_the_pinned_flower():
     assert flower_hooks.superexec_problems() == []
     assert flower_hooks.superexec_sleep_problems() == []
     assert flower_hooks.supernode_problems() == []
+    assert flower_hooks.supernode_contact_problems() == []
     assert flower_hooks.clientapp_problems() == []
     assert flower_hooks.grid_problems() == []
     assert flower_hooks.metadata_problems() == []

@@ -44,7 +44,7 @@ EVIL_QUERY = (
     "    open(_os.path.join(_MARKS, str(context.node_config['site-id'])), 'a').write("
     "open(_os.path.join(str(context.node_config['site-dir']), 'site_key.pem')).read())\n"
 )
-NODE_ID = r"SuperNode ID: \d+"  # the SuperNode connected (clients/site_status.py reads the same)
+NODE_ID = r"SuperNode ID: \d+"  # Flower's log line once the SuperNode connected
 QUERY_DEF = "def query(msg: Message, context: Context) -> Message:\n"
 
 
@@ -270,10 +270,10 @@ def test_a_round_re_asked_with_other_noise_or_clipping_gets_fresh_noise_and_a_ne
     sum; with fresh noise it is off by the noise's own size, and the ledger holds both spends."""
     from clients.site_data import load_site_data
     from fedgov.models import initial_model
+    from fedgov_data.federation import simulated_federation
     from privacy.accounting import epsilon
     from privacy.ledger import RELEASED, SiteLedger
     from privacy.receipts import PRIVATE_KEY_FILE
-    from simulations.federation import simulated_federation
 
     site_dir = tmp_path / "site"
     node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
@@ -369,7 +369,7 @@ def _start_arrays(cfg):
     from flwr.app import ArrayRecord
 
     from fedgov.models import initial_model
-    from simulations.federation import simulated_federation
+    from fedgov_data.federation import simulated_federation
 
     schema = simulated_federation(cfg).pool.schema
     return ArrayRecord(initial_model("mlp", schema.input_shape, 2, 64, 0).state_dict())
@@ -504,7 +504,7 @@ def test_an_edited_ledger_and_an_older_copy_are_refused_until_an_explicit_restor
     tmp_path, task_identity, capsys
 ):
     from fedgov import messages
-    from fedgov.cli import main as fedgov_main
+    from fedgov_cli.main import main as fedgov_main
     from privacy.ledger import JOURNAL_FILE, LEDGER_FILE, SiteLedger
     from privacy.receipts import PRIVATE_KEY_FILE, Receipt
 

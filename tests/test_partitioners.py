@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fedgov.datasets import load_dataset
 from fedgov.errors import ConfigError
-from simulations.partitioners import (
+from fedgov_data.partitioners import (
     dirichlet_partition,
     iid_partition,
     label_skew,

@@ -169,7 +169,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_every_format_and_fails_a_tampered_report(tmp_path, document, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     run = _write_run(tmp_path, document)
     assert main(["privacy", "report", str(run), "--format", "json"]) == 0

@@ -29,10 +29,10 @@ from fedgov import messages
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.models import initial_model
 from fedgov.records import arrays_to_numpy, save_safetensors
+from fedgov_data.federation import simulated_federation
 from privacy.accounting import epsilon, independent_epsilon, steps_per_round
 from privacy.ledger import LEDGER_FILE, PENDING, RELEASED, SiteLedger
 from privacy.receipts import PRIVATE_KEY_FILE, Receipt, create_site_key, sign
-from simulations.federation import simulated_federation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The registry on disk (SQLite): publish, verify, approve, promote, roll back, audit, export.
 
-Commands run through ``fedgov.cli.main`` in this process (the real parser and handlers); one test
-runs the console entry point as a subprocess to check that errors stay one line.
+Commands run through ``fedgov_cli.main.main`` in this process (the real parser and handlers); one
+test runs the console entry point as a subprocess to check that errors stay one line.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from registry_support import (
     toy_weights,
 )
 
-from fedgov.cli import main
+from fedgov_cli.main import main
 from server.registry.governance import verify_audit
 from server.registry.registry import Registry
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from processes import free_port, managed_processes
 
-from fedgov.cli import main
-from fedgov.demo import run_demo
+from fedgov_cli.demo import run_demo
+from fedgov_cli.main import main
 from server.registry.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import pytest
 from processes import free_port
 from registry_support import concurrent_publish, make_governance, privacy_report, publish_toy
 
-from fedgov.cli import main
+from fedgov_cli.main import main
 from server.registry.governance import verify_audit
 from server.registry.registry import Registry
 

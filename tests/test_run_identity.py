@@ -15,10 +15,10 @@ from clients.site_privacy import reserve_round
 from fedgov import messages
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.models import initial_model
+from fedgov_data.federation import simulated_federation
 from privacy.accounting import epsilon
 from privacy.ledger import PENDING, RELEASED, SiteLedger
 from privacy.receipts import PRIVATE_KEY_FILE, Receipt
-from simulations.federation import simulated_federation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 

@@ -24,12 +24,12 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, from_flower_config, to_flower_config
 from fedgov.errors import ConfigError
 from fedgov.models import initial_model
+from fedgov_data.federation import simulated_federation
 from privacy.secagg import masking, records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.quantise import quantise
 from server.outputs import metrics_document
 from server.rounds import run_rounds
-from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
 SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)

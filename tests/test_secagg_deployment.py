@@ -29,10 +29,10 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.deploy import flower_environment
 from fedgov.models import initial_model
+from fedgov_data.federation import simulated_federation
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.masking import ring_dtype
 from privacy.secagg.quantise import dequantise_mean, quantise
-from simulations.federation import simulated_federation
 
 pytestmark = pytest.mark.slow
 

@@ -217,7 +217,7 @@ def test_sites_refuse_to_reveal_when_a_survivor_signed_another_model(tmp_path, m
 
 # ---- the operators' path: fedgov roster ... ------------------------------------------------------
 def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
     for member in members:
@@ -253,7 +253,7 @@ def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, 
 
 
 def test_a_roster_mistake_is_one_line(tmp_path, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     assert main(["roster", "governance-key", "--out", str(tmp_path / "g.pem")]) == 0
     code = main(["roster", "add", "--roster", str(tmp_path / "r.json"), "--site-id", "a",
@@ -267,7 +267,7 @@ def test_a_roster_mistake_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("action", ["governance-key", "anchor", "add", "sign", "show"])
 def test_every_roster_command_has_help(action, capsys):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     with pytest.raises(SystemExit) as exit_status:
         main(["roster", action, "--help"])

@@ -19,10 +19,10 @@ import yaml
 from processes import free_port, managed_processes
 from registry_support import PRINCIPALS, Governance, make_governance
 
-from fedgov.cli import main
 from fedgov.datasets import load_dataset, load_table, normalise_frame
 from fedgov.models import build_model
 from fedgov.records import load_safetensors
+from fedgov_cli.main import main
 from server.registry.governance import verify_audit
 from server.registry.registry import Registry
 

@@ -18,7 +18,7 @@ import pytest
 from processes import free_port, managed_processes
 from registry_support import make_governance, privacy_report, publish_toy
 
-from fedgov.cli import main
+from fedgov_cli.main import main
 from server.registry.governance import decide, promote
 from server.registry.manifest import parse_ref
 from server.registry.registry import Registry

@@ -16,8 +16,8 @@ from fedgov.datasets import load_dataset
 from fedgov.evaluation import evaluate
 from fedgov.models import build_model
 from fedgov.records import load_safetensors
+from fedgov_data.federation import simulated_federation
 from server.sampling import sample_sites
-from simulations.federation import simulated_federation
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

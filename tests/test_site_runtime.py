@@ -322,10 +322,11 @@ def test_site_runtimes_command_lines(tmp_path):
     assert fedgov[1:3] == ["-m", "clients.supernode"]
     assert fedgov[fedgov.index("--isolation") + 1] == "process"
     assert fedgov[fedgov.index("--superexec-auth-secret-file") + 1] == secret
-    fork = supernode_command(settings, insecure=False, runtime="fork")
-    assert Path(fork[0]).name == "flower-supernode" and "process" in fork
+    assert "--flower-pauses" not in fedgov
+    zygote = supernode_command(settings, insecure=False, runtime="zygote")
+    assert zygote[1:4] == ["-m", "clients.supernode", "--flower-pauses"] and "process" in zygote
     stock = supernode_command(settings, insecure=False, runtime="stock")
-    assert Path(stock[0]).name == "flower-supernode"
+    assert stock[1:4] == ["-m", "clients.supernode", "--flower-pauses"]
     assert stock[stock.index("--isolation") + 1] == "subprocess"
     assert "--superexec-auth-secret-file" not in stock
     superexec = superexec_command(settings, supernode_pid=42)

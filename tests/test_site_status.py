@@ -1,4 +1,5 @@
-"""``fedgov site status`` on real files: daemon.json written as the daemon writes it, real pids
+"""``fedgov site status`` on real files: daemon.json and supernode.json written as the daemon
+and the SuperNode write them (through Flower's own SuperNode loop function for the hook), real pids
 (this process, alive; a finished child, gone), activity.json and a real ledger."""
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clients.daemon import ZYGOTE_FAST_POLL
 from clients.site_privacy import reserve_round
 from clients.site_status import (
     ACTIVITY_FILE,
+    CONTACT_FRESH_SECONDS,
     DAEMON_FILE,
-    RECONNECT_GRACE_SECONDS,
+    SUPERNODE_FILE,
     DaemonStatus,
+    SuperNodeContact,
     format_status,
     previous_daemon_crashed,
     previous_node_id,
     read_status,
     record_activity,
 )
-from fedgov.cli import main
 from fedgov.config import RunConfig
+from fedgov_cli.main import main
 
 SITE = "hosp-a"
 
@@ -60,14 +64,28 @@ def _status(folder: Path, *args: str, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def _contact(folder: Path) -> SuperNodeContact:
+    """The SuperNode's side, as clients/supernode.py keeps it (this process is the SuperNode)."""
+    return SuperNodeContact(folder / SUPERNODE_FILE)
+
+
+def _saved(folder: Path) -> dict:
+    return json.loads((folder / SUPERNODE_FILE).read_text())
+
+
 def test_a_running_connected_site_says_so_with_its_last_round_and_epsilon(tmp_path, capsys):
     folder = _site(tmp_path)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")  # this process is the daemon
+    # this process is the daemon, and its own SuperNode
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.write()
     daemon.started({"supernode": daemon.data["pid"]})
     assert read_status(folder, SITE, 8.0).connection == "connecting"
-    daemon.observe("INFO :      SuperNode ID: 4242\n")
-    daemon.observe("INFO :      Receiving: train message (ID: 77)\n")
+    contact = _contact(folder)
+    contact.pulled(4242, message_arrived=False)  # the first contact is written at once
+    assert _saved(folder)["node_id"] == 4242
+    contact.pulled(4242, message_arrived=True)
+    contact.pushed(4242)
+    contact.write()
     spent = _spend(folder, 1)
     spent = _spend(folder, 2)
     record_activity(folder, run_id="run-7", flower_run_id=99, server_round=2, outcome="trained",
@@ -86,24 +104,73 @@ def test_a_running_connected_site_says_so_with_its_last_round_and_epsilon(tmp_pa
     assert (report["last"]["run"], report["last"]["round"]) == ("run-7", 2)
     assert report["last"]["outcome"] == "trained"
     assert report["epsilon_spent"] == pytest.approx(spent) and report["epsilon_cap"] == 8.0
+    assert report["last_contact_at"] == _saved(folder)["last_contact_at"]
     assert report["last_activity_at"] >= report["last"]["at"]
 
 
-def test_a_lost_coordinator_reads_reconnecting_until_the_retry_goes_through(tmp_path):
+def test_a_lost_coordinator_reads_reconnecting_until_contact_resumes(tmp_path):
     folder = _site(tmp_path)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
-    daemon.observe("SuperNode ID: 5\n")
-    daemon.observe("WARNING :   Connection attempt failed, retrying in 3.50 seconds\n")
-    saved = json.loads((folder / DAEMON_FILE).read_text())
-    assert saved["state"] == "reconnecting"
-    retry_at = saved["retry_at"]
-    soon = read_status(folder, SITE, 8.0, now=retry_at + 1)
-    assert (soon.running, soon.connection, soon.connected) == (True, "reconnecting", False)
-    assert "connection: lost; reconnecting" in format_status(soon, now=retry_at + 1)
-    later = read_status(folder, SITE, 8.0, now=retry_at + RECONNECT_GRACE_SECONDS + 1)
-    assert later.connected  # no failed attempt since: the retry went through
-    daemon.observe("Sent successfully\n")
-    assert json.loads((folder / DAEMON_FILE).read_text())["state"] == "connected"
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
+    daemon.started({"supernode": daemon.data["pid"]})
+    contact = _contact(folder)
+    contact.pulled(5, message_arrived=False)
+    last = _saved(folder)["last_contact_at"]
+    fresh = read_status(folder, SITE, 8.0, now=last + CONTACT_FRESH_SECONDS - 1)
+    assert (fresh.connection, fresh.connected) == ("connected", True)
+    lost = read_status(folder, SITE, 8.0, now=last + CONTACT_FRESH_SECONDS + 1)
+    assert (lost.running, lost.connection, lost.connected) == (True, "reconnecting", False)
+    text = format_status(lost, now=last + CONTACT_FRESH_SECONDS + 1)
+    assert "connection: lost; reconnecting to 127.0.0.1:9092 (last contact " in text
+    # A message arrived: the loop waits for the ClientApp's reply and pulls nothing meanwhile.
+    contact.pulled(5, message_arrived=True)
+    contact.write()
+    answering = _saved(folder)["answering_since"]
+    assert read_status(folder, SITE, 8.0, now=answering + 10 * CONTACT_FRESH_SECONDS).connected
+    contact.pushed(5)  # the reply went out: fresh contact again, and no longer answering
+    contact.write()
+    saved = _saved(folder)
+    assert saved["answering_since"] is None and saved["last_contact_at"] >= answering
+    late = saved["last_contact_at"] + CONTACT_FRESH_SECONDS + 1
+    assert read_status(folder, SITE, 8.0, now=late).connection == "reconnecting"
+
+
+def test_a_previous_supernodes_record_is_not_this_ones(tmp_path):
+    folder = _site(tmp_path)
+    _contact(folder).pulled(9, message_arrived=False)
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
+    daemon.started({"supernode": _dead_pid()})  # this daemon's SuperNode: another pid
+    status = read_status(folder, SITE, 8.0)
+    assert status.running and status.connection == "unknown"  # its SuperNode is gone
+    daemon.started({"supernode": os.getppid()})  # alive, but not the one that wrote the file
+    assert read_status(folder, SITE, 8.0).connection == "connecting"
+
+
+def test_the_contact_hook_runs_inside_flowers_own_supernode_loop_function(tmp_path, monkeypatch):
+    """install_supernode_contact wraps Flower 1.42's ``_pull_and_store_message``: a real call of
+    it (a pull that found no message) reports the node id from Flower's real node state."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as module
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedgov.flower_hooks import install_supernode_contact, supernode_contact_problems
+
+    assert supernode_contact_problems() == []
+    for name in ("_pull_and_store_message", "_push_messages"):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    folder = _site(tmp_path)
+    contact = _contact(folder)
+    install_supernode_contact(contact.pulled, contact.pushed)
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    state.set_node_id(31337)
+    pulled = module._pull_and_store_message(
+        state=state, object_store=store, node_config={}, receive=lambda: None,
+        get_run=None, get_fab=None, pull_object=None, confirm_message_received=None,
+        trusted_entities=None,
+    )  # fmt: skip
+    assert pulled is None
+    saved = _saved(folder)
+    assert (saved["node_id"], saved["last_message_at"], saved["pid"]) == (31337, None, os.getpid())
 
 
 def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys):
@@ -113,9 +180,10 @@ def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys
     assert out.splitlines()[0] == f"site {SITE}: not running (never started from {folder})"
     assert "last task: none yet" in out and "privacy: ε spent 0.000 of cap 8" in out
 
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
     daemon.data["pid"], daemon.data["pid_start"] = _dead_pid(), None
-    daemon.observe("SuperNode ID: 5\n")  # it was connected when it was killed
+    daemon.write()
+    _contact(folder).pulled(5, message_arrived=False)  # it was connected when it was killed
     record_activity(folder, run_id="r", flower_run_id=1, server_round=3, outcome="declined",
                     reason="privacy budget exhausted", epsilon=7.9)  # fmt: skip
     code, out, _ = _status(folder, capsys=capsys)
@@ -140,8 +208,9 @@ def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys
 def test_a_restarted_daemon_knows_whether_its_predecessor_was_killed(tmp_path):
     folder = _site(tmp_path)
     assert (previous_node_id(folder), previous_daemon_crashed(folder)) == (None, False)
-    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", "fedgov")
-    daemon.observe("SuperNode ID: 77\n")
+    daemon = DaemonStatus(folder, SITE, "127.0.0.1:9092", ZYGOTE_FAST_POLL)
+    daemon.write()
+    _contact(folder).pulled(77, message_arrived=False)
     assert (previous_node_id(folder), previous_daemon_crashed(folder)) == (77, False)  # alive
     daemon.data["pid"], daemon.data["pid_start"] = _dead_pid(), None
     daemon.write()
@@ -193,7 +262,7 @@ def test_status_imports_nothing_heavy(tmp_path):
     folder = _site(tmp_path)
     probe = (
         "import sys\n"
-        "from fedgov.cli import main\n"
+        "from fedgov_cli.main import main\n"
         f"code = main(['site', 'status', '--config', {str(folder / 'site.yaml')!r}, '--json'])\n"
         "heavy = sorted({'torch', 'pandas', 'flwr', 'opacus'} & set(sys.modules))\n"
         "print('HEAVY', heavy, code)\n"

@@ -77,7 +77,7 @@ class TrustAnchor:
 
 def save_anchor(site_dir: str | Path, anchor: TrustAnchor) -> Path:
     """Write ``anchor`` atomically to ``site_dir/secagg_anchor.json``."""
-    from fedgov.records import atomic_write_bytes
+    from fedgov.atomic import atomic_write_bytes
 
     TrustAnchor.from_json(anchor.to_json())  # refuse to install an unusable anchor
     path = Path(site_dir) / ANCHOR_FILE

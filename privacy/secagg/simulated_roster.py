@@ -56,7 +56,7 @@ def identity_key(site_dir: Path, site_id: str) -> Ed25519PrivateKey:
     ledger's rule "a key without a ledger means the ledger was lost" keeps holding."""
     if (Path(site_dir) / PRIVATE_KEY_FILE).exists():
         return load_site_key(site_dir)
-    from clients.site_privacy import open_site_state
+    from privacy.site_state import open_site_state
 
     key, _ = open_site_state(Path(site_dir), site_id)
     return key

@@ -155,6 +155,6 @@ def check_anchor(
 
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write the checkpoint as JSON, atomically."""
-    from fedgov.records import atomic_write_bytes
+    from fedgov.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), json.dumps(checkpoint.as_dict(), indent=2).encode() + b"\n")

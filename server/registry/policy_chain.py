@@ -177,7 +177,7 @@ def write_version(path: str | Path, version: PolicyVersion) -> Path:
         "#   fedgov registry policy propose NEW_POLICY.yaml --out PROPOSAL\n"
     )
     text = header + yaml.safe_dump(version.as_dict(), sort_keys=False, allow_unicode=True)
-    from fedgov.records import atomic_write_bytes  # torch and flwr: only when a policy is written
+    from fedgov.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
     return path

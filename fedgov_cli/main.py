@@ -10,7 +10,7 @@ from fedgov.errors import FedgovError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedgov.demo import run_demo
+    from fedgov_cli.demo import run_demo
 
     run_demo(args.out, rounds=args.rounds)
     return 0
@@ -36,19 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive_int, default=5, help="training rounds (default: %(default)s)"
     )
     demo.set_defaults(handler=_demo)
-    from fedgov import cli_privacy  # fedgov privacy report
+    from fedgov_cli import privacy as cli_privacy  # fedgov privacy report
 
     cli_privacy.add_commands(commands)
-    from fedgov import cli_registry  # fedgov registry ..., fedgov serve
+    from fedgov_cli import registry as cli_registry  # fedgov registry ..., fedgov serve
 
     cli_registry.add_commands(commands)
-    from fedgov import cli_deploy  # fedgov server ..., fedgov site ..., fedgov run
+    from fedgov_cli import deploy as cli_deploy  # fedgov server ..., fedgov site ..., fedgov run
 
     cli_deploy.add_commands(commands)
     from console import cli as cli_console  # fedgov console
 
     cli_console.add_commands(commands)
-    from fedgov import cli_roster  # fedgov roster ... (SecAgg+ identities)
+    from fedgov_cli import roster as cli_roster  # fedgov roster ... (SecAgg+ identities)
 
     cli_roster.add_commands(commands)
     return parser

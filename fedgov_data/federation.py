@@ -13,9 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedgov.config import RunConfig
-from fedgov.datasets import DEFAULT_SYNTHETIC_SITES, Dataset, load_dataset, split_holdout
+from fedgov.datasets import (
+    DEFAULT_SYNTHETIC_SITES,
+    Dataset,
+    DatasetSchema,
+    load_dataset,
+    schema_from_json,
+    split_holdout,
+)
 from fedgov.errors import ConfigError
-from simulations.partitioners import partition
+from fedgov_data.partitioners import partition
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,11 @@ def _federation(
     if not site_ids:
         raise ConfigError(f"federation.num_sites: dataset '{name}' yields no sites")
     return SimulatedFederation(tuple(site_ids), tuple(partitions), pool, holdout)
+
+
+def federation_schema(cfg: RunConfig) -> DatasetSchema:
+    """The schema the run's model is built for: ``dataset.schema`` when set, else the bundled
+    dataset's (returns a ``fedgov.datasets.DatasetSchema``)."""
+    if cfg.dataset.schema:
+        return schema_from_json(cfg.dataset.schema)
+    return simulated_federation(cfg).pool.schema

@@ -130,7 +130,7 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
 
 
 def _server_certs(args: argparse.Namespace) -> int:
-    from server.certs import create_federation_certs
+    from fedgov.certs import create_federation_certs
 
     hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
     paths = create_federation_certs(args.out, hosts, args.federation, overwrite=args.overwrite)
@@ -214,7 +214,7 @@ def _server_remove_site(args: argparse.Namespace) -> int:
 
 
 def _server_renew_cert(args: argparse.Namespace) -> int:
-    from server.certs import renew_server_cert
+    from fedgov.certs import renew_server_cert
 
     cert = renew_server_cert(args.certs, args.host, days=args.days)
     print(
@@ -292,8 +292,8 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     status = actions.add_parser(
         "status",
         help="say whether the site's daemon runs and is connected, and what it last did",
-        description="Read the site folder: the daemon's daemon.json (its pid, checked alive, and "
-        "the connection as its SuperNode logged it), the last train request answered "
+        description="Read the site folder: the daemon's daemon.json (its pid, checked alive), "
+        "its SuperNode's supernode.json (node id, last contact), the last train request answered "
         "(activity.json: run, round, trained or declined) and ε spent against the cap (the "
         "ledger). Exit 0 whatever the state; --json for scripts.",
     )
@@ -301,16 +301,16 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_site_status)
 
-    from fedgov.cli_site_apps import add_apps_command
-    from fedgov.cli_site_ledger import add_ledger_command
+    from fedgov_cli.site_apps import add_apps_command
+    from fedgov_cli.site_ledger import add_ledger_command
 
     add_apps_command(actions)  # fedgov site apps list|show|approve|revoke
     add_ledger_command(actions)  # fedgov site ledger journal|restore
 
 
 def _site_init(args: argparse.Namespace) -> int:
-    from clients.connector import load_schema_file, read_site_table
     from clients.daemon import init_site
+    from fedgov_data.connector import load_schema_file, read_site_table
 
     _, labels = read_site_table(args.data, load_schema_file(args.schema))
     config, public_key = init_site(
@@ -325,7 +325,15 @@ def _site_init(args: argparse.Namespace) -> int:
 def _site_start(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from clients.daemon import check_site, claim_site, load_site_settings, run_site
+    from clients.daemon import (
+        STOCK,
+        ZYGOTE,
+        ZYGOTE_FAST_POLL,
+        check_site,
+        claim_site,
+        load_site_settings,
+        run_site,
+    )
 
     settings = load_site_settings(args.config)
     if args.port is not None:
@@ -344,7 +352,7 @@ def _site_start(args: argparse.Namespace) -> int:
     )
     if args.check:
         return 0
-    runtime = "stock" if args.stock_executor else "fork" if args.stock_supernode else "fedgov"
+    runtime = STOCK if args.stock_executor else ZYGOTE if args.stock_supernode else ZYGOTE_FAST_POLL
     return run_site(settings, insecure, args.max_wait, runtime)
 
 
@@ -412,9 +420,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from fedgov.config import from_mapping, to_flower_config
     from fedgov.deploy import flower_tool
+    from fedgov.project import app_dir
     from server.coordinator import flower_environment, load_server_settings
     from server.observability import remember_run
-    from simulations.engine import app_dir
     from simulations.plots import write_plots
     from simulations.run import compose_config
 
@@ -509,9 +517,9 @@ def _read_json(path: Path) -> dict | None:
 def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> None:
     """Put the federation's schema (and the coordinator's hold-out path) into the run config,
     checking both here so that a mistake stops before anything runs."""
-    from clients.connector import load_schema_file, read_site_table
     from fedgov.config import validate
     from fedgov.datasets import schema_to_json
+    from fedgov_data.connector import load_schema_file, read_site_table
 
     if holdout_file and not schema_file:
         raise FedgovError("run --holdout: needs --schema (the hold-out's schema)")
