@@ -25,7 +25,9 @@ from fedgov import messages as keys
 from privacy.secagg import records
 from server.outputs import metrics_document
 
-SETUP, SHARE, MASKED, UNMASK, _ = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, _ = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 HOSTILE_NODE = 2  # site-01
 OTHERS = ["site-00", "site-02", "site-03"]
 EXAMPLES = settings(

@@ -32,7 +32,9 @@ from server.rounds import run_rounds
 from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 SITES = ["site-00", "site-01", "site-02", "site-03"]
 
 

@@ -17,7 +17,9 @@ from privacy.secagg import graph as secagg_graph
 from privacy.secagg import records
 from privacy.secagg import server as secagg_server
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 
 
 @pytest.fixture(autouse=True)

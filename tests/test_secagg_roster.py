@@ -25,7 +25,9 @@ from privacy.secagg import keys as secagg_keys
 from privacy.secagg import records, roster
 from privacy.secagg import server as secagg_server
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 SITES = ["site-00", "site-01", "site-02", "site-03"]
 
 

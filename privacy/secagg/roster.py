@@ -14,8 +14,11 @@ coordinator. Here that is governance:
 
 Per round a site signs its key advertisement (round id, index, site id, both public keys) and,
 with its masked input, a contribution statement (round id, index, global-model digest, run-config
-digest). Peers check the first against the roster before sharing secrets; the second is the
-consistency check before any share is revealed (client.py). All signatures are Ed25519 over
+digest), which the server checks before the input enters the sum; and, once the survivors are
+known, a consistency statement (round id, index, survivor set, global-model digest, run-config
+digest; Bonawitz et al. §6). Peers check the advert against the roster before sharing secrets,
+and at least t consistency statements over the same tuple from their share group before
+revealing any share (client.py). All signatures are Ed25519 over
 domain-separated bytes.
 """
 
@@ -37,6 +40,7 @@ from privacy.receipts import canonical_json, public_key_bytes
 ANCHOR_FILE = "secagg_anchor.json"
 _ADVERT = b"fedgov-secagg/v1/key-advert"
 _CONTRIBUTION = b"fedgov-secagg/v1/contribution"
+_CONSISTENCY = b"fedgov-secagg/v1/consistency"
 MAX_ROSTER_BYTES = 4 << 20  # a roster larger than this is refused unread
 
 
@@ -181,6 +185,22 @@ def contribution_message(
     """The bytes a site signs with its masked input: it took part in this round, with this
     global model and this run configuration."""
     return _CONTRIBUTION + round_id + struct.pack(">Q", index) + model_digest + config_digest
+
+
+def consistency_message(
+    round_id: bytes,
+    index: int,
+    survivors: Iterable[int],
+    model_digest: bytes,
+    config_digest: bytes,
+) -> bytes:
+    """The bytes a survivor signs in the consistency check: this round's survivor set (sorted
+    indices), with this global model and this run configuration."""
+    members = sorted(survivors)
+    return (
+        _CONSISTENCY + round_id + struct.pack(f">QI{len(members)}Q", index, len(members), *members)
+        + model_digest + config_digest
+    )  # fmt: skip
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
