@@ -182,8 +182,8 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
     """One site's SecAgg+ work in a round (best of ``repeats``), actively secure: fresh keys and
     its advert signed with its identity key, the peers' signatures checked against the roster,
     shares split and encrypted, its neighbours' shares opened, the global model's digest and its
-    contribution signed, a ``length``-value update quantised and masked, the survivors'
-    signatures checked and the unmask answered."""
+    contribution signed, a ``length``-value update quantised and masked, the survivor set signed
+    (the consistency check), the survivors' signatures checked and the unmask answered."""
     import dataclasses
 
     import numpy as np
@@ -228,18 +228,22 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
         server.receive_ciphertexts(shares)
         request = server.masked_input_request(1)
         config_digest = roster.config_digest({"server-round": 1})
-        signatures = {
-            i: o.contribution(identity[i], roster.model_digest([("w", global_model)]),
-                              config_digest)
-            for i, o in others.items()
-        }  # fmt: skip
+        for i, o in others.items():
+            o.contribution(identity[i], roster.model_digest([("w", global_model)]), config_digest)
+            o.accept_shares(server.masked_input_request(i))
+            o.mask(np.zeros(length, dtype=np.uint32))
         started = time.perf_counter()
         site.accept_shares(request)
         model_digest = roster.model_digest([("w", global_model)])
-        signatures[1] = site.contribution(identity[1], model_digest, config_digest)
+        site.contribution(identity[1], model_digest, config_digest)
         quantised, _ = quantise(update, clip_range=2.0, weight=500, max_weight=1000,
                                 scale=server.scale, bits=32)  # fmt: skip
         site.mask(quantised)
+        elapsed += time.perf_counter() - started
+        check = server.consistency_request()
+        signatures = {i: o.consistency(check, identity[i]) for i, o in others.items()}
+        started = time.perf_counter()
+        signatures[1] = site.consistency(check, identity[1])
         site.reveal(dataclasses.replace(server.unmask_request(), signatures=signatures))
         best = min(best, elapsed + time.perf_counter() - started)
     return best
@@ -270,6 +274,8 @@ def unmasking_times(sites: int, length: int, dropouts: list[int]) -> list[tuple[
                 continue
             inputs[i] = MaskedInput(site.mask(vector), weight=1)
         server.receive_masked_inputs(inputs)
+        check = server.consistency_request()
+        server.receive_signatures({i: clients[i].consistency(check) for i in server.alive()})
         request = server.unmask_request()
         answers = {i: clients[i].reveal(request) for i in server.unmask_targets()}
         started = time.perf_counter()

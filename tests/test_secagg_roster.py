@@ -349,6 +349,94 @@ def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, 
     assert_exact(fed, fed.run().rounds[0], SITES)
 
 
+def _medpar_site_files(root: Path) -> tuple[Path, Path]:
+    import yaml
+
+    from fedgov.datasets import load_dataset, load_table
+
+    root.mkdir(parents=True, exist_ok=True)
+    table = load_table("medpar")
+    hospital = table["provnum"].value_counts().index[0]
+    data = root / "admissions.csv"
+    table[table["provnum"] == hospital].drop(columns=["provnum"]).to_csv(data, index=False)
+    schema = root / "schema.yaml"
+    schema.write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
+    return data, schema
+
+
+def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_quorum(
+    tmp_path, capsys
+):
+    """A new site joins: governance publishes its keys and quorum, the site installs them at
+    `fedgov site init`, governance puts the site's identity key on the roster; the site's own
+    SecAgg+ code refuses that roster until the quorum signed it."""
+    from flwr.app import Context, RecordDict
+
+    from clients import secagg as client_secagg
+    from fedgov.cli import main
+    from privacy.secagg.protocol import ProtocolRefusal
+
+    members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
+    for member in members:
+        assert main(["roster", "governance-key", "--out", str(member)]) == 0
+    published = tmp_path / "gov" / "governance-anchor.json"
+    assert main(["roster", "governance-anchor", "--quorum", "2", "--out", str(published),
+                 *[f"--governance-key={m.with_suffix('.pub')}" for m in members]]) == 0  # fmt: skip
+    data, schema = _medpar_site_files(tmp_path / "data")
+    site_dir = tmp_path / "hosp-a"
+    capsys.readouterr()
+    assert main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
+                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
+                 "--governance-anchor", str(published)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    identity = (site_dir / "site_key.pub").read_text().strip()
+    assert f"send this identity key to governance (fedgov roster add): {identity}" in out
+    anchor = roster.load_anchor(site_dir)
+    assert anchor is not None and anchor.site_id == "hosp-a" and anchor.quorum == 2
+    assert anchor.governance_keys == tuple(
+        bytes.fromhex(m.with_suffix(".pub").read_text().strip()) for m in members
+    )
+
+    book = tmp_path / "roster.json"
+    assert main(["roster", "add", "--roster", str(book), "--site-id", "hosp-a", "--key",
+                 str(site_dir / "site_key.pub"), "--sign", str(members[0])]) == 0  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    with pytest.raises(ProtocolRefusal, match=r"1 valid governance signature.*needs 2"):
+        client_secagg._roster_of(book.read_bytes(), context)
+    assert main(["roster", "sign", "--roster", str(book), "--sign", str(members[1])]) == 0
+    site_id, listed, key = client_secagg._roster_of(book.read_bytes(), context)
+    assert site_id == "hosp-a" and listed == {"hosp-a": bytes.fromhex(identity)}
+    assert key is not None and public_key_bytes(key).hex() == identity
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"not json", "unreadable governance anchor"),
+        (b'{"governance_keys": []}', "expected a JSON object with governance_keys and quorum"),
+        (b'{"governance_keys": ["00"], "quorum": 1}', "distinct 32-byte keys"),
+        (b'{"governance_keys": ["' + b"ab" * 32 + b'"], "quorum": 2}', "quorum 2 of 1 keys"),
+    ],
+)
+def test_site_init_refuses_an_unusable_governance_anchor_in_one_line_and_writes_nothing(
+    tmp_path, capsys, content, expected
+):
+    from fedgov.cli import main
+
+    data, schema = _medpar_site_files(tmp_path / "data")
+    anchor_file = tmp_path / "anchor.json"
+    anchor_file.write_bytes(content)
+    site_dir = tmp_path / "hosp-a"
+    code = main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
+                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
+                 "--governance-anchor", str(anchor_file)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("fedgov: error: --governance-anchor: ") and expected in err
+    assert not site_dir.exists()
+
+
 def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     from fedgov.cli import main
 
@@ -362,7 +450,9 @@ def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("action", ["governance-key", "anchor", "add", "sign", "show"])
+@pytest.mark.parametrize(
+    "action", ["governance-key", "governance-anchor", "anchor", "add", "sign", "show"]
+)
 def test_every_roster_command_has_help(action, capsys):
     from fedgov.cli import main
 

@@ -5,8 +5,9 @@ variant) needs the sites to know each other's identity keys from someone other t
 coordinator. Here that is governance:
 
 - a **trust anchor** (``secagg_anchor.json`` in the site's ``site-dir``, installed by the site's
-  operator): the site's own id, the governance Ed25519 public keys and the quorum of them that
-  must sign a roster;
+  operator, e.g. ``fedgov site init --governance-anchor FILE`` with the file governance gives
+  out of band): the site's own id, the governance Ed25519 public keys and the quorum of them
+  that must sign a roster;
 - a **roster** (site id → the site's Ed25519 identity key, the key of ``site_key.pem`` that also
   signs its DP receipts, plus a version), signed by governance keys; the coordinator only
   distributes it (in the setup request). A site accepts a roster only with ``quorum`` valid
@@ -102,6 +103,31 @@ def load_anchor(site_dir: str | Path | None) -> TrustAnchor | None:
     except (OSError, ValueError) as error:
         raise RosterError(f"{path}: unreadable trust anchor ({error})") from None
     return TrustAnchor.from_json(data)
+
+
+def governance_anchor_json(governance_keys: tuple[bytes, ...], quorum: int) -> bytes:
+    """The file governance hands every new site: its public keys and the quorum a roster needs
+    (a trust anchor without the site's id)."""
+    TrustAnchor.from_json(TrustAnchor("-", governance_keys, quorum).to_json())  # usable?
+    return json.dumps(
+        {"governance_keys": [key.hex() for key in governance_keys], "quorum": quorum}, indent=2
+    ).encode()
+
+
+def read_governance_anchor(path: str | Path, site_id: str) -> TrustAnchor:
+    """The trust anchor of site ``site_id`` from governance's file (``governance_anchor_json``);
+    :class:`RosterError` naming what is wrong with it."""
+    try:
+        text = Path(path).read_bytes()[:MAX_ROSTER_BYTES]
+        data = json.loads(text)
+    except (OSError, ValueError) as error:
+        raise RosterError(f"{path}: unreadable governance anchor ({error})") from None
+    if not isinstance(data, dict) or not {"governance_keys", "quorum"} <= set(data):
+        raise RosterError(f"{path}: expected a JSON object with governance_keys and quorum")
+    try:
+        return TrustAnchor.from_json({**data, "site_id": site_id})
+    except RosterError as error:
+        raise RosterError(f"{path}: {error}") from None
 
 
 @dataclass(frozen=True)
