@@ -18,9 +18,10 @@ One table from one run:
    fedgov's rows run on fedgov's engine, which delivers each message to the simulated sites as
    soon as it is stored (``simulations.delivery``); Flower's rows run on Flower's stock engine,
    which scans for messages every 0.1 s — one such wait per exchange, and its SecAgg+ has
-   several exchanges per round. fedgov's steady SecAgg+ round has one exchange more than its
-   plain round (the unmasking): the next round's key stages ride on this round's masked-input
-   and unmask exchanges (``server.secagg_round``); the stage seconds show them as 0.
+   several exchanges per round. fedgov's steady SecAgg+ round has two exchanges more than its
+   plain train exchange (the consistency check, where every survivor signs the survivor set,
+   and the unmasking): the next round's key stages ride on this round's masked-input and
+   consistency exchanges (``server.secagg_round``); the stage seconds show them as 0.
 2. Client mask generation: MB/s of 32-bit mask values, fedgov's ChaCha20 keystream into a
    preallocated buffer (one mask, and ten masks applied to an input in cache-sized chunks) and
    Flower's ``pseudo_rand_gen`` (MT19937).
@@ -378,6 +379,8 @@ def main() -> None:
     stages = runs["fedgov-secagg"][-1].get("stages")
     if stages:
         print(f"  fedgov SecAgg+ stage seconds (last round): {stages}")
+    if hasattr(os, "getloadavg"):
+        print(f"  load average after the runs: {os.getloadavg()[0]:.1f}")
 
     print("\n2. Client mask generation, 1M 32-bit values (MB/s of mask values, best of 20)\n")
     for name, rate in mask_throughput().items():
