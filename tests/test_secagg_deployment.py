@@ -4,8 +4,8 @@ The fourth SuperNode is killed (SIGKILL, with everything it started) the moment 
 masked-input request, after it has shared its keys: its pairwise masks are already inside the
 other three sites' inputs. The round must still complete, and the unmasked sum must be exactly
 the sum of the other three sites' quantised updates, which this test recomputes itself. A second
-round follows; its key stages ride on the first round's masked input and unmask exchanges, so the
-sites' contexts in the SuperNodes hold two rounds at once, and its sum must be exact too.
+round follows; its key stages ride on the first round's masked input and consistency exchanges,
+so the sites' contexts in the SuperNodes hold two rounds at once, and its sum must be exact too.
 """
 
 from __future__ import annotations
