@@ -227,8 +227,9 @@ class SecAggRound:
         cfg, plan = self.cfg, self.plan
         scale = _weight_scale(cfg, self.sites, self.num_train)
         prepared = self.prepared
-        if prepared is not None and prepared.fits(plan.server_round, self.sites, plan.node_of,
-                                                  scale):  # fmt: skip
+        if prepared is not None and prepared.fits(
+            plan.server_round, self.sites, plan.node_of, scale
+        ):
             self.server = prepared.server  # done during the last round's masked input
             self.pipelined = [SETUP, SHARE_KEYS] if prepared.shared else [SETUP]
             self.timings.update(dict.fromkeys(self.pipelined, 0.0))
@@ -256,10 +257,11 @@ class SecAggRound:
         replies = self._send(SHARE_KEYS, requests)
         server.receive_ciphertexts(
             self._parsed(
-                SHARE_KEYS, replies,
+                SHARE_KEYS,
+                replies,
                 lambda c, i: records.parse_ciphertexts(c, server.round_id, i),
             )
-        )  # fmt: skip
+        )
 
     def masked_input(self) -> None:
         """Stage 3: the strategy's train message plus the shares each site receives, and the
@@ -380,9 +382,13 @@ class SecAggRound:
                 shares[index] = records.parse_unmask_shares(reply.content, server.round_id, index)
             except Exception as error:  # its shares are not needed if enough others answer
                 self.unmask_problems[site_of[index]] = _one_line(str(error))
-                log(WARNING, "secagg round %d: site %s's unmask reply ignored: %s",
-                    self.plan.server_round, site_of[index],
-                    self.unmask_problems[site_of[index]])  # fmt: skip
+                log(
+                    WARNING,
+                    "secagg round %d: site %s's unmask reply ignored: %s",
+                    self.plan.server_round,
+                    site_of[index],
+                    self.unmask_problems[site_of[index]],
+                )
         started = time.monotonic()
         unmasked = server.finish(shares)
         self.timings["unmask-compute"] = round(time.monotonic() - started, 3)
@@ -393,8 +399,13 @@ class SecAggRound:
         result = self.result
         result.aborted = True
         result.abort_reason = f"{aborted.stage}: {aborted.reason}"
-        log(WARNING, "secagg round %d aborted at %s: %s (the global model is kept)",
-            self.plan.server_round, aborted.stage, aborted.reason)  # fmt: skip
+        log(
+            WARNING,
+            "secagg round %d aborted at %s: %s (the global model is kept)",
+            self.plan.server_round,
+            aborted.stage,
+            aborted.reason,
+        )
         server = self.server
         if server is None:
             return
@@ -446,8 +457,9 @@ class SecAggRound:
             group_id=str(plan.server_round),
         )
         strategy = self.context.strategy
-        result.arrays, result.train_metrics = strategy.aggregate_train(plan.server_round,
-                                                                       [aggregate])  # fmt: skip
+        result.arrays, result.train_metrics = strategy.aggregate_train(
+            plan.server_round, [aggregate]
+        )
 
     def _summarise(self) -> None:
         """Dropouts, unreachable sites and the metrics.json summary, aborted or not."""
@@ -459,9 +471,14 @@ class SecAggRound:
             if index in self.declined:
                 continue
             result.dropouts[site_of[index]] = {"stage": dropout.stage, "reason": dropout.reason}
-            log(WARNING, "secagg round %d: site %s excluded at %s: %s",
-                self.plan.server_round, site_of[index], dropout.stage,
-                dropout.reason)  # fmt: skip
+            log(
+                WARNING,
+                "secagg round %d: site %s excluded at %s: %s",
+                self.plan.server_round,
+                site_of[index],
+                dropout.stage,
+                dropout.reason,
+            )
         result.unreachable = {site_of[i] for i in server.unreachable | self.silent_at_unmask}
         result.summary = {
             "sites": server.num_sites,
@@ -506,8 +523,9 @@ class SecAggRound:
         ]
         replies: dict[int, Message] = {}
         grid = self.context.grid
-        for reply in exchange(grid, messages, wait or self.timeout,
-                              max_poll=STAGE_MAX_POLL_SECONDS):  # fmt: skip
+        for reply in exchange(
+            grid, messages, wait or self.timeout, max_poll=STAGE_MAX_POLL_SECONDS
+        ):
             node = reply.metadata.src_node_id
             if node in contents and node not in replies:
                 replies[node] = reply

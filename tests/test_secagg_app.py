@@ -379,6 +379,29 @@ def test_the_site_forgets_its_round_secrets_after_unmasking():
     assert state["held-shares"] == [] and state["peer-mask-keys"] == []
 
 
+def test_the_round_entry_point_reports_each_survivors_masked_input_metrics():
+    """``run_secagg_round`` (the SecAggRound class behind it) keeps every site's train metrics of
+    its masked-input reply, by site id, beside the aggregate."""
+    from server.secagg_round import run_secagg_round
+
+    fed = Federation(make_cfg())
+    fed.grid.vanish_at = {(3, MASKED)}  # site-02 sends no input
+    node_of = {site: i + 1 for i, site in enumerate(SITES)}
+    rows = {site: len(load_site_data(fed.cfg, {"partition-id": i, "num-partitions": 4}).train.y)
+            for i, site in enumerate(SITES)}  # fmt: skip
+    strategy = build_strategy(fed.cfg.strategy)
+    result = run_secagg_round(
+        fed.grid, fed.cfg, strategy, 1, fed.initial, fed.grid, node_of, SITES, rows
+    )
+    survivors = ["site-00", "site-01", "site-03"]
+    assert result.participants == survivors and not result.aborted
+    assert sorted(result.site_metrics) == survivors
+    for site in survivors:
+        assert result.site_metrics[site][keys.NUM_EXAMPLES] == rows[site]
+        assert result.site_metrics[site]["train_loss"] > 0
+    assert result.summary["total_weight"] == sum(rows[s] for s in survivors)
+
+
 # ---- pipelining: the next round's key stages ride on this round's masked input and consistency --
 KEY_STAGES = ["setup", "share_keys"]
 
