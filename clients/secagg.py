@@ -307,9 +307,11 @@ def _require(context: Context, round_id: bytes, *, promote: bool = False) -> Sit
 
 def _save(context: Context, site: SiteSecAgg) -> None:
     """Store ``site`` in the slot that holds its round."""
-    ahead = _load(context, records.STATE_NEXT)
-    slot = records.STATE_NEXT if ahead and ahead.round_id == site.round_id else records.STATE
-    context.state[slot] = ConfigRecord(site.state_dict())
+    ahead = context.state.config_records.get(records.STATE_NEXT)
+    in_ahead = ahead is not None and ahead.get("round-id") == site.round_id
+    context.state[records.STATE_NEXT if in_ahead else records.STATE] = ConfigRecord(
+        site.state_dict()
+    )
 
 
 def _forget(context: Context, slot: str) -> None:

@@ -1,6 +1,6 @@
 """The SecAgg+ protocol objects end to end (site halves and server half, no transport).
 
-Property tests drive n sites through the four stages with dropouts at every stage and check
+Property tests drive n sites through the five stages with dropouts at every stage and check
 the outcome against an independent oracle: the round completes exactly when it should, with the
 exact ring sum of the survivors' inputs, and aborts otherwise. Hostile inputs (altered shares,
 lying weights, wrong vectors, replays, requests for both secrets) exclude the culprit or are

@@ -363,7 +363,9 @@ class SiteSecAgg:
             "weight-scale": self.weight_scale,
             "expects": self.expects,
             "enc-private": self.enc_private,
+            "enc-public": self.enc_public,
             "mask-private": self.mask_private,
+            "mask-public": self.mask_public,
             "self-seed": self.self_seed,
             "peers": peers,
             "peer-enc-keys": [self.peers[p].enc_key for p in peers],
@@ -396,8 +398,8 @@ class SiteSecAgg:
         site.enc_private = bytes(state["enc-private"])
         site.mask_private = bytes(state["mask-private"])
         site.self_seed = bytes(state["self-seed"])
-        site.enc_public = keys.public_key_of(site.enc_private) if site.enc_private else b""
-        site.mask_public = keys.public_key_of(site.mask_private) if site.mask_private else b""
+        site.enc_public = bytes(state["enc-public"])  # stored: no key derivation per message
+        site.mask_public = bytes(state["mask-public"])
         site.peers = {
             int(p): KeyAdvert(bytes(e), bytes(m), b"", str(i))
             for p, e, m, i in zip(
