@@ -46,7 +46,7 @@ NUM_SITES = 4
 KILLED = 3  # partition 3 = site-03
 STAGE_TIMEOUT = 45.0  # secagg.timeout: how long the server waits for each stage's replies
 START_TIMEOUT = 60.0
-RUN_TIMEOUT = 300.0
+RUN_TIMEOUT = 600.0  # a stock SuperNode starts a fresh ClientApp per message: slow when loaded
 CONNECTION = "fedgov-secagg-test"
 
 
