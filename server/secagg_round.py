@@ -358,6 +358,7 @@ class SecAggRound:
                 )
             except Exception as error:  # its input stays in; it is not asked to unmask
                 server.unsigned[index] = _one_line(str(error))
+                server.refused_consistency.add(index)
         try:
             server.receive_signatures(signatures)
         finally:

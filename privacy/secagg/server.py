@@ -127,6 +127,8 @@ class ServerSecAgg:
         self.bad_holders: dict[int, list[int]] = {}  # holder → owners whose share did not fit
         self.signatures: dict[int, bytes] = {}  # survivor → its consistency signature
         self.unsigned: dict[int, str] = {}  # survivor → why it has no usable consistency reply
+        self.refused_consistency: set[int] = set()  # answered with a refusal or a bad reply
+        self.late_signers: set[int] = set()  # sent no consistency reply in time: still asked
         if num_sites < 2:
             raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
         if self.threshold > self.group_size:
@@ -359,13 +361,17 @@ class ServerSecAgg:
 
     def receive_signatures(self, replies: Mapping[int, bytes]) -> None:
         """Keep each survivor's consistency signature; one that is missing or (with a roster)
-        does not verify is left out of the unmask request, and its site is not asked to unmask
-        (its input stays in the sum). Aborts when fewer than t survivors signed."""
+        does not verify is left out of the unmask request (its input stays in the sum). A site
+        that refused or sent a bad signature is not asked to unmask; one that was only late
+        still is (it reveals only if it signed meanwhile). Aborts when fewer than t survivors
+        signed (without a roster: signed or were late): too few sites would reveal."""
         survivors = self.alive()
         for index in survivors:
             signature = replies.get(index)
             if signature is None:
                 self.unsigned.setdefault(index, "no consistency reply")
+                if index not in self.refused_consistency:
+                    self.late_signers.add(index)
                 continue
             if self.settings.roster:
                 problem = self._consistency_problem(index, signature)
@@ -373,7 +379,10 @@ class ServerSecAgg:
                     self.unsigned[index] = problem
                     continue
             self.signatures[index] = signature
-        if len(self.signatures) < self.threshold:
+        # With a roster a late survivor's signature is missing from every site's check; without
+        # one, nothing is checked and a late survivor may still help.
+        willing = len(self.signatures) + (0 if self.settings.roster else len(self.late_signers))
+        if willing < self.threshold:
             raise RoundAborted(
                 CONSISTENCY,
                 f"{len(self.signatures)} survivors signed the survivor set, {self.threshold} "
@@ -402,9 +411,11 @@ class ServerSecAgg:
 
     def unmask_targets(self) -> list[int]:
         """Every site that shared keys and still answers (a declined site helps too), but a
-        survivor without a usable consistency reply (it would refuse)."""
+        survivor that refused the consistency check or sent a bad signature."""
         return [
-            i for i in sorted(self.partners) if i not in self.unreachable and i not in self.unsigned
+            i
+            for i in sorted(self.partners)
+            if i not in self.unreachable and (i not in self.unsigned or i in self.late_signers)
         ]
 
     def finish(self, replies: Mapping[int, UnmaskShares]) -> UnmaskedSum:
