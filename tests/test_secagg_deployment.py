@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NUM_SITES = 4
 KILLED = 3  # partition 3 = site-03
-STAGE_TIMEOUT = 45.0  # secagg.timeout: how long the server waits for each stage's replies
+STAGE_TIMEOUT = 90.0  # secagg.timeout: how long the server waits for each stage's replies
 START_TIMEOUT = 60.0
 RUN_TIMEOUT = 600.0  # a stock SuperNode starts a fresh ClientApp per message: slow when loaded
 CONNECTION = "fedgov-secagg-test"
