@@ -18,9 +18,10 @@ One table from one run:
    fedgov's rows run on fedgov's engine, which delivers each message to the simulated sites as
    soon as it is stored (``simulations.delivery``); Flower's rows run on Flower's stock engine,
    which scans for messages every 0.1 s — one such wait per exchange, and its SecAgg+ has
-   several exchanges per round. fedgov's steady SecAgg+ round has one exchange more than its
-   plain round (the unmasking): the next round's key stages ride on this round's masked-input
-   and unmask exchanges (``server.secagg_round``); the stage seconds show them as 0.
+   several exchanges per round. fedgov's steady SecAgg+ round has two exchanges more than its
+   plain train exchange (the consistency check, where every survivor signs the survivor set,
+   and the unmasking): the next round's key stages ride on this round's masked-input and
+   consistency exchanges (``server.secagg_round``); the stage seconds show them as 0.
 2. Client mask generation: MB/s of 32-bit mask values, fedgov's ChaCha20 keystream into a
    preallocated buffer (one mask, and ten masks applied to an input in cache-sized chunks) and
    Flower's ``pseudo_rand_gen`` (MT19937).
@@ -182,8 +183,8 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
     """One site's SecAgg+ work in a round (best of ``repeats``), actively secure: fresh keys and
     its advert signed with its identity key, the peers' signatures checked against the roster,
     shares split and encrypted, its neighbours' shares opened, the global model's digest and its
-    contribution signed, a ``length``-value update quantised and masked, the survivors'
-    signatures checked and the unmask answered."""
+    contribution signed, a ``length``-value update quantised and masked, the survivor set signed
+    (the consistency check), the survivors' signatures checked and the unmask answered."""
     import dataclasses
 
     import numpy as np
@@ -228,18 +229,22 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
         server.receive_ciphertexts(shares)
         request = server.masked_input_request(1)
         config_digest = roster.config_digest({"server-round": 1})
-        signatures = {
-            i: o.contribution(identity[i], roster.model_digest([("w", global_model)]),
-                              config_digest)
-            for i, o in others.items()
-        }  # fmt: skip
+        for i, o in others.items():
+            o.contribution(identity[i], roster.model_digest([("w", global_model)]), config_digest)
+            o.accept_shares(server.masked_input_request(i))
+            o.mask(np.zeros(length, dtype=np.uint32))
         started = time.perf_counter()
         site.accept_shares(request)
         model_digest = roster.model_digest([("w", global_model)])
-        signatures[1] = site.contribution(identity[1], model_digest, config_digest)
+        site.contribution(identity[1], model_digest, config_digest)
         quantised, _ = quantise(update, clip_range=2.0, weight=500, max_weight=1000,
                                 scale=server.scale, bits=32)  # fmt: skip
         site.mask(quantised)
+        elapsed += time.perf_counter() - started
+        check = server.consistency_request()
+        signatures = {i: o.consistency(check, identity[i]) for i, o in others.items()}
+        started = time.perf_counter()
+        signatures[1] = site.consistency(check, identity[1])
         site.reveal(dataclasses.replace(server.unmask_request(), signatures=signatures))
         best = min(best, elapsed + time.perf_counter() - started)
     return best
@@ -270,6 +275,8 @@ def unmasking_times(sites: int, length: int, dropouts: list[int]) -> list[tuple[
                 continue
             inputs[i] = MaskedInput(site.mask(vector), weight=1)
         server.receive_masked_inputs(inputs)
+        check = server.consistency_request()
+        server.receive_signatures({i: clients[i].consistency(check) for i in server.alive()})
         request = server.unmask_request()
         answers = {i: clients[i].reveal(request) for i in server.unmask_targets()}
         started = time.perf_counter()
@@ -372,6 +379,8 @@ def main() -> None:
     stages = runs["fedgov-secagg"][-1].get("stages")
     if stages:
         print(f"  fedgov SecAgg+ stage seconds (last round): {stages}")
+    if hasattr(os, "getloadavg"):
+        print(f"  load average after the runs: {os.getloadavg()[0]:.1f}")
 
     print("\n2. Client mask generation, 1M 32-bit values (MB/s of mask values, best of 20)\n")
     for name, rate in mask_throughput().items():

@@ -24,7 +24,7 @@ from fedgov.config import RunConfig, from_flower_config, sample_level_on
 from fedgov.datasets import schema_digest
 from fedgov.errors import DataValidationError
 from fedgov.evaluation import evaluate
-from privacy.secagg.protocol import ABORT, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
+from privacy.secagg.protocol import ABORT, CONSISTENCY, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
 # Weights arrive and leave packed in one object when the server sends them so (fedgov/wire.py).
@@ -171,9 +171,15 @@ def secagg_masked_input(msg: Message, context: Context) -> Message:
     )
 
 
+@app.train(SECAGG_ACTIONS[CONSISTENCY])
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4 ("train.secagg_consistency"): sign the survivor set."""
+    return secagg.handle_consistency(msg, context, _config(context))
+
+
 @app.train(SECAGG_ACTIONS[UNMASK])
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 4 ("train.secagg_unmask"): shares that remove the leftover masks."""
+    """SecAgg+ stage 5 ("train.secagg_unmask"): shares that remove the leftover masks."""
     return secagg.handle_unmask(msg, context, _config(context))
 
 

@@ -1,13 +1,14 @@
-"""The site's side of SecAgg+: the four stage handlers behind the ClientApp's custom actions.
+"""The site's side of SecAgg+: the stage handlers behind the ClientApp's custom actions.
 
 Each handler reads the request records, runs the site's :class:`SiteSecAgg` (kept between
 messages in ``context.state``) and replies with records.
 
 Pipelining: a site can hold two rounds at once, the current one (``records.STATE``) and the next
 one set up ahead (``records.STATE_NEXT``). The next round's setup rides on this round's masked
-input message, its share distribution on this round's unmask message (``records.NEXT``); each
-half is answered on its own. The next round becomes the current one when its share distribution
-is asked for; the round it replaces has been unmasked by then, or the server has left it.
+input message, its share distribution on this round's consistency message (``records.NEXT``);
+each half is answered on its own. The next round becomes the current one when its masked input
+is asked for; the round it replaces has been unmasked by then, or the server has left it (an
+abort notice for it still finds it until then).
 The site's update comes from :func:`clients.update.compute_update`, like every release of a
 site's update; a :class:`SiteDeclined` there makes the site a dropout of this round, with its
 reason. A request that breaks the protocol (another round's, out of order, asking for both
@@ -32,6 +33,7 @@ from privacy.secagg.client import DONE, SiteSecAgg
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
     ABORT,
+    CONSISTENCY,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
@@ -115,7 +117,7 @@ def _identity(context: Context) -> Ed25519PrivateKey | None:
 
 def _share_keys(content: RecordDict, context: Context) -> RecordDict:
     request = records.parse_share_keys_request(content)
-    site = _require(context, request.round_id, promote=True)
+    site = _require(context, request.round_id)
     ciphertexts = site.share_keys(request)
     _save(context, site)
     record = records.ciphertexts_record(site.round_id, site.index, ciphertexts)
@@ -207,12 +209,31 @@ def handle_masked_input(
     return Message(content, reply_to=msg)
 
 
-def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Stage 4: reveal shares (one kind per site, once per round), then forget the round.
+def handle_consistency(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Stage 4: sign the survivor set (the consistency check); reveal nothing yet.
 
     A pipelined request also carries the next round's share distribution (``records.NEXT``): it
-    runs after the reveal, and its ciphertexts (or refusal) go back under ``records.NEXT``.
+    runs after the signature, and its ciphertexts (or refusal) go back under ``records.NEXT``.
     """
+
+    def run() -> RecordDict:
+        request = records.parse_consistency_request(msg.content)
+        site = _require(context, request.round_id)
+        signature = site.consistency(request, _identity(context) if site.roster else None)
+        _save(context, site)
+        record = records.consistency_reply_record(site.round_id, site.index, signature)
+        return RecordDict({records.SECAGG: record})
+
+    content = _answer(msg.content, context, CONSISTENCY, run)
+    if records.NEXT in msg.content.config_records:
+        next_part = records.next_round_part(msg.content)
+        shared = _answer(next_part, context, SHARE_KEYS, lambda: _share_keys(next_part, context))
+        content[records.NEXT] = shared.config_records[records.SECAGG]
+    return Message(content, reply_to=msg)
+
+
+def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Stage 5: reveal shares (one kind per site, once per round), then forget the round."""
 
     def run() -> RecordDict:
         request = records.parse_unmask_request(msg.content)
@@ -222,12 +243,7 @@ def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
         record = records.unmask_shares_record(site.round_id, site.index, shares)
         return RecordDict({records.SECAGG: record})
 
-    content = _answer(msg.content, context, UNMASK, run)
-    if records.NEXT in msg.content.config_records:
-        next_part = records.next_round_part(msg.content)
-        shared = _answer(next_part, context, SHARE_KEYS, lambda: _share_keys(next_part, context))
-        content[records.NEXT] = shared.config_records[records.SECAGG]
-    return Message(content, reply_to=msg)
+    return _reply(msg, context, UNMASK, run)
 
 
 def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -291,9 +307,11 @@ def _require(context: Context, round_id: bytes, *, promote: bool = False) -> Sit
 
 def _save(context: Context, site: SiteSecAgg) -> None:
     """Store ``site`` in the slot that holds its round."""
-    ahead = _load(context, records.STATE_NEXT)
-    slot = records.STATE_NEXT if ahead and ahead.round_id == site.round_id else records.STATE
-    context.state[slot] = ConfigRecord(site.state_dict())
+    ahead = context.state.config_records.get(records.STATE_NEXT)
+    in_ahead = ahead is not None and ahead.get("round-id") == site.round_id
+    context.state[records.STATE_NEXT if in_ahead else records.STATE] = ConfigRecord(
+        site.state_dict()
+    )
 
 
 def _forget(context: Context, slot: str) -> None:

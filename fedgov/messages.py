@@ -16,7 +16,7 @@ and a budget decline carries the same as ``receipt-payload``/``receipt-signature
 ``receipt-public-key`` (hex) inside ``DECLINE``.
 Server → site under site-level DP with secure aggregation: ``dp-min-survivors`` in ``CONFIG``, the
 survivors secure aggregation guarantees before unmasking; each site sizes its noise share by it.
-Secure aggregation (``secagg=secaggplus``) replaces the train message by four stages,
+Secure aggregation (``secagg=secaggplus``) replaces the train message by five stages,
 ``train.secagg_setup`` … ``train.secagg_unmask``; their records are in privacy/secagg/records.py.
 """
 

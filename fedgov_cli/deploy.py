@@ -247,6 +247,11 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     )
     init.add_argument("--port", type=int, default=9094, help="local runtime API port")
     init.add_argument("--out", default=".", help="site folder (default: current folder)")
+    init.add_argument(
+        "--governance-anchor", metavar="FILE", default=None,
+        help="governance's public keys and quorum (`fedgov roster governance-anchor`): this "
+        "site then accepts a SecAgg+ roster only with that quorum of their signatures",
+    )  # fmt: skip
     init.set_defaults(handler=_site_init)
 
     start = actions.add_parser(
@@ -312,6 +317,14 @@ def _site_init(args: argparse.Namespace) -> int:
     from clients.daemon import init_site
     from fedgov_data.connector import load_schema_file, read_site_table
 
+    anchor = None
+    if args.governance_anchor:  # checked before anything is written
+        from privacy.secagg.roster import RosterError, read_governance_anchor
+
+        try:
+            anchor = read_governance_anchor(args.governance_anchor, args.site_id)
+        except RosterError as error:
+            raise FedgovError(f"--governance-anchor: {error}") from None
     _, labels = read_site_table(args.data, load_schema_file(args.schema))
     config, public_key = init_site(
         args.out, args.site_id, args.data, args.schema, args.coordinator, args.ca,
@@ -319,6 +332,14 @@ def _site_init(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"site {args.site_id}: {len(labels)} rows valid; config {config}")
     print(f"send this public key to the coordinator (fedgov server add-site): {public_key}")
+    if anchor is not None:
+        from privacy.receipts import PUBLIC_KEY_FILE
+        from privacy.secagg.roster import save_anchor
+
+        path = save_anchor(config.parent, anchor)
+        identity = (config.parent / PUBLIC_KEY_FILE).read_text().strip()
+        print(f"trust anchor {path} (quorum {anchor.quorum} of {len(anchor.governance_keys)})")
+        print(f"send this identity key to governance (fedgov roster add): {identity}")
     return 0
 
 

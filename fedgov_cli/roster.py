@@ -2,9 +2,11 @@
 
 The roster (privacy/secagg/roster.py) tells every site which identity key each site id holds, so
 a coordinator cannot substitute per-round keys. Governance members each hold a key
-(``governance-key``); a site installs the trust anchor (``anchor``: the governance public keys
-and the quorum) next to its identity key; governance adds a site (``add``) and co-signs
-(``sign``) until the quorum is met; the coordinator points ``secagg.roster`` at the file.
+(``governance-key``) and publish their public keys with the quorum (``governance-anchor``); a
+site installs that trust anchor next to its identity key (``fedgov site init
+--governance-anchor``, or ``anchor`` for a site folder that exists); governance adds a site
+(``add``) and co-signs (``sign``) until the quorum is met; the coordinator points
+``secagg.roster`` at the file.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     anchor.add_argument("--quorum", type=int, required=True, help="signatures a roster needs")
     anchor.set_defaults(handler=_anchor)
+
+    published = actions.add_parser(
+        "governance-anchor",
+        help="write the file every new site installs as its trust anchor",
+        description="Write the governance public keys and the quorum a roster needs to OUT, for "
+        "`fedgov site init --governance-anchor OUT` (hand it to sites out of band).",
+    )
+    published.add_argument(
+        "--governance-key", action="append", required=True, metavar="PUBKEY",
+        help="a governance public key (hex, or a .pub file); repeat for each member",
+    )  # fmt: skip
+    published.add_argument("--quorum", type=int, required=True, help="signatures a roster needs")
+    published.add_argument("--out", required=True, help="the file to write (JSON)")
+    published.set_defaults(handler=_governance_anchor)
 
     add = actions.add_parser(
         "add",
@@ -84,6 +100,22 @@ def _governance_key(args: argparse.Namespace) -> int:
     public = public_key_bytes(key).hex()
     atomic_write_bytes(out.with_suffix(".pub"), (public + "\n").encode())
     print(f"governance key {out}; public key (give to every site): {public}")
+    return 0
+
+
+def _governance_anchor(args: argparse.Namespace) -> int:
+    from fedgov.records import atomic_write_bytes
+    from privacy.secagg.roster import RosterError, governance_anchor_json
+
+    keys = tuple(bytes.fromhex(_hex_key(v, "--governance-key")) for v in args.governance_key)
+    try:
+        document = governance_anchor_json(keys, args.quorum)
+    except RosterError as error:
+        raise FedgovError(f"--quorum/--governance-key: {error}") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, document)
+    print(f"governance anchor {out} (quorum {args.quorum} of {len(keys)}): give it to every site")
     return 0
 
 

@@ -1,14 +1,19 @@
-"""One training round under SecAgg+: four Message exchanges, then the strategy sees only the sum.
+"""One training round under SecAgg+: five Message exchanges, then the strategy sees only the sum.
+
+The stages are the methods of :class:`SecAggRound` (setup, share keys, masked input,
+consistency, unmask, finish); :func:`run_secagg_round` is the entry point the round loop calls.
 
 Pipelining: when the next round's sites are known in advance (seeded sampling, not site-level
-DP's Poisson draw), its two key stages ride on this round's two last exchanges: its setup (fresh
-keys, advertised) on the masked-input exchange, its share distribution on the unmask exchange.
+DP's Poisson draw), its two key stages ride on this round's masked-input and consistency
+exchanges: its setup (fresh keys, advertised) on the masked input, its share distribution on the
+consistency check.
 Each site sampled next round gets the next round's request inside this round's request, or on
 its own in the same batch; the answers are kept as a :class:`PreparedSetup`. The next round uses
 it only if it samples exactly those sites at the same nodes with the same weight scale; else it
-runs its own key stages. A steady SecAgg+ round so costs one exchange more than a plain round
-(the unmasking), not three. A round that aborts before its unmasking leaves the next round with
-its setup done and its share distribution still to run.
+runs its own key stages. A steady SecAgg+ round so costs two exchanges more than a plain train
+exchange (the consistency check and the unmasking), not four. A round that aborts before its
+consistency check leaves the next round with its setup done and its share distribution still to
+run; every site still answering gets the abort notice and wipes the aborted round's secrets.
 
 ``run_rounds`` branches here when ``secagg.name`` is ``secaggplus``. The stages (see
 ``privacy.secagg.protocol``) run over the sampled sites; a site that does not answer in time,
@@ -46,17 +51,20 @@ from privacy.secagg import records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.protocol import (
     ABORT,
+    CONSISTENCY,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
     UNMASK,
+    MaskedInput,
     RoundAborted,
 )
 from privacy.secagg.quantise import dequantise_mean, mean_error_bound
 from privacy.secagg.roster import RosterError, config_digest, model_digest, roster_sites
-from privacy.secagg.server import SecAggSettings, ServerSecAgg
+from privacy.secagg.server import SecAggSettings, ServerSecAgg, UnmaskedSum
 from server.messaging import exchange
 from server.privacy_round import PrivacyRound
+from server.round_context import RoundContext, RoundPlan
 
 T = TypeVar("T")
 MAX_REASON_CHARS = 300
@@ -79,6 +87,7 @@ class SecAggRoundResult:
     abort_reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
     prepared_next: PreparedSetup | None = None  # the next round's key stages, if pipelined
+    site_metrics: dict[str, MetricRecord] = field(default_factory=dict)  # masked-input metrics
 
 
 @dataclass
@@ -139,7 +148,7 @@ def run_secagg_round(
     next_sites: Sequence[str] = (),
     prepared: PreparedSetup | None = None,
 ) -> SecAggRoundResult:
-    """Run the four SecAgg+ stages over ``sites`` and aggregate the unmasked sum.
+    """Run the SecAgg+ stages over ``sites`` and aggregate the unmasked sum (:class:`SecAggRound`).
 
     ``num_train``: the row counts the sites reported when they joined; the largest (capped at
     ``secagg.max_weight``) is the round's weight scale.
@@ -148,120 +157,121 @@ def run_secagg_round(
     privacy policy decides, before anything is unmasked, to abort or to account the smaller noise.
     Receipts and declines of the masked-input replies are kept as for a plain train reply.
     ``next_sites``: the next round's sample, whose key stages then ride on this round's masked
-    input and unmask exchanges (``result.prepared_next``); ``prepared``: this round's key stages,
-    if they were pipelined.
+    input and consistency exchanges (``result.prepared_next``); ``prepared``: this round's key
+    stages, if they were pipelined.
     """
-    sites = sorted(sites)
-    timeout = cfg.secagg.timeout or cfg.federation.round_timeout
-    index_of = {site: i for i, site in enumerate(sites, start=1)}
-    site_of = {i: site for site, i in index_of.items()}
-    node_index = {node_of[site]: index_of[site] for site in sites}
-    layout = VectorLayout.of(arrays)
-    result = SecAggRoundResult()
-    timings: dict[str, float] = {}
-    server: ServerSecAgg | None = None
-    silent_at_unmask: set[int] = set()
-    unmask_problems: dict[str, str] = {}  # site → why its unmask reply was not used
-    declined: set[int] = set()
-    moved_on: set[int] = set()  # nodes of sites that went on to the next round (pipelining)
-    pipelined: list[str] = []  # this round's stages that rode on the last round's exchanges
-    site_metrics: dict[int, MetricRecord] = {}
+    context = RoundContext(grid, cfg, strategy, privacy, run_id)
+    plan = RoundPlan(server_round, arrays, view, node_of, list(sites))
+    return SecAggRound(context, plan, num_train, next_sites, prepared).run()
 
-    def send_to_nodes(
-        stage: str, contents: Mapping[int, tuple[str, RecordDict]], wait: float | None = None
-    ) -> dict[int, Message]:
-        """node id → (stage of the message, content); the first reply of each node asked."""
-        started = time.monotonic()
-        messages = [
-            Message(
-                content,
-                dst_node_id=node,
-                message_type=records.MESSAGE_TYPES[message_stage],
-                group_id=str(server_round),
-            )
-            for node, (message_stage, content) in sorted(contents.items())
-        ]
-        replies: dict[int, Message] = {}
-        for reply in exchange(grid, messages, wait or timeout, max_poll=STAGE_MAX_POLL_SECONDS):
-            node = reply.metadata.src_node_id
-            if node in contents and node not in replies:
-                replies[node] = reply
-        timings[stage] = round(time.monotonic() - started, 3)
-        return replies
 
-    def send(
-        stage: str, contents: Mapping[int, RecordDict], wait: float | None = None
-    ) -> dict[int, Message]:
-        """Site index → content, all of ``stage``; the replies by site index."""
-        by_node = {node_of[site_of[i]]: (stage, content) for i, content in contents.items()}
-        replies = send_to_nodes(stage, by_node, wait)
-        return {node_index[node]: reply for node, reply in replies.items()}
+class SecAggRound:
+    """One SecAgg+ round as the server runs it: one method per stage, in order.
 
-    def parsed(
-        stage: str,
-        replies: Mapping[int, Message],
-        parse: Callable[[RecordDict, int], T],
-        of: ServerSecAgg | None = None,
-    ) -> dict[int, T]:
-        """Valid replies of ``stage``; every other site asked is dropped with the reason.
+    :meth:`run` calls :meth:`setup`, :meth:`share_keys`, :meth:`masked_input`,
+    :meth:`consistency` and :meth:`unmask`, then :meth:`finish` (the strategy's aggregate); a
+    :class:`RoundAborted` on the way goes to :meth:`abort`. Each stage sends one batch of
+    messages (a pipelined key stage sends none) and hands the valid replies to the
+    :class:`ServerSecAgg`, which drops every site that sent nothing usable.
+    """
 
-        ``of``: the round the replies belong to (default: this one).
-        """
-        of = of or server
-        assert of is not None
-        good: dict[int, T] = {}
-        for index, reply in sorted(replies.items()):
-            if reply.has_error():
-                of.drop(index, stage, _one_line(f"error: {reply.error.reason}"))
-                continue
-            if stage == MASKED_INPUT and (reason := keys.decline_reason(reply)) is not None:
-                declined.add(index)
-                result.declined[site_of[index]] = reason
-                of.drop(index, stage, f"declined: {reason}", reachable=True)
-                continue
-            try:
-                good[index] = parse(reply.content, index)
-            except records.MalformedReply as error:
-                of.drop(index, stage, _one_line(str(error)), reachable=True)
-            except Exception as error:  # never let one site's bytes crash the round
-                of.drop(index, stage, _one_line(f"unreadable reply: {error!r}"), True)
-        return good
+    def __init__(
+        self,
+        context: RoundContext,
+        plan: RoundPlan,
+        num_train: Mapping[str, int] | None = None,
+        next_sites: Sequence[str] = (),
+        prepared: PreparedSetup | None = None,
+    ) -> None:
+        self.context, self.plan = context, plan
+        self.cfg = context.cfg
+        self.num_train = num_train
+        self.next_sites = next_sites
+        self.prepared = prepared
+        self.sites = sorted(plan.chosen)
+        self.timeout = self.cfg.secagg.timeout or self.cfg.federation.round_timeout  # seconds
+        self.index_of = {site: i for i, site in enumerate(self.sites, start=1)}
+        self.site_of = {i: site for site, i in self.index_of.items()}
+        self.node_index = {plan.node_of[site]: self.index_of[site] for site in self.sites}
+        self.layout = VectorLayout.of(plan.arrays)
+        self.result = SecAggRoundResult()
+        self.timings: dict[str, float] = {}  # stage → seconds its exchange took
+        self.server: ServerSecAgg | None = None
+        self.upcoming: PreparedSetup | None = None  # the next round, while its stages ride here
+        self.silent_at_unmask: set[int] = set()
+        self.unmask_problems: dict[str, str] = {}  # site → why its unmask reply was not used
+        self.consistency_problems: dict[str, str] = {}  # survivor → why it did not sign
+        self.declined: set[int] = set()
+        self.pipelined: list[str] = []  # this round's stages that rode on the last round's
+        self.site_metrics: dict[int, MetricRecord] = {}  # index → its masked-input metrics
 
-    try:
-        scale = _weight_scale(cfg, sites, num_train)
-        if prepared is not None and prepared.fits(server_round, sites, node_of, scale):
-            server = prepared.server  # 1. setup: done during the last round's masked input
-            pipelined = [SETUP, SHARE_KEYS] if prepared.shared else [SETUP]
-            timings.update(dict.fromkeys(pipelined, 0.0))
-        else:
-            server = ServerSecAgg(
-                len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale,
-                site_ids=tuple(sites),
-            )  # fmt: skip
-            # 1. setup: keys and commitments
-            requests = {i: records.setup_request_record(server.setup_request(i))
-                        for i in server.alive()}  # fmt: skip
-            replies = send(SETUP, {i: _content(request) for i, request in requests.items()})
-            server.receive_adverts(
-                parsed(SETUP, replies, lambda c, i: records.parse_advert(c, server.round_id, i))
-            )
-        round_id = server.round_id
+    # ---- the round -------------------------------------------------------------------------------
+    def run(self) -> SecAggRoundResult:
+        """All stages; the result (aborted, or with the strategy's new weights)."""
+        try:
+            self.setup()
+            self.share_keys()
+            self.masked_input()
+            self.consistency()
+            unmasked: UnmaskedSum | None = self.unmask()
+        except RoundAborted as aborted:
+            self.abort(aborted)
+            unmasked = None
+        self._summarise()
+        if unmasked is not None:
+            self.finish(unmasked)
+        return self.result
 
-        # 2. share keys: encrypted Shamir shares for the neighbours
-        if SHARE_KEYS not in pipelined:
-            replies = send(
+    def setup(self) -> None:
+        """Stage 1: fresh keys and commitments (or take those set up during the last round)."""
+        cfg, plan = self.cfg, self.plan
+        scale = _weight_scale(cfg, self.sites, self.num_train)
+        prepared = self.prepared
+        if prepared is not None and prepared.fits(
+            plan.server_round, self.sites, plan.node_of, scale
+        ):
+            self.server = prepared.server  # done during the last round's masked input
+            self.pipelined = [SETUP, SHARE_KEYS] if prepared.shared else [SETUP]
+            self.timings.update(dict.fromkeys(self.pipelined, 0.0))
+            return
+        server = self.server = ServerSecAgg(
+            len(self.sites), settings_of(cfg), self.layout.length, plan.server_round,
+            weight_scale=scale, site_ids=tuple(self.sites),
+        )  # fmt: skip
+        requests = {i: _content(records.setup_request_record(server.setup_request(i)))
+                    for i in server.alive()}  # fmt: skip
+        replies = self._send(SETUP, requests)
+        server.receive_adverts(
+            self._parsed(SETUP, replies, lambda c, i: records.parse_advert(c, server.round_id, i))
+        )
+
+    def share_keys(self) -> None:
+        """Stage 2: encrypted Shamir shares for the neighbours (unless pipelined)."""
+        if SHARE_KEYS in self.pipelined:
+            return
+        server = self._server
+        requests = {
+            i: _content(records.share_keys_request_record(server.share_keys_request(i)))
+            for i in server.alive()
+        }
+        replies = self._send(SHARE_KEYS, requests)
+        server.receive_ciphertexts(
+            self._parsed(
                 SHARE_KEYS,
-                {i: _content(records.share_keys_request_record(server.share_keys_request(i)))
-                 for i in server.alive()},
-            )  # fmt: skip
-            server.receive_ciphertexts(
-                parsed(SHARE_KEYS, replies, lambda c, i: records.parse_ciphertexts(c, round_id, i))
+                replies,
+                lambda c, i: records.parse_ciphertexts(c, server.round_id, i),
             )
+        )
 
-        # 3. masked input: the strategy's train message plus the shares each site receives,
-        # and the next round's setup in the same batch
-        train_content = _train_contents(strategy, server_round, arrays, view, run_id)
-        dp_survivors = _dp_min_survivors(cfg, privacy, len(sites))
+    def masked_input(self) -> None:
+        """Stage 3: the strategy's train message plus the shares each site receives, and the
+        next round's setup in the same batch; the masked inputs come back."""
+        server, cfg, plan, privacy = self._server, self.cfg, self.plan, self.context.privacy
+        node_of, site_of = plan.node_of, self.site_of
+        train_content = _train_contents(
+            self.context.strategy, plan.server_round, plan.arrays, plan.view, self.context.run_id
+        )
+        dp_survivors = _dp_min_survivors(cfg, privacy, len(self.sites))
         contents: dict[int, RecordDict] = {}
         global_digest = b""
         for i in server.alive():
@@ -276,109 +286,213 @@ def run_secagg_round(
                 config[keys.DP_MIN_SURVIVORS] = dp_survivors
                 contents[i][keys.CONFIG] = config
             if server.settings.roster:  # what each site signs it trained from (roster.py)
-                global_digest = global_digest or roster_model_digest(arrays)
+                global_digest = global_digest or roster_model_digest(plan.arrays)
                 train_config = dict(contents[i].config_records.get(keys.CONFIG, {}))
                 server.expected_contribution[i] = (global_digest, config_digest(train_config))
         batch = {node_of[site_of[i]]: (MASKED_INPUT, content) for i, content in contents.items()}
-        upcoming = _next_setup(cfg, server_round + 1, next_sites, num_train, layout, node_of)
+        upcoming = self.upcoming = _next_setup(
+            cfg, plan.server_round + 1, self.next_sites, self.num_train, self.layout, node_of
+        )
         if upcoming is not None:
             _attach_next(batch, upcoming, SETUP, upcoming.server.setup_request,
                          records.setup_request_record)  # fmt: skip
-        node_replies = send_to_nodes(MASKED_INPUT, batch)
-        replies = _of_this_round(node_replies, node_index, contents)
+        node_replies = self._send_to_nodes(MASKED_INPUT, batch)
+        replies = _of_this_round(node_replies, self.node_index, contents)
         if upcoming is not None:
-            result.prepared_next = upcoming = _receive_next(
-                upcoming, SETUP, batch, node_replies, parsed, records.parse_advert,
+            self.result.prepared_next = self.upcoming = _receive_next(
+                upcoming, SETUP, batch, node_replies, self._parsed, records.parse_advert,
                 upcoming.server.receive_adverts,
             )  # fmt: skip
         if privacy is not None:  # receipts and declines, as for a plain train reply
             for i, reply in sorted(replies.items()):
                 # a broken receipt excludes its site, never the round
-                for reason in privacy.observe_train(server_round, [(site_of[i], reply)]).values():
+                observed = privacy.observe_train(plan.server_round, [(site_of[i], reply)])
+                for reason in observed.values():
                     server.drop(i, MASKED_INPUT, reason, reachable=True)
 
-        def parse_input(content: RecordDict, index: int):
-            masked = records.parse_masked_input(content, round_id, index)
+        def parse_input(content: RecordDict, index: int) -> MaskedInput:
+            masked = records.parse_masked_input(content, server.round_id, index)
             metrics = content.metric_records.get(keys.METRICS)
-            site_metrics[index] = metrics if metrics is not None else MetricRecord()
+            self.site_metrics[index] = metrics if metrics is not None else MetricRecord()
             return masked
 
-        server.receive_masked_inputs(parsed(MASKED_INPUT, replies, parse_input))
+        server.receive_masked_inputs(self._parsed(MASKED_INPUT, replies, parse_input))
         if dp_survivors and privacy is not None:
             survivors = len(server.alive())
-            if not privacy.account_secure_round(server_round, len(sites), survivors, dp_survivors):
+            if not privacy.account_secure_round(
+                plan.server_round, len(self.sites), survivors, dp_survivors
+            ):
                 raise RoundAborted(
                     MASKED_INPUT,
                     f"{survivors} survivors, fewer than the {dp_survivors} the sites sized their "
                     "DP noise for (privacy.secagg_dropout=abort): not unmasked",
                 )
 
-        # 4. unmask: shares of the survivors' self masks and of the dropped sites' mask keys,
-        # and the next round's share distribution in the same batch
-        request = records.unmask_request_record(server.unmask_request())
-        targets = server.unmask_targets()
-        batch = {node_of[site_of[i]]: (UNMASK, _content(request)) for i in targets}
+    def consistency(self) -> None:
+        """Stage 4: each survivor signs the survivor set U3 (Bonawitz et al. §6), and the next
+        round's share distribution rides in the same batch."""
+        server, upcoming = self._server, self.upcoming
+        node_of, site_of = self.plan.node_of, self.site_of
+        request = records.consistency_request_record(server.consistency_request())
+        targets = server.alive()
+        batch = {node_of[site_of[i]]: (CONSISTENCY, _content(request)) for i in targets}
         if upcoming is not None:
             _attach_next(batch, upcoming, SHARE_KEYS, upcoming.server.share_keys_request,
                          records.share_keys_request_record)  # fmt: skip
-            moved_on = {upcoming.node_at(j) for j in upcoming.server.alive()}
-        node_replies = send_to_nodes(UNMASK, batch)
-        replies = _of_this_round(node_replies, node_index, targets)
+        node_replies = self._send_to_nodes(CONSISTENCY, batch)
+        replies = _of_this_round(node_replies, self.node_index, targets)
         if upcoming is not None:
-            result.prepared_next = _receive_next(
-                upcoming, SHARE_KEYS, batch, node_replies, parsed, records.parse_ciphertexts,
-                upcoming.server.receive_ciphertexts,
+            self.result.prepared_next = _receive_next(
+                upcoming, SHARE_KEYS, batch, node_replies, self._parsed,
+                records.parse_ciphertexts, upcoming.server.receive_ciphertexts,
             )  # fmt: skip
-            if result.prepared_next is not None:
-                result.prepared_next.shared = True
-        silent_at_unmask = {i for i in targets if i not in replies}
+            if self.result.prepared_next is not None:
+                self.result.prepared_next.shared = True
+        signatures: dict[int, bytes] = {}
+        for index, reply in sorted(replies.items()):
+            try:
+                if reply.has_error():
+                    raise records.MalformedReply(f"error: {reply.error.reason}")
+                signatures[index] = records.parse_consistency_signature(
+                    reply.content, server.round_id, index
+                )
+            except Exception as error:  # its input stays in; it is not asked to unmask
+                server.unsigned[index] = _one_line(str(error))
+                server.refused_consistency.add(index)
+        try:
+            server.receive_signatures(signatures)
+        finally:
+            self.consistency_problems = {
+                site_of[i]: reason for i, reason in sorted(server.unsigned.items())
+            }
+
+    def unmask(self) -> UnmaskedSum:
+        """Stage 5: shares of the survivors' self masks and of the dropped sites' mask keys;
+        the server rebuilds the secrets and removes every mask."""
+        server, node_of, site_of = self._server, self.plan.node_of, self.site_of
+        request = records.unmask_request_record(server.unmask_request())
+        targets = server.unmask_targets()
+        batch = {node_of[site_of[i]]: (UNMASK, _content(request)) for i in targets}
+        replies = _of_this_round(self._send_to_nodes(UNMASK, batch), self.node_index, targets)
+        self.silent_at_unmask = {i for i in targets if i not in replies}
         shares = {}
         for index, reply in sorted(replies.items()):
             try:
                 if reply.has_error():
                     raise records.MalformedReply(f"error: {reply.error.reason}")
-                shares[index] = records.parse_unmask_shares(reply.content, round_id, index)
+                shares[index] = records.parse_unmask_shares(reply.content, server.round_id, index)
             except Exception as error:  # its shares are not needed if enough others answer
-                unmask_problems[site_of[index]] = _one_line(str(error))
-                log(WARNING, "secagg round %d: site %s's unmask reply ignored: %s",
-                    server_round, site_of[index], unmask_problems[site_of[index]])  # fmt: skip
+                self.unmask_problems[site_of[index]] = _one_line(str(error))
+                log(
+                    WARNING,
+                    "secagg round %d: site %s's unmask reply ignored: %s",
+                    self.plan.server_round,
+                    site_of[index],
+                    self.unmask_problems[site_of[index]],
+                )
         started = time.monotonic()
         unmasked = server.finish(shares)
-        timings["unmask-compute"] = round(time.monotonic() - started, 3)
-    except RoundAborted as aborted:
+        self.timings["unmask-compute"] = round(time.monotonic() - started, 3)
+        return unmasked
+
+    def abort(self, aborted: RoundAborted) -> None:
+        """Record the abort; the sites still answering wipe the round's secrets now."""
+        result = self.result
         result.aborted = True
         result.abort_reason = f"{aborted.stage}: {aborted.reason}"
-        log(WARNING, "secagg round %d aborted at %s: %s (the global model is kept)",
-            server_round, aborted.stage, aborted.reason)  # fmt: skip
-        unmasked = None
-        if server is not None:  # the sites still answering wipe the round's secrets now
-            notice = _content(records.abort_record(server.round_id, result.abort_reason))
-            # A site asked for the next round's shares has already left this one and its secrets.
-            told = [
-                i for i in server.sites
-                if i not in server.unreachable and node_of[site_of[i]] not in moved_on
-            ]  # fmt: skip
-            send(ABORT, {i: notice for i in told}, min(timeout, ABORT_NOTICE_SECONDS))
+        log(
+            WARNING,
+            "secagg round %d aborted at %s: %s (the global model is kept)",
+            self.plan.server_round,
+            aborted.stage,
+            aborted.reason,
+        )
+        server = self.server
+        if server is None:
+            return
+        notice = _content(records.abort_record(server.round_id, result.abort_reason))
+        told = [i for i in server.sites if i not in server.unreachable]
+        self._send(ABORT, {i: notice for i in told}, min(self.timeout, ABORT_NOTICE_SECONDS))
 
-    if server is not None:
+    def finish(self, unmasked: UnmaskedSum) -> None:
+        """The weighted mean update of the survivors, through the strategy's aggregate."""
+        server, cfg, plan, result = self._server, self.cfg, self.plan, self.result
+        privacy, site_of = self.context.privacy, self.site_of
+        s = cfg.secagg
+        total_weight = unmasked.total_weight
+        mean_update = dequantise_mean(
+            unmasked.ring_sum, clip_range=s.clip_range, total_weight=total_weight,
+            max_weight=server.weight_scale, scale=server.scale, bits=s.bits,
+        )  # fmt: skip
+        if privacy is not None and privacy.site_level:  # DP-FedAvg divides by q·N
+            mean_update = mean_update * privacy.secure_mean_scale(total_weight)
+        result.participants = [site_of[i] for i in unmasked.survivors]
+        result.summary.update(
+            {
+                "total_weight": total_weight,
+                "clipped_values": unmasked.clipped,
+                "quantisation_error_bound": mean_error_bound(
+                    len(unmasked.survivors),
+                    clip_range=s.clip_range,
+                    total_weight=total_weight,
+                    max_weight=server.weight_scale,
+                    scale=server.scale,
+                ),
+                "sum_sha256": hashlib.sha256(unmasked.ring_sum.tobytes()).hexdigest(),
+                "silent_at_unmask": sorted(site_of[i] for i in self.silent_at_unmask),
+                "refused_at_unmask": self.unmask_problems,
+            }
+        )
+        aggregate = Message(
+            RecordDict(
+                {
+                    keys.ARRAYS: self.layout.apply(plan.arrays, mean_update),
+                    keys.METRICS: _mean_metrics(
+                        {i: self.site_metrics.get(i, MetricRecord()) for i in unmasked.survivors},
+                        unmasked.weights,
+                    ),
+                }
+            ),
+            dst_node_id=0,
+            message_type=records.MESSAGE_TYPES[MASKED_INPUT],
+            group_id=str(plan.server_round),
+        )
+        strategy = self.context.strategy
+        result.arrays, result.train_metrics = strategy.aggregate_train(
+            plan.server_round, [aggregate]
+        )
+
+    def _summarise(self) -> None:
+        """Dropouts, unreachable sites and the metrics.json summary, aborted or not."""
+        server, result, site_of = self.server, self.result, self.site_of
+        result.site_metrics = {site_of[i]: m for i, m in sorted(self.site_metrics.items())}
+        if server is None:
+            return
         for index, dropout in sorted(server.dropouts.items()):
-            if index in declined:
+            if index in self.declined:
                 continue
             result.dropouts[site_of[index]] = {"stage": dropout.stage, "reason": dropout.reason}
-            log(WARNING, "secagg round %d: site %s excluded at %s: %s",
-                server_round, site_of[index], dropout.stage, dropout.reason)  # fmt: skip
-        result.unreachable = {site_of[i] for i in server.unreachable | silent_at_unmask}
+            log(
+                WARNING,
+                "secagg round %d: site %s excluded at %s: %s",
+                self.plan.server_round,
+                site_of[index],
+                dropout.stage,
+                dropout.reason,
+            )
+        result.unreachable = {site_of[i] for i in server.unreachable | self.silent_at_unmask}
         result.summary = {
             "sites": server.num_sites,
             "threshold": server.threshold,
             "neighbours": server.degree,
-            "bits": cfg.secagg.bits,
+            "bits": self.cfg.secagg.bits,
             "scale": server.scale,
             "weight_scale": server.weight_scale,
-            "stage_seconds": timings,
-            "pipelined_stages": pipelined,
+            "stage_seconds": self.timings,
+            "pipelined_stages": self.pipelined,
             # every key checked against the governance-signed roster (privacy/secagg/roster.py)
             "signed_keys": bool(server.settings.roster),
+            "unsigned_at_consistency": self.consistency_problems,
             "bad_share_holders": {
                 site_of[h]: [site_of[o] for o in owners]
                 for h, owners in sorted(server.bad_holders.items())
@@ -387,50 +501,76 @@ def run_secagg_round(
                 site_of[i]: reason for i, reason in sorted(server.ignored_accusations.items())
             },
         }
-    if unmasked is None:
-        return result
 
-    s = cfg.secagg
-    total_weight = unmasked.total_weight
-    mean_update = dequantise_mean(
-        unmasked.ring_sum, clip_range=s.clip_range, total_weight=total_weight,
-        max_weight=server.weight_scale, scale=server.scale, bits=s.bits,
-    )  # fmt: skip
-    if privacy is not None and privacy.site_level:  # DP-FedAvg divides by q·N, not the survivors
-        mean_update = mean_update * privacy.secure_mean_scale(total_weight)
-    result.participants = [site_of[i] for i in unmasked.survivors]
-    result.summary.update(
-        {
-            "total_weight": total_weight,
-            "clipped_values": unmasked.clipped,
-            "quantisation_error_bound": mean_error_bound(
-                len(unmasked.survivors),
-                clip_range=s.clip_range,
-                total_weight=total_weight,
-                max_weight=server.weight_scale,
-                scale=server.scale,
-            ),
-            "sum_sha256": hashlib.sha256(unmasked.ring_sum.tobytes()).hexdigest(),
-            "silent_at_unmask": sorted(site_of[i] for i in silent_at_unmask),
-            "refused_at_unmask": unmask_problems,
-        }
-    )
-    aggregate = Message(
-        RecordDict(
-            {
-                keys.ARRAYS: layout.apply(arrays, mean_update),
-                keys.METRICS: _mean_metrics(
-                    {i: site_metrics.get(i, MetricRecord()) for i in unmasked.survivors},
-                    unmasked.weights,
-                ),
-            }
-        ),
-        dst_node_id=0,
-        message_type=records.MESSAGE_TYPES[MASKED_INPUT],
-        group_id=str(server_round),
-    )
-    result.arrays, result.train_metrics = strategy.aggregate_train(server_round, [aggregate])
-    return result
+    # ---- messaging -------------------------------------------------------------------------------
+    @property
+    def _server(self) -> ServerSecAgg:
+        assert self.server is not None, "setup runs first"
+        return self.server
+
+    def _send_to_nodes(
+        self, stage: str, contents: Mapping[int, tuple[str, RecordDict]], wait: float | None = None
+    ) -> dict[int, Message]:
+        """node id → (stage of the message, content); the first reply of each node asked."""
+        started = time.monotonic()
+        messages = [
+            Message(
+                content,
+                dst_node_id=node,
+                message_type=records.MESSAGE_TYPES[message_stage],
+                group_id=str(self.plan.server_round),
+            )
+            for node, (message_stage, content) in sorted(contents.items())
+        ]
+        replies: dict[int, Message] = {}
+        grid = self.context.grid
+        for reply in exchange(
+            grid, messages, wait or self.timeout, max_poll=STAGE_MAX_POLL_SECONDS
+        ):
+            node = reply.metadata.src_node_id
+            if node in contents and node not in replies:
+                replies[node] = reply
+        self.timings[stage] = round(time.monotonic() - started, 3)
+        return replies
+
+    def _send(
+        self, stage: str, contents: Mapping[int, RecordDict], wait: float | None = None
+    ) -> dict[int, Message]:
+        """Site index → content, all of ``stage``; the replies by site index."""
+        node_of, site_of = self.plan.node_of, self.site_of
+        by_node = {node_of[site_of[i]]: (stage, content) for i, content in contents.items()}
+        replies = self._send_to_nodes(stage, by_node, wait)
+        return {self.node_index[node]: reply for node, reply in replies.items()}
+
+    def _parsed(
+        self,
+        stage: str,
+        replies: Mapping[int, Message],
+        parse: Callable[[RecordDict, int], T],
+        of: ServerSecAgg | None = None,
+    ) -> dict[int, T]:
+        """Valid replies of ``stage``; every other site asked is dropped with the reason.
+
+        ``of``: the round the replies belong to (default: this one).
+        """
+        of = of or self._server
+        good: dict[int, T] = {}
+        for index, reply in sorted(replies.items()):
+            if reply.has_error():
+                of.drop(index, stage, _one_line(f"error: {reply.error.reason}"))
+                continue
+            if stage == MASKED_INPUT and (reason := keys.decline_reason(reply)) is not None:
+                self.declined.add(index)
+                self.result.declined[self.site_of[index]] = reason
+                of.drop(index, stage, f"declined: {reason}", reachable=True)
+                continue
+            try:
+                good[index] = parse(reply.content, index)
+            except records.MalformedReply as error:
+                of.drop(index, stage, _one_line(str(error)), reachable=True)
+            except Exception as error:  # never let one site's bytes crash the round
+                of.drop(index, stage, _one_line(f"unreadable reply: {error!r}"), True)
+        return good
 
 
 def roster_model_digest(arrays: ArrayRecord) -> bytes:

@@ -25,7 +25,9 @@ from fedgov import messages as keys
 from privacy.secagg import records
 from server.outputs import metrics_document
 
-SETUP, SHARE, MASKED, UNMASK, _ = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, _ = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 HOSTILE_NODE = 2  # site-01
 OTHERS = ["site-00", "site-02", "site-03"]
 EXAMPLES = settings(
@@ -49,7 +51,7 @@ VALUES = st.one_of(SCALARS, LISTS)
 KNOWN_KEYS = [
     "stage", "round-id", "index", "refused", "enc-key", "mask-key", "commitment", "recipients",
     "ciphertexts", "weight", "clipped", "bad-senders", "bad-reasons", "seed-share-owners",
-    "seed-shares", "key-share-owners", "key-shares", "reason",
+    "seed-shares", "key-share-owners", "key-shares", "reason", "survivors", "signature",
 ]  # fmt: skip
 ARRAYS = st.builds(
     lambda n, dtype, fill: np.full(n, fill).astype(dtype),
@@ -132,6 +134,7 @@ def _assert_bounded(record) -> None:
     reasons += list(record.failures.values()) + list(record.decline_reasons.values())
     if record.secagg:
         reasons += list(record.secagg.get("refused_at_unmask", {}).values())
+        reasons += list(record.secagg.get("unsigned_at_consistency", {}).values())
     if record.abort_reason:
         reasons.append(record.abort_reason)
     for reason in reasons:
@@ -139,7 +142,7 @@ def _assert_bounded(record) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("message_type", [SETUP, SHARE, MASKED, UNMASK])
+@pytest.mark.parametrize("message_type", [SETUP, SHARE, MASKED, CONSISTENCY, UNMASK])
 @EXAMPLES
 @given(data=st.data())
 def test_any_secagg_reply_leaves_the_exact_sum_of_the_well_formed_sites_or_a_clean_abort(
@@ -156,7 +159,7 @@ def test_any_secagg_reply_leaves_the_exact_sum_of_the_well_formed_sites_or_a_cle
         assert max_difference(result.arrays, fed.initial) == 0.0  # the model is kept
         return
     assert record.participants in (SITES, OTHERS), record
-    if message_type == UNMASK:  # an unmask reply never takes an input out of the sum
+    if message_type in (CONSISTENCY, UNMASK):  # these replies never take an input out
         assert record.participants == SITES
     survivors = tuple(record.participants)
     if survivors not in _expected:

@@ -32,7 +32,9 @@ from server.outputs import metrics_document
 from server.rounds import run_rounds
 from strategies.registry import build_strategy
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 SITES = ["site-00", "site-01", "site-02", "site-03"]
 
 
@@ -377,7 +379,30 @@ def test_the_site_forgets_its_round_secrets_after_unmasking():
     assert state["held-shares"] == [] and state["peer-mask-keys"] == []
 
 
-# ---- pipelining: the next round's key stages ride on this round's last two exchanges -------------
+def test_the_round_entry_point_reports_each_survivors_masked_input_metrics():
+    """``run_secagg_round`` (the SecAggRound class behind it) keeps every site's train metrics of
+    its masked-input reply, by site id, beside the aggregate."""
+    from server.secagg_round import run_secagg_round
+
+    fed = Federation(make_cfg())
+    fed.grid.vanish_at = {(3, MASKED)}  # site-02 sends no input
+    node_of = {site: i + 1 for i, site in enumerate(SITES)}
+    rows = {site: len(load_site_data(fed.cfg, {"partition-id": i, "num-partitions": 4}).train.y)
+            for i, site in enumerate(SITES)}  # fmt: skip
+    strategy = build_strategy(fed.cfg.strategy)
+    result = run_secagg_round(
+        fed.grid, fed.cfg, strategy, 1, fed.initial, fed.grid, node_of, SITES, rows
+    )
+    survivors = ["site-00", "site-01", "site-03"]
+    assert result.participants == survivors and not result.aborted
+    assert sorted(result.site_metrics) == survivors
+    for site in survivors:
+        assert result.site_metrics[site][keys.NUM_EXAMPLES] == rows[site]
+        assert result.site_metrics[site]["train_loss"] > 0
+    assert result.summary["total_weight"] == sum(rows[s] for s in survivors)
+
+
+# ---- pipelining: the next round's key stages ride on this round's masked input and consistency --
 KEY_STAGES = ["setup", "share_keys"]
 
 
@@ -396,7 +421,7 @@ def _watch_requests(fed: Federation) -> list[tuple[int, int, str, bool]]:
     return seen
 
 
-def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_unmask():
+def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_consistency():
     fed = Federation(make_cfg(rounds=3))
     seen = _watch_requests(fed)
     result = fed.run()
@@ -408,9 +433,11 @@ def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_unmask(
     # key exchanges of their own: round 1's only
     for own in (SETUP, SHARE):
         assert sorted((r, n) for r, n, t, _ in seen if t == own) == [(1, n) for n in (1, 2, 3, 4)]
-    for carrier in (MASKED, UNMASK):  # rounds 1 and 2 carry the next round's stage, 3 does not
+    for carrier in (MASKED, CONSISTENCY):  # rounds 1, 2 carry the next round's stage, 3 not
         carried = sorted((r, n, carries) for r, n, t, carries in seen if t == carrier)
         assert carried == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
+    unmask = sorted((r, n, carries) for r, n, t, carries in seen if t == UNMASK)
+    assert unmask == [(r, n, False) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
     for node in (1, 2, 3, 4):  # after the last round: one round left, wiped; none set up ahead
         state = fed.grid.context(node).state.config_records
         assert records.STATE_NEXT not in state
@@ -443,17 +470,18 @@ def test_a_site_sampled_next_round_but_not_this_one_gets_its_key_stages_in_the_s
         assert got == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
 
 
-def test_a_site_silent_at_unmask_is_a_share_keys_dropout_of_the_next_round():
+def test_a_site_silent_at_the_consistency_check_is_a_share_keys_dropout_of_the_next_round():
     fed = Federation(make_cfg(rounds=2))
-    fed.grid.vanish_at = {(2, UNMASK)}  # node 2 serves site-01
+    fed.grid.vanish_at = {(2, CONSISTENCY)}  # node 2 serves site-01
     first, second = fed.run().rounds
-    assert_exact(fed, first, SITES)
+    assert_exact(fed, first, SITES)  # its input was in; it was not asked to unmask
+    assert first.secagg["unsigned_at_consistency"] == {"site-01": "no consistency reply"}
     assert_exact(fed, second, ["site-00", "site-02", "site-03"])
     assert second.secagg["pipelined_stages"] == KEY_STAGES
     assert second.dropouts == {"site-01": {"stage": "share_keys", "reason": "no reply"}}
 
 
-@pytest.mark.parametrize(("carrier", "stage"), [(MASKED, "setup"), (UNMASK, "share_keys")])
+@pytest.mark.parametrize(("carrier", "stage"), [(MASKED, "setup"), (CONSISTENCY, "share_keys")])
 def test_a_missing_pipelined_answer_excludes_its_site_from_the_next_round_only(carrier, stage):
     fed = Federation(make_cfg(rounds=2))
     fed.grid.tamper = _rewrite(2, carrier, _without(records.NEXT))
@@ -509,14 +537,16 @@ def _strip_round_1(message_type: str, nodes: tuple[int, ...], key: str, answers:
 def test_a_round_aborted_at_unmask_leaves_the_pipelined_next_round_intact():
     fed = Federation(make_cfg(rounds=2))
     seen = _watch_requests(fed)
-    # two sites' shares unreadable (their next round's ciphertexts kept): 2 of t = 3
-    fed.grid.tamper = _strip_round_1(UNMASK, (1, 2), records.SECAGG, [])
+    abort_answers: list[ConfigRecord] = []
+    # two sites' shares unreadable: 2 of t = 3
+    fed.grid.tamper = _strip_round_1(UNMASK, (1, 2), records.SECAGG, abort_answers)
     first, second = fed.run().rounds
     assert first.aborted and first.abort_reason.startswith("unmask")
     assert_exact(fed, second, SITES)
     assert second.secagg["pipelined_stages"] == KEY_STAGES
-    # every site already left round 1 for round 2: no abort notice could reach round 1's secrets
-    assert [t for _, _, t, _ in seen if t == ABORT] == []
+    # each site holds round 2's shared keys and still found round 1 to wipe on the abort notice
+    assert sorted(n for r, n, t, _ in seen if t == ABORT) == [1, 2, 3, 4]
+    assert len(abort_answers) == 4 and not any("refused" in a for a in abort_answers)
 
 
 def test_a_round_aborted_at_masked_input_leaves_the_next_round_set_up_and_wiped_its_own():

@@ -17,7 +17,9 @@ from privacy.secagg import graph as secagg_graph
 from privacy.secagg import records
 from privacy.secagg import server as secagg_server
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 
 
 @pytest.fixture(autouse=True)
@@ -100,18 +102,20 @@ def test_an_honest_server_aborts_before_unmasking_a_survivor_whose_neighbours_al
 
 @pytest.mark.slow
 def test_the_sites_refuse_to_reveal_for_a_server_that_unmasks_an_isolated_survivor(monkeypatch):
-    """The coordinator skips its own check and asks anyway: every site refuses, nothing leaks."""
+    """The coordinator skips its own check and goes on: every survivor refuses to sign that
+    survivor set (and would refuse to reveal for it), nothing is asked or revealed."""
     monkeypatch.setattr(secagg_server, "isolated_survivors", lambda *args: [])
     fed = Federation(make_cfg(n=20, secagg__neighbours=8))
     seen = _isolate_node_1(fed)
-    unmask = _replies_of(fed, UNMASK)
+    consistency = _replies_of(fed, CONSISTENCY)
     record = fed.run().rounds[0]
-    helpers = set(range(1, 21)) - set(seen["neighbours"])
-    assert set(unmask) == helpers
-    for reply in unmask.values():
+    survivors = set(range(1, 21)) - set(seen["neighbours"])
+    assert set(consistency) == survivors
+    for reply in consistency.values():
         assert "design bound t − 1" in reply["refused"]
-        assert "seed-shares" not in reply and "key-shares" not in reply
-    assert record.aborted and record.abort_reason.startswith("unmask: only 0 shares")
+        assert "signature" not in reply
+    assert record.aborted and record.abort_reason.startswith("consistency: 0 survivors signed")
+    assert UNMASK not in {message_type for _, message_type in fed.grid.log}
 
 
 def test_the_isolation_rule_is_the_design_bound():

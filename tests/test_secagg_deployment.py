@@ -1,11 +1,15 @@
-"""SecAgg+ on real processes: a SuperLink and four SuperNodes on 127.0.0.1, one killed mid-round.
+"""SecAgg+ on real processes: a SuperLink and SuperNodes on 127.0.0.1.
 
-The fourth SuperNode is killed (SIGKILL, with everything it started) the moment it receives the
-masked-input request, after it has shared its keys: its pairwise masks are already inside the
-other three sites' inputs. The round must still complete, and the unmasked sum must be exactly
-the sum of the other three sites' quantised updates, which this test recomputes itself. A second
-round follows; its key stages ride on the first round's masked input and unmask exchanges, so the
-sites' contexts in the SuperNodes hold two rounds at once, and its sum must be exact too.
+A coordinator that forges the roster (its own signature over a roster with a site it controls)
+is refused by every site before anything is shared.
+
+In the dropout test the fourth SuperNode is killed (SIGKILL, with everything it started) the
+moment it receives the masked-input request, after it has shared its keys: its pairwise masks
+are already inside the other three sites' inputs. The round must still complete, and the
+unmasked sum must be exactly the sum of the other three sites' quantised updates, which this
+test recomputes itself. A second round follows; its key stages ride on the first round's masked
+input and consistency exchanges, so the sites' contexts in the SuperNodes hold two rounds at
+once, and its sum must be exact too.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NUM_SITES = 4
 KILLED = 3  # partition 3 = site-03
-STAGE_TIMEOUT = 45.0  # secagg.timeout: how long the server waits for each stage's replies
+STAGE_TIMEOUT = 90.0  # secagg.timeout: how long the server waits for each stage's replies
 START_TIMEOUT = 60.0
-RUN_TIMEOUT = 300.0
+RUN_TIMEOUT = 600.0  # a stock SuperNode starts a fresh ClientApp per message: slow when loaded
 CONNECTION = "fedgov-secagg-test"
 
 
@@ -91,15 +95,17 @@ def _expected_ring_sum(
     return total, start, layout
 
 
-def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
-    tmp_path: Path, processes: ProcessGroup
-) -> None:
+def _start_federation(
+    tmp_path: Path, processes: ProcessGroup, node_configs: list[str]
+) -> tuple[Path, list]:
+    """A SuperLink and one SuperNode per ``node_configs`` entry on 127.0.0.1, and a Flower
+    connection ``CONNECTION`` to it; (FLWR_HOME, the SuperNodes)."""
     for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
-    flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    flwr_home = tmp_path / "flwr-home"
     processes.env = flower_environment(flwr_home)
-    link_port, *node_ports = free_ports(1 + NUM_SITES)
+    link_port, *node_ports = free_ports(1 + len(node_configs))
     superlink = processes.start(
         "superlink",
         [
@@ -110,21 +116,30 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     )  # fmt: skip
     processes.wait_for_port(superlink, link_port, START_TIMEOUT)
     supernodes = []
-    for index, port in enumerate(node_ports):
+    for index, (port, node_config) in enumerate(zip(node_ports, node_configs, strict=True)):
         argv = [
             str(BIN / "flower-supernode"), "--insecure",
             "--superlink", f"{LOOPBACK}:{link_port}", "--host", LOOPBACK, "--port", str(port),
-            "--node-config", f"partition-id={index} num-partitions={NUM_SITES}",
+            "--node-config", node_config,
         ]  # fmt: skip
         supernodes.append(processes.start(f"supernode-{index}", argv))
     for node in supernodes:
         processes.wait_for_log(node, r"SuperNode ID: \d+", START_TIMEOUT)
-
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{link_port}"\ninsecure = true\n'
     )
+    return flwr_home, [superlink, *supernodes]
+
+
+def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
+    tmp_path: Path, processes: ProcessGroup
+) -> None:
+    run_dir = tmp_path / "run"
+    node_configs = [f"partition-id={i} num-partitions={NUM_SITES}" for i in range(NUM_SITES)]
+    _, (superlink, *supernodes) = _start_federation(tmp_path, processes, node_configs)
+
     cfg = _config(run_dir)
     run_config = " ".join(
         [
@@ -208,3 +223,60 @@ def _moved(
         max_weight=summary["weight_scale"], scale=summary["scale"], bits=cfg.secagg.bits,
     )  # fmt: skip
     return layout.apply(start, mean)
+
+
+def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes(
+    tmp_path: Path, processes: ProcessGroup
+) -> None:
+    """Three sites with identity keys and trust anchors (quorum 2 of 3 governance keys). The
+    coordinator names a roster it signed with a key of its own, listing a fourth site it holds
+    the key of: every site refuses at setup, no key is shared, the round aborts."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.receipts import create_site_key, public_key_bytes
+    from privacy.secagg import roster
+
+    sites = 3
+    governance = [Ed25519PrivateKey.generate() for _ in range(3)]
+    identities, node_configs = {}, []
+    for index in range(sites):
+        site_id, site_dir = f"site-{index:02d}", tmp_path / "sites" / f"site-{index:02d}"
+        identities[site_id] = public_key_bytes(create_site_key(site_dir))
+        anchor = roster.TrustAnchor(site_id, tuple(public_key_bytes(k) for k in governance), 2)
+        roster.save_anchor(site_dir, anchor)
+        node_configs.append(f'partition-id={index} num-partitions={sites} site-dir="{site_dir}"')
+    coordinator_key = Ed25519PrivateKey.generate()
+    identities["site-03"] = public_key_bytes(coordinator_key)  # a site the coordinator plays
+    forged = tmp_path / "forged-roster.json"
+    forged.write_bytes(roster.sign_roster(roster.Roster(1, identities), [coordinator_key]))
+    _, running = _start_federation(tmp_path, processes, node_configs)
+
+    run_dir = tmp_path / "run"
+    run_config = " ".join(
+        [
+            "rounds=1", "dataset.name='synthetic'", "dataset.partitioner='natural'",
+            f"federation.num_sites={sites}", "federation.round_timeout=120.0",
+            "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
+            f"secagg.roster={json.dumps(str(forged))}", f"output_dir={json.dumps(str(run_dir))}",
+        ]
+    )  # fmt: skip
+    flwr_run = processes.start(
+        "flwr-run",
+        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        cwd=tmp_path,
+    )
+    metrics_path = run_dir / "metrics.json"
+    processes.wait_until(
+        lambda: metrics_path.exists() or not flwr_run.running(), RUN_TIMEOUT,
+        "the run's metrics.json", must_keep_running=running,
+    )  # fmt: skip
+    assert metrics_path.exists(), f"no metrics.json\n{processes.logs_report()}"
+    assert processes.wait_for_exit(flwr_run, 60) == 0, processes.logs_report()
+    (record,) = json.loads(metrics_path.read_text())["rounds"]
+    assert record["aborted"] and record["abort_reason"].startswith("setup: only 0 of 3 sites")
+    assert record["participants"] == []
+    assert sorted(record["dropouts"]) == ["site-00", "site-01", "site-02"]
+    for dropout in record["dropouts"].values():
+        assert dropout["stage"] == "setup"
+        assert "roster v1 carries 0 valid governance signature(s)" in dropout["reason"], dropout
+    assert record["secagg"]["stage_seconds"].get("share_keys") is None  # nothing was shared

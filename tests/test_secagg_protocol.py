@@ -1,6 +1,6 @@
 """The SecAgg+ protocol objects end to end (site halves and server half, no transport).
 
-Property tests drive n sites through the four stages with dropouts at every stage and check
+Property tests drive n sites through the five stages with dropouts at every stage and check
 the outcome against an independent oracle: the round completes exactly when it should, with the
 exact ring sum of the survivors' inputs, and aborts otherwise. Hostile inputs (altered shares,
 lying weights, wrong vectors, replays, requests for both secrets) exclude the culprit or are
@@ -24,6 +24,7 @@ from privacy.secagg.protocol import (
     SETUP,
     SHARE_KEYS,
     UNMASK,
+    ConsistencyRequest,
     MaskedInput,
     MaskedInputRequest,
     ProtocolRefusal,
@@ -109,6 +110,8 @@ def run_round(
                 MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad, proof=proof),
             )  # fmt: skip
         server.receive_masked_inputs(masked)
+        check = server.consistency_request()
+        server.receive_signatures({i: sites[i].consistency(check) for i in server.alive()})
         request = server.unmask_request()
         answers = {
             i: tamper(UNMASK, i, sites[i].reveal(request))
@@ -288,7 +291,9 @@ def test_an_unusable_public_key_excludes_its_site_at_setup():
     assert "mask key" in out.server.dropouts[2].reason
 
 
-def _site_through_masking(n: int = 4):
+def _site_through_masking(n: int = 4, signed: tuple[int, ...] = ()):
+    """n sites that masked their inputs; those in ``signed`` also signed ``signed`` as the
+    survivor set (the consistency check)."""
     config = SecAggSettings(max_weight=1)
     server = ServerSecAgg(n, config, 8, 1, weight_scale=1)
     sites = {i: SiteSecAgg(server.setup_request(i), config.threshold, 1) for i in server.sites}
@@ -299,11 +304,29 @@ def _site_through_masking(n: int = 4):
     for i, s in sites.items():
         s.accept_shares(server.masked_input_request(i))
         s.mask(np.zeros(8, np.uint32))
+    for i in signed:
+        sites[i].consistency(ConsistencyRequest(server.round_id, signed))
     return server, sites
 
 
+def test_a_site_reveals_only_for_the_survivor_set_it_signed():
+    server, sites = _site_through_masking(signed=(1, 2, 3, 4))
+    round_id = server.round_id
+    unsigned = _site_through_masking()[1][1]  # a survivor never asked to sign: reveals nothing
+    with pytest.raises(ProtocolRefusal, match="unmask request out of order"):
+        unsigned.reveal(UnmaskRequest(unsigned.round_id, survivors=(1, 2, 3, 4), dropped=()))
+    # the server claims site 4 dropped: site 1 signed that 4 survived, and refuses
+    with pytest.raises(ProtocolRefusal, match="not the one this site signed"):
+        sites[1].reveal(UnmaskRequest(round_id, survivors=(1, 2, 3), dropped=(4,)))
+    assert sites[1].held  # nothing revealed, nothing forgotten
+    shares = sites[1].reveal(UnmaskRequest(round_id, survivors=(1, 2, 3, 4), dropped=()))
+    assert set(shares.self_shares) == {1, 2, 3, 4} and shares.key_shares == {}
+    with pytest.raises(ProtocolRefusal, match="is not named a survivor"):
+        unsigned.consistency(ConsistencyRequest(unsigned.round_id, (2, 3, 4)))
+
+
 def test_a_site_refuses_to_reveal_both_secrets_of_any_site_or_to_answer_twice():
-    server, sites = _site_through_masking()
+    server, sites = _site_through_masking(signed=(1, 2, 3))
     round_id = server.round_id
     with pytest.raises(ProtocolRefusal, match=r"both .* sites \[2\]"):
         sites[1].reveal(UnmaskRequest(round_id, survivors=(1, 2, 3), dropped=(2,)))

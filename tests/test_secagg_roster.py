@@ -19,13 +19,16 @@ from inprocess import InProcessGrid
 from test_secagg_app import Federation, assert_exact, make_cfg
 
 from clients.app import app as client_app
+from fedgov import messages as keys
 from fedgov.config import to_flower_config
 from privacy.receipts import create_site_key, public_key_bytes
 from privacy.secagg import keys as secagg_keys
 from privacy.secagg import records, roster
 from privacy.secagg import server as secagg_server
 
-SETUP, SHARE, MASKED, UNMASK, ABORT = (records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES)
+SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
+    records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
+)
 SITES = ["site-00", "site-01", "site-02", "site-03"]
 
 
@@ -198,11 +201,10 @@ def test_a_site_given_another_model_is_excluded_by_its_signed_statement(tmp_path
 
 
 def test_sites_refuse_to_reveal_when_a_survivor_signed_another_model(tmp_path, monkeypatch):
-    """The coordinator gives site-00 another model and skips its own check: the consistency
+    """The coordinator gives site-00 another model and skips its own checks: the consistency
     check at every site stops the unmasking; nothing is revealed."""
-    monkeypatch.setattr(
-        secagg_server.ServerSecAgg, "_contribution_problem", lambda self, index, masked: ""
-    )
+    for check in ("_contribution_problem", "_consistency_problem"):
+        monkeypatch.setattr(secagg_server.ServerSecAgg, check, lambda self, index, signed: "")
     fed = RosterFederation(tmp_path)
     fed.grid.tamper_request = _other_model_for_node_1(fed)
     unmask = _watch(fed, UNMASK)
@@ -213,6 +215,101 @@ def test_sites_refuse_to_reveal_when_a_survivor_signed_another_model(tmp_path, m
         expected = "survivor 2 did not sign" if node == 1 else "survivor 1 did not sign"
         assert expected in reply["refused"], reply["refused"]
     assert record.aborted and record.abort_reason.startswith("unmask: only 0 shares")
+
+
+# ---- the consistency check: one survivor set for everyone ----------------------------------------
+VICTIM_NODE, X = 2, 4  # site-01 is told that site-03 (index 4) dropped; the others that it survived
+
+
+@pytest.mark.parametrize("forged", [True, False], ids=["others-signatures", "own-only"])
+def test_a_server_showing_two_survivor_sets_gets_no_share_of_the_dropped_claim(
+    tmp_path, monkeypatch, forged
+):
+    """The coordinator tells site-01 at the consistency check that site-03 dropped out, and
+    everyone else that it survived; then asks site-01 for site-03's mask key (which, with the
+    others' shares of site-03's self mask, would unmask its input). site-01 signed the other
+    set: it finds fewer than t valid signatures over it, and reveals nothing. The others'
+    set completes the round exactly; no share of site-03's mask key ever leaves a site."""
+    monkeypatch.setattr(  # the coordinator asks every site, signed or not
+        secagg_server.ServerSecAgg, "unmask_targets", lambda self: sorted(self.partners)
+    )
+    fed = RosterFederation(tmp_path)
+    victim_signature: list[bytes] = []
+    unmask: dict[int, dict] = {}
+
+    def equivocate(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        kind = message.metadata.message_type
+        if node_id == VICTIM_NODE and kind in (CONSISTENCY, UNMASK):
+            request = message.content[records.SECAGG]
+            survivors = [i for i in request["survivors"] if i != X]
+            if kind == UNMASK:
+                pairs = zip(request["survivors"], request["survivor-signatures"], strict=True)
+                signatures = dict(pairs)
+                signatures[2] = victim_signature[0]
+                request["dropped"] = [X]
+                request["survivor-signatures"] = [
+                    signatures[i] if forged or i == 2 else b"" for i in survivors
+                ]
+            request["survivors"] = survivors
+        return message
+
+    def watch(request: Message, reply: Message) -> Message:
+        kind = request.metadata.message_type
+        if kind == CONSISTENCY and reply.metadata.src_node_id == VICTIM_NODE:
+            victim_signature.append(reply.content[records.SECAGG]["signature"])
+        if kind == UNMASK:
+            unmask[reply.metadata.src_node_id] = dict(reply.content[records.SECAGG])
+        return reply
+
+    fed.grid.tamper_request, fed.grid.tamper = equivocate, watch
+    record = fed.run().rounds[0]
+    assert len(victim_signature[0]) == 64  # it signed the set it was shown
+    assert set(unmask) == {1, 2, 3, 4}
+    refused = unmask[VICTIM_NODE]
+    assert "seed-shares" not in refused and "key-shares" not in refused
+    if forged:
+        assert "survivor 1 did not sign this round's survivor set" in refused["refused"]
+    else:
+        assert (
+            "1 survivors of this site's share group signed this survivor set, 3 needed"
+            in (refused["refused"])
+        )
+    for reply in unmask.values():
+        assert X not in reply.get("key-share-owners", [])
+    assert record.secagg["refused_at_unmask"] == {"site-01": "refused: " + refused["refused"]}
+    assert_exact(fed, record, SITES)
+
+
+def test_with_a_roster_each_survivor_signs_the_survivor_set_and_the_sum_is_exact(tmp_path):
+    fed = RosterFederation(tmp_path, n=5)
+    signed = _watch(fed, CONSISTENCY)
+    config_digests: set[bytes] = set()
+
+    def remember(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == MASKED:
+            config_digests.add(roster.config_digest(dict(message.content[keys.CONFIG])))
+        return message
+
+    fed.grid.tamper_request = remember
+    record = fed.run().rounds[0]
+    (train_config_digest,) = config_digests
+    assert_exact(fed, record, [f"site-{i:02d}" for i in range(5)])
+    identities = roster.roster_sites((tmp_path / "roster.json").read_bytes())
+    global_digest = roster.model_digest(
+        (name, fed.global_at[1][name].numpy()) for name in fed.global_at[1]
+    )
+    for node, reply in signed.items():
+        key = identities[f"site-{node - 1:02d}"]
+        assert len(reply["signature"]) == 64
+        for survivors in ([1, 2, 3, 4, 5], [1, 2, 3, 4]):  # only the set it was shown verifies
+            message = roster.consistency_message(
+                reply["round-id"], node, survivors, global_digest, train_config_digest
+            )
+            assert roster.verify_signature(key, reply["signature"], message) == (
+                len(survivors) == 5
+            )
 
 
 # ---- the operators' path: fedgov roster ... ------------------------------------------------------
@@ -252,6 +349,94 @@ def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, 
     assert_exact(fed, fed.run().rounds[0], SITES)
 
 
+def _medpar_site_files(root: Path) -> tuple[Path, Path]:
+    import yaml
+
+    from fedgov.datasets import load_dataset, load_table
+
+    root.mkdir(parents=True, exist_ok=True)
+    table = load_table("medpar")
+    hospital = table["provnum"].value_counts().index[0]
+    data = root / "admissions.csv"
+    table[table["provnum"] == hospital].drop(columns=["provnum"]).to_csv(data, index=False)
+    schema = root / "schema.yaml"
+    schema.write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
+    return data, schema
+
+
+def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_quorum(
+    tmp_path, capsys
+):
+    """A new site joins: governance publishes its keys and quorum, the site installs them at
+    `fedgov site init`, governance puts the site's identity key on the roster; the site's own
+    SecAgg+ code refuses that roster until the quorum signed it."""
+    from flwr.app import Context, RecordDict
+
+    from clients import secagg as client_secagg
+    from fedgov.cli import main
+    from privacy.secagg.protocol import ProtocolRefusal
+
+    members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
+    for member in members:
+        assert main(["roster", "governance-key", "--out", str(member)]) == 0
+    published = tmp_path / "gov" / "governance-anchor.json"
+    assert main(["roster", "governance-anchor", "--quorum", "2", "--out", str(published),
+                 *[f"--governance-key={m.with_suffix('.pub')}" for m in members]]) == 0  # fmt: skip
+    data, schema = _medpar_site_files(tmp_path / "data")
+    site_dir = tmp_path / "hosp-a"
+    capsys.readouterr()
+    assert main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
+                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
+                 "--governance-anchor", str(published)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    identity = (site_dir / "site_key.pub").read_text().strip()
+    assert f"send this identity key to governance (fedgov roster add): {identity}" in out
+    anchor = roster.load_anchor(site_dir)
+    assert anchor is not None and anchor.site_id == "hosp-a" and anchor.quorum == 2
+    assert anchor.governance_keys == tuple(
+        bytes.fromhex(m.with_suffix(".pub").read_text().strip()) for m in members
+    )
+
+    book = tmp_path / "roster.json"
+    assert main(["roster", "add", "--roster", str(book), "--site-id", "hosp-a", "--key",
+                 str(site_dir / "site_key.pub"), "--sign", str(members[0])]) == 0  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    with pytest.raises(ProtocolRefusal, match=r"1 valid governance signature.*needs 2"):
+        client_secagg._roster_of(book.read_bytes(), context)
+    assert main(["roster", "sign", "--roster", str(book), "--sign", str(members[1])]) == 0
+    site_id, listed, key = client_secagg._roster_of(book.read_bytes(), context)
+    assert site_id == "hosp-a" and listed == {"hosp-a": bytes.fromhex(identity)}
+    assert key is not None and public_key_bytes(key).hex() == identity
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"not json", "unreadable governance anchor"),
+        (b'{"governance_keys": []}', "expected a JSON object with governance_keys and quorum"),
+        (b'{"governance_keys": ["00"], "quorum": 1}', "distinct 32-byte keys"),
+        (b'{"governance_keys": ["' + b"ab" * 32 + b'"], "quorum": 2}', "quorum 2 of 1 keys"),
+    ],
+)
+def test_site_init_refuses_an_unusable_governance_anchor_in_one_line_and_writes_nothing(
+    tmp_path, capsys, content, expected
+):
+    from fedgov.cli import main
+
+    data, schema = _medpar_site_files(tmp_path / "data")
+    anchor_file = tmp_path / "anchor.json"
+    anchor_file.write_bytes(content)
+    site_dir = tmp_path / "hosp-a"
+    code = main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
+                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
+                 "--governance-anchor", str(anchor_file)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("fedgov: error: --governance-anchor: ") and expected in err
+    assert not site_dir.exists()
+
+
 def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     from fedgov_cli.main import main
 
@@ -265,7 +450,9 @@ def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("action", ["governance-key", "anchor", "add", "sign", "show"])
+@pytest.mark.parametrize(
+    "action", ["governance-key", "governance-anchor", "anchor", "add", "sign", "show"]
+)
 def test_every_roster_command_has_help(action, capsys):
     from fedgov_cli.main import main
 

@@ -3,8 +3,11 @@
 One :class:`SiteSecAgg` lives for one round. Between messages it is kept in the site's
 ``context.state`` (:meth:`state_dict` / :meth:`from_state_dict`); its secrets are dropped as soon
 as they are no longer needed: the self-mask seed and mask key once the input is masked,
-everything but the round id once the unmasking request is answered. Every method checks that the
-request belongs to this round and comes in order, and raises :class:`ProtocolRefusal` otherwise.
+everything but the round id once the unmasking request is answered. Between the masked input
+and the unmasking each survivor signs the survivor set the server names (the consistency
+check); it then reveals only for that set, and only with t valid signatures over it. Every
+method checks that the request belongs to this round and comes in order, and raises
+:class:`ProtocolRefusal` otherwise.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from privacy.secagg.graph import (
     share_threshold,
 )
 from privacy.secagg.protocol import (
+    CONSISTENCY,
     MASKED_INPUT,
     SHARE_KEYS,
     UNMASK,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedInputRequest,
     ProtocolRefusal,
@@ -75,6 +80,7 @@ class SiteSecAgg:
         self.own_share = b""  # this site's own shares of its two secrets (66 + 66 bytes)
         self.held: dict[int, bytes] = {}  # owner → its shares for this site (66 + 66 bytes)
         self.partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in the input
+        self.survivors: tuple[int, ...] = ()  # the survivor set it signed (consistency check)
 
     # ---- stage 1 ---------------------------------------------------------------------------------
     def advert(self, identity: Ed25519PrivateKey | None = None) -> KeyAdvert:
@@ -195,24 +201,29 @@ class SiteSecAgg:
         )
 
     def _check_consistency(self, request: UnmaskRequest, survivors: set[int]) -> None:
-        """Bonawitz et al.'s consistency check, here over (round id, model, config): every
-        survivor of this site's share group signed the same statement, and at least t did."""
+        """Bonawitz et al.'s consistency check over (round id, survivor set, model, config):
+        every signature the request carries from this site's share group verifies over the
+        tuple this site knows, and at least t do. A survivor that did not sign (b"") counts
+        for nothing; a signature that does not verify stops the reveal."""
         group = {self.index: self.site_id, **{p: a.site_id for p, a in self.peers.items()}}
         valid = 0
         for member in sorted(survivors & set(group)):
-            key = self.roster.get(group[member], b"")
-            message = roster.contribution_message(
-                self.round_id, member, self.model_digest, self.config_digest
+            signature = request.signatures.get(member, b"")
+            if not signature:
+                continue
+            message = roster.consistency_message(
+                self.round_id, member, request.survivors, self.model_digest, self.config_digest
             )
-            if not roster.verify_signature(key, request.signatures.get(member, b""), message):
+            if not roster.verify_signature(self.roster.get(group[member], b""), signature, message):
                 raise ProtocolRefusal(
-                    f"survivor {member} did not sign this round with the global model and "
-                    "config this site trained with: nothing revealed"
+                    f"survivor {member} did not sign this round's survivor set with the global "
+                    "model and config this site trained with: nothing revealed"
                 )
             valid += 1
         if valid < self.threshold:
             raise ProtocolRefusal(
-                f"{valid} signed survivors in this site's share group, {self.threshold} needed"
+                f"{valid} survivors of this site's share group signed this survivor set, "
+                f"{self.threshold} needed: nothing revealed"
             )
 
     def accusation_proof(self, bad: Mapping[int, str]) -> bytes:
@@ -238,30 +249,45 @@ class SiteSecAgg:
         """The site sends no input this round; it can still help rebuild others' secrets."""
         self._expect(MASKED_INPUT, self.round_id)
         self._finish_input()
+        self.expects = UNMASK  # not a survivor: nothing for it to sign
 
     # ---- stage 4 ---------------------------------------------------------------------------------
-    def reveal(self, request: UnmaskRequest) -> UnmaskShares:
-        """Shares of the survivors' self-mask seeds and of the dropped sites' mask keys.
+    def consistency(
+        self, request: ConsistencyRequest, identity: Ed25519PrivateKey | None = None
+    ) -> bytes:
+        """Sign the survivor set U3 the server names (b"" without a roster) and keep it: this
+        site will reveal shares only for exactly this set.
 
-        Refuses a second request in the same round, a site named as both survivor and dropped,
-        and fewer survivors than the threshold (their sum would say too much about each).
+        Refuses a set that leaves this site out (its input went in), one below the threshold,
+        one naming sites outside the round, or one that would isolate a survivor.
         """
-        self._expect(UNMASK, request.round_id)
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        both = survivors & dropped
-        if both:
-            raise ProtocolRefusal(
-                f"asked for both the self mask and the mask key of sites {sorted(both)}"
+        self._expect(CONSISTENCY, request.round_id)
+        survivors = tuple(sorted(request.survivors))
+        if self.index not in survivors:
+            raise ProtocolRefusal("this site sent its input but is not named a survivor")
+        self._check_survivor_set(set(survivors))
+        self.survivors = survivors
+        self.expects = UNMASK
+        if not self.roster:
+            return b""
+        if identity is None:
+            raise ProtocolRefusal("this site has a roster but no identity key to sign with")
+        return identity.sign(
+            roster.consistency_message(
+                self.round_id, self.index, survivors, self.model_digest, self.config_digest
             )
+        )
+
+    def _check_survivor_set(self, survivors: set[int]) -> None:
+        """At least t survivors, all in this round, none left with fewer than t − 1 surviving
+        neighbours."""
         if len(survivors) < self.threshold:
             raise ProtocolRefusal(
                 f"only {len(survivors)} survivors, fewer than the threshold {self.threshold}"
             )
-        outside = (survivors | dropped) - set(range(1, self.num_sites + 1))
+        outside = survivors - set(range(1, self.num_sites + 1))
         if outside:
             raise ProtocolRefusal(f"sites {sorted(outside)} are not in this round")
-        if self.roster:
-            self._check_consistency(request, survivors)
         isolated = isolated_survivors(
             neighbour_graph(self.num_sites, len(self.neighbours), self.round_id),
             survivors,
@@ -272,6 +298,36 @@ class SiteSecAgg:
                 f"survivors {isolated[:8]} would keep fewer than {self.threshold - 1} surviving "
                 f"neighbours (the design bound t − 1): revealing could expose their inputs"
             )
+
+    # ---- stage 5 ---------------------------------------------------------------------------------
+    def reveal(self, request: UnmaskRequest) -> UnmaskShares:
+        """Shares of the survivors' self-mask seeds and of the dropped sites' mask keys.
+
+        Refuses a second request in the same round, a site named as both survivor and dropped,
+        fewer survivors than the threshold (their sum would say too much about each), and, at a
+        survivor, any survivor set but the one it signed in the consistency check (a site whose
+        input was left out after it was sent signs nothing, and can still help).
+        """
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if self.expects == CONSISTENCY and self.index not in survivors:
+            self.expects = UNMASK  # its input was left out after all: it has nothing to sign
+        self._expect(UNMASK, request.round_id)
+        both = survivors & dropped
+        if both:
+            raise ProtocolRefusal(
+                f"asked for both the self mask and the mask key of sites {sorted(both)}"
+            )
+        outside = dropped - set(range(1, self.num_sites + 1))
+        if outside:
+            raise ProtocolRefusal(f"sites {sorted(outside)} are not in this round")
+        self._check_survivor_set(survivors)
+        if self.survivors and survivors != set(self.survivors):
+            raise ProtocolRefusal(
+                f"the survivor set {sorted(survivors)[:12]} is not the one this site signed "
+                f"({list(self.survivors)[:12]}): the server shows sites different survivors"
+            )
+        if self.roster:
+            self._check_consistency(request, survivors)
         held = {**self.held, self.index: self.own_share} if self.own_share else dict(self.held)
         self_shares, key_shares = {}, {}
         for owner, payload in held.items():
@@ -307,7 +363,9 @@ class SiteSecAgg:
             "weight-scale": self.weight_scale,
             "expects": self.expects,
             "enc-private": self.enc_private,
+            "enc-public": self.enc_public,
             "mask-private": self.mask_private,
+            "mask-public": self.mask_public,
             "self-seed": self.self_seed,
             "peers": peers,
             "peer-enc-keys": [self.peers[p].enc_key for p in peers],
@@ -316,6 +374,7 @@ class SiteSecAgg:
             "held-owners": held,
             "held-shares": [self.held[o] for o in held],
             "partners": list(self.partners),
+            "survivors": list(self.survivors),
             "peer-site-ids": [self.peers[p].site_id for p in peers],
             "site-id": self.site_id,
             "roster-ids": sorted(self.roster),
@@ -339,8 +398,8 @@ class SiteSecAgg:
         site.enc_private = bytes(state["enc-private"])
         site.mask_private = bytes(state["mask-private"])
         site.self_seed = bytes(state["self-seed"])
-        site.enc_public = keys.public_key_of(site.enc_private) if site.enc_private else b""
-        site.mask_public = keys.public_key_of(site.mask_private) if site.mask_private else b""
+        site.enc_public = bytes(state["enc-public"])  # stored: no key derivation per message
+        site.mask_public = bytes(state["mask-public"])
         site.peers = {
             int(p): KeyAdvert(bytes(e), bytes(m), b"", str(i))
             for p, e, m, i in zip(
@@ -360,6 +419,7 @@ class SiteSecAgg:
             for o, s in zip(state["held-owners"], state["held-shares"], strict=True)
         }
         site.partners = tuple(int(p) for p in state["partners"])
+        site.survivors = tuple(int(i) for i in state["survivors"])
         return site
 
     # ---- internals -------------------------------------------------------------------------------
@@ -379,12 +439,13 @@ class SiteSecAgg:
         self.self_seed = b""
         self.mask_private = b""
         self.mask_public = b""
-        self.expects = UNMASK
+        self.expects = CONSISTENCY
 
     def _wipe(self) -> None:
         self.enc_private = self.enc_public = b""
         self.mask_private = self.mask_public = self.self_seed = b""
         self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
+        self.survivors = ()
         self.roster = {}
         self.expects = DONE
 

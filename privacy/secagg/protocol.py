@@ -10,16 +10,23 @@ Stages, in order (one Message exchange each; the server's request, then each sit
 3. ``masked_input`` server → site: the shares its neighbours sent it, plus the global model and
                     the strategy's train config. The site trains (or declines), quantises its
                     update and replies with it masked, its weight, and any share it could not open.
-4. ``unmask``       server → site: who survived (their self masks must go) and who dropped out
+4. ``consistency``  server → each survivor: the survivor set U3 (the sites whose masked input is
+                    in the sum). The survivor signs (round id, U3, global-model digest,
+                    run-config digest) with its identity key (Bonawitz et al. 2017, §6
+                    ConsistencyCheck) and remembers U3: it will reveal only for that set.
+5. ``unmask``       server → site: who survived (their self masks must go) and who dropped out
                     after sharing (their pairwise masks must go). The site answers with shares of
                     the survivors' self-mask seeds or of the dropped sites' mask keys — of no
-                    site both — and only once per round.
+                    site both — and only once per round. With a roster the request carries
+                    the survivors' consistency signatures: a site reveals only after at least t
+                    valid ones over the same tuple from its share group.
 
 A round aborted on the way (too few sites, a secret that cannot be rebuilt) ends with an
 ``abort`` notice to every site still answering: each wipes that round's secrets at once.
 
 The stages of consecutive rounds may overlap: the next round's stages 1 and 2 can travel in the
-same messages as this round's stages 3 and 4 (server/secagg_round.py). Every round keeps its own
+same messages as this round's stages 3 and 4 (server/secagg_round.py): setup with the masked
+input, share_keys with the consistency check. Every round keeps its own
 round id, keys and checks; a message carrying two rounds is two requests answered separately.
 """
 
@@ -32,6 +39,7 @@ import numpy as np
 SETUP = "setup"
 SHARE_KEYS = "share_keys"
 MASKED_INPUT = "masked_input"
+CONSISTENCY = "consistency"
 UNMASK = "unmask"
 ABORT = "abort"  # not a stage: the server's notice that a round was aborted (sites wipe it)
 
@@ -103,11 +111,18 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    round_id: bytes
+    survivors: tuple[int, ...]  # U3: the sites whose masked input is in the sum
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     round_id: bytes
     survivors: tuple[int, ...]  # inputs in the sum: their self-mask seeds are rebuilt
     dropped: tuple[int, ...]  # shared keys, input not in the sum: their mask keys are rebuilt
-    # survivor → its signed contribution statement (the consistency check before revealing)
+    # survivor → its consistency signature over (round id, survivors, model, config): the
+    # check before revealing (roster.consistency_message)
     signatures: dict[int, bytes] = field(default_factory=dict)
 
 

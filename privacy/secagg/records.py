@@ -1,7 +1,8 @@
 """SecAgg+ on the wire: every stage's request and reply as Flower records, with documented keys.
 
 Message types (``<category>.<action>``, routed by the ClientApp): ``train.secagg_setup``,
-``train.secagg_share_keys``, ``train.secagg_masked_input``, ``train.secagg_unmask``.
+``train.secagg_share_keys``, ``train.secagg_masked_input``, ``train.secagg_consistency``,
+``train.secagg_unmask``.
 
 Every request and reply carries the ConfigRecord ``SECAGG`` (``"secagg"``) with the header
 ``stage`` (str), ``round-id`` (16 bytes, fresh per round) and, in replies, ``index`` (the site's
@@ -24,14 +25,17 @@ index in the round). The rest of ``SECAGG`` by stage:
   in record order); the MetricRecord ``metrics`` (the site's train metrics) and the ConfigRecord
   ``site``.
   A site that declines sends ``decline`` (see fedgov.messages) instead of the input.
+- consistency request (to each survivor): ``survivors`` (list[int], U3); reply: ``signature``
+  (bytes: Ed25519 over roster.consistency_message, empty without a roster).
 - unmask request: ``survivors``, ``dropped`` (list[int]), ``survivor-signatures`` (list[bytes],
-  one per survivor: its contribution statement); reply: ``seed-share-owners``,
-  ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares`` (list[bytes], 66 bytes each).
+  one per survivor: its consistency signature, empty for one that did not sign); reply:
+  ``seed-share-owners``, ``key-share-owners`` (list[int]), ``seed-shares``, ``key-shares``
+  (list[bytes], 66 bytes each).
 - pipelining: a masked_input request may also carry the ConfigRecord ``NEXT``
-  (``"secagg-next"``), the setup request of the site's next round, and an unmask request the
-  next round's share_keys request; the reply then carries the next round's advert or ciphertexts
-  (or refusal) under ``NEXT`` too. The two halves are independent: each is parsed, refused and
-  checked on its own.
+  (``"secagg-next"``), the setup request of the site's next round, and a consistency request
+  the next round's share_keys request; the reply then carries the next round's advert or
+  ciphertexts (or refusal) under ``NEXT`` too. The two halves are independent: each is parsed,
+  refused and checked on its own.
 - abort notice (``train.secagg_abort``, after an aborted round): ``reason`` (str); reply: the
   header only, once the site has wiped the round's secrets.
 
@@ -50,10 +54,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from privacy.secagg.protocol import (
     ABORT,
+    CONSISTENCY,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
     UNMASK,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
@@ -74,6 +80,7 @@ MESSAGE_TYPES = {
     SETUP: "train.secagg_setup",
     SHARE_KEYS: "train.secagg_share_keys",
     MASKED_INPUT: "train.secagg_masked_input",
+    CONSISTENCY: "train.secagg_consistency",
     UNMASK: "train.secagg_unmask",
     ABORT: "train.secagg_abort",
 }
@@ -160,6 +167,20 @@ def parse_masked_input_request(content: RecordDict) -> MaskedInputRequest:
     record = _secagg(content, MASKED_INPUT)
     pairs = _zip(_ints(record, "senders"), _bytes_list(record, "ciphertexts"))
     return MaskedInputRequest(round_id=_bytes(record, "round-id"), shares=dict(pairs))
+
+
+def consistency_request_record(request: ConsistencyRequest) -> ConfigRecord:
+    return ConfigRecord(
+        {**_header(CONSISTENCY, request.round_id), "survivors": list(request.survivors)}
+    )
+
+
+def parse_consistency_request(content: RecordDict) -> ConsistencyRequest:
+    record = _secagg(content, CONSISTENCY)
+    survivors = _ints(record, "survivors")
+    if len(set(survivors)) != len(survivors):
+        raise MalformedReply("a survivor listed twice")
+    return ConsistencyRequest(round_id=_bytes(record, "round-id"), survivors=tuple(survivors))
 
 
 def unmask_request_record(request: UnmaskRequest) -> ConfigRecord:
@@ -290,6 +311,17 @@ def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> Mask
         proof=_bytes(record, "accusation-proof"),
         contribution=_bytes(record, "contribution"),
     )
+
+
+def consistency_reply_record(round_id: bytes, index: int, signature: bytes) -> ConfigRecord:
+    return ConfigRecord({**reply_header(CONSISTENCY, round_id, index), "signature": signature})
+
+
+def parse_consistency_signature(content: RecordDict, round_id: bytes, index: int) -> bytes:
+    signature = _bytes(_reply(content, CONSISTENCY, round_id, index), "signature")
+    if len(signature) not in (0, 64):
+        raise MalformedReply(f"a consistency signature of {len(signature)} bytes, expected 64")
+    return signature
 
 
 def unmask_shares_record(round_id: bytes, index: int, shares: UnmaskShares) -> ConfigRecord:

@@ -5,8 +5,9 @@ variant) needs the sites to know each other's identity keys from someone other t
 coordinator. Here that is governance:
 
 - a **trust anchor** (``secagg_anchor.json`` in the site's ``site-dir``, installed by the site's
-  operator): the site's own id, the governance Ed25519 public keys and the quorum of them that
-  must sign a roster;
+  operator, e.g. ``fedgov site init --governance-anchor FILE`` with the file governance gives
+  out of band): the site's own id, the governance Ed25519 public keys and the quorum of them
+  that must sign a roster;
 - a **roster** (site id → the site's Ed25519 identity key, the key of ``site_key.pem`` that also
   signs its DP receipts, plus a version), signed by governance keys; the coordinator only
   distributes it (in the setup request). A site accepts a roster only with ``quorum`` valid
@@ -14,8 +15,11 @@ coordinator. Here that is governance:
 
 Per round a site signs its key advertisement (round id, index, site id, both public keys) and,
 with its masked input, a contribution statement (round id, index, global-model digest, run-config
-digest). Peers check the first against the roster before sharing secrets; the second is the
-consistency check before any share is revealed (client.py). All signatures are Ed25519 over
+digest), which the server checks before the input enters the sum; and, once the survivors are
+known, a consistency statement (round id, index, survivor set, global-model digest, run-config
+digest; Bonawitz et al. §6). Peers check the advert against the roster before sharing secrets,
+and at least t consistency statements over the same tuple from their share group before
+revealing any share (client.py). All signatures are Ed25519 over
 domain-separated bytes.
 """
 
@@ -37,6 +41,7 @@ from privacy.receipts import canonical_json, public_key_bytes
 ANCHOR_FILE = "secagg_anchor.json"
 _ADVERT = b"fedgov-secagg/v1/key-advert"
 _CONTRIBUTION = b"fedgov-secagg/v1/contribution"
+_CONSISTENCY = b"fedgov-secagg/v1/consistency"
 MAX_ROSTER_BYTES = 4 << 20  # a roster larger than this is refused unread
 
 
@@ -98,6 +103,31 @@ def load_anchor(site_dir: str | Path | None) -> TrustAnchor | None:
     except (OSError, ValueError) as error:
         raise RosterError(f"{path}: unreadable trust anchor ({error})") from None
     return TrustAnchor.from_json(data)
+
+
+def governance_anchor_json(governance_keys: tuple[bytes, ...], quorum: int) -> bytes:
+    """The file governance hands every new site: its public keys and the quorum a roster needs
+    (a trust anchor without the site's id)."""
+    TrustAnchor.from_json(TrustAnchor("-", governance_keys, quorum).to_json())  # usable?
+    return json.dumps(
+        {"governance_keys": [key.hex() for key in governance_keys], "quorum": quorum}, indent=2
+    ).encode()
+
+
+def read_governance_anchor(path: str | Path, site_id: str) -> TrustAnchor:
+    """The trust anchor of site ``site_id`` from governance's file (``governance_anchor_json``);
+    :class:`RosterError` naming what is wrong with it."""
+    try:
+        text = Path(path).read_bytes()[:MAX_ROSTER_BYTES]
+        data = json.loads(text)
+    except (OSError, ValueError) as error:
+        raise RosterError(f"{path}: unreadable governance anchor ({error})") from None
+    if not isinstance(data, dict) or not {"governance_keys", "quorum"} <= set(data):
+        raise RosterError(f"{path}: expected a JSON object with governance_keys and quorum")
+    try:
+        return TrustAnchor.from_json({**data, "site_id": site_id})
+    except RosterError as error:
+        raise RosterError(f"{path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -181,6 +211,22 @@ def contribution_message(
     """The bytes a site signs with its masked input: it took part in this round, with this
     global model and this run configuration."""
     return _CONTRIBUTION + round_id + struct.pack(">Q", index) + model_digest + config_digest
+
+
+def consistency_message(
+    round_id: bytes,
+    index: int,
+    survivors: Iterable[int],
+    model_digest: bytes,
+    config_digest: bytes,
+) -> bytes:
+    """The bytes a survivor signs in the consistency check: this round's survivor set (sorted
+    indices), with this global model and this run configuration."""
+    members = sorted(survivors)
+    return (
+        _CONSISTENCY + round_id + struct.pack(f">QI{len(members)}Q", index, len(members), *members)
+        + model_digest + config_digest
+    )  # fmt: skip
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:

@@ -26,10 +26,12 @@ from privacy.secagg.graph import (
     share_threshold,
 )
 from privacy.secagg.protocol import (
+    CONSISTENCY,
     MASKED_INPUT,
     SETUP,
     SHARE_KEYS,
     UNMASK,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
@@ -123,6 +125,10 @@ class ServerSecAgg:
             self.identities = {i: listed[s] for i, s in self.site_ids.items() if s in listed}
         self.expected_contribution: dict[int, tuple[bytes, bytes]] = {}  # (model, config digest)
         self.bad_holders: dict[int, list[int]] = {}  # holder → owners whose share did not fit
+        self.signatures: dict[int, bytes] = {}  # survivor → its consistency signature
+        self.unsigned: dict[int, str] = {}  # survivor → why it has no usable consistency reply
+        self.refused_consistency: set[int] = set()  # answered with a refusal or a bad reply
+        self.late_signers: set[int] = set()  # sent no consistency reply in time: still asked
         if num_sites < 2:
             raise RoundAborted(SETUP, f"{num_sites} site(s) sampled: secure aggregation needs 2")
         if self.threshold > self.group_size:
@@ -348,7 +354,49 @@ class ServerSecAgg:
             return ""
         return "the share opens with the accuser's own key"
 
-    # ---- stage 4: unmasking ----------------------------------------------------------------------
+    # ---- stage 4: consistency check --------------------------------------------------------------
+    def consistency_request(self) -> ConsistencyRequest:
+        """The same request for every survivor: the survivor set U3 it is asked to sign."""
+        return ConsistencyRequest(round_id=self.round_id, survivors=tuple(self.alive()))
+
+    def receive_signatures(self, replies: Mapping[int, bytes]) -> None:
+        """Keep each survivor's consistency signature; one that is missing or (with a roster)
+        does not verify is left out of the unmask request (its input stays in the sum). A site
+        that refused or sent a bad signature is not asked to unmask; one that was only late
+        still is (it reveals only if it signed meanwhile). Aborts when fewer than t survivors
+        signed (without a roster: signed or were late): too few sites would reveal."""
+        survivors = self.alive()
+        for index in survivors:
+            signature = replies.get(index)
+            if signature is None:
+                self.unsigned.setdefault(index, "no consistency reply")
+                if index not in self.refused_consistency:
+                    self.late_signers.add(index)
+                continue
+            if self.settings.roster:
+                problem = self._consistency_problem(index, signature)
+                if problem:
+                    self.unsigned[index] = problem
+                    continue
+            self.signatures[index] = signature
+        # With a roster a late survivor's signature is missing from every site's check; without
+        # one, nothing is checked and a late survivor may still help.
+        willing = len(self.signatures) + (0 if self.settings.roster else len(self.late_signers))
+        if willing < self.threshold:
+            raise RoundAborted(
+                CONSISTENCY,
+                f"{len(self.signatures)} survivors signed the survivor set, {self.threshold} "
+                "needed: not unmasked",
+            )
+
+    def _consistency_problem(self, index: int, signature: bytes) -> str:
+        model, config = self.expected_contribution.get(index, (b"", b""))
+        message = roster.consistency_message(self.round_id, index, self.alive(), model, config)
+        if not roster.verify_signature(self.identities.get(index, b""), signature, message):
+            return "its consistency signature does not verify"
+        return ""
+
+    # ---- stage 5: unmasking ----------------------------------------------------------------------
     def unmask_request(self) -> UnmaskRequest:
         """The same request for every helper: rebuild survivors' seeds and needed mask keys."""
         survivors = tuple(self.alive())
@@ -356,14 +404,19 @@ class ServerSecAgg:
         dropped = tuple(
             j for j in sorted(set(self.partners) - kept) if kept & set(self.partners[j])
         )
-        signatures = {i: self.inputs[i].contribution for i in survivors if i in self.inputs}
+        signatures = {i: self.signatures[i] for i in survivors if i in self.signatures}
         return UnmaskRequest(
             round_id=self.round_id, survivors=survivors, dropped=dropped, signatures=signatures
         )
 
     def unmask_targets(self) -> list[int]:
-        """Every site that shared keys and still answers (a declined site helps too)."""
-        return [i for i in sorted(self.partners) if i not in self.unreachable]
+        """Every site that shared keys and still answers (a declined site helps too), but a
+        survivor that refused the consistency check or sent a bad signature."""
+        return [
+            i
+            for i in sorted(self.partners)
+            if i not in self.unreachable and (i not in self.unsigned or i in self.late_signers)
+        ]
 
     def finish(self, replies: Mapping[int, UnmaskShares]) -> UnmaskedSum:
         """Rebuild the secrets from the shares, remove every leftover mask: the exact sum."""
