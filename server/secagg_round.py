@@ -79,6 +79,9 @@ class SecAggRoundResult:
     abort_reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
     prepared_next: PreparedSetup | None = None  # the next round's key stages, if pipelined
+    # site → the plaintext METRICS of its masked-input reply (train metrics, and the received
+    # model's eval metrics when asked: server/rounds.py reads those)
+    site_metrics: dict[str, MetricRecord] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,6 +304,7 @@ def run_secagg_round(
             masked = records.parse_masked_input(content, round_id, index)
             metrics = content.metric_records.get(keys.METRICS)
             site_metrics[index] = metrics if metrics is not None else MetricRecord()
+            result.site_metrics[site_of[index]] = site_metrics[index]
             return masked
 
         server.receive_masked_inputs(parsed(MASKED_INPUT, replies, parse_input))
