@@ -180,9 +180,9 @@ def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callab
 
 
 class _RoundObserver:
-    """The progress line and the run's status.json for the coordinator, once a round's federated
-    evaluation is in (``__call__``), with the privacy spend as it stood when the round ended
-    (``ended``): the evaluation arrives with the next round's replies, after its spending.
+    """The run's status.json for the coordinator as each round ends (``ended``), and the progress
+    line once its federated evaluation is in (``__call__``: it arrives with the next round's
+    replies), with the privacy spend as it stood when the round ended.
 
     ``earlier``: the rounds a resumed run completed before its checkpoint (the last of them is
     handed in again once evaluated)."""
@@ -192,34 +192,45 @@ class _RoundObserver:
         earlier: Sequence[RoundRecord] = (),
     ) -> None:  # fmt: skip
         self._cfg, self._privacy, self._run_id = cfg, privacy, run_id
-        self._records: list[RoundRecord] = list(earlier)
+        self._records: dict[int, RoundRecord] = {record.round: record for record in earlier}
         # round → (site-level ε, max sample-level ε) when the round ended
         self._spent: dict[int, tuple[float | None, float | None]] = {}
-        if self._records:  # resumed: the privacy state is the checkpoint's, as its round ended
-            self.ended(self._records[-1])
+        if earlier:  # resumed: the privacy state is the checkpoint's, as its round ended
+            self._spent[earlier[-1].round] = self._spend()
 
-    def ended(self, record: RoundRecord) -> None:
-        """Note the privacy spend as ``record``'s round ends (its evaluation still to come)."""
+    def _spend(self) -> tuple[float | None, float | None]:
         privacy = self._privacy
         site_epsilon = privacy.site_level_epsilon() if privacy and privacy.site_level else None
-        self._spent[record.round] = (site_epsilon, privacy.max_site_epsilon() if privacy else None)
+        return site_epsilon, privacy.max_site_epsilon() if privacy else None
+
+    def ended(self, record: RoundRecord) -> None:
+        """``record``'s round ended (its evaluation still to come): note the spend, write the
+        status."""
+        self._spent[record.round] = self._spend()
+        self._records[record.round] = record
+        self._write_status(record.round)
 
     def __call__(self, record: RoundRecord) -> None:
-        self._records[:] = [r for r in self._records if r.round != record.round] + [record]
-        site_epsilon, sample_epsilon = self._spent[record.round]
+        """``record``'s evaluation is in: its progress line (and the status, if it is the last)."""
+        self._records[record.round] = record
         if self._cfg.progress:
-            _show_progress(self._cfg, record, site_epsilon, sample_epsilon)
+            _show_progress(self._cfg, record, *self._spent[record.round])
+        if record.round == max(self._records):
+            self._write_status(record.round)
+
+    def _write_status(self, last_round: int) -> None:
         if self._cfg.output_dir:
+            records = [self._records[r] for r in sorted(self._records)]
             write_status(
                 self._cfg.output_dir,
-                round_status(self._run_id, self._cfg.rounds, self._records, site_epsilon,
-                             sample_epsilon),
-            )  # fmt: skip
+                round_status(self._run_id, self._cfg.rounds, records, *self._spent[last_round]),
+            )
 
 
 def _show_progress(
     cfg: RunConfig, record: RoundRecord, site_epsilon: float | None, sample_epsilon: float | None
 ) -> None:
+    """``[fedgov] round 2/3 · 4 sites · … · eval_acc 0.8125 · … · 1.2 s`` on stderr."""
     parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
     if record.declined:
         parts.append(f"{len(record.declined)} declined")
