@@ -228,3 +228,32 @@ def test_a_secagg_round_carries_the_evaluation_in_its_masked_input():
     assert flagged == [2] * 4 + [3] * 4
     assert all(r.participants == SITES and not r.aborted for r in result.rounds)
     assert_evaluations_exact(run, result)
+
+
+def test_a_site_that_keeps_eval_metrics_home_never_sends_them_with_its_update():
+    """site-01's policy says report_eval_metrics: false. Asked to evaluate first, it trains and
+    sends no eval metrics; the evaluate message it then gets, it declines: the round's eval
+    metrics are the other three sites'."""
+    from clients.site_policy import SitePolicy
+
+    run = Run(make_cfg(secagg="off", rounds=2))
+    run.node_configs[1].update(SitePolicy(report_eval_metrics=False).node_config())
+    run.grid = CountingGrid(client_app, run.node_configs, to_flower_config(run.cfg))
+    sent: list[Message] = []
+
+    def note(request: Message, reply: Message) -> Message:
+        if reply.metadata.src_node_id == 2 and request.metadata.message_type != QUERY:
+            sent.append(reply)
+        return reply
+
+    run.grid.tamper = note
+    result = run.run()
+    assert [m.metadata.message_type for m in sent] == [TRAIN, TRAIN, EVALUATE, EVALUATE]
+    for reply in sent:
+        metrics = reply.content.metric_records.get(keys.METRICS, {})
+        assert not set(keys_eval()) & set(metrics), reply.metadata.message_type
+    assert all(r.participants == SITES for r in result.rounds)
+    others = [site for site in SITES if site != "site-01"]
+    for record in result.rounds:
+        kept = RoundRecord(record.round, [], eval_sites=others)
+        assert (record.eval_loss, record.eval_accuracy) == pytest.approx(run.expected_eval(kept))
