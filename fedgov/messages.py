@@ -8,9 +8,10 @@ Site → server, train: ``ARRAYS`` (updated weights), ``METRICS`` (``train_loss`
 ``num-examples``, ``steps``) and ``SITE`` (ConfigRecord: ``site-id``).
 Train and evaluate in one message: a train ``CONFIG`` with ``evaluate-first`` true asks the site to
 evaluate the weights it received on its test split before training; the train reply's ``METRICS``
-then also holds ``eval_loss``, ``eval_accuracy`` and ``eval-num-examples`` (a decline carries them
-in a ``METRICS`` of its own). A site that ignores the flag (an older app), or whose evaluation
-failed or was not finite, sends none, and the server asks it with an evaluate message instead.
+then also holds ``eval_loss``, ``eval_accuracy`` and ``eval-num-examples`` (a plain train decline
+carries them in a ``METRICS`` of its own; a SecAgg+ masked input beside its train metrics). A
+site that ignores the flag (an older app), or whose evaluation failed or was not finite, or whose
+policy keeps eval metrics home, sends none, and the server asks it with an evaluate message.
 Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-examples``), ``SITE``.
 Site → server, query: ``SITE`` (``site-id``, ``num-train``, ``num-test``).
 Site → server, a refusal to train: ``SITE`` and ``DECLINE`` (ConfigRecord: ``reason`` plus any
