@@ -410,8 +410,13 @@ class _RunState:
         if resume_from is None:
             return cls(arrays, [], {}, first_round=1)
         records = list(resume_from.records)
-        # A checkpoint is written before its round's evaluation comes back: evaluate it now.
+        # A checkpoint is written before its round's evaluation comes back: evaluate it now
+        # (one written before eval_sites existed was evaluated before it was written).
+        evaluated = bool(records) and not hasattr(records[-1], "eval_sites")
+        for record in records:
+            record.__dict__.setdefault("eval_sites", [])
         pending = PendingEvaluation(records[-1], resume_from.arrays) if records else None
+        pending = None if evaluated else pending
         return cls(arrays, records, dict(resume_from.sites), resume_from.completed_round + 1,
                    pending)  # fmt: skip
 
