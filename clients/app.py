@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import warnings
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import secagg, site_policy
@@ -23,7 +25,7 @@ from fedgov import site_query, wire
 from fedgov.config import RunConfig, from_flower_config, sample_level_on
 from fedgov.datasets import schema_digest
 from fedgov.errors import DataValidationError
-from fedgov.evaluation import evaluate
+from fedgov.evaluation import EvalResult, evaluate
 from privacy.secagg.protocol import ABORT, CONSISTENCY, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
@@ -31,6 +33,7 @@ from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 app = ClientApp(mods=[wire.client_mod])
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,13 +106,15 @@ def _record_declined(context: Context, reason: str) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's rows and return the new weights."""
+    """Train the received global model on this site's rows and return the new weights; asked
+    (``evaluate-first``), evaluate the received model first and add its metrics to the reply."""
     try:
         cfg, site = _prepare(context)
     except DataValidationError as error:  # the file went bad after discovery: decline the same
         _record_declined(context, f"{site_query.DATA_INVALID}: {error}")
         site_id = str(context.node_config.get("site-id", "") or "")
         return Message(keys.decline_content(site_id, site_query.DATA_INVALID), reply_to=msg)
+    evaluated = _evaluate_first(msg, context, cfg, site)
     try:
         site_policy.refuse_outside_policy(cfg, context.node_config, clear=True)
         update = compute_update(
@@ -120,12 +125,14 @@ def train(msg: Message, context: Context) -> Message:
             context,
         )
     except SiteDeclined as declined:
-        return Message(keys.decline_content(site.site_id, declined.reason, **declined.details),
-                       reply_to=msg)  # fmt: skip
+        content = keys.decline_content(site.site_id, declined.reason, **declined.details)
+        if evaluated:  # the evaluation stands even when the training is declined
+            content[keys.METRICS] = MetricRecord(evaluated)
+        return Message(content, reply_to=msg)
     content = RecordDict(
         {
             keys.ARRAYS: update.arrays,
-            keys.METRICS: update.metrics,
+            keys.METRICS: MetricRecord({**dict(update.metrics), **evaluated}),
             keys.SITE: keys.site_record(site.site_id),
             **update.extra_records(),  # the signed privacy receipt under sample-level DP
         }
@@ -141,13 +148,52 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         site_policy.refuse_outside_policy(cfg, context.node_config, evaluate=True)
     except SiteDeclined as declined:  # e.g. report_eval_metrics off: nothing computed
         return Message(keys.decline_content(site.site_id, declined.reason), reply_to=msg)
-    result = evaluate(site_model(cfg, site, msg.content.array_records[keys.ARRAYS]), site.test)
+    result = _evaluation(cfg, site, msg.content.array_records[keys.ARRAYS])
     metrics = MetricRecord(
-        {"eval_loss": result.loss, "eval_accuracy": result.accuracy,
+        {keys.EVAL_LOSS: result.loss, keys.EVAL_ACCURACY: result.accuracy,
          keys.NUM_EXAMPLES: result.num_examples}
     )  # fmt: skip
     content = RecordDict({keys.METRICS: metrics, keys.SITE: keys.site_record(site.site_id)})
     return Message(content, reply_to=msg)
+
+
+def _evaluation(cfg: RunConfig, site: SiteData, arrays: ArrayRecord) -> EvalResult:
+    return evaluate(site_model(cfg, site, arrays), site.test)
+
+
+def _evaluate_first(
+    msg: Message, context: Context, cfg: RunConfig, site: SiteData
+) -> dict[str, float | int]:
+    """The received weights' ``eval_loss``, ``eval_accuracy`` and ``eval-num-examples`` on the
+    test rows when the train message asks for them (``evaluate-first``); ``{}`` when it does not,
+    when the site's policy keeps eval metrics home, or when the evaluation fails or is not finite
+    (the server then asks with an evaluate message, which answers as it always did)."""
+    config = msg.content.config_records.get(keys.CONFIG)
+    arrays = msg.content.array_records.get(keys.ARRAYS)
+    if config is None or arrays is None or config.get(keys.EVALUATE_FIRST) is not True:
+        return {}
+    try:
+        site_policy.refuse_outside_policy(cfg, context.node_config, evaluate=True)
+        result = _evaluation(cfg, site, arrays)
+    except SiteDeclined:
+        return {}
+    except Exception as error:  # the training must not fail because its evaluation did
+        logger.warning("evaluate-first failed, training anyway: %r", error)
+        return {}
+    if not (math.isfinite(result.loss) and math.isfinite(result.accuracy)):
+        return {}
+    return {
+        keys.EVAL_LOSS: result.loss,
+        keys.EVAL_ACCURACY: result.accuracy,
+        keys.EVAL_NUM_EXAMPLES: result.num_examples,
+    }
+
+
+def _with_evaluation(reply: Message, evaluated: dict[str, float | int]) -> Message:
+    """``reply`` with the eval metrics added to its ``METRICS`` (a SecAgg+ masked input)."""
+    if evaluated and not reply.has_error() and keys.METRICS in reply.content.metric_records:
+        reply.content.metric_records[keys.METRICS].update(evaluated)
+    return reply
 
 
 # ---- secure aggregation (SecAgg+): one custom train action per stage, see clients/secagg.py ----
@@ -165,10 +211,17 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 
 @app.train(SECAGG_ACTIONS[MASKED_INPUT])
 def secagg_masked_input(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 3 ("train.secagg_masked_input"): train, then send the masked update."""
-    return secagg.handle_masked_input(
-        msg, context, _config(context), load_site=lambda: _prepare(context)[1]
-    )
+    """SecAgg+ stage 3 ("train.secagg_masked_input"): train, then send the masked update (and,
+    asked, the received model's eval metrics in the clear, as an evaluate reply would)."""
+    try:
+        cfg, site = _prepare(context)
+    except DataValidationError:  # the stage refuses it as before (its data is loaded there)
+        return secagg.handle_masked_input(
+            msg, context, _config(context), load_site=lambda: _prepare(context)[1]
+        )
+    evaluated = _evaluate_first(msg, context, cfg, site)
+    reply = secagg.handle_masked_input(msg, context, cfg, load_site=lambda: site)
+    return _with_evaluation(reply, evaluated)
 
 
 @app.train(SECAGG_ACTIONS[CONSISTENCY])

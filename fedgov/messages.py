@@ -6,6 +6,12 @@ FedProx). ``fedgov-run-id`` is fedgov's id of the run, the same before and after
 gives the resumed run a new run id); a site keys its ledger spends and receipts by it.
 Site → server, train: ``ARRAYS`` (updated weights), ``METRICS`` (``train_loss``,
 ``num-examples``, ``steps``) and ``SITE`` (ConfigRecord: ``site-id``).
+Train and evaluate in one message: a train ``CONFIG`` with ``evaluate-first`` true asks the site to
+evaluate the weights it received on its test split before training; the train reply's ``METRICS``
+then also holds ``eval_loss``, ``eval_accuracy`` and ``eval-num-examples`` (a plain train decline
+carries them in a ``METRICS`` of its own; a SecAgg+ masked input beside its train metrics). A
+site that ignores the flag (an older app), or whose evaluation failed or was not finite, or whose
+policy keeps eval metrics home, sends none, and the server asks it with an evaluate message.
 Site → server, evaluate: ``METRICS`` (``eval_loss``, ``eval_accuracy``, ``num-examples``), ``SITE``.
 Site → server, query: ``SITE`` (``site-id``, ``num-train``, ``num-test``).
 Site → server, a refusal to train: ``SITE`` and ``DECLINE`` (ConfigRecord: ``reason`` plus any
@@ -36,6 +42,10 @@ SITE_ID = "site-id"
 SERVER_ROUND = "server-round"
 DP_MIN_SURVIVORS = "dp-min-survivors"
 RUN_ID = "fedgov-run-id"
+EVALUATE_FIRST = "evaluate-first"  # train config: evaluate the received weights first (bool)
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+EVAL_NUM_EXAMPLES = "eval-num-examples"  # train reply: the test rows the eval metrics are over
 MAX_REASON_CHARS = 300  # a reason a site sends is cut to this many characters, on one line
 MAX_SITE_ID_CHARS = 100
 

@@ -24,6 +24,7 @@ from server.checkpoint import load_checkpoint
 from server.observability import round_status, write_status
 from server.outputs import write_privacy_report, write_run_outputs
 from server.privacy_round import PrivacyRound, report_of
+from server.round_context import RoundContext
 from server.rounds import RoundRecord, run_outcome, run_rounds
 from strategies.registry import build_strategy
 
@@ -81,16 +82,14 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
             f"[fedgov] resuming {cfg.output_dir} after round {resume_from.completed_round}",
             file=sys.stderr, flush=True,
         )  # fmt: skip
+    observer = _RoundObserver(cfg, privacy, run_id, resume_from.records if resume_from else ())
     result = run_rounds(
-        grid,
-        cfg,
-        strategy,
+        RoundContext(grid, cfg, strategy, privacy, run_id),
         arrays,
         central,
-        on_round=_round_observer(cfg, privacy, run_id, resume_from.records if resume_from else ()),
-        privacy=privacy,
+        on_round=observer,
+        on_round_end=observer.ended,
         resume_from=resume_from,
-        run_id=run_id,
         schema_digest=schema_digest(schema),
     )
     outcome = run_outcome(result)
@@ -180,57 +179,79 @@ def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callab
     return central_evaluate
 
 
-def _round_observer(
-    cfg: RunConfig,
-    privacy: PrivacyRound | None,
-    run_id: str,
-    earlier: Sequence[RoundRecord] = (),
-):
-    """After each round: the progress line, and the run's status.json for the coordinator
-    (counting ``earlier``: the rounds a resumed run completed before its checkpoint)."""
-    show = _progress_printer(cfg, privacy) if cfg.progress else None
-    records: list[RoundRecord] = list(earlier)
+class _RoundObserver:
+    """The run's status.json for the coordinator as each round ends (``ended``), and the progress
+    line once its federated evaluation is in (``__call__``: it arrives with the next round's
+    replies), with the privacy spend as it stood when the round ended.
 
-    def observe(record: RoundRecord) -> None:
-        records.append(record)
-        if show is not None:
-            show(record)
-        if cfg.output_dir:
-            site_epsilon = privacy.site_level_epsilon() if privacy and privacy.site_level else None
-            sample_epsilon = privacy.max_site_epsilon() if privacy else None
+    ``earlier``: the rounds a resumed run completed before its checkpoint (the last of them is
+    handed in again once evaluated)."""
+
+    def __init__(
+        self, cfg: RunConfig, privacy: PrivacyRound | None, run_id: str,
+        earlier: Sequence[RoundRecord] = (),
+    ) -> None:  # fmt: skip
+        self._cfg, self._privacy, self._run_id = cfg, privacy, run_id
+        self._records: dict[int, RoundRecord] = {record.round: record for record in earlier}
+        # round → (site-level ε, max sample-level ε) when the round ended
+        self._spent: dict[int, tuple[float | None, float | None]] = {}
+        if earlier:  # resumed: the privacy state is the checkpoint's, as its round ended
+            self._spent[earlier[-1].round] = self._spend()
+
+    def _spend(self) -> tuple[float | None, float | None]:
+        privacy = self._privacy
+        site_epsilon = privacy.site_level_epsilon() if privacy and privacy.site_level else None
+        return site_epsilon, privacy.max_site_epsilon() if privacy else None
+
+    def ended(self, record: RoundRecord) -> None:
+        """``record``'s round ended (its evaluation still to come): note the spend, write the
+        status."""
+        self._spent[record.round] = self._spend()
+        self._records[record.round] = record
+        self._write_status(record.round)
+
+    def __call__(self, record: RoundRecord) -> None:
+        """``record``'s evaluation is in: its progress line (and the status, if it is the last)."""
+        self._records[record.round] = record
+        if self._cfg.progress:
+            _show_progress(self._cfg, record, *self._spent[record.round])
+        if record.round == max(self._records):
+            self._write_status(record.round)
+
+    def _write_status(self, last_round: int) -> None:
+        if self._cfg.output_dir:
+            records = [self._records[r] for r in sorted(self._records)]
             write_status(
-                cfg.output_dir,
-                round_status(run_id, cfg.rounds, records, site_epsilon, sample_epsilon),
+                self._cfg.output_dir,
+                round_status(self._run_id, self._cfg.rounds, records, *self._spent[last_round]),
             )
 
-    return observe
 
-
-def _progress_printer(cfg: RunConfig, privacy: PrivacyRound | None = None):
-    def show(record: RoundRecord) -> None:
-        parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
-        if record.declined:
-            parts.append(f"{len(record.declined)} declined")
-        if record.refused:
-            parts.append(f"refused by {', '.join(record.refused)} (app not approved there)")
-        if record.failures:
-            parts.append(f"{len(record.failures)} failed")
-        if record.dropouts:
-            parts.append(f"{len(record.dropouts)} dropped out")
-        if record.aborted:
-            parts.append(f"ABORTED, model kept ({record.abort_reason})")
-        for label, value in (
-            ("train_loss", record.train_loss),
-            ("eval_acc", record.eval_accuracy),
-            ("central_acc", record.central_eval_accuracy),
-        ):
-            if value is not None:
-                parts.append(f"{label} {value:.4f}")
-        if privacy is not None and (site_max := privacy.max_site_epsilon()) is not None:
-            parts.append(f"max site ε {site_max:.2f}")
-        if privacy is not None and privacy.site_level:
-            parts.append(f"site-level ε {privacy.site_level_epsilon():.2f}")
-        parts.append(f"{record.seconds:.1f} s")
-        print("[fedgov] " + " · ".join(parts), file=sys.stderr, flush=True)
-
-    return show
+def _show_progress(
+    cfg: RunConfig, record: RoundRecord, site_epsilon: float | None, sample_epsilon: float | None
+) -> None:
+    """``[fedgov] round 2/3 · 4 sites · … · eval_acc 0.8125 · … · 1.2 s`` on stderr."""
+    parts = [f"round {record.round}/{cfg.rounds}", f"{len(record.participants)} sites"]
+    if record.declined:
+        parts.append(f"{len(record.declined)} declined")
+    if record.refused:
+        parts.append(f"refused by {', '.join(record.refused)} (app not approved there)")
+    if record.failures:
+        parts.append(f"{len(record.failures)} failed")
+    if record.dropouts:
+        parts.append(f"{len(record.dropouts)} dropped out")
+    if record.aborted:
+        parts.append(f"ABORTED, model kept ({record.abort_reason})")
+    for label, value in (
+        ("train_loss", record.train_loss),
+        ("eval_acc", record.eval_accuracy),
+        ("central_acc", record.central_eval_accuracy),
+    ):
+        if value is not None:
+            parts.append(f"{label} {value:.4f}")
+    if sample_epsilon is not None:
+        parts.append(f"max site ε {sample_epsilon:.2f}")
+    if site_epsilon is not None:
+        parts.append(f"site-level ε {site_epsilon:.2f}")
+    parts.append(f"{record.seconds:.1f} s")
+    print("[fedgov] " + " · ".join(parts), file=sys.stderr, flush=True)

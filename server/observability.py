@@ -45,7 +45,10 @@ def round_status(
         "failures_total": sum(len(r.failures) for r in records),
         "aborted_rounds": sum(1 for r in records if getattr(r, "aborted", False)),
         "last_round_seconds": last.seconds,
-        "eval_accuracy": last.eval_accuracy,
+        # the latest evaluated round's: a round's evaluation comes with the next round's replies
+        "eval_accuracy": next(
+            (r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None
+        ),
         "site_level_epsilon": site_epsilon,
         "max_sample_level_epsilon": max_sample_epsilon,
         "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -92,7 +95,7 @@ METRICS = {
     "failures_total": ("failures", "Site failures so far"),
     "aborted_rounds": ("aborted_rounds", "Rounds aborted (secure aggregation below threshold)"),
     "last_round_seconds": ("last_round_seconds", "Duration of the last round in seconds"),
-    "eval_accuracy": ("eval_accuracy", "Federated evaluation accuracy of the last round"),
+    "eval_accuracy": ("eval_accuracy", "Federated evaluation accuracy of the last evaluated round"),
     "site_level_epsilon": ("site_level_epsilon", "Site-level DP epsilon spent by the federation"),
     "max_sample_level_epsilon": (
         "max_sample_level_epsilon",

@@ -13,10 +13,10 @@ because of one site's extra records or keys. (SecAgg+ replies: privacy/secagg/re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedgov import messages as keys
 
@@ -79,10 +79,11 @@ def check_metrics(content: RecordDict) -> None:
             raise ReplyProblem(keys.bounded(f"metric '{name}' is NaN or infinite"))
 
 
-def canonical(replies: Sequence[Message]) -> list[Message]:
+def canonical(replies: Sequence[Message], drop: Collection[str] = ()) -> list[Message]:
     """Checked replies as the strategy should see them: ``ARRAYS`` (if any) and ``METRICS``
-    restricted to the metric names every reply has, in a fixed order."""
+    restricted to the metric names every reply has, less ``drop``, in a fixed order."""
     names = _common_metric_names(reply.content.metric_records[keys.METRICS] for reply in replies)
+    names = [name for name in names if name not in drop]
     result = []
     for reply in replies:
         content = reply.content
@@ -98,6 +99,28 @@ def canonical(replies: Sequence[Message]) -> list[Message]:
         )
         result.append(message)
     return result
+
+
+# The eval metrics a train reply carries when asked to evaluate first (fedgov/messages.py).
+EVAL_IN_TRAIN = (keys.EVAL_LOSS, keys.EVAL_ACCURACY, keys.EVAL_NUM_EXAMPLES)
+
+
+def evaluation_in(metrics: MetricRecord | None, server_round: int) -> Message | None:
+    """The evaluate reply a train reply's ``METRICS`` holds (``eval_loss``, ``eval_accuracy``,
+    ``num-examples``), checked like any evaluate reply later; None when it reports no evaluation
+    (no ``eval-num-examples``: the site was not asked, or ignored the flag)."""
+    if metrics is None or keys.EVAL_NUM_EXAMPLES not in metrics:
+        return None
+    values = {
+        name: metrics[name] for name in (keys.EVAL_LOSS, keys.EVAL_ACCURACY) if name in metrics
+    }
+    values[keys.NUM_EXAMPLES] = metrics[keys.EVAL_NUM_EXAMPLES]
+    return Message(
+        RecordDict({keys.METRICS: MetricRecord(values)}),  # type: ignore[arg-type]
+        dst_node_id=0,
+        message_type=MessageType.EVALUATE,
+        group_id=str(server_round),
+    )
 
 
 def _common_metric_names(metrics: Sequence[MetricRecord] | object) -> list[str]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,16 +27,18 @@ from fedgov.errors import FedgovError
 from fedgov.evaluation import EvalResult
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.messaging import SampledGrid, exchange
-from server.privacy_round import PrivacyRound
 from server.replies import (
+    EVAL_IN_TRAIN,
     MAX_EXAMPLES,
     ReplyProblem,
     canonical,
     check_evaluate_reply,
     check_train_reply,
+    evaluation_in,
 )
+from server.round_context import RoundContext, RoundPlan
 from server.sampling import sample_sites, sites_per_round
-from server.secagg_round import PreparedSetup, run_secagg_round
+from server.secagg_round import PreparedSetup, SecAggRound
 
 DISCOVERY_POLL_SECONDS = 0.5
 WAIT_REPORT_SECONDS = 30.0  # while waiting for sites, repeat the progress line this often
@@ -77,6 +79,9 @@ class RoundRecord:
     aborted: bool = False
     abort_reason: str | None = None
     secagg: dict[str, object] | None = None
+    # The sites asked to evaluate this round's output (its sample, less those that stopped
+    # answering under SecAgg+); their answers come with the next round's train replies.
+    eval_sites: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -307,127 +312,201 @@ def _metric(record: object, name: str) -> float | None:
 
 
 def run_rounds(
-    grid: Grid,
-    cfg: RunConfig,
-    strategy: Strategy,
+    ctx: RoundContext,
     initial_arrays: ArrayRecord,
-    central_evaluate: Callable[[ArrayRecord], EvalResult] | None,
+    central_evaluate: Callable[[ArrayRecord], EvalResult] | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
-    privacy: PrivacyRound | None = None,
     resume_from: Checkpoint | None = None,
-    run_id: str = "",
     schema_digest: str = "",
+    on_round_end: Callable[[RoundRecord], None] | None = None,
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of federated training and evaluation.
 
+    Each round sends one message per sampled site: the train message, which also asks the sites
+    that should evaluate the previous round's output to do so first (``evaluate-first``). So
+    round r's federated evaluation arrives with round r+1's train replies, and after the last
+    round one evaluate message goes to the last round's sites. A site that sent no eval metrics
+    (an older app ignoring the flag, an error) or was not sampled again is asked with an
+    evaluate message (in the same exchange as the train messages where the round is not
+    SecAgg+); one that did not answer at all is not asked again. ``on_round`` sees a record once
+    its evaluation is in, ``on_round_end`` as its round ends (before the next round's spending).
+
     With ``cfg.output_dir`` set, the state after every round is checkpointed there; with
     ``resume_from`` the loop continues after that checkpoint's round (its weights, strategy and
-    privacy state are the ones passed in).
+    privacy state are the ones in ``ctx``), evaluating the checkpoint's round first.
 
-    ``privacy`` (server/privacy_round.py), when DP is on: Poisson site sampling under site-level
-    DP, receipts and declines kept per site, and the noisy DP-FedAvg aggregate.
+    ``ctx.privacy`` (server/privacy_round.py), when DP is on: Poisson site sampling under
+    site-level DP, receipts and declines kept per site, and the noisy DP-FedAvg aggregate.
 
     ``schema_digest``: the federation schema's digest; a site answering discovery with another is
     left out (``RunResult.left_out``), as is a site that declines discovery.
     """
-    fed = cfg.federation
-    directory = SiteDirectory(grid, fed.round_timeout, schema_digest)
+    directory = _discover(ctx, resume_from, schema_digest)
+    run = _RunState.start(initial_arrays, resume_from)
+    for server_round in range(run.first_round, ctx.cfg.rounds + 1):
+        started = time.monotonic()
+        plan = _plan_round(ctx, directory, run, server_round)
+        record = RoundRecord(
+            round=server_round, participants=[], sites_connected=len(plan.node_of),
+            refused=directory.refusals(),
+        )  # fmt: skip
+        if ctx.cfg.secagg.name == "secaggplus":
+            trained = _train_secagg(ctx, plan, record, run)
+        else:
+            trained = _train_plain(ctx, plan, record, directory, run.pending)
+        _evaluate(ctx, run.pending, trained.evaluations, directory, plan.node_of)
+        _complete(run.pending, on_round)
+        run.arrays = trained.arrays
+        record.eval_sites = trained.eval_sites
+        if central_evaluate is not None:
+            central = central_evaluate(run.arrays)
+            record.central_eval_loss, record.central_eval_accuracy = central.loss, central.accuracy
+        record.seconds = time.monotonic() - started
+        _keep(ctx, run, record)
+        if on_round_end is not None:
+            on_round_end(record)
+    _evaluate(ctx, run.pending, {}, directory, directory.node_of())
+    _complete(run.pending, on_round)
+    return RunResult(run.arrays, run.records, run.seen, left_out=dict(directory.left_out))
+
+
+@dataclass
+class PendingEvaluation:
+    """A round whose output the sites have not evaluated yet: its record (``eval_sites`` are the
+    sites to ask: the round's sample, less those that stopped answering) and its weights."""
+
+    record: RoundRecord
+    arrays: ArrayRecord
+
+
+# site → its evaluate reply (from a train reply's eval metrics or an evaluate message), or None:
+# asked, no answer before the timeout (not asked again).
+Evaluations = dict[str, Message | None]
+
+
+@dataclass
+class TrainResult:
+    """One round's training: the new weights, the sites to evaluate them, and the evaluations
+    of the previous round's output that came back with this round's messages."""
+
+    arrays: ArrayRecord
+    eval_sites: list[str]
+    evaluations: Evaluations = field(default_factory=dict)
+
+
+@dataclass
+class _RunState:
+    """What the loop carries from round to round."""
+
+    arrays: ArrayRecord
+    records: list[RoundRecord]
+    seen: dict[str, SiteInfo]
+    first_round: int
+    pending: PendingEvaluation | None = None
+    prepared: PreparedSetup | None = None  # SecAgg+: this round's key stages, if pipelined
+
+    @classmethod
+    def start(cls, arrays: ArrayRecord, resume_from: Checkpoint | None) -> _RunState:
+        if resume_from is None:
+            return cls(arrays, [], {}, first_round=1)
+        records = list(resume_from.records)
+        # A checkpoint is written before its round's evaluation comes back: evaluate it now
+        # (one written before eval_sites existed was evaluated before it was written).
+        evaluated = bool(records) and not hasattr(records[-1], "eval_sites")
+        for record in records:
+            record.__dict__.setdefault("eval_sites", [])
+        pending = PendingEvaluation(records[-1], resume_from.arrays) if records else None
+        pending = None if evaluated else pending
+        return cls(arrays, records, dict(resume_from.sites), resume_from.completed_round + 1,
+                   pending)  # fmt: skip
+
+
+def _discover(
+    ctx: RoundContext, resume_from: Checkpoint | None, schema_digest: str
+) -> SiteDirectory:
+    """Wait for the sites; under DP-SGD, plan (and check) their budgets for the rounds left."""
+    cfg, fed = ctx.cfg, ctx.cfg.federation
+    directory = SiteDirectory(ctx.grid, fed.round_timeout, schema_digest)
     directory.wait_for(fed.num_sites or fed.min_sites_per_round, progress=cfg.progress)
-    if privacy is not None and sample_level_on(cfg):
+    if ctx.privacy is not None and sample_level_on(cfg):
         rounds_left = cfg.rounds - (resume_from.completed_round if resume_from else 0)
         _plan_budgets(cfg, directory, rounds_left, enforce=resume_from is None)
-    arrays = initial_arrays
-    records: list[RoundRecord] = list(resume_from.records) if resume_from else []
-    seen: dict[str, SiteInfo] = dict(resume_from.sites) if resume_from else {}
-    first_round = resume_from.completed_round + 1 if resume_from else 1
-    prepared: PreparedSetup | None = None  # SecAgg+: this round's key stages, if pipelined
-    for server_round in range(first_round, cfg.rounds + 1):
-        started = time.monotonic()
-        directory.refresh()
-        seen.update({info.site_id: info for info in directory.by_node.values()})
-        node_of = directory.node_of()
-        count = sites_per_round(len(node_of), fed.sites_per_round, fed.min_sites_per_round)
-        chosen = sample_sites(list(node_of), count, cfg.seed, server_round)
-        if privacy is not None and (poisson := privacy.sample(list(node_of), count)) is not None:
-            chosen = poisson  # site-level DP: Poisson sampling, accounted at its rate
-        view = SampledGrid(grid, [node_of[site_id] for site_id in chosen])
-        record = RoundRecord(round=server_round, participants=[], sites_connected=len(node_of))
-        record.refused = directory.refusals()
+    return directory
 
-        if cfg.secagg.name == "secaggplus":
-            num_train = {site_id: info.num_train for site_id, info in seen.items()}
-            # The next round's draw, if it is known now (seeded, not Poisson): its key stages
-            # ride on this round's masked input and unmask, used if it draws the same sites.
-            next_sites = (
-                sample_sites(list(node_of), count, cfg.seed, server_round + 1)
-                if server_round < cfg.rounds and (privacy is None or not privacy.site_level)
-                else []
-            )
-            arrays, view, prepared = _train_secagg(
-                grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, record,
-                privacy, run_id, next_sites, prepared,
-            )  # fmt: skip
-        else:
-            arrays = _train_plain(
-                grid, fed.round_timeout, strategy, server_round, arrays, view, directory, chosen,
-                record, privacy, run_id,
-            )  # fmt: skip
 
-        # A Flower strategy waits forever when shown no nodes (Poisson sampling can pick none).
-        eval_msgs = (
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
-            if list(view.get_node_ids())
-            else []
-        )
-        eval_replies = _by_site(exchange(grid, eval_msgs, fed.round_timeout), directory)
-        good_eval = [
-            reply for _, reply in eval_replies
-            if not reply.has_error() and keys.decline_reason(reply) is None
-            and _usable(check_evaluate_reply, reply)
-        ]  # fmt: skip
-        if good_eval:
-            eval_metrics = strategy.aggregate_evaluate(server_round, canonical(good_eval))
-            record.eval_loss = _metric(eval_metrics, "eval_loss")
-            record.eval_accuracy = _metric(eval_metrics, "eval_accuracy")
-        if central_evaluate is not None:
-            central = central_evaluate(arrays)
-            record.central_eval_loss = central.loss
-            record.central_eval_accuracy = central.accuracy
-        record.seconds = time.monotonic() - started
-        records.append(record)
-        if cfg.output_dir:
-            save_checkpoint(
-                cfg.output_dir,
-                Checkpoint(server_round, arrays, strategy, privacy, records, seen, run_id,
-                           to_flower_config(cfg)),
-            )  # fmt: skip
-        if on_round is not None:
-            on_round(record)
-    return RunResult(arrays=arrays, rounds=records, sites=seen, left_out=dict(directory.left_out))
+def _plan_round(
+    ctx: RoundContext, directory: SiteDirectory, run: _RunState, server_round: int
+) -> RoundPlan:
+    """Refresh the connected sites and sample this round's (seeded; Poisson under site-level DP)."""
+    directory.refresh()
+    run.seen.update({info.site_id: info for info in directory.by_node.values()})
+    node_of = directory.node_of()
+    chosen = sample_sites(list(node_of), _per_round(ctx, node_of), ctx.cfg.seed, server_round)
+    if ctx.privacy is not None:
+        poisson = ctx.privacy.sample(list(node_of), _per_round(ctx, node_of))
+        chosen = poisson if poisson is not None else chosen  # accounted at its rate
+    view = SampledGrid(ctx.grid, [node_of[site_id] for site_id in chosen])
+    return RoundPlan(server_round, run.arrays, view, node_of, chosen)
+
+
+def _per_round(ctx: RoundContext, node_of: Mapping[str, int]) -> int:
+    fed = ctx.cfg.federation
+    return sites_per_round(len(node_of), fed.sites_per_round, fed.min_sites_per_round)
 
 
 def _train_plain(
-    grid: Grid,
-    timeout: float,
-    strategy: Strategy,
-    server_round: int,
-    arrays: ArrayRecord,
-    view: Grid,
-    directory: SiteDirectory,
-    chosen: list[str],
+    ctx: RoundContext,
+    plan: RoundPlan,
     record: RoundRecord,
-    privacy: PrivacyRound | None = None,
-    run_id: str = "",
-) -> ArrayRecord:
-    """Train without secure aggregation: the strategy sees each site's weights."""
+    directory: SiteDirectory,
+    pending: PendingEvaluation | None = None,
+) -> TrainResult:
+    """Train without secure aggregation: the strategy sees each site's weights.
+
+    One exchange: the train messages (asking the sites of ``pending`` to evaluate first) and
+    an evaluate message for each site of ``pending`` not sampled this round.
+    """
+    strategy, server_round, arrays = ctx.strategy, plan.server_round, plan.arrays
+    asked = set(pending.record.eval_sites) if pending is not None else set()
     train_msgs = (
-        strategy.configure_train(server_round, arrays, keys.train_config(run_id), view)
-        if chosen
+        strategy.configure_train(server_round, arrays, keys.train_config(ctx.run_id), plan.view)
+        if plan.chosen
         else []
     )
-    train_replies = _by_site(exchange(grid, train_msgs, timeout), directory)
+    _ask_evaluation(train_msgs, {plan.node_of[s] for s in asked if s in plan.chosen})
+    not_sampled = [s for s in sorted(asked) if s not in plan.chosen and s in plan.node_of]
+    eval_msgs = _evaluate_messages(ctx, pending, not_sampled, plan.node_of)
+    replies = _by_site(exchange(ctx.grid, train_msgs + eval_msgs, ctx.timeout), directory)
+    evaluations: Evaluations = {s: None for s in asked if s in plan.chosen or s in not_sampled}
+    train_replies = []
+    for site_id, reply in replies:
+        if reply.metadata.message_type == MessageType.EVALUATE:
+            evaluations[site_id] = reply
+            continue
+        train_replies.append((site_id, reply))
+        if site_id in asked:
+            metrics = None if reply.has_error() else reply.content.metric_records.get(keys.METRICS)
+            evaluation = evaluation_in(metrics, pending.record.round) if pending else None
+            if evaluation is None:
+                del evaluations[site_id]  # it sent none: asked with an evaluate message
+            else:
+                evaluations[site_id] = evaluation
     answered = {site_id for site_id, _ in train_replies}
-    record.failures.update({s: "no reply before the timeout" for s in chosen if s not in answered})
+    record.failures.update(
+        {s: "no reply before the timeout" for s in plan.chosen if s not in answered}
+    )
+    arrays = _aggregate_plain(ctx, plan, record, train_replies)
+    return TrainResult(arrays, list(plan.chosen), evaluations)
+
+
+def _aggregate_plain(
+    ctx: RoundContext,
+    plan: RoundPlan,
+    record: RoundRecord,
+    train_replies: list[tuple[str, Message]],
+) -> ArrayRecord:
+    """Record each site's train reply (used, declined or failed) and aggregate the good ones."""
+    privacy, server_round, arrays = ctx.privacy, plan.server_round, plan.arrays
     # receipts, declines with ε and cap; an unreadable receipt or decline excludes its site
     unreadable = privacy.observe_train(server_round, train_replies) if privacy is not None else {}
     good: list[Message] = []
@@ -449,12 +528,12 @@ def _train_plain(
                 continue
             good.append(reply)
             record.participants.append(site_id)
-    good = canonical(good)
+    good = canonical(good, drop=EVAL_IN_TRAIN)
     if privacy is not None and privacy.aggregates:  # noise on every round, even an empty one
-        new_arrays, _ = privacy.aggregate_train(server_round, arrays, good, strategy)
+        new_arrays, _ = privacy.aggregate_train(server_round, arrays, good, ctx.strategy)
         arrays = new_arrays if new_arrays is not None else arrays
     elif good:
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, good)
+        new_arrays, train_metrics = ctx.strategy.aggregate_train(server_round, good)
         if new_arrays is not None:
             arrays = new_arrays
         record.train_loss = _metric(train_metrics, "train_loss")
@@ -462,30 +541,30 @@ def _train_plain(
 
 
 def _train_secagg(
-    grid: Grid,
-    cfg: RunConfig,
-    strategy: Strategy,
-    server_round: int,
-    arrays: ArrayRecord,
-    view: SampledGrid,
-    node_of: dict[str, int],
-    chosen: list[str],
-    num_train: dict[str, int],
-    record: RoundRecord,
-    privacy: PrivacyRound | None = None,
-    run_id: str = "",
-    next_sites: Sequence[str] = (),
-    prepared: PreparedSetup | None = None,
-) -> tuple[ArrayRecord, SampledGrid, PreparedSetup | None]:
+    ctx: RoundContext, plan: RoundPlan, record: RoundRecord, run: _RunState
+) -> TrainResult:
     """Train under SecAgg+ (server/secagg_round.py); the strategy sees only the sum.
 
-    Returns the new global weights, the sites to evaluate (the sampled ones minus those that
-    stopped answering during the round) and the next round's key stages if they were pipelined.
+    The sites of ``run.pending`` sampled this round evaluate first (their masked-input replies
+    carry the eval metrics in the clear, as an evaluate reply would); the rest are asked after.
+    Keeps the next round's key stages in ``run.prepared`` if they were pipelined.
     """
-    outcome = run_secagg_round(
-        grid, cfg, strategy, server_round, arrays, view, node_of, chosen, num_train, privacy,
-        run_id, next_sites, prepared,
-    )  # fmt: skip
+    cfg, server_round, node_of = ctx.cfg, plan.server_round, plan.node_of
+    num_train = {site_id: info.num_train for site_id, info in run.seen.items()}
+    # The next round's draw, if it is known now (seeded, not Poisson): its key stages ride on
+    # this round's masked input and consistency exchanges, used if it draws the same sites.
+    next_sites = (
+        sample_sites(list(node_of), _per_round(ctx, node_of), cfg.seed, server_round + 1)
+        if server_round < cfg.rounds and (ctx.privacy is None or not ctx.privacy.site_level)
+        else []
+    )
+    pending = run.pending
+    asked = [s for s in pending.record.eval_sites if s in plan.chosen] if pending else []
+    strategy = _EvaluateFirst(ctx.strategy, {node_of[s] for s in asked}) if asked else ctx.strategy
+    outcome = SecAggRound(
+        replace(ctx, strategy=strategy), plan, num_train, next_sites, run.prepared
+    ).run()
+    run.prepared = outcome.prepared_next
     record.participants = outcome.participants
     record.declined = sorted(outcome.declined)
     record.decline_reasons = dict(sorted(outcome.declined.items()))
@@ -493,8 +572,120 @@ def _train_secagg(
     record.aborted, record.abort_reason = outcome.aborted, outcome.abort_reason
     record.secagg = outcome.summary
     record.train_loss = _metric(outcome.train_metrics, "train_loss")
-    reachable = [node_of[s] for s in chosen if s not in outcome.unreachable]
-    return (outcome.arrays or arrays), SampledGrid(grid, reachable), outcome.prepared_next
+    evaluations: Evaluations = {}
+    for site_id in asked:
+        evaluation = evaluation_in(outcome.site_metrics.get(site_id), server_round - 1)
+        if evaluation is not None:
+            evaluations[site_id] = evaluation
+        elif site_id in outcome.unreachable:
+            evaluations[site_id] = None  # stopped answering: not asked again
+    reachable = [s for s in plan.chosen if s not in outcome.unreachable]
+    return TrainResult(outcome.arrays or plan.arrays, reachable, evaluations)
+
+
+class _EvaluateFirst(Strategy):
+    """``strategy`` whose train messages to ``nodes`` also ask for the received model's
+    evaluation (``evaluate-first``); everything else is the strategy's own."""
+
+    def __init__(self, strategy: Strategy, nodes: set[int]) -> None:
+        self._strategy, self._nodes = strategy, nodes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self._strategy.configure_train(server_round, arrays, config, grid))
+        _ask_evaluation(messages, self._nodes)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self._strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self._strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self._strategy.summary()
+
+
+def _ask_evaluation(messages: Sequence[Message], nodes: Collection[int]) -> None:
+    """Set ``evaluate-first`` in the train config of the messages to ``nodes`` (each gets its
+    own content: a Flower strategy's messages share one)."""
+    for message in messages:
+        if message.metadata.dst_node_id in nodes:
+            config = ConfigRecord(dict(message.content.config_records.get(keys.CONFIG, {})))
+            config[keys.EVALUATE_FIRST] = True
+            message.content = RecordDict({**dict(message.content.items()), keys.CONFIG: config})
+
+
+def _evaluate_messages(
+    ctx: RoundContext,
+    pending: PendingEvaluation | None,
+    sites: Sequence[str],
+    node_of: Mapping[str, int],
+) -> list[Message]:
+    """The strategy's evaluate messages of ``pending``'s weights to ``sites``."""
+    if pending is None or not sites:  # a Flower strategy waits forever when shown no nodes
+        return []
+    view = SampledGrid(ctx.grid, [node_of[site_id] for site_id in sites])
+    return ctx.strategy.configure_evaluate(
+        pending.record.round, pending.arrays, ConfigRecord(), view
+    )
+
+
+def _evaluate(
+    ctx: RoundContext,
+    pending: PendingEvaluation | None,
+    evaluations: Evaluations,
+    directory: SiteDirectory,
+    node_of: Mapping[str, int],
+) -> None:
+    """Fill ``pending``'s record with the weighted eval metrics of its sites: those in
+    ``evaluations``, and (one exchange) an evaluate message to each other one still connected."""
+    if pending is None:
+        return
+    evaluations = dict(evaluations)
+    ask = [s for s in pending.record.eval_sites if s not in evaluations and s in node_of]
+    messages = _evaluate_messages(ctx, pending, ask, node_of)
+    if messages:
+        evaluations.update(_by_site(exchange(ctx.grid, messages, ctx.timeout), directory))
+    good = [
+        reply for _, reply in sorted(evaluations.items())
+        if reply is not None and not reply.has_error() and keys.decline_reason(reply) is None
+        and _usable(check_evaluate_reply, reply)
+    ]  # fmt: skip
+    if good:
+        eval_metrics = ctx.strategy.aggregate_evaluate(pending.record.round, canonical(good))
+        pending.record.eval_loss = _metric(eval_metrics, keys.EVAL_LOSS)
+        pending.record.eval_accuracy = _metric(eval_metrics, keys.EVAL_ACCURACY)
+
+
+def _complete(
+    pending: PendingEvaluation | None, on_round: Callable[[RoundRecord], None] | None
+) -> None:
+    """Hand a record whose evaluation is in to ``on_round``."""
+    if pending is not None and on_round is not None:
+        on_round(pending.record)
+
+
+def _keep(ctx: RoundContext, run: _RunState, record: RoundRecord) -> None:
+    """Add the round's record (its evaluation pending) and checkpoint the run's state."""
+    run.records.append(record)
+    run.pending = PendingEvaluation(record, run.arrays)
+    if ctx.cfg.output_dir:
+        save_checkpoint(
+            ctx.cfg.output_dir,
+            Checkpoint(record.round, run.arrays, ctx.strategy, ctx.privacy, run.records, run.seen,
+                       ctx.run_id, to_flower_config(ctx.cfg)),
+        )  # fmt: skip
 
 
 def round_as_dict(record: RoundRecord) -> dict[str, object]:

@@ -87,7 +87,9 @@ class SecAggRoundResult:
     abort_reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json "secagg" entry
     prepared_next: PreparedSetup | None = None  # the next round's key stages, if pipelined
-    site_metrics: dict[str, MetricRecord] = field(default_factory=dict)  # masked-input metrics
+    # site → the plaintext METRICS of its masked-input reply (train metrics, and the received
+    # model's eval metrics when asked: server/rounds.py reads those)
+    site_metrics: dict[str, MetricRecord] = field(default_factory=dict)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from privacy.secagg import masking, records
 from privacy.secagg.layout import VectorLayout
 from privacy.secagg.quantise import quantise
 from server.outputs import metrics_document
+from server.round_context import RoundContext
 from server.rounds import run_rounds
 from strategies.registry import build_strategy
 
@@ -79,7 +80,8 @@ class Federation:
         if strategy:
             self.cfg.strategy.name = strategy
         strategy_object = build_strategy(self.cfg.strategy)
-        return run_rounds(self.grid, self.cfg, strategy_object, self.initial, None, privacy=privacy)
+        context = RoundContext(self.grid, self.cfg, strategy_object, privacy)
+        return run_rounds(context, self.initial)
 
     def expected_sum_sha256(self, server_round: int, summary: dict, survivors: list[str]) -> str:
         """The SHA-256 of Σ quantised updates, each survivor's recomputed here independently."""
