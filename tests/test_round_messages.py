@@ -27,11 +27,11 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, to_flower_config
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import initial_model
+from fedgov_data.federation import simulated_federation
 from privacy.secagg import records
 from server.privacy_round import PrivacyRound
 from server.round_context import RoundContext
 from server.rounds import RoundRecord, RunResult, run_rounds
-from simulations.federation import simulated_federation
 from strategies.registry import build_strategy
 
 TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
