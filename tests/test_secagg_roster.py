@@ -373,7 +373,7 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
     from flwr.app import Context, RecordDict
 
     from clients import secagg as client_secagg
-    from fedgov.cli import main
+    from fedgov_cli.main import main
     from privacy.secagg.protocol import ProtocolRefusal
 
     members = [tmp_path / "gov" / f"member-{m}.pem" for m in range(3)]
@@ -422,7 +422,7 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
 def test_site_init_refuses_an_unusable_governance_anchor_in_one_line_and_writes_nothing(
     tmp_path, capsys, content, expected
 ):
-    from fedgov.cli import main
+    from fedgov_cli.main import main
 
     data, schema = _medpar_site_files(tmp_path / "data")
     anchor_file = tmp_path / "anchor.json"
