@@ -52,13 +52,38 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. An exited process its parent has not yet
+    collected (a zombie) counts as gone: ``killpg(pgid, 0)`` alone would wait out the whole
+    grace period for a helper that stopped at once."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    members = _group_states(pgid)
+    return members is None or any(state != "Z" for state in members)
+
+
+def _group_states(pgid: int) -> list[str] | None:
+    """The states (``R``, ``S``, ``Z``, ...) of group ``pgid``'s processes from /proc; None
+    where /proc cannot tell."""
+    states = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 2 and int(fields[2]) == pgid:  # after ")": state, ppid, pgrp
+            states.append(fields[0].decode())
+    return states
 
 
 def stop_groups(pgids: Iterable[int], grace: float = GRACE_SECONDS) -> None:

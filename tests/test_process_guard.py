@@ -96,3 +96,27 @@ def test_a_lock_refuses_a_second_holder_and_dies_with_the_first(tmp_path):
     hold_lock(lock, "unexpected: {pid}")  # the kernel dropped the dead holder's lock
     assert lock.read_text().strip() == str(os.getpid())
     release_lock(lock)
+
+
+def test_an_exited_helper_not_yet_collected_counts_as_stopped():
+    """A helper that exits on SIGTERM stays a zombie until its parent waits for it; stopping
+    its group must see it gone (not wait out the grace period), and the exit status is kept."""
+    from fedgov.process_guard import _group_alive, stop_groups
+
+    helper = subprocess.Popen(SLEEPER, start_new_session=True)
+    try:
+        assert _group_alive(helper.pid)
+        os.kill(helper.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(f"/proc/{helper.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        os.killpg(helper.pid, 0)  # the kernel still lists the group: the old check said alive
+        assert not _group_alive(helper.pid)
+        stop_groups([helper.pid], grace=600)  # returns at once: nothing is left to stop
+        assert helper.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        helper.kill()
+        helper.wait()
