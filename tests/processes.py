@@ -247,8 +247,8 @@ class ProcessGroup:
 #: has asserted what it asserts by then, so nothing depends on a graceful stop; a test that checks
 #: one (an exit status, a log line) stops that process itself first. Measured on a loaded 2-core
 #: machine: ``fedgov server start`` takes 30 s or more to exit on SIGTERM (it waits out its
-#: SuperLink group's 30-s grace, its own SuperLink exited but not yet reaped), a site daemon about
-#: 10 s (its process guard's grace), so a 10-s grace here was spent in full by every such test.
+#: SuperLink group's 30-s grace, its own SuperLink exited but not yet reaped), a site daemon
+#: 10 s or more (its process guard's grace), so a 10-s grace here was spent in full by such tests.
 TEARDOWN_GRACE_SECONDS = 3.0
 
 
