@@ -243,11 +243,21 @@ class ProcessGroup:
         return self.describe(self.live_pids())
 
 
+#: Seconds between SIGTERM and SIGKILL when a test's processes are stopped at its end. The test
+#: has asserted what it asserts by then, so nothing depends on a graceful stop; a test that checks
+#: one (an exit status, a log line) stops that process itself first. Measured on a loaded 2-core
+#: machine: ``fedgov server start`` takes 30 s or more to exit on SIGTERM (it waits out its
+#: SuperLink group's 30-s grace, its own SuperLink exited but not yet reaped), a site daemon
+#: 10 s or more (its process guard's grace), so a 10-s grace here was spent in full by such tests.
+TEARDOWN_GRACE_SECONDS = 3.0
+
+
 @contextmanager
 def managed_processes(
     log_dir: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[ProcessGroup]:
-    """A :class:`ProcessGroup` whose processes are all stopped on exit, failure or not.
+    """A :class:`ProcessGroup` whose processes are all stopped on exit, failure or not
+    (SIGTERM, then SIGKILL after :data:`TEARDOWN_GRACE_SECONDS`).
 
     On a clean exit it raises AssertionError if anything survived; after a failure it only stops
     (so the original error is the one reported). Use it from a fixture::
@@ -261,7 +271,7 @@ def managed_processes(
     try:
         yield group
     finally:
-        left = group.stop_all()
+        left = group.stop_all(grace=TEARDOWN_GRACE_SECONDS)
     assert not left, f"processes outlived the test: {left}"
 
 
