@@ -313,11 +313,9 @@ def test_user_plugins_under_sample_dp_account_every_round(simulate):
     assert sorted(sites) == ["east", "north", "south"]
     for site in sites.values():
         accountant = RDPAccountant()
-        for entry in site["history"]:
-            accountant.history.append(
-                (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
-            )
-        assert len(site["history"]) == 1
+        (sigma, rate, steps), *later = site["history"]  # one round: one (σ, q, steps)
+        assert later == [] and sigma == 1.0 and 0 < rate < 1 and steps >= 1
+        accountant.history.append((sigma, rate, steps))
         assert site["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
     # The model trained (DP noise included) and kept the user model's shape.
     weights = _final_weights(run_dir)
