@@ -322,3 +322,60 @@ def test_user_plugins_under_sample_dp_account_every_round(simulate):
     assert sum(w.size for w in weights.values()) == 26
     start = _independent_run(rounds=0)
     assert any(not np.allclose(weights[k], start[k]) for k in start)
+
+
+def test_a_spec_registered_under_a_short_name_is_built_with_its_own_fields():
+    """docs/extending.md's registration: a name, a config dataclass, an aggregate kind."""
+    from dataclasses import asdict, dataclass
+
+    from examples.fedavgm import FedAvgM
+    from fedgov.config import StrategyConfig
+    from strategies.registry import ADDRESS_ALL, STRATEGIES, StrategySpec, build_strategy
+
+    @dataclass
+    class FedAvgMConfig:
+        server_lr: float = 1.0
+        server_momentum: float = 0.9
+
+    spec = StrategySpec(
+        build=lambda o: FedAvgM(**ADDRESS_ALL, **asdict(o)),
+        config_cls=FedAvgMConfig,
+        aggregate="mean",
+    )
+    STRATEGIES.register("fedavgm", spec)
+    try:
+        strategy = build_strategy(StrategyConfig("fedavgm", {"server_momentum": 0.25}))
+        assert isinstance(strategy, FedAvgM)
+        assert (strategy.server_lr, strategy.server_momentum) == (1.0, 0.25)
+        assert strategy.fraction_train == 1.0
+        with pytest.raises(ConfigError, match=r"^strategy.momentum: not a field"):
+            build_strategy(StrategyConfig("fedavgm", {"momentum": 0.25}))
+    finally:
+        del STRATEGIES.entries["fedavgm"]
+
+
+def test_the_per_update_example_takes_the_coordinate_median(monkeypatch):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from examples.median import CoordinateMedian
+    from fedgov.config import StrategyConfig
+    from strategies.registry import build_strategy
+
+    strategy = build_strategy(StrategyConfig("examples.median.CoordinateMedian"))
+    assert isinstance(strategy, CoordinateMedian)
+    for attribute in ("_task_id", "_run_id", "_node_id"):  # replies are stamped by this task
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    rng = np.random.default_rng(0)
+    sites = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(5)]
+    replies = [
+        Message(
+            RecordDict({"arrays": ArrayRecord([w]), "metrics": MetricRecord({"num-examples": 10})}),
+            dst_node_id=i + 1,
+            message_type="train",
+        )
+        for i, w in enumerate(sites)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    (median,) = arrays.to_numpy_ndarrays()
+    np.testing.assert_array_equal(median, np.median(np.stack(sites), axis=0))
