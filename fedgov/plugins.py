@@ -16,12 +16,14 @@ expected. No torch or flwr import here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import importlib
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -43,17 +45,55 @@ def is_target(name: str) -> bool:
     return "." in name
 
 
+#: Module prefixes a ``_target_`` may come from in this context; None = any (the coordinator's
+#: own config, a simulation). A deployed site parses the coordinator's run config under its
+#: operator's list (:func:`site_plugin_modules`), so the coordinator cannot make it import code.
+_ALLOWED_MODULES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "fedgov_plugin_modules", default=None
+)
+#: A site's node config key: the comma-separated module prefixes its operator lets runs import.
+SITE_PLUGIN_MODULES_KEY = "plugin-modules"
+
+
+@contextlib.contextmanager
+def only_modules(prefixes: tuple[str, ...] | None) -> Iterator[None]:
+    """Within the block, a ``_target_`` outside ``prefixes`` is refused before any import."""
+    token = _ALLOWED_MODULES.set(prefixes)
+    try:
+        yield
+    finally:
+        _ALLOWED_MODULES.reset(token)
+
+
+def site_plugin_modules(node_config: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The module prefixes a site lets a run's ``_target_`` import: its node config's
+    ``plugin-modules`` (none when absent); None (any) for a simulated site (``partition-id``),
+    which runs on the researcher's own machine."""
+    if "partition-id" in node_config:
+        return None
+    text = str(node_config.get(SITE_PLUGIN_MODULES_KEY, "") or "")
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def import_target(where: str, path: str, expected: str) -> Any:
     """The object at dotted ``path`` (module path, then attributes); ConfigError naming ``where``.
 
     ``mypkg.sub.Class`` imports ``mypkg.sub`` and returns its ``Class``; ``mypkg.sub.Class.attr``
-    works too (the longest importable module prefix is used).
+    works too (the longest importable module prefix is used). Under :func:`only_modules` a path
+    outside the allowed prefixes is refused before anything is imported.
     """
     parts = path.split(".")
     if len(parts) < 2 or not all(part.isidentifier() for part in parts):
         raise ConfigError(
             f"{where}: '{path}' is not a dotted import path (expected {expected}, "
             "as package.module.Name)"
+        )
+    allowed = _ALLOWED_MODULES.get()
+    if allowed is not None and not any(path.startswith(f"{prefix}.") for prefix in allowed):
+        raise ConfigError(
+            f"{where}: '{path}' is not from a module this site allows (node config "
+            f"'{SITE_PLUGIN_MODULES_KEY}': {', '.join(allowed) or 'none'}); a site imports only "
+            "code its operator lists"
         )
     module = None
     for cut in range(len(parts) - 1, 0, -1):

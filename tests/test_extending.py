@@ -379,3 +379,38 @@ def test_the_per_update_example_takes_the_coordinate_median(monkeypatch):
     arrays, _ = strategy.aggregate_train(1, replies)
     (median,) = arrays.to_numpy_ndarrays()
     np.testing.assert_array_equal(median, np.median(np.stack(sites), axis=0))
+
+
+def test_a_deployed_site_imports_no_target_its_operator_did_not_list(tmp_path, monkeypatch):
+    """The adversary is the coordinator: its run config names a module that acts on import. A
+    deployed site (no partition-id) refuses in one line before importing it; the module the
+    site's node config lists is imported as usual."""
+    from flwr.app import Context, RecordDict
+
+    from clients import app as client_app
+
+    (tmp_path / "evilmod.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').write('imported')\n"
+        "class Objective:\n    def penalty(self, params, start):\n        return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flat = to_flower_config(_config())
+    flat["objective.name"] = "evilmod.Objective"
+
+    def site(node_config: dict) -> Context:
+        return Context(
+            run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=flat
+        )
+
+    for node_config in ({"data-path": "rows.csv"}, {"plugin-modules": "examples, mypkg"}):
+        with pytest.raises(ConfigError) as info:
+            client_app._config(site(node_config))
+        assert str(info.value).startswith("objective._target_: 'evilmod.Objective' is not from a")
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "ran").exists() and "evilmod" not in sys.modules
+    # Listed by the site operator (or a simulated site): imported and used.
+    for node_config in ({"plugin-modules": "mypkg,evilmod"}, {"partition-id": 0}):
+        cfg = client_app._config(site(node_config))
+        assert cfg.objective.name == "evilmod.Objective"
+    assert (tmp_path / "ran").read_text() == "imported"
+    monkeypatch.delitem(sys.modules, "evilmod")
