@@ -535,6 +535,13 @@ def validate_registry(cfg: RunConfig) -> None:
             f"registry.model_name: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting "
             "with a letter or digit"
         )
+    if cfg.registry.publish and ("." in cfg.model.name or cfg.model.options):
+        # Serving rebuilds a model by its registered name and model.hidden from a manifest; it
+        # never imports code a manifest names.
+        raise ConfigError(
+            f"registry.publish: model '{cfg.model.name}' is a _target_ model or has its own "
+            "fields; the registry publishes registered models (mlp, logreg, cnn, gabor) only"
+        )
 
 
 def validate_secagg(cfg: RunConfig) -> None:

@@ -101,6 +101,11 @@ def test_user_plugins_compose_and_survive_flowers_flat_run_config():
         ),
         (["strategy=fedprox", "strategy.proximal_mu=-1"], "strategy.proximal_mu", "minimum 0"),
         (["dataset.partitioner=examples.nowhere.split"], "partitioner._target_", "nowhere"),
+        (
+            ["model._target_=examples.tiny_mlp.TinyMLP", "registry.publish=true"],
+            "registry.publish",
+            "registered models",
+        ),
     ],
 )
 def test_a_bad_target_or_option_is_one_line_naming_it(overrides, start, expected):
