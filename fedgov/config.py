@@ -411,11 +411,14 @@ def check_plugins(cfg: RunConfig) -> None:
     from simulations.partitioners import PARTITIONERS
     from strategies.registry import strategy_spec
 
+    def own(group: str) -> tuple[str, ...]:  # the group's keys, for "did you mean"
+        return tuple(f.name for f in dataclasses.fields(getattr(cfg, group)))
+
     dataset = DATASETS.resolve(cfg.dataset.name)
-    check_options("dataset", cfg.dataset.options, dataset.config_cls)
+    check_options("dataset", cfg.dataset.options, dataset.config_cls, own("dataset"))
     PARTITIONERS.resolve(cfg.dataset.partitioner)
     model = MODELS.resolve(cfg.model.name)
-    check_options("model", cfg.model.options, model.config_cls)
+    check_options("model", cfg.model.options, model.config_cls, own("model"))
     strategy_spec(cfg.strategy)
     objective = OBJECTIVES.resolve(cfg.objective.name)
     check_options("objective", cfg.objective.options, objective.config_cls)

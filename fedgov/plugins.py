@@ -211,11 +211,14 @@ def signature_config(obj: Callable[..., Any], skip: tuple[str, ...] = ()) -> typ
     return dataclasses.make_dataclass(f"{name}Options", fields)
 
 
-def check_options(where: str, options: Mapping[str, Any], config_cls: type) -> Any:
+def check_options(
+    where: str, options: Mapping[str, Any], config_cls: type, group_fields: tuple[str, ...] = ()
+) -> Any:
     """``config_cls(**options)`` with every name and type checked; ConfigError naming the field.
 
     ``where`` is the config group (``strategy``); an error names ``strategy.<field>``. A config
-    dataclass may check ranges in ``__post_init__`` by raising ConfigError.
+    dataclass may check ranges in ``__post_init__`` by raising ConfigError. ``group_fields``: the
+    group's own keys (``model.hidden``), offered too when a key looks misspelt.
     """
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     try:
@@ -224,7 +227,7 @@ def check_options(where: str, options: Mapping[str, Any], config_cls: type) -> A
         hints = {}
     for key in options:
         if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=1)
+            hint = difflib.get_close_matches(key, [*fields, *group_fields], n=1)
             suffix = f"; did you mean '{hint[0]}'?" if hint else ""
             known = ", ".join(fields) or "none"
             raise ConfigError(

@@ -100,6 +100,7 @@ def test_user_plugins_compose_and_survive_flowers_flat_run_config():
             "expected float",
         ),
         (["strategy=fedprox", "strategy.proximal_mu=-1"], "strategy.proximal_mu", "minimum 0"),
+        (["+model.hiden=8"], "model.hiden", "did you mean 'hidden'?"),
         (["dataset.partitioner=examples.nowhere.split"], "partitioner._target_", "nowhere"),
         (
             ["model._target_=examples.tiny_mlp.TinyMLP", "registry.publish=true"],
