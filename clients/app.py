@@ -26,6 +26,7 @@ from fedgov.config import RunConfig, from_flower_config, sample_level_on
 from fedgov.datasets import schema_digest
 from fedgov.errors import DataValidationError
 from fedgov.evaluation import EvalResult, evaluate
+from fedgov.plugins import only_modules, site_plugin_modules
 from privacy.secagg.protocol import ABORT, CONSISTENCY, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
 
@@ -37,19 +38,24 @@ logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=4)
-def _run_config(items: tuple[tuple[str, object], ...]) -> RunConfig:
-    return from_flower_config(dict(items))
+def _run_config(
+    items: tuple[tuple[str, object], ...], plugin_modules: tuple[str, ...] | None
+) -> RunConfig:
+    # A `_target_` in the coordinator's config imports code only from the modules the site allows.
+    with only_modules(plugin_modules):
+        return from_flower_config(dict(items))
 
 
 def _config(context: Context) -> RunConfig:
-    return _run_config(tuple(sorted(context.run_config.items())))
+    allowed = site_plugin_modules(context.node_config)
+    return _run_config(tuple(sorted(context.run_config.items())), allowed)
 
 
 def _prepare(context: Context) -> tuple[RunConfig, SiteData]:
     # One thread per site: the simulation runs several sites on a few cores, and a deployed
     # site's tiny models gain nothing from more.
     torch.set_num_threads(1)
-    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    cfg = _config(context)
     return cfg, load_site_data(cfg, context.node_config)
 
 

@@ -2,8 +2,9 @@
 
 Every step: each record joins the batch independently with probability q; every record's gradient
 is clipped to L2 norm ≤ C; N(0, (σC)²) noise is added to the sum, which is divided by the expected
-batch size q·n; SGD with momentum takes the step (post-processing, as is FedProx's proximal term,
-which depends on the weights only). That is Opacus' DP-SGD with Poisson sampling and flat clipping,
+batch size q·n; SGD with momentum takes the step (post-processing, as is the local objective's
+penalty gradient — ``fedgov.objectives``, e.g. FedProx's proximal term —, which depends on the
+weights only). That is Opacus' DP-SGD with Poisson sampling and flat clipping,
 and what :mod:`privacy.accounting` accounts for: ``steps`` compositions of the subsampled Gaussian
 mechanism with (σ, q).
 
@@ -27,6 +28,7 @@ from torch import nn
 from clients.training import TrainResult
 from fedgov.config import TrainConfig
 from fedgov.datasets import Dataset
+from fedgov.objectives import LocalObjective, ObjectiveTerm, bind, resolve_objective
 from privacy.dp_sgd import FusedClipper
 
 
@@ -58,21 +60,20 @@ def train_local_dp(
     sampling_seed: int,
     noise_seed: int,
     grad_sample_mode: str = "fused",
+    objective: LocalObjective | None = None,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
     """``plan.steps`` DP-SGD steps on ``rows``; ``train_loss`` is the mean loss of the sampled
-    records (it stays at the site: it is not differentially private)."""
+    records (it stays at the site: it is not differentially private). ``objective``'s penalty
+    gradient (or FedProx's for a bare ``proximal_mu``) joins the noisy gradient."""
     if len(rows.y) != plan.num_records:
         raise ValueError(f"plan is for {plan.num_records} records, the site has {len(rows.y)}")
+    term = bind(resolve_objective(objective, proximal_mu), model)
     if grad_sample_mode == "fused":
-        return _train_fused(model, rows, settings, plan, sampling_seed, noise_seed, proximal_mu)
+        return _train_fused(model, rows, settings, plan, sampling_seed, noise_seed, term)
     return _train_opacus(
-        model, rows, settings, plan, sampling_seed, noise_seed, proximal_mu, grad_sample_mode
+        model, rows, settings, plan, sampling_seed, noise_seed, term, grad_sample_mode
     )
-
-
-def _proximal_terms(model: nn.Module, proximal_mu: float) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
 
 
 def _train_fused(
@@ -82,13 +83,12 @@ def _train_fused(
     plan: DpSgdPlan,
     sampling_seed: int,
     noise_seed: int,
-    proximal_mu: float,
+    term: ObjectiveTerm | None,
 ) -> TrainResult:
     x, y = torch.from_numpy(rows.x), torch.from_numpy(rows.y)
     sampler = torch.Generator().manual_seed(sampling_seed)
     noise = torch.Generator().manual_seed(noise_seed)
     params = list(model.parameters())
-    start = _proximal_terms(model, proximal_mu)
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     noise_std = plan.noise_multiplier * plan.max_grad_norm
     clipper = FusedClipper(model)
@@ -104,8 +104,8 @@ def _train_fused(
                 for p in params:
                     draw = torch.randn(p.shape, generator=noise, dtype=p.dtype)
                     p.grad.add_(draw, alpha=noise_std).div_(plan.expected_batch_size)
-                for p, p0 in zip(params, start, strict=False):
-                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            if term is not None:
+                term.add_gradient(params)
             optimizer.step()
     finally:
         clipper.remove()
@@ -152,7 +152,7 @@ def _train_opacus(
     plan: DpSgdPlan,
     sampling_seed: int,
     noise_seed: int,
-    proximal_mu: float,
+    term: ObjectiveTerm | None,
     grad_sample_mode: str,
 ) -> TrainResult:
     from opacus import PrivacyEngine
@@ -163,7 +163,6 @@ def _train_opacus(
     loader = torch.utils.data.DataLoader(_Rows(x, y), batch_size=batch_size, collate_fn=_collate)
     if len(loader) != batches_per_epoch:
         raise ValueError(f"cannot express sampling rate {plan.sample_rate} as Opacus batches")
-    start = _proximal_terms(model, proximal_mu)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     # Opacus' Poisson sampler draws from torch's global generator: seed it with the site secret.
     torch.manual_seed(sampling_seed)
@@ -199,11 +198,9 @@ def _train_opacus(
                 loss.backward()
                 if len(yb):
                     total_loss, total_batches = total_loss + float(loss.detach()), total_batches + 1
-                if start:
+                if term is not None:
                     if dp_optimizer.pre_step():
-                        with torch.no_grad():
-                            for p, p0 in zip(dp_optimizer.params, start, strict=True):
-                                p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+                        term.add_gradient(dp_optimizer.params)
                         dp_optimizer.original_optimizer.step()
                 else:
                     dp_optimizer.step()

@@ -9,6 +9,7 @@ The node config decides, never the server's messages:
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     d = cfg.dataset
     return _load(
         key, d.name, d.partitioner, d.alpha, d.holdout_fraction, d.test_fraction,
-        cfg.federation.num_sites, cfg.seed,
+        cfg.federation.num_sites, cfg.seed, json.dumps(d.options, sort_keys=True),
     )  # fmt: skip
 
 
@@ -57,6 +58,7 @@ def _load(
     test_fraction: float,
     num_sites: int,
     seed: int,
+    dataset_options: str = "{}",
 ) -> SiteData:
     node_config = dict(node_items)
     if "data-path" in node_config:
@@ -71,6 +73,7 @@ def _load(
         cfg = RunConfig()
         cfg.dataset.name, cfg.dataset.partitioner, cfg.dataset.alpha = name, partitioner, alpha
         cfg.dataset.holdout_fraction = holdout_fraction
+        cfg.dataset.options = json.loads(dataset_options)
         cfg.federation.num_sites, cfg.seed = num_sites, seed
         federation = simulated_federation(cfg)
         index = int(node_config["partition-id"])

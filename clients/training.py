@@ -11,6 +11,7 @@ from torch import nn
 
 from fedgov.config import TrainConfig
 from fedgov.datasets import Dataset
+from fedgov.objectives import LocalObjective, bind, resolve_objective
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,14 @@ def train_local(
     settings: TrainConfig,
     *,
     seed: int,
+    objective: LocalObjective | None = None,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
     """SGD with momentum for ``settings.local_epochs`` over ``rows``, shuffled by ``seed``.
 
-    With ``proximal_mu`` > 0 the loss gains FedProx's μ/2·‖w − w_start‖², w_start being the
-    global weights the round started from.
+    ``objective``'s penalty (``fedgov.objectives``) joins the loss; ``proximal_mu`` > 0 without
+    an objective is FedProx's μ/2·‖w − w_start‖², w_start being the round's global weights.
+    ``train_loss`` is the data loss only.
     """
     x = torch.from_numpy(rows.x)
     y = torch.from_numpy(rows.y)
@@ -50,7 +53,7 @@ def train_local(
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     criterion = nn.CrossEntropyLoss()
-    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    term = bind(resolve_objective(objective, proximal_mu), model)
     model.train()
     total_loss, steps = 0.0, 0
     for _ in range(settings.local_epochs):
@@ -60,11 +63,9 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(x[batch]), y[batch])
             total_loss += float(loss.detach())
-            if start:
-                loss = loss + 0.5 * proximal_mu * sum(
-                    (p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), start, strict=True)
-                )
             loss.backward()
+            if term is not None:
+                term.add_gradient(model.parameters())
             optimizer.step()
             steps += 1
     return TrainResult(train_loss=total_loss / steps, num_examples=n, steps=steps)

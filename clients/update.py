@@ -19,6 +19,7 @@ from clients.training import TrainResult, site_round_seed, train_local
 from fedgov import messages as keys
 from fedgov.config import RunConfig, sample_level_on, site_level_on
 from fedgov.models import build_model
+from fedgov.objectives import build_objective
 from fedgov.records import arrays_to_numpy, load_array_record
 
 
@@ -62,7 +63,10 @@ def rows_sha256(site: SiteData) -> str:
 def site_model(cfg: RunConfig, site: SiteData, arrays: ArrayRecord) -> torch.nn.Module:
     """The run's model for this site's schema, loaded with ``arrays``."""
     schema = site.schema
-    model = build_model(cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden)
+    classes = len(schema.classes)
+    model = build_model(
+        cfg.model.name, schema.input_shape, classes, cfg.model.hidden, cfg.model.options
+    )
     load_array_record(model, arrays)
     return model
 
@@ -133,7 +137,7 @@ def _compute_update(
     if reason := policy_violation(policy, cfg, server_round, site.schema.feature_names):
         raise SiteDeclined(reason)
     model = site_model(cfg, site, global_arrays)
-    proximal_mu = float(config.get("proximal-mu", 0.0))
+    objective = build_objective(cfg.objective.name, cfg.objective.options, config)
     budget = None
     if sample_level_on(cfg):
         from clients.dp_training import train_local_dp
@@ -152,7 +156,7 @@ def _compute_update(
         result = train_local_dp(
             model, site.train, cfg.train, budget.plan, sampling_seed=sampling_seed,
             noise_seed=noise_seed, grad_sample_mode=cfg.privacy.grad_sample_mode,
-            proximal_mu=proximal_mu,
+            objective=objective,
         )  # fmt: skip
     else:
         result = train_local(
@@ -160,7 +164,7 @@ def _compute_update(
             site.train,
             cfg.train,
             seed=site_round_seed(cfg.seed, server_round, site.site_id),
-            proximal_mu=proximal_mu,
+            objective=objective,
         )
     arrays = ArrayRecord(model.state_dict())
     if site_level_on(cfg):

@@ -4,37 +4,40 @@ Hydra composes `conf/` onto :class:`RunConfig` (so a typo or a wrong type fails 
 runs); :func:`to_flower_config` flattens it into Flower's flat run config (``"strategy.name"``,
 ``"rounds"``, ...), which is also what ``[tool.flwr.app.config]`` in ``pyproject.toml`` holds, and
 :func:`from_flower_config` rebuilds the typed object inside the ServerApp and ClientApp.
-Flower's run config holds only scalars (bool, int, float, str), so every field here is a scalar.
+Flower's run config holds only scalars (bool, int, float, str), so every field here is a scalar,
+except a plug-in's ``options`` (:data:`PLUGIN_GROUPS`), which travel as one JSON text each
+(``"strategy.options"``). In a Hydra config or a flat mapping a plug-in's fields sit directly in
+its group (``strategy.proximal_mu``) and ``<group>._target_`` names a plug-in by import path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedgov.errors import ConfigError
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
-MODEL_NAMES = ("mlp", "logreg", "cnn", "gabor")
-PARTITIONERS = ("natural", "iid", "dirichlet")
 SECAGG_NAMES = ("off", "secaggplus")
-# Strategies whose aggregate is a weighted mean, so a secure sum of the updates is all they need.
-SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PRIVACY_NAMES = ("none", "sample_dp", "site_dp", "both")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("fused", "hooks", "ghost", "ew", "functorch")
 SECAGG_DROPOUT_POLICIES = ("abort", "account")
-# Strategies that take a mean of the updates: site-level DP noise on the sum stays a mean of them.
-SITE_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+#: Config groups whose option is a plug-in (fedgov.plugins): named by ``name`` or ``_target_``,
+#: with the plug-in's own fields as ``options`` (JSON text in Flower's flat run config).
+PLUGIN_GROUPS = ("dataset", "model", "strategy", "objective")
+TARGET_KEY = "_target_"
 
 
 @dataclass
 class DatasetConfig:
     """Which data the simulated sites hold and how it is split among them."""
 
-    name: str = "randhie"
-    partitioner: str = "natural"  # natural (by site column) | iid | dirichlet (label skew)
+    name: str = "randhie"  # a bundled dataset, or a loader's dotted path (dataset._target_)
+    # natural (by site column) | iid | dirichlet (label skew) | a partitioner's dotted path
+    partitioner: str = "natural"
     alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
     holdout_fraction: float = 0.2  # share kept back for central evaluation (0 = none)
     test_fraction: float = 0.2  # share of each site's rows kept for its local evaluation
@@ -49,6 +52,8 @@ class DatasetConfig:
     # A site with its own data file and fewer rows than this declines ("too few rows"); simulated
     # sites (a bundled dataset's partitions) are not held to it.
     min_site_rows: int = 10
+    # A `_target_` loader's own fields (dataset.<field> in the config), e.g. its data folder.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,22 +64,33 @@ class ModelConfig:
     DP-friendly image model: far fewer trainable weights for DP-SGD's noise to land on.
     """
 
-    name: str = "mlp"
+    name: str = "mlp"  # a registered model (fedgov.models.MODELS) or a dotted path (_target_)
     hidden: int = 64  # width of the MLP's hidden layers / channels of the CNN's first conv
+    options: dict[str, Any] = field(default_factory=dict)  # the model's own further fields
 
 
 @dataclass
 class StrategyConfig:
-    """The aggregation rule; fields a rule does not use are ignored by it."""
+    """The aggregation rule: a registered strategy or a ``_target_`` path, and its own fields.
+
+    ``options`` holds the fields the strategy owns (``strategy.proximal_mu`` for fedprox, ...),
+    checked against its spec's config dataclass (``strategies.registry``).
+    """
 
     name: str = "fedavg"
-    proximal_mu: float = 0.0  # FedProx: weight of the proximal term μ/2·‖w − w_global‖²
-    server_lr: float = 0.1  # FedAdam: server learning rate η
-    server_tau: float = 1e-3  # FedAdam: adaptivity τ
-    beta_1: float = 0.9  # FedAdam
-    beta_2: float = 0.99  # FedAdam
-    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut from each end, in [0, 0.5)
-    num_malicious: int = 0  # Krum: number of Byzantine sites tolerated
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The sites' local objective: a hook on the training loss (``fedgov.objectives``).
+
+    ``proximal`` (the default) adds FedProx's μ/2·‖w − w_global‖² when the round's train config
+    carries ``proximal-mu`` (fedprox sends it), nothing otherwise.
+    """
+
+    name: str = "proximal"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +206,7 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -197,8 +214,37 @@ class RunConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
+def hydra_schema() -> type:
+    """:class:`RunConfig` as Hydra's schema (``run_schema``): every group typed, except the plug-in
+    groups, which are open mappings: the group's fields (``dataset.holdout_fraction``),
+    ``_target_`` (default "") and whatever fields the chosen plug-in owns (from its YAML, or
+    added with ``+``)."""
+    hints = typing.get_type_hints(RunConfig)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in PLUGIN_GROUPS:
+            fields.append((f.name, dict[str, Any], field(default_factory=_open_group(f.name))))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, hints[f.name], field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, hints[f.name], field(default=f.default)))
+    return dataclasses.make_dataclass("RunSchema", fields)
+
+
+def _open_group(group: str) -> Any:
+    """The Hydra default of a plug-in group: its own fields' defaults, and ``_target_: ""``."""
+
+    def default() -> dict[str, Any]:
+        values = dataclasses.asdict(getattr(RunConfig(), group))
+        values.pop("options")
+        return {**values, TARGET_KEY: ""}
+
+    return default
+
+
 def to_flower_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
-    """Flatten to Flower's run config: nested fields become dotted keys (``"dataset.name"``)."""
+    """Flatten to Flower's run config: nested fields become dotted keys (``"dataset.name"``);
+    a plug-in's options become one JSON text (``"strategy.options"``)."""
     flat: dict[str, bool | int | float | str] = {}
 
     def walk(obj: Any, prefix: str) -> None:
@@ -207,6 +253,8 @@ def to_flower_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(value):
                 walk(value, f"{key}.")
+            elif isinstance(value, dict):
+                flat[key] = json.dumps(value, sort_keys=True, separators=(",", ":"))
             else:
                 flat[key] = value
 
@@ -215,19 +263,59 @@ def to_flower_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
 
 
 def from_flower_config(flat: dict[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from Flower's flat run config, checking names and types."""
+    """Rebuild a :class:`RunConfig` from Flower's flat run config, checking names and types.
+
+    In a plug-in group (:data:`PLUGIN_GROUPS`) ``<group>._target_`` (when not empty) replaces
+    ``<group>.name`` and any key the group's dataclass lacks is one of the plug-in's options
+    (checked against the plug-in by :func:`validate`).
+    """
     cfg = RunConfig()
     known = to_flower_config(cfg)
+    targets: dict[str, str] = {}
     for key, value in flat.items():
+        group, _, leaf = key.partition(".")
+        if group in PLUGIN_GROUPS and leaf and key not in known:
+            options = getattr(cfg, group).options
+            if leaf == TARGET_KEY:
+                if value not in ("", None):
+                    targets[group] = _coerce(key, value, str)
+                    if "." not in targets[group]:
+                        raise ConfigError(
+                            f"{key}: '{value}' is not a dotted import path (expected "
+                            "package.module.Name)"
+                        )
+            elif value is not None:
+                options[leaf] = value
+            continue
         if key not in known:
             raise ConfigError(f"run config: unknown key '{key}' (known keys: {', '.join(known)})")
         *parents, leaf = key.split(".")
         target: Any = cfg
         for part in parents:
             target = getattr(target, part)
+        if leaf == "options" and parents and parents[0] in PLUGIN_GROUPS:
+            target.options = {**_options_json(key, value), **target.options}
+            continue
         setattr(target, leaf, _coerce(key, value, type(known[key])))
+    for group, path in targets.items():
+        getattr(cfg, group).name = path
     validate(cfg)
     return cfg
+
+
+def _options_json(key: str, value: Any) -> dict[str, Any]:
+    """A plug-in's options from their JSON text (or a mapping already)."""
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a JSON object as text, got {type(value).__name__}")
+    try:
+        options = json.loads(value or "{}")
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{key}: not valid JSON ({error.msg} at char {error.pos})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{key}: expected a JSON object, got {type(options).__name__}")
+    return options
 
 
 def from_mapping(data: dict[str, Any]) -> RunConfig:
@@ -236,13 +324,17 @@ def from_mapping(data: dict[str, Any]) -> RunConfig:
 
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not prefix.startswith(_OPTION_PREFIXES):
                 walk(value, f"{prefix}{key}.")
             else:
                 flat[f"{prefix}{key}"] = value
 
     walk(data, "")
     return from_flower_config(flat)
+
+
+# A plug-in's own field may hold a mapping: it stays one option, not a nested group.
+_OPTION_PREFIXES = tuple(f"{group}." for group in PLUGIN_GROUPS)
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:
@@ -260,7 +352,7 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check ranges and names that the types alone cannot; raise ConfigError naming the field."""
-    from fedgov.datasets import DATASET_NAMES, schema_from_json
+    from fedgov.datasets import schema_from_json
 
     def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
@@ -270,7 +362,7 @@ def validate(cfg: RunConfig) -> None:
         if value < low:
             raise ConfigError(f"{key}: {value} is below its minimum {low}")
 
-    choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
+    check_plugins(cfg)
     if cfg.dataset.schema:
         schema_from_json(cfg.dataset.schema)  # a bad schema fails here, before anything runs
     elif cfg.dataset.holdout:
@@ -278,9 +370,6 @@ def validate(cfg: RunConfig) -> None:
             "dataset.holdout: a coordinator hold-out needs the federation's schema "
             "(dataset.schema, or `fedgov run --schema FILE`)"
         )
-    choice("dataset.partitioner", cfg.dataset.partitioner, PARTITIONERS)
-    choice("model.name", cfg.model.name, MODEL_NAMES)
-    choice("strategy.name", cfg.strategy.name, STRATEGY_NAMES)
     choice("privacy.name", cfg.privacy.name, PRIVACY_NAMES)
     choice("secagg.name", cfg.secagg.name, SECAGG_NAMES)
     at_least("rounds", cfg.rounds, 1)
@@ -309,18 +398,43 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"dataset.test_fraction: {cfg.dataset.test_fraction} not in [0, 1)")
     if cfg.dataset.alpha <= 0:
         raise ConfigError(f"dataset.alpha: {cfg.dataset.alpha} must be > 0")
-    if not 0 <= cfg.strategy.trim_beta < 0.5:
-        raise ConfigError(f"strategy.trim_beta: {cfg.strategy.trim_beta} not in [0, 0.5)")
-    at_least("strategy.proximal_mu", cfg.strategy.proximal_mu, 0)
-    at_least("strategy.num_malicious", cfg.strategy.num_malicious, 0)
     validate_privacy(cfg)
     validate_secagg(cfg)
-    image = cfg.dataset.name in ("digits", "mnist5k") and not cfg.dataset.schema
-    if cfg.model.name in ("cnn", "gabor") and not image:
+
+
+def check_plugins(cfg: RunConfig) -> None:
+    """Every plug-in resolves (registered name or importable ``_target_``) and takes its options;
+    a model that needs images is refused on a bundled dataset that has none."""
+    from fedgov.datasets import DATASETS
+    from fedgov.models import MODELS
+    from fedgov.objectives import OBJECTIVES
+    from fedgov.plugins import check_options
+    from fedgov_data.partitioners import PARTITIONERS
+    from strategies.registry import strategy_spec
+
+    def own(group: str) -> tuple[str, ...]:  # the group's keys, for "did you mean"
+        return tuple(f.name for f in dataclasses.fields(getattr(cfg, group)))
+
+    dataset = DATASETS.resolve(cfg.dataset.name)
+    check_options("dataset", cfg.dataset.options, dataset.config_cls, own("dataset"))
+    PARTITIONERS.resolve(cfg.dataset.partitioner)
+    model = MODELS.resolve(cfg.model.name)
+    check_options("model", cfg.model.options, model.config_cls, own("model"))
+    strategy_spec(cfg.strategy)
+    objective = OBJECTIVES.resolve(cfg.objective.name)
+    check_options("objective", cfg.objective.options, objective.config_cls)
+    if model.needs_image and dataset.image is False and not cfg.dataset.schema:
         raise ConfigError(
-            f"model.name: '{cfg.model.name}' needs an image dataset (digits, mnist5k), not "
+            f"model.name: '{cfg.model.name}' needs an image dataset (e.g. digits, mnist5k), not "
             f"'{cfg.dataset.name}'"
         )
+
+
+def strategy_serves_a_sum(cfg: RunConfig) -> bool:
+    """Whether the run's strategy aggregates by a weighted mean (its spec's ``aggregate``)."""
+    from strategies.registry import strategy_spec
+
+    return strategy_spec(cfg.strategy).serves_a_sum
 
 
 def sample_level_on(cfg: RunConfig) -> bool:
@@ -389,11 +503,18 @@ def validate_privacy(cfg: RunConfig) -> None:
     if site_level_on(cfg):
         if p.site_noise_multiplier == 0:
             raise ConfigError("privacy.site_noise_multiplier: 0 gives no privacy; it must be > 0")
-        if cfg.strategy.name not in SITE_DP_STRATEGIES:
+        if not strategy_serves_a_sum(cfg):
             raise ConfigError(
                 f"strategy.name: '{cfg.strategy.name}' needs each site's update, which site-level "
-                f"DP hides; with privacy.name={p.name} use one of {', '.join(SITE_DP_STRATEGIES)}"
+                f"DP hides; with privacy.name={p.name} use a strategy whose spec aggregates by "
+                f"'mean' ({', '.join(_mean_strategies())})"
             )
+
+
+def _mean_strategies() -> list[str]:
+    from strategies.registry import STRATEGIES
+
+    return [name for name in STRATEGIES if STRATEGIES.resolve(name).serves_a_sum]
 
 
 def validate_registry(cfg: RunConfig) -> None:
@@ -406,6 +527,13 @@ def validate_registry(cfg: RunConfig) -> None:
             f"registry.model_name: '{name}' must be 1-64 of a-z, 0-9, '.', '_', '-' starting "
             "with a letter or digit"
         )
+    if cfg.registry.publish and ("." in cfg.model.name or cfg.model.options):
+        # Serving rebuilds a model by its registered name and model.hidden from a manifest; it
+        # never imports code a manifest names.
+        raise ConfigError(
+            f"registry.publish: model '{cfg.model.name}' is a _target_ model or has its own "
+            "fields; the registry publishes registered models (mlp, logreg, cnn, gabor) only"
+        )
 
 
 def validate_secagg(cfg: RunConfig) -> None:
@@ -413,11 +541,11 @@ def validate_secagg(cfg: RunConfig) -> None:
     s = cfg.secagg
     if s.name == "off":
         return
-    if cfg.strategy.name not in SECAGG_STRATEGIES:
+    if not strategy_serves_a_sum(cfg):
         raise ConfigError(
             f"secagg.name: '{s.name}' hides individual updates, but strategy "
-            f"'{cfg.strategy.name}' needs them; use one of {', '.join(SECAGG_STRATEGIES)} or "
-            "secagg=off"
+            f"'{cfg.strategy.name}' needs them (its spec aggregates 'per-update'); use a 'mean' "
+            f"strategy ({', '.join(_mean_strategies())}) or secagg=off"
         )
     if not (0.5 < s.threshold <= 1 or (s.threshold >= 2 and float(s.threshold).is_integer())):
         raise ConfigError(

@@ -13,18 +13,21 @@ statistics, so that every site feeds the model the same scale.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
+import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fedgov.errors import ConfigError, DataValidationError, check_keys
+from fedgov.errors import ConfigError, DataValidationError, FedgovError, check_keys
+from fedgov.plugins import NoOptions, Registry
 
 DATASET_NAMES: tuple[str, ...] = ("randhie", "medpar", "loans", "digits", "mnist5k", "synthetic")
 
@@ -585,3 +588,83 @@ def split_holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dat
 def split_train_test(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(train, test): a site's label-stratified local evaluation split; fraction 0 gives none."""
     return _stratified_split(ds, fraction, seed, "dataset.test_fraction")
+
+
+# ---- the dataset registry -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load one dataset for a simulated federation.
+
+    ``load(seed, num_sites, options)``: the whole :class:`Dataset` (rows normalised per its schema,
+    ``site`` holding each row's natural site, or "" when it has none); ``config_cls``: the
+    dataclass of the loader's own fields (``dataset.<field>``); ``image``: whether its input is an
+    image (C, H, W), None when unknown until loaded (a ``_target_`` loader).
+    """
+
+    load: Callable[[int, int, Any], Dataset]
+    config_cls: type
+    image: bool | None = None
+
+
+def _bundled(name: str) -> DatasetSpec:
+    def load(seed: int, num_sites: int, options: Any) -> Dataset:
+        return load_dataset(name, seed=seed, num_sites=num_sites)
+
+    return DatasetSpec(load, NoOptions, image=name in ("digits", "mnist5k"))
+
+
+def _dataset_from_target(where: str, obj: Any) -> DatasetSpec:
+    """A ``_target_`` object → a spec: a DatasetSpec as it is, a loader function adapted.
+
+    A loader is called with its own fields as keywords, plus ``seed`` and ``num_sites`` when it
+    takes them, and must return a :class:`Dataset`.
+    """
+    from fedgov.plugins import signature_config
+
+    if isinstance(obj, DatasetSpec):
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"{where}: {obj!r} is neither a DatasetSpec nor a loader function")
+    parameters = inspect.signature(obj).parameters
+    context = tuple(name for name in ("seed", "num_sites") if name in parameters)
+
+    def load(seed: int, num_sites: int, options: Any) -> Dataset:
+        given = {"seed": seed, "num_sites": num_sites}
+        loaded = obj(**{k: given[k] for k in context}, **dataclasses.asdict(options))
+        if not isinstance(loaded, Dataset):
+            raise ConfigError(
+                f"{where}: '{getattr(obj, '__qualname__', obj)}' returned a "
+                f"{type(loaded).__name__}, expected a fedgov.datasets.Dataset"
+            )
+        return loaded
+
+    return DatasetSpec(load, signature_config(obj, skip=("seed", "num_sites")), image=None)
+
+
+DATASETS: Registry[DatasetSpec] = Registry(
+    kind="dataset",
+    key="dataset.name",
+    expected="a DatasetSpec or a loader function returning a fedgov.datasets.Dataset",
+    adapt=_dataset_from_target,
+)
+for _name in DATASET_NAMES:
+    DATASETS.register(_name, _bundled(_name))
+
+
+def load_named_dataset(
+    name: str, options: Mapping[str, Any], *, seed: int = 0, num_sites: int = 0
+) -> Dataset:
+    """The dataset ``name`` names (bundled, registered or a ``_target_`` loader), with its
+    ``options``."""
+    from fedgov.plugins import check_options, one_line
+
+    spec = DATASETS.resolve(name)
+    checked = check_options("dataset", options, spec.config_cls)
+    try:
+        return spec.load(seed, num_sites or DEFAULT_SYNTHETIC_SITES, checked)
+    except FedgovError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"dataset.name: loading '{name}' failed ({one_line(error)})") from None

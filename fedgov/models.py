@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedgov.errors import ConfigError
+from fedgov.plugins import NoOptions, Registry, check_options, signature_config
 
 
 class LogisticRegression(nn.Module):
@@ -118,33 +124,114 @@ class GaborLinear(nn.Module):
         return self.head(self.features(x))
 
 
+# ---- the model registry -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model: ``build(input_shape, num_classes, hidden, options)`` → module.
+
+    ``config_cls``: the dataclass of the model's own fields (``model.<field>``); ``needs_image``:
+    whether it takes only (C, H, W) input, so a tabular dataset is refused before anything runs.
+    """
+
+    build: Callable[[tuple[int, ...], int, int, Any], nn.Module]
+    config_cls: type = NoOptions
+    needs_image: bool = False
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.name: '{name}' needs image input (C, H, W), got {input_shape}")
+    return input_shape
+
+
+def _model_from_target(where: str, obj: Any) -> ModelSpec:
+    """A ``_target_`` object → a spec: a ModelSpec as it is, an ``nn.Module`` class (or factory)
+    adapted: called with ``input_shape``, ``num_classes`` (and ``hidden`` when it takes it) and
+    its own fields as keywords."""
+    if isinstance(obj, ModelSpec):
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"{where}: {obj!r} is neither a ModelSpec nor an nn.Module class")
+    parameters = inspect.signature(obj).parameters
+    missing = [name for name in ("input_shape", "num_classes") if name not in parameters]
+    if missing:
+        raise ConfigError(
+            f"{where}: '{getattr(obj, '__qualname__', obj)}' takes no '{missing[0]}', expected "
+            "an nn.Module class taking input_shape and num_classes (and its own fields)"
+        )
+    takes_hidden = "hidden" in parameters
+
+    def build(input_shape: tuple[int, ...], num_classes: int, hidden: int, options: Any):
+        extra = {"hidden": hidden} if takes_hidden else {}
+        own = dataclasses.asdict(options)
+        model = obj(input_shape=input_shape, num_classes=num_classes, **extra, **own)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"{where}: '{getattr(obj, '__qualname__', obj)}' built a "
+                f"{type(model).__name__}, expected a torch.nn.Module"
+            )
+        return model
+
+    config = signature_config(obj, skip=("input_shape", "num_classes", "hidden"))
+    return ModelSpec(build, config, needs_image=bool(getattr(obj, "needs_image", False)))
+
+
+MODELS: Registry[ModelSpec] = Registry(
+    kind="model",
+    key="model.name",
+    expected="a ModelSpec or an nn.Module class taking input_shape and num_classes",
+    adapt=_model_from_target,
+)
+MODELS.register("mlp", ModelSpec(lambda shape, k, hidden, _: MLP(math.prod(shape), k, hidden)))
+MODELS.register(
+    "logreg", ModelSpec(lambda shape, k, hidden, _: LogisticRegression(math.prod(shape), k))
+)
+MODELS.register(
+    "cnn",
+    ModelSpec(
+        lambda shape, k, hidden, _: SmallCNN(
+            _image_shape("cnn", shape), k, channels=max(hidden // 4, 4)
+        ),
+        needs_image=True,
+    ),
+)
+MODELS.register(
+    "gabor",
+    ModelSpec(
+        lambda shape, k, hidden, _: GaborLinear(_image_shape("gabor", shape), k),
+        needs_image=True,
+    ),
+)
+
+
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: int = 64,
+    options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Build the model called ``name`` ("mlp", "logreg", "cnn", "gabor") for ``input_shape``."""
-    num_inputs = math.prod(input_shape)
-    if name == "mlp":
-        return MLP(num_inputs, num_classes, hidden)
-    if name == "logreg":
-        return LogisticRegression(num_inputs, num_classes)
-    if name == "cnn":
-        if len(input_shape) != 3:
-            raise ConfigError(f"model.name: 'cnn' needs image input (C, H, W), got {input_shape}")
-        return SmallCNN(input_shape, num_classes, channels=max(hidden // 4, 4))
-    if name == "gabor":
-        if len(input_shape) != 3:
-            raise ConfigError(f"model.name: 'gabor' needs image input (C, H, W), got {input_shape}")
-        return GaborLinear(input_shape, num_classes)
-    raise ConfigError(f"model.name: '{name}' is not one of mlp, logreg, cnn, gabor")
+    """Build the model ``name`` names (mlp, logreg, cnn, gabor, or a ``_target_`` path) for
+    ``input_shape`` with its own fields ``options``."""
+    spec = MODELS.resolve(name)
+    checked = check_options("model", options or {}, spec.config_cls)
+    return spec.build(tuple(input_shape), num_classes, hidden, checked)
 
 
 def initial_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int, seed: int
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: int,
+    seed: int,
+    options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The global model at round 0: same seed → the same initial weights on every machine."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return build_model(name, input_shape, num_classes, hidden)
+        return build_model(name, input_shape, num_classes, hidden, options)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -8,6 +8,7 @@ split independently; it is cached per process because sites load it every round.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from fedgov.datasets import (
     DEFAULT_SYNTHETIC_SITES,
     Dataset,
     DatasetSchema,
-    load_dataset,
+    load_named_dataset,
     schema_from_json,
     split_holdout,
 )
@@ -47,18 +48,26 @@ def resolved_num_sites(cfg: RunConfig) -> int:
 def simulated_federation(cfg: RunConfig) -> SimulatedFederation:
     """Split ``cfg.dataset`` into ``cfg.federation.num_sites`` sites (cached per process)."""
     d = cfg.dataset
-    return _federation(
-        d.name, d.partitioner, d.alpha, d.holdout_fraction, cfg.federation.num_sites, cfg.seed
-    )
+    options = json.dumps(d.options, sort_keys=True)  # hashable, for the cache
+    sites = cfg.federation.num_sites
+    return _federation(d.name, options, d.partitioner, d.alpha, d.holdout_fraction, sites, cfg.seed)
 
 
 @functools.lru_cache(maxsize=8)
 def _federation(
-    name: str, partitioner: str, alpha: float, holdout_fraction: float, num_sites: int, seed: int
+    name: str,
+    options: str,
+    partitioner: str,
+    alpha: float,
+    holdout_fraction: float,
+    num_sites: int,
+    seed: int,
 ) -> SimulatedFederation:
     if num_sites == 0 and partitioner != "natural":
         num_sites = DEFAULT_SYNTHETIC_SITES
-    dataset = load_dataset(name, seed=seed, num_sites=num_sites or DEFAULT_SYNTHETIC_SITES)
+    dataset = load_named_dataset(
+        name, json.loads(options), seed=seed, num_sites=num_sites or DEFAULT_SYNTHETIC_SITES
+    )
     pool, holdout = split_holdout(dataset, holdout_fraction, seed)
     site_ids, partitions = partition(pool, partitioner, num_sites, alpha, seed)
     if not site_ids:

@@ -7,12 +7,18 @@ every row).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from fedgov.datasets import Dataset
 from fedgov.errors import ConfigError
+from fedgov.plugins import Registry, one_line
 
-PARTITIONERS: tuple[str, ...] = ("natural", "iid", "dirichlet")
+#: A partitioner: (dataset, num_sites, alpha, seed) → (site ids, one row-index array per site).
+Partitioner = Callable[[Dataset, int, float, int], tuple[list[str], list[np.ndarray]]]
 
 #: Dirichlet draws tried before giving up on giving every site ``min_size`` rows.
 MAX_DIRICHLET_DRAWS = 10_000
@@ -119,28 +125,81 @@ def dirichlet_partition(
     ]
 
 
+def _natural(ds: Dataset, num_sites: int, alpha: float, seed: int):
+    if ds.schema.site_column is None and not np.any(np.asarray(ds.site).astype(str) != ""):
+        raise ConfigError(
+            f"dataset.partitioner: '{ds.schema.name}' has no natural sites "
+            "(use dataset.partitioner=iid or dirichlet)"
+        )
+    return natural_partition(ds.site, num_sites)
+
+
+def _iid(ds: Dataset, num_sites: int, alpha: float, seed: int):
+    return site_ids(num_sites), iid_partition(len(ds), num_sites, seed)
+
+
+def _dirichlet(ds: Dataset, num_sites: int, alpha: float, seed: int):
+    return site_ids(num_sites), dirichlet_partition(ds.y, num_sites, alpha, seed)
+
+
+def _partitioner_from_target(where: str, obj: Any) -> Partitioner:
+    """A ``_target_`` partitioner: a function (ds, num_sites, alpha, seed) → (ids, row indices)."""
+    if not callable(obj):
+        raise ConfigError(f"{where}: {obj!r} is not a partitioner function")
+    try:
+        inspect.signature(obj).bind(None, 0, 0.0, 0)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: '{getattr(obj, '__qualname__', obj)}' does not take (ds, num_sites, "
+            "alpha, seed), expected a partitioner function"
+        ) from None
+    return obj
+
+
+PARTITIONERS: Registry[Partitioner] = Registry(
+    kind="partitioner",
+    key="dataset.partitioner",
+    expected="a function (ds, num_sites, alpha, seed) -> (site ids, row-index arrays)",
+    adapt=_partitioner_from_target,
+)
+PARTITIONERS.register("natural", _natural)
+PARTITIONERS.register("iid", _iid)
+PARTITIONERS.register("dirichlet", _dirichlet)
+
+
 def partition(
     ds: Dataset, scheme: str, num_sites: int, alpha: float, seed: int
 ) -> tuple[list[str], list[np.ndarray]]:
-    """Split ``ds`` into sites by ``scheme`` (natural, iid or dirichlet): (site ids, row indices).
+    """Split ``ds`` into sites by ``scheme`` (natural, iid, dirichlet or a ``_target_`` path):
+    (site ids, row indices).
 
     Natural sites keep their labels; iid/dirichlet sites are named ``site-00``, ``site-01``, ...
+    A user partitioner's result is checked: one id per part, distinct ids, disjoint in-range rows.
     """
-    if scheme == "natural":
-        if ds.schema.site_column is None:
-            raise ConfigError(
-                f"dataset.partitioner: '{ds.schema.name}' has no natural sites "
-                "(use dataset.partitioner=iid or dirichlet)"
-            )
-        return natural_partition(ds.site, num_sites)
-    if scheme == "iid":
-        return site_ids(num_sites), iid_partition(len(ds), num_sites, seed)
-    if scheme == "dirichlet":
-        return site_ids(num_sites), dirichlet_partition(ds.y, num_sites, alpha, seed)
-    raise ConfigError(
-        f"dataset.partitioner: '{scheme}' is not a partitioner "
-        f"(expected one of: {', '.join(PARTITIONERS)})"
-    )
+    split = PARTITIONERS.resolve(scheme)
+    result = split(ds, num_sites, alpha, seed)
+    if scheme in PARTITIONERS:
+        return result
+    return _checked(scheme, result, len(ds))
+
+
+def _checked(scheme: str, result: Any, n: int) -> tuple[list[str], list[np.ndarray]]:
+    where = f"dataset.partitioner: '{scheme}'"
+    try:
+        ids, parts = result
+        ids = [str(i) for i in ids]
+        parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"{where} returned something other than (site ids, row-index arrays) "
+            f"({one_line(error)})"
+        ) from None
+    if len(ids) != len(parts) or len(set(ids)) != len(ids):
+        raise ConfigError(f"{where} returned {len(ids)} ids for {len(parts)} parts, or repeats")
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != rows.size):
+        raise ConfigError(f"{where} returned rows out of range [0, {n}) or in two sites")
+    return ids, parts
 
 
 def label_skew(labels: np.ndarray, partitions: list[np.ndarray], num_classes: int) -> float:

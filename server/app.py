@@ -59,7 +59,12 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
     started = time.monotonic()
     schema = federation_schema(cfg)
     model = initial_model(
-        cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden, cfg.seed
+        cfg.model.name,
+        schema.input_shape,
+        len(schema.classes),
+        cfg.model.hidden,
+        cfg.seed,
+        cfg.model.options,
     )
     holdout, central_note = central_holdout(cfg, schema)
     central = _central_evaluator(cfg, schema, holdout) if holdout is not None else None
@@ -170,7 +175,10 @@ def _publish(cfg: RunConfig, schema: DatasetSchema, run_id: str | None) -> None:
 
 
 def _central_evaluator(cfg: RunConfig, schema: DatasetSchema, holdout) -> callable:
-    model = build_model(cfg.model.name, schema.input_shape, len(schema.classes), cfg.model.hidden)
+    classes = len(schema.classes)
+    model = build_model(
+        cfg.model.name, schema.input_shape, classes, cfg.model.hidden, cfg.model.options
+    )
 
     def central_evaluate(arrays: ArrayRecord) -> EvalResult:
         load_array_record(model, arrays)

@@ -5,6 +5,7 @@ Examples::
     python -m simulations.run strategy=fedprox rounds=10
     python -m simulations.run dataset=mnist5k model=cnn federation.num_sites=10 rounds=20
     python -m simulations.run -m strategy=fedavg,fedprox seed=0,1,2
+    python -m simulations.run strategy._target_=examples.fedavgm.FedAvgM  # see docs/extending.md
 
 The run directory (``hydra.run.dir``) receives metrics.json, model.safetensors and plots/.
 """
@@ -19,10 +20,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedgov.config import RunConfig, from_mapping
+from fedgov.config import from_mapping, hydra_schema
 from fedgov.errors import FedgovError
 
-ConfigStore.instance().store(name="run_schema", node=RunConfig)
+ConfigStore.instance().store(name="run_schema", node=hydra_schema())
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -277,7 +277,7 @@ def run_lineage(
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "strategy": cfg.strategy.name,
-        "strategy_config": {k[9:]: v for k, v in flat.items() if k.startswith("strategy.")},
+        "strategy_config": {"name": cfg.strategy.name, **cfg.strategy.options},
         "rounds": cfg.rounds,
         "rounds_completed": len(rounds),
         "sites_per_round": [len(r.get("participants", [])) for r in rounds],
