@@ -51,7 +51,7 @@ def _config(*overrides: str):
 
 
 def test_fedgov_options_are_registered_and_their_yamls_name_them():
-    from simulations.partitioners import PARTITIONERS
+    from fedgov_data.partitioners import PARTITIONERS
 
     from fedgov.datasets import DATASET_NAMES, DATASETS
     from fedgov.models import MODELS
