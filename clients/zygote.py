@@ -3,7 +3,8 @@
 A stock SuperExec starts a fresh ``flwr-clientapp`` interpreter for every message a site
 receives, which imports flwr, torch and the app (~3 s here) and then, at the first
 ``optimizer.step()``, lazily imports ``torch._dynamo`` (~1 s more), and under DP imports
-Opacus' accountants (with ``scipy.stats``: ~0.8 CPU-s per task). The zygote pays these once: it is started (by :mod:`clients.superexec`) as its own interpreter, imports and warms
+Opacus' accountants (with ``scipy.stats``: ~0.8 CPU-s per task). The zygote pays these
+once: it is started (by :mod:`clients.superexec`) as its own interpreter, imports and warms
 everything up, and then, on request, ``fork()``s a child that runs Flower's ClientApp entry
 (``flwr-clientapp --runtime-api-address ... --token ...``) with the already-imported modules.
 

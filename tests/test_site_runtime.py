@@ -28,7 +28,8 @@ def main():
     token = sys.argv[sys.argv.index("--token") + 1] if "--token" in sys.argv else sys.argv[1]
     report = {"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv,
               "threads": len(os.listdir("/proc/self/task")),
-              "modules": sorted(m for m in ("fakeapp", "torch._dynamo", "opacus.accountants") if m in sys.modules)}
+              "modules": sorted(m for m in ("fakeapp", "torch._dynamo", "opacus.accountants")
+                                if m in sys.modules)}
     if "numpy" in sys.modules:
         report["numpy"] = float(sys.modules["numpy"].random.rand())
     if "torch" in sys.modules:
