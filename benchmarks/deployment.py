@@ -553,7 +553,15 @@ def main(argv: list[str] | None = None) -> int:
                                          overrides)  # fmt: skip
                     results.append(result)
                     rounds = ", ".join(f"{s:.1f}" for s in result["round_seconds"])  # type: ignore[attr-defined]
-                    print(f"rounds {rounds} s; load {os.getloadavg()[0]:.1f}", flush=True)
+                    by_process = ", ".join(
+                        f"{kind} {seconds:.1f}" for kind, seconds in
+                        list(result["cpu_seconds_per_round_by_process"].items())[:4]  # type: ignore[attr-defined]
+                    )  # fmt: skip
+                    print(f"rounds {rounds} s; CPU-s/round "
+                          f"{float(result['cpu_seconds_per_round']):.1f} ({by_process}); "  # type: ignore[arg-type]
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+                    if args.json:  # what finished so far, should a later configuration not
+                        args.json.write_text(json.dumps(results, indent=2))
                     if result["failures"]:
                         print(f"  site failures: {result['failures']}", flush=True)
     finally:
