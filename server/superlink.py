@@ -30,8 +30,10 @@ is a ``BaseHTTPMiddleware``, and their per-request plumbing was ~40 % of the Sup
 a profile; each passes any other request straight on, which :func:`scope_problems` checks in
 Flower's source before anything is scoped (else Flower's stack is left as it is).
 
-It also gives the SuperLink's SQLite writers a longer busy timeout (:mod:`server.superlink_state`:
-the cause of "database is locked" under the sites' load).
+It also serves the SuperLink's state from memory, the registered sites' keys kept on disk
+(:mod:`server.superlink_state`: Flower's SQLite state was half the SuperLink's CPU), and gives
+Flower's SQLite writers, where that state is still used, a longer busy timeout (the cause of
+"database is locked" under the sites' load).
 
 No installed file is changed. If the hook is missing (another Flower version), the SuperLink
 does not start: it refuses rather than run with its Control API open. (The cleanup bound is
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from server.superlink_state import install as install_busy_timeout
+from server.superlink_state import use_memory_state
 
 #: Paths a peer other than the coordinator's own host may reach (prefixes, or exact paths).
 REMOTE_PREFIXES = ("/v1/fleet/",)
@@ -332,6 +335,8 @@ def main() -> None:
     scope_middleware()
     bound_task_cleanup()
     install_busy_timeout()
+    if "--database" in args[:-1]:
+        use_memory_state(args[args.index("--database") + 1])
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = [str(Path(sys.executable).parent / "flower-superlink"), *args]
