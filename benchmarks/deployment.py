@@ -23,13 +23,14 @@ same config; only the site runtime differs:
 - ``zygote+fast-poll``: the default daemon: forking SuperExec and the SuperNode's pauses bounded.
 
 Timing starts once every site has joined (and, for fedgov's runtimes, its zygote has warmed up:
-a site daemon does that once, when it starts). Per round the ServerApp sends every site a train
-and an evaluate message (two round trips).
+a site daemon does that once, when it starts). A round is as many messages per site as the
+round code sends (a plain round: train and evaluate; under SecAgg+ its stages too).
 Reported: seconds per round (median of rounds 2..N; round 1 separately, as it absorbs the first
-task of a new app on each site), seconds per message (round ÷ 2), each site's own time from
-receiving a message to having sent its reply (timestamps of the SuperNode's log lines, read as
-they are written), and from these the per-message overhead outside the sites, i.e. what merging
-train and evaluate into one message would save per round.
+task of a new app on each site), messages per site per round, each site's busy time per round
+(from receiving a message to having sent its reply, by the timestamps of the SuperNode's log
+lines, read as they are written), from these the overhead per message outside the sites, and
+CPU seconds per round of every process of the federation (SuperLink, SuperNodes, ClientApps,
+ServerApp...): on a machine with few cores a round is CPU-bound.
 """
 
 from __future__ import annotations
@@ -373,6 +374,14 @@ def run_runtime(
     for daemon in daemons:
         for kind, seconds in node_service_seconds(daemon.lines).items():
             service.setdefault(kind, []).extend(seconds)
+    # A site's busy seconds per round: every message of the rounds (not the discovery query),
+    # summed per site, divided by the rounds, median over the sites.
+    busy = [
+        sum(s for kind, times in node_service_seconds(d.lines).items() if kind != "query"
+            for s in times) / rounds
+        for d in daemons
+    ]  # fmt: skip
+    per_round = sum(len(v) for k, v in service.items() if k != "query") / len(daemons) / rounds
     round_seconds = [float(r["seconds"]) for r in metrics["rounds"]]
     failures = [r["failures"] for r in metrics["rounds"] if r["failures"]]
     return {
@@ -385,7 +394,10 @@ def run_runtime(
         "run_wall_seconds": wall,
         "cpu_seconds": cpu,
         "cpu_seconds_per_round": sum(cpu.values()) / len(round_seconds),
+        "cpu_seconds_per_round_by_process": {k: v / len(round_seconds) for k, v in cpu.items()},
         "service_seconds": {k: statistics.median(v) for k, v in service.items()},
+        "site_busy_seconds_per_round": statistics.median(busy) if busy else 0.0,
+        "messages_per_round": per_round,
         "failures": failures,
         "final_eval_accuracy": metrics["rounds"][-1].get("eval_accuracy"),
     }
@@ -405,31 +417,30 @@ def verdict(seconds: float) -> str:
 def table(results: list[dict[str, object]], sites: int, dataset: str, rounds: int) -> str:
     header = (
         f"{sites} sites on 127.0.0.1, TLS + SuperNode authentication, dataset={dataset}, "
-        f"{rounds} rounds (train + evaluate message per site per round)"
+        f"{rounds} rounds"
     )
     lines = [header, ""]
-    row = "{:<36} {:>8} {:>8} {:>10} {:>12} {:>11} {:>13} {:>10}"
-    lines.append(row.format("runtime", "s/round", "round 1", "s/message", "site: train",
-                            "site: eval", "overhead/msg", "CPU/round"))  # fmt: skip
+    row = "{:<36} {:>8} {:>8} {:>9} {:>11} {:>13} {:>10}"
+    lines.append(row.format("runtime", "s/round", "round 1", "msg/round", "site busy",
+                            "overhead/msg", "CPU/round"))  # fmt: skip
     for result in results:
         steady = float(result["steady_round_seconds"])  # type: ignore[arg-type]
-        service = result["service_seconds"]
-        train = service.get("train")  # type: ignore[union-attr]
-        evaluate = service.get("evaluate")  # type: ignore[union-attr]
-        overhead = (steady - (train or 0) - (evaluate or 0)) / 2
+        per_round = float(result.get("messages_per_round") or 0.0)  # type: ignore[arg-type]
+        busy = float(result.get("site_busy_seconds_per_round") or 0.0)  # type: ignore[arg-type]
+        overhead = (steady - busy) / per_round if per_round else 0.0
         result["overhead_per_message"] = overhead
         lines.append(row.format(
             LABELS[str(result["runtime"])], f"{steady:.2f}",
             f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
-            f"{steady / 2:.2f}", f"{train:.2f}" if train is not None else "-",
-            f"{evaluate:.2f}" if evaluate is not None else "-", f"{overhead:.2f}",
+            f"{per_round:.1f}", f"{busy:.2f}", f"{overhead:.2f}",
             f"{float(result['cpu_seconds_per_round']):.1f} s",  # type: ignore[arg-type]
         ))  # fmt: skip
     lines.append("")
-    lines.append("CPU seconds over the whole run (discovery + all rounds), by process:")
+    lines.append("CPU seconds per round (whole run ÷ rounds), by process:")
     for result in results:
-        parts = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in
-                          result["cpu_seconds"].items() if seconds >= 0.05)  # type: ignore[union-attr]  # fmt: skip
+        per = result["cpu_seconds"]
+        parts = ", ".join(f"{kind} {seconds / rounds:.2f}" for kind, seconds in
+                          per.items() if seconds >= 0.05)  # type: ignore[union-attr]  # fmt: skip
         lines.append(f"  {LABELS[str(result['runtime'])]}: {parts}")
     lines.append("")
     by_runtime = {r["runtime"]: r for r in results}
@@ -439,20 +450,15 @@ def table(results: list[dict[str, object]], sites: int, dataset: str, rounds: in
         lines.append(f"fedgov daemon vs stock Flower: {stock:.2f} → {ours:.2f} s per round "
                      f"({stock / ours:.1f}× faster)")  # fmt: skip
     if ZYGOTE_FAST_POLL in by_runtime:
-        fedgov = by_runtime[ZYGOTE_FAST_POLL]
-        ours = float(fedgov["steady_round_seconds"])  # type: ignore[arg-type]
-        overhead = float(fedgov["overhead_per_message"])  # type: ignore[arg-type]
+        ours = float(by_runtime[ZYGOTE_FAST_POLL]["steady_round_seconds"])  # type: ignore[arg-type]
         lines.append(f"target: {verdict(ours)}")
-        lines.append(
-            f"one message per round (train + evaluate merged) would save ≈ {overhead:.2f} s: "
-            f"≈ {ours - overhead:.2f} s per round"
-        )
     lines.append(
-        "s/message = s/round ÷ 2; site: receiving a message → reply sent (median over sites "
-        "and rounds); overhead/msg = (s/round − site train − site eval) ÷ 2: delivery, the "
-        "SuperNode's pull, the server's poll and aggregation; CPU/round: all processes of the "
-        f"federation, whole run ÷ rounds (load average at the end: {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} CPUs)"
+        "msg/round: messages each site answers per round; site busy: a site's seconds from "
+        "receiving a message to having sent its reply, summed over a round (median over "
+        "sites); overhead/msg = (s/round − site busy) ÷ msg/round: delivery, the SuperNode's "
+        "pull, the server's poll and aggregation; CPU/round: all processes of the federation, "
+        "whole run (discovery included) ÷ rounds (load average at the end: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
     return "\n".join(lines)
 
@@ -511,9 +517,12 @@ def variant_label(overrides: list[str]) -> str:
 
 def summary(results: list[dict[str, object]]) -> str:
     """Every configuration run: sites, variant, runtime, s/round, CPU-s/round."""
-    row = "{:>5}  {:<14} {:<36} {:>8} {:>8} {:>10}"
-    lines = [row.format("sites", "variant", "runtime", "s/round", "round 1", "CPU-s/round")]
+    row = "{:>5}  {:<14} {:<36} {:>8} {:>8} {:>11}  {}"
+    lines = [row.format("sites", "variant", "runtime", "s/round", "round 1", "CPU-s/round",
+                        "of which (CPU-s/round)")]  # fmt: skip
     for result in results:
+        by_process = result.get("cpu_seconds_per_round_by_process") or {}
+        top = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in list(by_process.items())[:4])  # type: ignore[union-attr]
         lines.append(row.format(
             int(result["sites"]),  # type: ignore[call-overload]
             variant_label(result["overrides"]),  # type: ignore[arg-type]
@@ -521,6 +530,7 @@ def summary(results: list[dict[str, object]]) -> str:
             f"{float(result['steady_round_seconds']):.2f}",  # type: ignore[arg-type]
             f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
             f"{float(result['cpu_seconds_per_round']):.1f}",  # type: ignore[arg-type]
+            top,
         ))  # fmt: skip
     lines.append(
         f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
@@ -546,7 +556,15 @@ def main(argv: list[str] | None = None) -> int:
                                          overrides)  # fmt: skip
                     results.append(result)
                     rounds = ", ".join(f"{s:.1f}" for s in result["round_seconds"])  # type: ignore[attr-defined]
-                    print(f"rounds {rounds} s; load {os.getloadavg()[0]:.1f}", flush=True)
+                    by_process = ", ".join(
+                        f"{kind} {seconds:.1f}" for kind, seconds in
+                        list(result["cpu_seconds_per_round_by_process"].items())[:4]  # type: ignore[attr-defined]
+                    )  # fmt: skip
+                    print(f"rounds {rounds} s; CPU-s/round "
+                          f"{float(result['cpu_seconds_per_round']):.1f} ({by_process}); "  # type: ignore[arg-type]
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+                    if args.json:  # what finished so far, should a later configuration not
+                        args.json.write_text(json.dumps(results, indent=2))
                     if result["failures"]:
                         print(f"  site failures: {result['failures']}", flush=True)
     finally:

@@ -2,7 +2,8 @@
 
 A stock SuperExec starts a fresh ``flwr-clientapp`` interpreter for every message a site
 receives, which imports flwr, torch and the app (~3 s here) and then, at the first
-``optimizer.step()``, lazily imports ``torch._dynamo`` (~1 s more). The zygote pays these
+``optimizer.step()``, lazily imports ``torch._dynamo`` (~1 s more), and under DP imports
+Opacus' accountants (with ``scipy.stats``: ~0.8 CPU-s per task). The zygote pays these
 once: it is started (by :mod:`clients.superexec`) as its own interpreter, imports and warms
 everything up, and then, on request, ``fork()``s a child that runs Flower's ClientApp entry
 (``flwr-clientapp --runtime-api-address ... --token ...``) with the already-imported modules.
@@ -218,6 +219,24 @@ def warm_up_libraries() -> None:
         sys.modules["pandas"].read_csv(io.StringIO("a,b\n1,2.5\n"))
 
 
+def warm_up_privacy() -> None:
+    """Opacus and its accountants' numerics, imported and run once here: a DP task imports
+    them lazily (``privacy.accounting``: ``opacus`` pulls in ``scipy.stats``), which a profile
+    of ``python -m benchmarks.deployment --privacy`` showed as ~60 % of each training task's
+    CPU (~0.8 CPU-s per site per round). Not an app module: never compared with a FAB."""
+    import warnings
+
+    import numpy as np
+    from opacus import PrivacyEngine  # noqa: F401  (clients.dp_training's Opacus modes)
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, 0.01, 10)]
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        accountant.get_epsilon(1e-5)
+
+
 def warm_up_site_data() -> None:
     """The site's own rows, read and validated once (``fedgov site start`` names the files in
     the environment): every forked task that runs on the preloaded app finds them in memory,
@@ -281,7 +300,7 @@ class Zygote:
                 failed[name] = f"{type(error).__name__}: {error}"
         problems = ["bare"]
         if not self.bare:
-            for warm in (warm_up_torch, warm_up_libraries, warm_up_site_data):
+            for warm in (warm_up_torch, warm_up_libraries, warm_up_privacy, warm_up_site_data):
                 try:
                     warm()
                 except Exception as error:

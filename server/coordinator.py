@@ -6,7 +6,8 @@
     host: 127.0.0.1              # address the SuperLink listens on (sites connect here)
     port: 9092
     certs: certs                 # ca.crt, server.crt, server.key (`fedgov server certs`)
-    database: state/superlink.db # the SuperLink's state: registered sites, runs, messages
+    database: state/superlink.db # the SuperLink's state: the registered sites are kept
+                                 # in state/superlink.db.nodes.json (server/superlink_state.py)
     insecure: false              # plain HTTP: only behind the explicit --insecure flag
     schema: schema.yaml          # optional: the sites' agreed schema (`fedgov run --schema`)
     holdout: holdout.csv         # optional: the coordinator's hold-out (`fedgov run --holdout`)

@@ -34,6 +34,10 @@ from fedgov.flower_hooks import install_grid_pull_tuning, set_reply_sender
 
 FIRST_POLL_SECONDS = 0.01
 MAX_POLL_SECONDS = 0.1
+#: After this long, an exchange polls at most every MAX_POLL_SECONDS whatever its ``max_poll``:
+#: a short cap is for replies that take milliseconds, and an exchange that lasts (sites
+#: training) would otherwise cost the SuperLink a pull (~5-10 ms of its CPU) every few ms.
+SHORT_EXCHANGE_SECONDS = 1.0
 
 
 def exchange(
@@ -41,8 +45,9 @@ def exchange(
 ) -> list[Message]:
     """Push ``messages`` and return the replies that arrive within ``timeout`` seconds.
 
-    ``max_poll`` caps the back-off between pulls (short exchanges, such as secure
-    aggregation's key stages, use a lower cap so that they are not rounded up to it).
+    ``max_poll`` caps the back-off between pulls for the first :data:`SHORT_EXCHANGE_SECONDS`
+    (short exchanges, such as secure aggregation's key stages, use a lower cap so that they
+    are not rounded up to it); after that the cap is at least :data:`MAX_POLL_SECONDS`.
     """
     messages = list(messages)
     if packs_weights(grid):
@@ -52,7 +57,8 @@ def exchange(
     addressee = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=False)}
     pending = set(message_ids)
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     pause = min(FIRST_POLL_SECONDS, max_poll)
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
@@ -62,7 +68,10 @@ def exchange(
         replies.extend(reply for reply in arrived if _unpacked(reply))
         if pending and not arrived:
             time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-            pause = min(pause * 2, max_poll)
+            cap = max_poll
+            if time.monotonic() - started > SHORT_EXCHANGE_SECONDS:
+                cap = max(max_poll, MAX_POLL_SECONDS)
+            pause = min(pause * 2, cap)
         elif arrived:
             pause = FIRST_POLL_SECONDS
     return replies

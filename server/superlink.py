@@ -24,8 +24,16 @@ every object a SuperNode pushes or pulls and every poll of ``flwr run --stream``
 the SuperLink's CPU samples. Here it runs at most once per :data:`CLEANUP_INTERVAL_SECONDS` per
 process, so a lapsed claim is expired at most that much later; nothing else changes.
 
-It also gives the SuperLink's SQLite writers a longer busy timeout (:mod:`server.superlink_state`:
-the cause of "database is locked" under the sites' load).
+It also runs each of Flower's path-specific middlewares (Control API ones, the Fleet API's node
+authentication and event log) only on the paths it acts on (:func:`scope_middleware`): every one
+is a ``BaseHTTPMiddleware``, and their per-request plumbing was ~40 % of the SuperLink's CPU in
+a profile; each passes any other request straight on, which :func:`scope_problems` checks in
+Flower's source before anything is scoped (else Flower's stack is left as it is).
+
+It also serves the SuperLink's state from memory, the registered sites' keys kept on disk
+(:mod:`server.superlink_state`: Flower's SQLite state was half the SuperLink's CPU), and gives
+Flower's SQLite writers, where that state is still used, a longer busy timeout (the cause of
+"database is locked" under the sites' load).
 
 No installed file is changed. If the hook is missing (another Flower version), the SuperLink
 does not start: it refuses rather than run with its Control API open. (The cleanup bound is
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from server.superlink_state import install as install_busy_timeout
+from server.superlink_state import use_memory_state
 
 #: Paths a peer other than the coordinator's own host may reach (prefixes, or exact paths).
 REMOTE_PREFIXES = ("/v1/fleet/",)
@@ -118,6 +127,102 @@ class LocalOnlyRoutes:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+#: Flower's middlewares whose dispatch acts only on requests under these path prefixes and
+#: passes every other request straight on (:func:`scope_problems` checks that in their source).
+PATH_SCOPES = {
+    "ControlSensitiveResponseMiddleware": ("/v1/control/",),
+    "ControlAuthenticationMiddleware": ("/v1/control/",),
+    "ControlLicenseMiddleware": ("/v1/control/",),
+    "ControlEventLogMiddleware": ("/v1/control/",),
+    "NodeAuthMiddleware": ("/v1/fleet/",),
+    "FleetEventLogMiddleware": ("/v1/fleet/",),
+}
+#: What each one's dispatch must contain for :data:`PATH_SCOPES` to hold.
+SCOPE_GUARDS = {
+    "ControlSensitiveResponseMiddleware": "if _is_control_sensitive_route(request):",
+    "ControlAuthenticationMiddleware": "if not _is_control_path(request.url.path) or",
+    "ControlLicenseMiddleware": "or not _is_control_path(request.url.path):",
+    "ControlEventLogMiddleware": "if not _is_control_path(request.url.path) or",
+    "NodeAuthMiddleware": 'if request.url.path.startswith("/v1/fleet/") and',
+    "FleetEventLogMiddleware": 'if not request.url.path.startswith("/v1/fleet/"):',
+}
+
+
+class PathScoped:
+    """ASGI middleware: runs ``middleware`` for HTTP requests under ``prefixes`` only; any
+    other request goes straight to the app, as that middleware would have passed it on."""
+
+    def __init__(self, app: ASGIApp, middleware: Any, prefixes: tuple[str, ...]) -> None:
+        cls, args, kwargs = middleware
+        self.app, self.prefixes = app, prefixes
+        self.inner = cls(app, *args, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not str(scope.get("path", "")).startswith(self.prefixes):
+            await self.app(scope, receive, send)
+            return
+        await self.inner(scope, receive, send)
+
+
+def scope_problems() -> list[str]:
+    """Why Flower's middlewares cannot be scoped to their paths here (empty: they can)."""
+    from flwr.superlink import main
+    from flwr.superlink.routers.control import middlewares as control
+
+    problems = []
+    found = {getattr(m.cls, "__name__", ""): m.cls for m in main._get_middleware()}
+    for name, guard in SCOPE_GUARDS.items():
+        cls = found.get(name)
+        try:
+            source = inspect.getsource(cls.dispatch) if cls is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if guard not in source:
+            problems.append(f"{name}.dispatch changed")
+    try:
+        control_path = inspect.getsource(control._is_control_path)
+    except (AttributeError, OSError, TypeError):
+        control_path = ""
+    if 'return path.startswith("/v1/control/")' not in control_path:
+        problems.append("_is_control_path changed")
+    sensitive = getattr(control, "CONTROL_SENSITIVE_ROUTE_KEYS", None) or {("", "")}
+    if not all(path.startswith("/v1/control/") for _, path in sensitive):
+        problems.append("a sensitive route outside /v1/control/")
+    return problems
+
+
+def scope_middleware() -> bool:
+    """Run Flower's path-specific middlewares only on their paths (this process): each one
+    is a ``BaseHTTPMiddleware`` (a task group and a memory stream per request), which a
+    py-spy profile of the SuperLink under ``python -m benchmarks.deployment`` showed as
+    about 40 % of its CPU; a Fleet request passes 3 of Flower's 8 instead of 8, a Runtime
+    request 2. False (Flower's stack left as it is, with a warning) if they changed."""
+    from flwr.superlink import main
+
+    problems = scope_problems()
+    if problems:
+        print(f"fedgov: SuperLink middlewares left as they are ({'; '.join(problems)})",
+              file=sys.stderr)  # fmt: skip
+        return False
+    flower_get_middleware = main._get_middleware
+
+    def get_middleware() -> list[Any]:
+        from starlette.middleware import Middleware
+
+        scoped = []
+        for middleware in flower_get_middleware():
+            prefixes = PATH_SCOPES.get(getattr(middleware.cls, "__name__", ""))
+            scoped.append(
+                Middleware(PathScoped, middleware=middleware, prefixes=prefixes)
+                if prefixes
+                else middleware
+            )
+        return scoped
+
+    main._get_middleware = get_middleware
+    return True
 
 
 def hook_problems() -> list[str]:
@@ -227,8 +332,11 @@ def main() -> None:
         )
     args = sys.argv[1:]
     install(local_peers(_bind_host(args)))
+    scope_middleware()
     bound_task_cleanup()
     install_busy_timeout()
+    if "--database" in args[:-1]:
+        use_memory_state(args[args.index("--database") + 1])
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = [str(Path(sys.executable).parent / "flower-superlink"), *args]

@@ -66,3 +66,48 @@ def test_a_superlink_error_reply_is_recorded_against_the_site_it_was_sent_to():
     (reply,) = exchange(UnavailableNodeGrid(), [message], timeout=5.0)
     assert reply.has_error() and "unavailable" in reply.error.reason.lower()
     assert reply.metadata.src_node_id == SITE_NODE  # not the SuperLink's node id
+
+
+class LateReplyGrid(UnavailableNodeGrid):
+    """A grid whose node answers only once ``answer_at`` (seconds of ``clock``) has passed;
+    records when each pull came."""
+
+    def __init__(self, clock, answer_at: float) -> None:
+        super().__init__()
+        self.clock, self.answer_at, self.pulls = clock, answer_at, []
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls.append(self.clock.monotonic())
+        return super().pull_messages(message_ids) if self.clock.now >= self.answer_at else []
+
+
+class SteppedClock:
+    """``time`` for server.messaging: sleeping advances the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_short_poll_cap_holds_for_the_first_second_then_polls_relax(monkeypatch):
+    import server.messaging as messaging
+
+    clock = SteppedClock()
+    monkeypatch.setattr(messaging, "time", clock)
+    grid = LateReplyGrid(clock, answer_at=3.0)
+    message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=SITE_NODE,
+                      message_type="train")  # fmt: skip
+    replies = exchange(grid, [message], timeout=10.0, max_poll=0.02)
+    assert len(replies) == 1  # the reply is seen, at its first pull after it was written
+    gaps = [b - a for a, b in zip(grid.pulls, grid.pulls[1:], strict=False)]
+    early = [gap for at, gap in zip(grid.pulls, gaps, strict=False) if at + gap <= 1.0]
+    late = [gap for at, gap in zip(grid.pulls, gaps, strict=False) if at > 1.2]
+    assert early and max(early) <= 0.02 + 1e-9  # the stage's own cap while it is young
+    assert late and min(late) == pytest.approx(messaging.MAX_POLL_SECONDS)
+    assert grid.pulls[-1] - 3.0 <= messaging.MAX_POLL_SECONDS + 1e-9
+    assert len(grid.pulls) < 1.0 / 0.02 + 2.0 / messaging.MAX_POLL_SECONDS + 10

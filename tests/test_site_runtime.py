@@ -28,7 +28,8 @@ def main():
     token = sys.argv[sys.argv.index("--token") + 1] if "--token" in sys.argv else sys.argv[1]
     report = {"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv,
               "threads": len(os.listdir("/proc/self/task")),
-              "modules": sorted(m for m in ("fakeapp", "torch._dynamo") if m in sys.modules)}
+              "modules": sorted(m for m in ("fakeapp", "torch._dynamo", "opacus.accountants")
+                                if m in sys.modules)}
     if "numpy" in sys.modules:
         report["numpy"] = float(sys.modules["numpy"].random.rand())
     if "torch" in sys.modules:
@@ -122,6 +123,7 @@ def test_zygote_forks_warm_single_threaded_children_and_reaps_them(warm_zygote, 
         assert report["pid"] == reply["pid"] and report["ppid"] == warm_zygote.pid
         assert report["threads"] == 1
         assert "torch._dynamo" in report["modules"]  # imported once, in the zygote
+        assert "opacus.accountants" in report["modules"]  # a DP task's accountant, warm too
         assert report["first_step_seconds"] < 0.5, report
         assert not _alive(report["pid"])  # reaped: no zombie left
     assert reports[0]["argv"] == ["flwr-clientapp", "exit-0"]

@@ -108,3 +108,67 @@ def test_the_bound_applies_to_flowers_own_state_class():
         assert seen == ["a state"] and throttled.calls == 2
     finally:
         SqlCoreState._cleanup_expired_task_tokens = original  # type: ignore[method-assign]
+
+
+def test_flowers_path_specific_middlewares_pass_other_paths_on_in_their_source():
+    from server.superlink import scope_problems
+
+    assert scope_problems() == []
+
+
+@pytest.fixture()
+def scoped_app(monkeypatch):
+    """Flower's app with its middlewares scoped, each scoped one's dispatch recording calls."""
+    from flwr.superlink import extensions, main
+
+    from server.superlink import PATH_SCOPES, scope_middleware
+
+    saved = extensions.get_middleware, main.create_app, main._get_middleware
+    install(local_peers("127.0.0.1"))
+    assert scope_middleware() is True  # before the recorders below change the source
+    calls: list[tuple[str, str]] = []
+    for middleware in saved[2]():
+        cls = middleware.cls
+        if cls.__name__ in PATH_SCOPES:
+
+            def recording(self, request, call_next, _name=cls.__name__, _flower=cls.dispatch):
+                calls.append((_name, request.url.path))
+                return _flower(self, request, call_next)
+
+            monkeypatch.setattr(cls, "dispatch", recording)
+    try:
+        yield main.create_app(), calls
+    finally:
+        extensions.get_middleware, main.create_app, main._get_middleware = saved
+
+
+def test_scoped_middlewares_run_on_their_own_paths_only(scoped_app):
+    from flwr.supercore.protobuf.translation import PROTOBUF_MEDIA_TYPE
+
+    app, calls = scoped_app  # an empty body is each request type with its defaults
+    client = _client(app, "127.0.0.1")
+    control = {"ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
+               "ControlLicenseMiddleware", "ControlEventLogMiddleware"}  # fmt: skip
+    fleet = {"NodeAuthMiddleware", "FleetEventLogMiddleware"}
+    for path, expected in (("/v1/fleet/pull-messages", fleet),
+                           ("/v1/control/list-runs", control),
+                           ("/v1/runtime/pull-messages", set())):  # fmt: skip
+        calls.clear()
+        client.post(path, content=b"", headers={"content-type": PROTOBUF_MEDIA_TYPE})
+        seen = {name for name, _ in calls}  # the outermost may refuse before the next runs
+        assert (seen and seen <= expected) if expected else not seen, (path, seen)
+
+
+def test_a_fleet_request_without_a_node_signature_is_still_refused(scoped_app):
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.protobuf.translation import PROTOBUF_MEDIA_TYPE
+
+    app, calls = scoped_app
+    body = PullMessagesRequest(node=Node(node_id=5)).SerializeToString()
+    reply = _client(app, "10.1.2.3").post(
+        "/v1/fleet/pull-messages", content=body, headers={"content-type": PROTOBUF_MEDIA_TYPE}
+    )
+    assert reply.status_code == 401
+    assert reply.json()["detail"] == "Invalid SuperNode authentication"
+    assert ("NodeAuthMiddleware", "/v1/fleet/pull-messages") in calls

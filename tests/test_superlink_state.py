@@ -99,3 +99,80 @@ def test_reading_then_writing_in_one_session_does_not_lock(tmp_path):
         connection.execute(text("UPDATE claims SET n = n + 10 WHERE id = 1"))
     assert _counter(engine) == 11
     engine.dispose()
+
+
+# ---- the in-memory state with the registrations on disk ----------------------------------------
+
+
+@pytest.fixture()
+def memory_state(monkeypatch):
+    """``use_memory_state(path)`` then a fresh SuperLink state each call (a restart), as
+    ``flwr.superlink.main.create_app`` builds it; Flower's factory function restored after."""
+    from flwr.superlink import main
+    from flwr.superlink.config_loader import get_federation_manager
+
+    from server.superlink_state import use_memory_state
+
+    monkeypatch.setattr(main, "get_objectstore_linkstate_factories",
+                        main.get_objectstore_linkstate_factories)  # fmt: skip
+
+    def start(database) -> object:
+        assert use_memory_state(str(database)) is True
+        _, factory = main.get_objectstore_linkstate_factories(
+            str(database), get_federation_manager(is_simulation=False)
+        )
+        return factory.state()
+
+    return start
+
+
+def test_flowers_in_memory_state_is_what_the_superlink_state_builds_on():
+    from server.superlink_state import state_problems
+
+    assert state_problems() == []
+
+
+def test_registrations_survive_a_restart_with_their_node_ids_and_nothing_else_does(
+    memory_state, tmp_path
+):
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.supercore.constant import NodeStatus
+
+    from server.superlink_state import nodes_path
+
+    database = tmp_path / "state" / "superlink.db"
+    state = memory_state(database)
+    assert isinstance(state, InMemoryLinkState)
+    kept = state.create_node("aid", "owner", b"key-of-hosp-a", 30.0)
+    removed = state.create_node("aid", "owner", b"key-of-hosp-b", 30.0)
+    state.delete_node("aid", removed)
+    assert not database.exists() and nodes_path(database).is_file()
+
+    restarted = memory_state(database)
+    assert restarted is not state
+    assert restarted.get_node_id_by_public_key(b"key-of-hosp-a") == kept
+    assert restarted.get_node_id_by_public_key(b"key-of-hosp-b") is None
+    assert restarted.nodes[kept].status == NodeStatus.REGISTERED
+    assert restarted.activate_node(kept, 30.0) is True  # the site reconnects as itself
+    with pytest.raises(ValueError, match="already in use"):
+        restarted.create_node("aid", "owner", b"key-of-hosp-a", 30.0)
+
+
+def test_a_coordinator_upgraded_in_place_keeps_the_sites_of_its_sqlite_state(
+    memory_state, tmp_path
+):
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.config_loader import get_federation_manager
+
+    database = tmp_path / "superlink.db"
+    old = SqlLinkState(
+        str(database), get_federation_manager(is_simulation=False), ObjectStoreFactory().store()
+    )
+    old.initialize()
+    ids = [old.create_node("aid", "owner", key, 30.0) for key in (b"site-1", b"site-2")]
+    old.delete_node("aid", ids[1])
+
+    state = memory_state(database)
+    assert state.get_node_id_by_public_key(b"site-1") == ids[0]  # the same (unsigned) node id
+    assert state.get_node_id_by_public_key(b"site-2") is None
