@@ -92,20 +92,26 @@ def main(grid, context: Context) -> None:
 
     initial = [v.numpy() for v in _new_model(initial=True).state_dict().values()]
     strategy = FedAvg(
-        fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=s.sites,
-        min_evaluate_clients=s.sites, min_available_clients=s.sites,
-        initial_parameters=ndarrays_to_parameters(initial), evaluate_fn=central,
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=s.sites,
+        min_evaluate_clients=s.sites,
+        min_available_clients=s.sites,
+        initial_parameters=ndarrays_to_parameters(initial),
+        evaluate_fn=central,
         on_fit_config_fn=lambda server_round: {"server-round": server_round},
-    )  # fmt: skip
+    )
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=s.rounds), strategy=strategy
     )
     secagg = _secagg()
     fit_workflow = (
-        SecAggPlusWorkflow(num_shares=secagg["num_shares"],
-                           reconstruction_threshold=secagg["threshold"])
-        if secagg else None
-    )  # fmt: skip
+        SecAggPlusWorkflow(
+            num_shares=secagg["num_shares"], reconstruction_threshold=secagg["threshold"]
+        )
+        if secagg
+        else None
+    )
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
     result = {

@@ -99,9 +99,16 @@ class Processes:
     def start(self, name: str, argv: list[str], cwd: Path) -> Started:
         env = {**os.environ, TAG_VARIABLE: self.tag, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        )  # fmt: skip
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         started = Started(name, popen, self.log_dir / f"{name}.log")
         self.started.append(started)
 
@@ -252,8 +259,10 @@ def _wait(condition, timeout: float, what: str, processes: list[Started]) -> Non
     while not condition():
         for proc in processes:
             if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}) waiting for "
-                                   f"{what}:\n{proc.text()[-3000:]}")  # fmt: skip
+                raise RuntimeError(
+                    f"{proc.name} exited ({proc.popen.returncode}) waiting for "
+                    f"{what}:\n{proc.text()[-3000:]}"
+                )
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -329,40 +338,75 @@ def run_runtime(
     create_federation_certs(coordinator / "certs", ["127.0.0.1"], "bench")
     config = write_server_config(coordinator / "server.yaml", federation="bench", port=link_port)
     try:
-        link = processes.start("coordinator", [*FEDGOV, "server", "start", "--config",
-                                               str(config)], coordinator)  # fmt: skip
+        link = processes.start(
+            "coordinator", [*FEDGOV, "server", "start", "--config", str(config)], coordinator
+        )
         _wait(lambda: _port_open(link_port), START_TIMEOUT, "the coordinator", [link])
         settings = load_server_settings(config)
         daemons = []
         for (site_id, data, schema), port in zip(sites, site_ports, strict=True):
             site_config, public_key = init_site(
-                work / "sites" / site_id, site_id, data, schema, f"127.0.0.1:{link_port}",
-                coordinator / "certs" / "ca.crt", epsilon_cap=BENCH_EPSILON_CAP, port=port,
-            )  # fmt: skip
+                work / "sites" / site_id,
+                site_id,
+                data,
+                schema,
+                f"127.0.0.1:{link_port}",
+                coordinator / "certs" / "ca.crt",
+                epsilon_cap=BENCH_EPSILON_CAP,
+                port=port,
+            )
             add_site(settings, public_key, site_id)
-            daemons.append(processes.start(
-                f"site-{site_id}",
-                [*FEDGOV, "site", "start", "--config", str(site_config), *RUNTIME_FLAGS[runtime]],
-                site_config.parent,
-            ))  # fmt: skip
+            daemons.append(
+                processes.start(
+                    f"site-{site_id}",
+                    [
+                        *FEDGOV,
+                        "site",
+                        "start",
+                        "--config",
+                        str(site_config),
+                        *RUNTIME_FLAGS[runtime],
+                    ],
+                    site_config.parent,
+                )
+            )
         for daemon in daemons:
-            _wait(lambda d=daemon: "SuperNode ID" in d.text(), START_TIMEOUT,
-                  f"{daemon.name} to join", [link, *daemons])  # fmt: skip
+            _wait(
+                lambda d=daemon: "SuperNode ID" in d.text(),
+                START_TIMEOUT,
+                f"{daemon.name} to join",
+                [link, *daemons],
+            )
             if runtime != STOCK:  # a site daemon warms up once, when it starts: not timed
-                _wait(lambda d=daemon: "fedgov: zygote ready" in d.text(), START_TIMEOUT,
-                      f"{daemon.name}'s zygote", [link, *daemons])  # fmt: skip
+                _wait(
+                    lambda d=daemon: "fedgov: zygote ready" in d.text(),
+                    START_TIMEOUT,
+                    f"{daemon.name}'s zygote",
+                    [link, *daemons],
+                )
         run_dir = work / "run"
         sampler = CpuSampler([proc.popen.pid for proc in processes.started])
         sampler.start()
         started = time.monotonic()
-        run = processes.start("fedgov-run", [
-            *FEDGOV, "run", "--config", str(config), "--out", str(run_dir), f"dataset={dataset}",
-            f"federation.num_sites={len(sites)}", f"rounds={rounds}", "progress=false",
-            *(overrides or []),
-        ], coordinator)  # fmt: skip
+        run = processes.start(
+            "fedgov-run",
+            [
+                *FEDGOV,
+                "run",
+                "--config",
+                str(config),
+                "--out",
+                str(run_dir),
+                f"dataset={dataset}",
+                f"federation.num_sites={len(sites)}",
+                f"rounds={rounds}",
+                "progress=false",
+                *(overrides or []),
+            ],
+            coordinator,
+        )
         # DP + SecAgg+ rounds on a loaded shared machine took up to ~60 s each.
-        _wait(lambda: run.popen.poll() is not None, 300 + 120 * rounds, "the run",
-              [link, *daemons])  # fmt: skip
+        _wait(lambda: run.popen.poll() is not None, 300 + 120 * rounds, "the run", [link, *daemons])
         wall = time.monotonic() - started
         cpu = sampler.stop()
         if run.popen.returncode != 0:
@@ -377,10 +421,15 @@ def run_runtime(
     # A site's busy seconds per round: every message of the rounds (not the discovery query),
     # summed per site, divided by the rounds, median over the sites.
     busy = [
-        sum(s for kind, times in node_service_seconds(d.lines).items() if kind != "query"
-            for s in times) / rounds
+        sum(
+            s
+            for kind, times in node_service_seconds(d.lines).items()
+            if kind != "query"
+            for s in times
+        )
+        / rounds
         for d in daemons
-    ]  # fmt: skip
+    ]
     per_round = sum(len(v) for k, v in service.items() if k != "query") / len(daemons) / rounds
     round_seconds = [float(r["seconds"]) for r in metrics["rounds"]]
     failures = [r["failures"] for r in metrics["rounds"] if r["failures"]]
@@ -421,34 +470,45 @@ def table(results: list[dict[str, object]], sites: int, dataset: str, rounds: in
     )
     lines = [header, ""]
     row = "{:<36} {:>8} {:>8} {:>9} {:>11} {:>13} {:>10}"
-    lines.append(row.format("runtime", "s/round", "round 1", "msg/round", "site busy",
-                            "overhead/msg", "CPU/round"))  # fmt: skip
+    lines.append(
+        row.format(
+            "runtime", "s/round", "round 1", "msg/round", "site busy", "overhead/msg", "CPU/round"
+        )
+    )
     for result in results:
         steady = float(result["steady_round_seconds"])  # type: ignore[arg-type]
         per_round = float(result.get("messages_per_round") or 0.0)  # type: ignore[arg-type]
         busy = float(result.get("site_busy_seconds_per_round") or 0.0)  # type: ignore[arg-type]
         overhead = (steady - busy) / per_round if per_round else 0.0
         result["overhead_per_message"] = overhead
-        lines.append(row.format(
-            LABELS[str(result["runtime"])], f"{steady:.2f}",
-            f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
-            f"{per_round:.1f}", f"{busy:.2f}", f"{overhead:.2f}",
-            f"{float(result['cpu_seconds_per_round']):.1f} s",  # type: ignore[arg-type]
-        ))  # fmt: skip
+        lines.append(
+            row.format(
+                LABELS[str(result["runtime"])],
+                f"{steady:.2f}",
+                f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
+                f"{per_round:.1f}",
+                f"{busy:.2f}",
+                f"{overhead:.2f}",
+                f"{float(result['cpu_seconds_per_round']):.1f} s",  # type: ignore[arg-type]
+            )
+        )
     lines.append("")
     lines.append("CPU seconds per round (whole run ÷ rounds), by process:")
     for result in results:
         per = result["cpu_seconds"]
-        parts = ", ".join(f"{kind} {seconds / rounds:.2f}" for kind, seconds in
-                          per.items() if seconds >= 0.05)  # type: ignore[union-attr]  # fmt: skip
+        parts = ", ".join(
+            f"{kind} {seconds / rounds:.2f}" for kind, seconds in per.items() if seconds >= 0.05
+        )  # type: ignore[union-attr]
         lines.append(f"  {LABELS[str(result['runtime'])]}: {parts}")
     lines.append("")
     by_runtime = {r["runtime"]: r for r in results}
     if STOCK in by_runtime and ZYGOTE_FAST_POLL in by_runtime:
         stock = float(by_runtime[STOCK]["steady_round_seconds"])  # type: ignore[arg-type]
         ours = float(by_runtime[ZYGOTE_FAST_POLL]["steady_round_seconds"])  # type: ignore[arg-type]
-        lines.append(f"fedgov daemon vs stock Flower: {stock:.2f} → {ours:.2f} s per round "
-                     f"({stock / ours:.1f}× faster)")  # fmt: skip
+        lines.append(
+            f"fedgov daemon vs stock Flower: {stock:.2f} → {ours:.2f} s per round "
+            f"({stock / ours:.1f}× faster)"
+        )
     if ZYGOTE_FAST_POLL in by_runtime:
         ours = float(by_runtime[ZYGOTE_FAST_POLL]["steady_round_seconds"])  # type: ignore[arg-type]
         lines.append(f"target: {verdict(ours)}")
@@ -469,23 +529,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per runtime (default: 4)")
     parser.add_argument(
-        "--sites", default="3",
+        "--sites",
+        default="3",
         help="number of sites, or a comma-separated list of them, e.g. 3,10 (default: 3)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--privacy", action="store_true",
+        "--privacy",
+        action="store_true",
         help="also run every configuration with sample-level DP at each site (privacy=sample_dp)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--secagg", action="store_true",
+        "--secagg",
+        action="store_true",
         help="also run every configuration with SecAgg+ (secagg=secaggplus)",
-    )  # fmt: skip
-    parser.add_argument("--dataset", default="randhie",
-                        help="a dataset with natural sites (default: randhie)")  # fmt: skip
+    )
     parser.add_argument(
-        "--runtimes", default=",".join(RUNTIMES),
+        "--dataset", default="randhie", help="a dataset with natural sites (default: randhie)"
+    )
+    parser.add_argument(
+        "--runtimes",
+        default=",".join(RUNTIMES),
         help=f"comma-separated, in order (default: {','.join(RUNTIMES)})",
-    )  # fmt: skip
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     args = parser.parse_args(argv)
@@ -495,8 +560,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sites: whole numbers separated by commas, got {args.sites!r}")
     if not args.sites or min(args.sites) < 2:
         parser.error("--sites: at least 2 sites per federation")
-    private = [*(PRIVACY_OVERRIDES if args.privacy else []),
-               *(SECAGG_OVERRIDES if args.secagg else [])]  # fmt: skip
+    private = [
+        *(PRIVACY_OVERRIDES if args.privacy else []),
+        *(SECAGG_OVERRIDES if args.secagg else []),
+    ]
     args.variants = [[], private] if private else [[]]
     args.runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
@@ -518,20 +585,31 @@ def variant_label(overrides: list[str]) -> str:
 def summary(results: list[dict[str, object]]) -> str:
     """Every configuration run: sites, variant, runtime, s/round, CPU-s/round."""
     row = "{:>5}  {:<14} {:<36} {:>8} {:>8} {:>11}  {}"
-    lines = [row.format("sites", "variant", "runtime", "s/round", "round 1", "CPU-s/round",
-                        "of which (CPU-s/round)")]  # fmt: skip
+    lines = [
+        row.format(
+            "sites",
+            "variant",
+            "runtime",
+            "s/round",
+            "round 1",
+            "CPU-s/round",
+            "of which (CPU-s/round)",
+        )
+    ]
     for result in results:
         by_process = result.get("cpu_seconds_per_round_by_process") or {}
         top = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in list(by_process.items())[:4])  # type: ignore[union-attr]
-        lines.append(row.format(
-            int(result["sites"]),  # type: ignore[call-overload]
-            variant_label(result["overrides"]),  # type: ignore[arg-type]
-            LABELS[str(result["runtime"])],
-            f"{float(result['steady_round_seconds']):.2f}",  # type: ignore[arg-type]
-            f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
-            f"{float(result['cpu_seconds_per_round']):.1f}",  # type: ignore[arg-type]
-            top,
-        ))  # fmt: skip
+        lines.append(
+            row.format(
+                int(result["sites"]),  # type: ignore[call-overload]
+                variant_label(result["overrides"]),  # type: ignore[arg-type]
+                LABELS[str(result["runtime"])],
+                f"{float(result['steady_round_seconds']):.2f}",  # type: ignore[arg-type]
+                f"{float(result['first_round_seconds']):.2f}",  # type: ignore[arg-type]
+                f"{float(result['cpu_seconds_per_round']):.1f}",  # type: ignore[arg-type]
+                top,
+            )
+        )
     lines.append(
         f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
         "timings on a shared machine vary with its load)"
@@ -549,20 +627,27 @@ def main(argv: list[str] | None = None) -> int:
             for overrides in args.variants:
                 label = variant_label(overrides)
                 for runtime in args.runtimes:
-                    print(f"{count} sites, {label}, {LABELS[runtime]}: {args.rounds} rounds ...",
-                          end=" ", flush=True)  # fmt: skip
+                    print(
+                        f"{count} sites, {label}, {LABELS[runtime]}: {args.rounds} rounds ...",
+                        end=" ",
+                        flush=True,
+                    )
                     work = base / f"{count}-sites" / label.replace(" + ", "-") / runtime
-                    result = run_runtime(runtime, work, sites, args.dataset, args.rounds,
-                                         overrides)  # fmt: skip
+                    result = run_runtime(runtime, work, sites, args.dataset, args.rounds, overrides)
                     results.append(result)
                     rounds = ", ".join(f"{s:.1f}" for s in result["round_seconds"])  # type: ignore[attr-defined]
                     by_process = ", ".join(
-                        f"{kind} {seconds:.1f}" for kind, seconds in
-                        list(result["cpu_seconds_per_round_by_process"].items())[:4]  # type: ignore[attr-defined]
-                    )  # fmt: skip
-                    print(f"rounds {rounds} s; CPU-s/round "
-                          f"{float(result['cpu_seconds_per_round']):.1f} ({by_process}); "  # type: ignore[arg-type]
-                          f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+                        f"{kind} {seconds:.1f}"
+                        for kind, seconds in list(
+                            result["cpu_seconds_per_round_by_process"].items()
+                        )[:4]  # type: ignore[attr-defined]
+                    )
+                    print(
+                        f"rounds {rounds} s; CPU-s/round "
+                        f"{float(result['cpu_seconds_per_round']):.1f} ({by_process}); "  # type: ignore[arg-type]
+                        f"load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
                     if args.json:  # what finished so far, should a later configuration not
                         args.json.write_text(json.dumps(results, indent=2))
                     if result["failures"]:

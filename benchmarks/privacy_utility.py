@@ -151,8 +151,9 @@ def _time_variant(
         steps *= 4
     plan = DpSgdPlan(1.0, rate, steps, 1.0, n)
     wall, cpu = time.perf_counter(), time.thread_time()
-    train_local_dp(model, rows, settings, plan, sampling_seed=1, noise_seed=2,
-                   grad_sample_mode=variant)  # fmt: skip
+    train_local_dp(
+        model, rows, settings, plan, sampling_seed=1, noise_seed=2, grad_sample_mode=variant
+    )
     return (time.perf_counter() - wall) / plan.steps, (time.thread_time() - cpu) / plan.steps
 
 
@@ -190,9 +191,16 @@ def step_times(repeats: int, quick: bool, opacus: bool = True) -> list[dict[str,
         for variant in variants:
             wall = statistics.median(w for w, _ in samples[variant])
             cpu = statistics.median(c for _, c in samples[variant])
-            table.append({"case": label, "variant": variant, "ms_per_step": 1000 * wall,
-                          "ratio": wall / plain_wall, "cpu_ratio": cpu / plain_cpu,
-                          "target": target})  # fmt: skip
+            table.append(
+                {
+                    "case": label,
+                    "variant": variant,
+                    "ms_per_step": 1000 * wall,
+                    "ratio": wall / plain_wall,
+                    "cpu_ratio": cpu / plain_cpu,
+                    "target": target,
+                }
+            )
     return table
 
 
@@ -216,9 +224,16 @@ MNIST_5K = {"dataset.name": "mnist5k", "dataset.partitioner": "iid", "federation
 RECIPES = (
     Recipe(
         "RAND HIE, 6 natural sites, MLP",
-        {"dataset.name": "randhie", "model.name": "mlp", "federation.num_sites": 6,
-         "rounds": 10, "train.batch_size": 256, "train.lr": 0.5},
-        {}, {},
+        {
+            "dataset.name": "randhie",
+            "model.name": "mlp",
+            "federation.num_sites": 6,
+            "rounds": 10,
+            "train.batch_size": 256,
+            "train.lr": 0.5,
+        },
+        {},
+        {},
     ),
     Recipe(
         "MNIST-5k, 5 iid sites, small CNN",
@@ -235,11 +250,17 @@ RECIPES = (
     ),
     Recipe(
         "MNIST-5k, 5 iid sites, logistic regression",
-        {**MNIST_5K, "model.name": "logreg", "rounds": 15, "train.batch_size": 128,
-         "train.lr": 0.5},
-        {}, {},
+        {
+            **MNIST_5K,
+            "model.name": "logreg",
+            "rounds": 15,
+            "train.batch_size": 128,
+            "train.lr": 0.5,
+        },
+        {},
+        {},
     ),
-)  # fmt: skip
+)
 
 
 def _run(recipe: Recipe, eps: float | None, work: Path, quick: bool) -> dict[str, object]:
@@ -255,9 +276,14 @@ def _run(recipe: Recipe, eps: float | None, work: Path, quick: bool) -> dict[str
     name = f"{recipe.overrides['dataset.name']}-{recipe.overrides['model.name']}-{eps or 'inf'}"
     flat["output_dir"] = str(work / name)
     if eps is not None:
-        flat.update({"privacy.name": "sample_dp", "privacy.target_epsilon": eps,
-                     "privacy.site_epsilon_cap": eps,
-                     "federation.sites_dir": str(work / name / "sites")})  # fmt: skip
+        flat.update(
+            {
+                "privacy.name": "sample_dp",
+                "privacy.target_epsilon": eps,
+                "privacy.site_epsilon_cap": eps,
+                "federation.sites_dir": str(work / name / "sites"),
+            }
+        )
     cfg = from_flower_config(flat)
     started = time.perf_counter()
     run_simulation(cfg)
@@ -267,8 +293,11 @@ def _run(recipe: Recipe, eps: float | None, work: Path, quick: bool) -> dict[str
     if eps is not None:
         report = json.loads((Path(cfg.output_dir) / "privacy_report.json").read_text())
         spent = max(site["epsilon"] for site in report["sample_level"]["sites"].values())
-    return {"accuracy": metrics["final"]["central_eval_accuracy"], "seconds": seconds,
-            "epsilon_spent": spent}  # fmt: skip
+    return {
+        "accuracy": metrics["final"]["central_eval_accuracy"],
+        "seconds": seconds,
+        "epsilon_spent": spent,
+    }
 
 
 def accuracies(quick: bool, only: str = "") -> list[dict[str, object]]:
@@ -286,8 +315,15 @@ def accuracies(quick: bool, only: str = "") -> list[dict[str, object]]:
             dataset = str(recipe.overrides["dataset.name"])
             best[dataset] = max(best.get(dataset, 0.0), baseline)
             for eps, result in results.items():
-                rows.append({"recipe": recipe.label, "dataset": dataset, "epsilon": eps,
-                             **result, "of_own": result["accuracy"] / baseline})  # fmt: skip
+                rows.append(
+                    {
+                        "recipe": recipe.label,
+                        "dataset": dataset,
+                        "epsilon": eps,
+                        **result,
+                        "of_own": result["accuracy"] / baseline,
+                    }
+                )
     for row in rows:
         row["of_best"] = row["accuracy"] / best[row["dataset"]]
     return rows
@@ -307,22 +343,29 @@ def main(argv: list[str] | None = None) -> None:
 
     set_flower_environment()
     quiet_flower_logs()
-    print(f"DP-SGD step time (1 thread, median of {args.repeats} interleaved runs; ratio to "
-          "non-private in wall time, and in this thread's CPU time)")  # fmt: skip
+    print(
+        f"DP-SGD step time (1 thread, median of {args.repeats} interleaved runs; ratio to "
+        "non-private in wall time, and in this thread's CPU time)"
+    )
     print(f"{'case':<38} {'variant':<8} {'ms/step':>8} {'ratio':>6} {'cpu':>6}  target")
     for row in step_times(args.repeats, args.quick, opacus=not args.skip_opacus):
-        mark = "" if row["variant"] == "plain" else (
-            "ok" if row["ratio"] <= row["target"] else "over")  # fmt: skip
-        print(f"{row['case']:<38} {row['variant']:<8} {row['ms_per_step']:>8.3f} "
-              f"{row['ratio']:>5.2f}× {row['cpu_ratio']:>5.2f}×  ≤ {row['target']}× {mark}",
-              flush=True)  # fmt: skip
+        mark = (
+            "" if row["variant"] == "plain" else ("ok" if row["ratio"] <= row["target"] else "over")
+        )
+        print(
+            f"{row['case']:<38} {row['variant']:<8} {row['ms_per_step']:>8.3f} "
+            f"{row['ratio']:>5.2f}× {row['cpu_ratio']:>5.2f}×  ≤ {row['target']}× {mark}",
+            flush=True,
+        )
     if args.skip_accuracy:
         return
     print("\nFederated central accuracy by ε (sample-level DP, δ = 1e-5; ∞ = no DP); 'of ∞':")
     print("over the recipe's own non-private accuracy; 'of best': over the best non-private one")
     print("on the same data set (the target: ≥ 0.97 at ε = 8)")
-    print(f"{'recipe':<46} {'ε':>4} {'spent':>6} {'accuracy':>9} {'of ∞':>6} {'of best':>7} "
-          f"{'seconds':>8}")  # fmt: skip
+    print(
+        f"{'recipe':<46} {'ε':>4} {'spent':>6} {'accuracy':>9} {'of ∞':>6} {'of best':>7} "
+        f"{'seconds':>8}"
+    )
     for row in accuracies(args.quick, args.only):
         eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:g}"
         spent = "-" if row["epsilon_spent"] is None else f"{row['epsilon_spent']:.2f}"

@@ -94,10 +94,17 @@ def _run_flower(args: argparse.Namespace, secure: bool, work: Path) -> dict:
 
     result_path = work / "flower-result.json"
     settings = plain.PlainSettings(
-        sites=args.sites, rounds=args.rounds, seed=SEED, hidden=args.hidden,
-        local_epochs=args.epochs, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
-        test_fraction=TEST_FRACTION, result_path=str(result_path),
-    )  # fmt: skip
+        sites=args.sites,
+        rounds=args.rounds,
+        seed=SEED,
+        hidden=args.hidden,
+        local_epochs=args.epochs,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        momentum=MOMENTUM,
+        test_fraction=TEST_FRACTION,
+        result_path=str(result_path),
+    )
     os.environ[plain.PLAIN_APP_ENV] = plain.encode_settings(settings)  # Ray workers inherit it
     if secure:
         from privacy.secagg.graph import share_threshold
@@ -206,12 +213,14 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
     global_model = np.zeros(length, dtype=np.float32)
     best = float("inf")
     for _ in range(repeats):
-        server = ServerSecAgg(sites, config, length, server_round=1, weight_scale=1000,
-                              site_ids=ids)  # fmt: skip
+        server = ServerSecAgg(
+            sites, config, length, server_round=1, weight_scale=1000, site_ids=ids
+        )
 
         def new_site(i: int, server: ServerSecAgg = server) -> SiteSecAgg:
-            return SiteSecAgg(server.setup_request(i), THRESHOLD, 1000, site_id=ids[i - 1],
-                              roster=listed)  # fmt: skip
+            return SiteSecAgg(
+                server.setup_request(i), THRESHOLD, 1000, site_id=ids[i - 1], roster=listed
+            )
 
         others = {i: new_site(i) for i in server.sites[1:]}
         started = time.perf_counter()
@@ -237,8 +246,9 @@ def client_work_seconds(sites: int, length: int, repeats: int = 5) -> float:
         site.accept_shares(request)
         model_digest = roster.model_digest([("w", global_model)])
         site.contribution(identity[1], model_digest, config_digest)
-        quantised, _ = quantise(update, clip_range=2.0, weight=500, max_weight=1000,
-                                scale=server.scale, bits=32)  # fmt: skip
+        quantised, _ = quantise(
+            update, clip_range=2.0, weight=500, max_weight=1000, scale=server.scale, bits=32
+        )
         site.mask(quantised)
         elapsed += time.perf_counter() - started
         check = server.consistency_request()
@@ -290,10 +300,24 @@ def _run_variant(variant: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"secagg-bench-{variant}-") as work:
         result = Path(work) / "result.json"
         argv = [
-            sys.executable, "-m", "benchmarks.secagg", "--variant", variant, "--work", work,
-            "--result", str(result), "--sites", str(args.sites), "--hidden", str(args.hidden),
-            "--rounds", str(args.rounds), "--epochs", str(args.epochs),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "benchmarks.secagg",
+            "--variant",
+            variant,
+            "--work",
+            work,
+            "--result",
+            str(result),
+            "--sites",
+            str(args.sites),
+            "--hidden",
+            str(args.hidden),
+            "--rounds",
+            str(args.rounds),
+            "--epochs",
+            str(args.epochs),
+        ]
         env = {**os.environ, **FLOWER_ENV}
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0 or not result.exists():
@@ -359,8 +383,10 @@ def main() -> None:
         accuracy = runs[variant][-1]["central_eval_accuracy"]
         ok = all(run["completed"] for run in runs[variant])
         each = ", ".join(f"{run['steady_round_seconds']:.2f}" for run in runs[variant])
-        print(f"  {names[variant]:<34} {steady:>14.2f} {whole:>12.1f} {accuracy:>11.4f} "
-              f"{'yes' if ok else 'NO ':<3}  {each}")  # fmt: skip
+        print(
+            f"  {names[variant]:<34} {steady:>14.2f} {whole:>12.1f} {accuracy:>11.4f} "
+            f"{'yes' if ok else 'NO ':<3}  {each}"
+        )
     ours = rows["fedgov-secagg"][0] / rows["fedgov-off"][0]
     theirs = rows["flower-secagg"][0] / rows["flower-plain"][0]
     print(

@@ -233,8 +233,19 @@ def _server(registry_path: Path, ref: str, runtime: str, logs: Path, auth: bool 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = logs / f"serve-{runtime}.log"
-    argv = [sys.executable, "-m", "fedgov", "serve", ref, "--registry", str(registry_path),
-            "--port", str(port), "--runtime", runtime]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "fedgov",
+        "serve",
+        ref,
+        "--registry",
+        str(registry_path),
+        "--port",
+        str(port),
+        "--runtime",
+        runtime,
+    ]
     if auth:
         tokens = logs / "tokens.txt"
         tokens.write_text(f"api {BENCH_TOKEN}\n")

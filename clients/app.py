@@ -105,9 +105,13 @@ def _record_declined(context: Context, reason: str) -> None:
 
     with contextlib.suppress(OSError):
         record_activity(
-            site_dir, run_id=str(context.run_id), flower_run_id=context.run_id, server_round=0,
-            outcome="declined", reason=reason,
-        )  # fmt: skip
+            site_dir,
+            run_id=str(context.run_id),
+            flower_run_id=context.run_id,
+            server_round=0,
+            outcome="declined",
+            reason=reason,
+        )
 
 
 @app.train()
@@ -156,9 +160,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         return Message(keys.decline_content(site.site_id, declined.reason), reply_to=msg)
     result = _evaluation(cfg, site, msg.content.array_records[keys.ARRAYS])
     metrics = MetricRecord(
-        {keys.EVAL_LOSS: result.loss, keys.EVAL_ACCURACY: result.accuracy,
-         keys.NUM_EXAMPLES: result.num_examples}
-    )  # fmt: skip
+        {
+            keys.EVAL_LOSS: result.loss,
+            keys.EVAL_ACCURACY: result.accuracy,
+            keys.NUM_EXAMPLES: result.num_examples,
+        }
+    )
     content = RecordDict({keys.METRICS: metrics, keys.SITE: keys.site_record(site.site_id)})
     return Message(content, reply_to=msg)
 

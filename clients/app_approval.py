@@ -118,9 +118,23 @@ def fab_app_digest(fab: bytes) -> str:
 
 #: Top-level folders Flower's FAB rules exclude whole (``FAB_EXCLUDE_PATTERNS``): not walked.
 EXCLUDED_TOP_FOLDERS = frozenset(
-    {".flwr", "build", "eggs", ".eggs", "lib", "lib64", "parts", ".venv", "env", "venv", "ENV",
-     "env.bak", "venv.bak", ".git"}
-)  # fmt: skip
+    {
+        ".flwr",
+        "build",
+        "eggs",
+        ".eggs",
+        "lib",
+        "lib64",
+        "parts",
+        ".venv",
+        "env",
+        "venv",
+        "ENV",
+        "env.bak",
+        "venv.bak",
+        ".git",
+    }
+)
 
 
 def project_files(root: Path) -> dict[str, Path]:
@@ -131,9 +145,10 @@ def project_files(root: Path) -> dict[str, Path]:
     for folder, subfolders, names in os.walk(resolved, followlinks=False):
         here = Path(folder)
         subfolders[:] = [
-            name for name in subfolders
+            name
+            for name in subfolders
             if name != "__pycache__" and not (here == resolved and name in EXCLUDED_TOP_FOLDERS)
-        ]  # fmt: skip
+        ]
         for name in names:
             path = here / name
             if not path.is_symlink():
@@ -245,10 +260,17 @@ class AppLog:
                 raise AppLogError(f"{where}: unknown event or digest")
             previous = hashlib.sha256(raw).hexdigest()
             entries.append(
-                LogEntry(int(body["seq"]), str(body["event"]), str(body["digest"]),
-                         str(body.get("site", "")), float(body.get("at", 0.0)),
-                         str(body.get("comment", "")), str(body.get("run", "")), previous)
-            )  # fmt: skip
+                LogEntry(
+                    int(body["seq"]),
+                    str(body["event"]),
+                    str(body["digest"]),
+                    str(body.get("site", "")),
+                    float(body.get("at", 0.0)),
+                    str(body.get("comment", "")),
+                    str(body.get("run", "")),
+                    previous,
+                )
+            )
         return entries
 
     def approved(self, entries: list[LogEntry] | None = None) -> dict[str, LogEntry]:
@@ -281,8 +303,9 @@ class AppLog:
             }
             line = json.dumps(
                 {"entry": body, "signature": key.sign(canonical_json(body)).hex()},
-                sort_keys=True, separators=(",", ":"),
-            ).encode()  # fmt: skip
+                sort_keys=True,
+                separators=(",", ":"),
+            ).encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, line + b"\n")
@@ -363,5 +386,11 @@ def approve_installed_app(site_dir: str | Path, site_id: str, comment: str) -> s
 
 def entry_as_dict(entry: LogEntry) -> dict[str, Any]:
     """A log entry as plain data (``fedgov site apps list --json``)."""
-    return {"seq": entry.seq, "event": entry.event, "digest": entry.digest, "at": entry.at,
-            "comment": entry.comment, "run": entry.run}  # fmt: skip
+    return {
+        "seq": entry.seq,
+        "event": entry.event,
+        "digest": entry.digest,
+        "at": entry.at,
+        "comment": entry.comment,
+        "run": entry.run,
+    }

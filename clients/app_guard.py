@@ -128,8 +128,14 @@ class TaskGuard:
 def _record_refusal(site_dir: str, run: Any, reason: str) -> None:
     """``fedgov site status`` shows the refusal as the site's last activity."""
     with contextlib.suppress(OSError):
-        record_activity(site_dir, run_id=str(run.run_id), flower_run_id=run.run_id,
-                        server_round=0, outcome="refused", reason=reason)  # fmt: skip
+        record_activity(
+            site_dir,
+            run_id=str(run.run_id),
+            flower_run_id=run.run_id,
+            server_round=0,
+            outcome="refused",
+            reason=reason,
+        )
 
 
 def shipped_packages(fab: bytes) -> set[str]:
@@ -191,8 +197,11 @@ def guarded_clientapp(drop_site_modules: bool = True) -> None:
     """``flwr-clientapp``, with the app guard installed first (fails closed if it cannot be)."""
     problems = guard_problems()
     if problems:
-        print("fedgov app guard: cannot check apps, running nothing: " + "; ".join(problems),
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "fedgov app guard: cannot check apps, running nothing: " + "; ".join(problems),
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(1)
     install_app_guard(drop_site_modules)
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp

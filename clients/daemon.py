@@ -69,10 +69,17 @@ from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
 
 SITE_KEYS = (
-    "site_id", "coordinator", "ca_cert", "auth_key", "data", "schema", "epsilon_cap", "port",
+    "site_id",
+    "coordinator",
+    "ca_cert",
+    "auth_key",
+    "data",
+    "schema",
+    "epsilon_cap",
+    "port",
     "insecure",
     *POLICY_KEYS,  # the site's run policy (clients/site_policy.py, docs/operators.md)
-)  # fmt: skip
+)
 EXIT_NOT_CONNECTED = 305  # flower-supernode: the SuperLink refused or could not be reached
 #: The runtimes of ``fedgov site start`` (module docstring): ClientApps forked from the zygote
 #: with bounded SuperNode pauses, the same with Flower's pauses, and Flower's defaults.
@@ -286,20 +293,26 @@ def supernode_command(
     if runtime != ZYGOTE_FAST_POLL:
         command.append(FLOWER_PAUSES_FLAG)
     command += [
-        "--superlink", settings.coordinator,
-        "--node-config", node_config,
-        "--host", "127.0.0.1",
-        "--port", str(settings.port),
-    ]  # fmt: skip
+        "--superlink",
+        settings.coordinator,
+        "--node-config",
+        node_config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.port),
+    ]
     if max_wait_seconds is not None:
         command += ["--max-wait-time", str(max_wait_seconds)]
     if insecure:
         command.append("--insecure")
     else:
         command += [
-            "--root-certificates", str(settings.ca_cert),
-            "--auth-supernode-private-key", str(settings.auth_key),
-        ]  # fmt: skip
+            "--root-certificates",
+            str(settings.ca_cert),
+            "--auth-supernode-private-key",
+            str(settings.auth_key),
+        ]
     if runtime == STOCK:
         command += ["--isolation", "subprocess"]
     else:
@@ -315,11 +328,15 @@ def superexec_command(settings: SiteSettings, supernode_pid: int | None = None) 
     API never leaves the machine), stopping when the SuperNode's process does.
     """
     command = [
-        sys.executable, "-m", "clients.superexec",
+        sys.executable,
+        "-m",
+        "clients.superexec",
         "--insecure",
-        "--runtime-api-address", f"127.0.0.1:{settings.port}",
-        "--superexec-auth-secret-file", str(settings.site_dir / SUPEREXEC_SECRET),
-    ]  # fmt: skip
+        "--runtime-api-address",
+        f"127.0.0.1:{settings.port}",
+        "--superexec-auth-secret-file",
+        str(settings.site_dir / SUPEREXEC_SECRET),
+    ]
     if supernode_pid is not None:
         command += ["--parent-pid", str(supernode_pid)]
     return command
@@ -564,9 +581,15 @@ def _run_site_processes(
         # Each helper leads its own process group (stopped as a whole), and gets SIGTERM
         # from the kernel the moment this daemon dies, even by SIGKILL.
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1, start_new_session=True, preexec_fn=exit_with_parent,
-        )  # fmt: skip
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=exit_with_parent,
+        )
         processes[name] = process
         guard.watch(process.pid)
 

@@ -68,9 +68,13 @@ def _setup(content: RecordDict, context: Context, cfg: RunConfig) -> RecordDict:
     settings = cfg.secagg
     site_id, roster_sites, identity = _roster_of(request.roster, context)
     site = SiteSecAgg(
-        request, settings.threshold, settings.max_weight, settings.neighbours,
-        site_id=site_id, roster=roster_sites,
-    )  # fmt: skip
+        request,
+        settings.threshold,
+        settings.max_weight,
+        settings.neighbours,
+        site_id=site_id,
+        roster=roster_sites,
+    )
     current = _load(context, records.STATE)
     if current is not None and current.expects != DONE:
         context.state[records.STATE_NEXT] = ConfigRecord(site.state_dict())
@@ -177,8 +181,10 @@ def handle_masked_input(
         if clipped:
             logger.warning(
                 "secagg: %d of %d update values exceeded secagg.clip_range %g and were clipped",
-                clipped, layout.length, settings.clip_range,
-            )  # fmt: skip
+                clipped,
+                layout.length,
+                settings.clip_range,
+            )
         proof = site_round.accusation_proof(bad_shares)
         contribution = site_round.contribution(
             _identity(context) if site_round.roster else None,
@@ -186,9 +192,13 @@ def handle_masked_input(
             roster.config_digest(dict(msg.content.config_records[keys.CONFIG])),
         )
         masked = MaskedInput(
-            vector=site_round.mask(quantised), weight=weight, bad_shares=bad_shares,
-            clipped=clipped, proof=proof, contribution=contribution,
-        )  # fmt: skip
+            vector=site_round.mask(quantised),
+            weight=weight,
+            bad_shares=bad_shares,
+            clipped=clipped,
+            proof=proof,
+            contribution=contribution,
+        )
         _save(context, site_round)
         config, arrays = records.masked_input_records(site_round.round_id, site_round.index, masked)
         return RecordDict(

@@ -43,9 +43,16 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     key = tuple(sorted((k, v) for k, v in node_config.items() if isinstance(v, (str, int, float))))
     d = cfg.dataset
     return _load(
-        key, d.name, d.partitioner, d.alpha, d.holdout_fraction, d.test_fraction,
-        cfg.federation.num_sites, cfg.seed, json.dumps(d.options, sort_keys=True),
-    )  # fmt: skip
+        key,
+        d.name,
+        d.partitioner,
+        d.alpha,
+        d.holdout_fraction,
+        d.test_fraction,
+        cfg.federation.num_sites,
+        cfg.seed,
+        json.dumps(d.options, sort_keys=True),
+    )
 
 
 @functools.cache  # one entry per site this process serves

@@ -185,24 +185,36 @@ def policy_violation(
     :func:`clear_release_violation`'s (the plain train message asks that; SecAgg+ does not).
     """
     if policy.require_dp and not sample_level_on(cfg):
-        return _asked("require_dp", f"privacy.name = '{cfg.privacy.name}'",
-                      "sample-level DP (privacy.name = 'sample_dp') required")  # fmt: skip
+        return _asked(
+            "require_dp",
+            f"privacy.name = '{cfg.privacy.name}'",
+            "sample-level DP (privacy.name = 'sample_dp') required",
+        )
     if policy.delta is not None and sample_level_on(cfg) and cfg.privacy.delta > policy.delta:
-        return _asked("delta", f"privacy.delta = {cfg.privacy.delta:g}",
-                      f"δ = {policy.delta:g} (every ε here is accounted at it)")  # fmt: skip
+        return _asked(
+            "delta",
+            f"privacy.delta = {cfg.privacy.delta:g}",
+            f"δ = {policy.delta:g} (every ε here is accounted at it)",
+        )
     if policy.max_rounds_per_run is not None:
         asked = max(cfg.rounds, server_round)
         if asked > policy.max_rounds_per_run:
             what = f"rounds = {cfg.rounds}" if cfg.rounds >= server_round else f"round {asked}"
             return _asked("max_rounds_per_run", what, f"{policy.max_rounds_per_run} rounds")
     if policy.max_local_epochs is not None and cfg.train.local_epochs > policy.max_local_epochs:
-        return _asked("max_local_epochs", f"train.local_epochs = {cfg.train.local_epochs}",
-                      f"{policy.max_local_epochs} epochs")  # fmt: skip
+        return _asked(
+            "max_local_epochs",
+            f"train.local_epochs = {cfg.train.local_epochs}",
+            f"{policy.max_local_epochs} epochs",
+        )
     if policy.allowed_features is not None:
         outside = [name for name in features if name not in policy.allowed_features]
         if outside:
-            return _asked("allowed_features", f"column '{outside[0]}'",
-                          "only " + ", ".join(policy.allowed_features))  # fmt: skip
+            return _asked(
+                "allowed_features",
+                f"column '{outside[0]}'",
+                "only " + ", ".join(policy.allowed_features),
+            )
     return None
 
 
@@ -218,8 +230,11 @@ def clear_release_violation(policy: SitePolicy, cfg: RunConfig) -> str | None:
 def noise_violation(policy: SitePolicy, noise_multiplier: float) -> str | None:
     """Why a planned DP-SGD noise multiplier σ is below the policy's minimum, or None."""
     if policy.min_noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
-        return _asked("min_noise_multiplier", f"σ = {noise_multiplier:.4g}",
-                      f"σ ≥ {policy.min_noise_multiplier:g}")  # fmt: skip
+        return _asked(
+            "min_noise_multiplier",
+            f"σ = {noise_multiplier:.4g}",
+            f"σ ≥ {policy.min_noise_multiplier:g}",
+        )
     return None
 
 
@@ -235,8 +250,10 @@ def run_epsilon_violation(policy: SitePolicy, run_epsilon_after: float) -> str |
 def eval_violation(policy: SitePolicy) -> str | None:
     """Why the site does not report evaluation metrics, or None."""
     if not policy.report_eval_metrics:
-        return ("site policy report_eval_metrics: the server asks for evaluation metrics; this "
-                "site's limit: off (metrics on held-out rows are not covered by DP)")  # fmt: skip
+        return (
+            "site policy report_eval_metrics: the server asks for evaluation metrics; this "
+            "site's limit: off (metrics on held-out rows are not covered by DP)"
+        )
     return None
 
 

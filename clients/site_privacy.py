@@ -161,9 +161,10 @@ class RoundBudget:
                     f"privacy budget exhausted: the retried round {self.spend.round} did not "
                     f"reproduce its released update, and releasing it would bring the site to "
                     f"ε = {again.epsilon_after:.4g} > cap {self.cap:g}",
-                    epsilon_spent=again.epsilon_spent, epsilon_requested=again.epsilon_after,
+                    epsilon_spent=again.epsilon_spent,
+                    epsilon_requested=again.epsilon_after,
                     cap=self.cap,
-                )  # fmt: skip
+                )
             self.spend, self.history = again.spend, again.history
             if again.repeat:
                 return self._receipt(released_sha256)
@@ -255,10 +256,15 @@ def reserve_round(
         epsilon_after=0.0,
         input_sha256=input_sha256,
         release_sha256=release_sha256(
-            request_sha256, run_id, server_round, input_sha256, plan, delta,
+            request_sha256,
+            run_id,
+            server_round,
+            input_sha256,
+            plan,
+            delta,
             cfg.privacy.accountant,
         ),
-    )  # fmt: skip
+    )
     try:
         reservation = ledger.reserve(spend, settings.epsilon_cap, policy.max_epsilon_per_run)
     except LedgerError as error:
@@ -266,8 +272,9 @@ def reserve_round(
     if reservation.spend is None and reservation.reason:  # the per-run limit, not the cap
         raise BudgetRefusal(
             run_epsilon_violation(policy, reservation.epsilon_after) or reservation.reason,
-            epsilon_spent=reservation.epsilon_spent, cap=settings.epsilon_cap,
-        )  # fmt: skip
+            epsilon_spent=reservation.epsilon_spent,
+            cap=settings.epsilon_cap,
+        )
     if reservation.spend is None:
         receipt = sign(
             key,
@@ -294,9 +301,16 @@ def reserve_round(
             **receipt_fields(receipt),
         )
     return RoundBudget(
-        key, ledger, reservation.spend, plan, site_id, settings.epsilon_cap, reservation.history,
-        repeat=reservation.repeat, run_cap=policy.max_epsilon_per_run,
-    )  # fmt: skip
+        key,
+        ledger,
+        reservation.spend,
+        plan,
+        site_id,
+        settings.epsilon_cap,
+        reservation.history,
+        repeat=reservation.repeat,
+        run_cap=policy.max_epsilon_per_run,
+    )
 
 
 #: Run-config keys that change nothing a site releases (a resumed run differs in some of them);
@@ -334,11 +348,18 @@ def release_sha256(
 ) -> str:
     """SHA-256 of everything a release depends on: equal for a byte-identical retry only."""
     payload = {
-        "request": request_sha256, "run": run_id, "round": server_round, "input": input_sha256,
-        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-        "steps": plan.steps, "max_grad_norm": plan.max_grad_norm, "records": plan.num_records,
-        "delta": delta, "accountant": accountant,
-    }  # fmt: skip
+        "request": request_sha256,
+        "run": run_id,
+        "round": server_round,
+        "input": input_sha256,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+        "max_grad_norm": plan.max_grad_norm,
+        "records": plan.num_records,
+        "delta": delta,
+        "accountant": accountant,
+    }
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 

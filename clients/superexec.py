@@ -100,8 +100,15 @@ class ZygoteProcess:
     ) -> None:
         parent, child = socket.socketpair()
         modules = DEFAULT_PRELOAD if preload is None else preload
-        command = [python, "-m", "clients.zygote", "--fd", str(child.fileno()),
-                   "--preload", ",".join(modules)]  # fmt: skip
+        command = [
+            python,
+            "-m",
+            "clients.zygote",
+            "--fd",
+            str(child.fileno()),
+            "--preload",
+            ",".join(modules),
+        ]
         if bare:  # tests only: no Flower, no torch
             command.append("--bare")
         zygote_env = dict(os.environ if env is None else env)
@@ -155,8 +162,13 @@ class ZygoteProcess:
             self.ready = message
             if self.report_exits:
                 preloaded = ", ".join(message["preloaded"])
-                log(INFO, "fedgov: zygote ready in %.1f s (%d OS thread; preloaded: %s)",
-                    message["seconds"], message["threads"], preloaded)  # fmt: skip
+                log(
+                    INFO,
+                    "fedgov: zygote ready in %.1f s (%d OS thread; preloaded: %s)",
+                    message["seconds"],
+                    message["threads"],
+                    preloaded,
+                )
                 for what, error in message.get("failed", {}).items():
                     log(WARNING, "fedgov: zygote warm-up: %s: %s", what, error)
         elif event == "exited":
@@ -166,8 +178,15 @@ class ZygoteProcess:
             if started is not None and self.report_exits:
                 seconds, cpu = time.monotonic() - started, float(message.get("cpu", 0.0))
                 app = "preloaded app" if warm else "app imported from the FAB"
-                log(INFO, "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU, %s",
-                    pid, code, seconds, cpu, app)  # fmt: skip
+                log(
+                    INFO,
+                    "fedgov: ClientApp task (pid %s) ended: exit %s, %.2f s, %.2f s CPU, %s",
+                    pid,
+                    code,
+                    seconds,
+                    cpu,
+                    app,
+                )
         elif "id" in message:
             self._replies[int(message["id"])] = message
 
@@ -203,8 +222,14 @@ class ZygoteProcess:
         """Fork a child that runs ``entry`` with ``sys.argv = argv``; the zygote's reply."""
         self._next_id += 1
         request_id = self._next_id
-        request = {"op": "launch", "id": request_id, "entry": entry, "argv": list(argv),
-                   "fab_hash": fab_hash, "quiet": quiet}  # fmt: skip
+        request = {
+            "op": "launch",
+            "id": request_id,
+            "entry": entry,
+            "argv": list(argv),
+            "fab_hash": fab_hash,
+            "quiet": quiet,
+        }
         try:
             self.channel.sendall((json.dumps(request) + "\n").encode())
         except OSError as error:
@@ -245,9 +270,11 @@ def _task_argv(spec: ExecutionSpec) -> list[str]:
     command = TASK_TYPE_TO_COMMAND[spec.task_type]
     args = [
         shutil.which(command) or command,
-        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address,
-        "--token", spec.token,
-    ]  # fmt: skip
+        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+        spec.runtime_api_address,
+        "--token",
+        spec.token,
+    ]
     if spec.insecure:
         args.append("--insecure")
     elif spec.root_certificates_path is not None:
@@ -370,9 +397,11 @@ class ForkingExecutor:
                 if zygote.ready is None:
                     zygote.wait_ready(self.ready_timeout)
                 zygote.launch(
-                    _task_argv(spec), entry=self.entry, fab_hash=spec.fab_hash,
+                    _task_argv(spec),
+                    entry=self.entry,
+                    fab_hash=spec.fab_hash,
                     quiet=spec.suppress_output,
-                )  # fmt: skip
+                )
                 self.forked += 1
                 return LaunchResult.accepted()
             except (ZygoteError, OSError, ValueError) as error:
@@ -415,9 +444,11 @@ def executor_factory(
     ) -> object:
         if executor_type != ExecutorType.SUBPROCESS:
             return flower_get_executor(
-                executor_type, executor_config, insecure=insecure,
+                executor_type,
+                executor_config,
+                insecure=insecure,
                 root_certificates_path=root_certificates_path,
-            )  # fmt: skip
+            )
         executor = ForkingExecutor(preload, max_tasks, ready_timeout)
         assert executor.zygote is not None
         log(INFO, "fedgov: ClientApp tasks fork from a warm zygote (pid %s)", executor.zygote.pid)
@@ -429,23 +460,36 @@ def executor_factory(
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """fedgov's own options; everything else is left for flower-superexec's parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m clients.superexec", allow_abbrev=False,
+        prog="python -m clients.superexec",
+        allow_abbrev=False,
         description="flower-superexec with ClientApp tasks forked from a warm zygote. "
         "Every other option is flower-superexec's.",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--stock-executor", action="store_true",
+        "--stock-executor",
+        action="store_true",
         help="Flower's own executor (a fresh interpreter per task), for comparison",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--preload", action="append", default=None, metavar="MODULE",
+        "--preload",
+        action="append",
+        default=None,
+        metavar="MODULE",
         help=f"module the zygote imports (repeatable; default: {', '.join(DEFAULT_PRELOAD)})",
-    )  # fmt: skip
-    parser.add_argument("--max-tasks", type=int, default=MAX_TASKS,
-                        help="most ClientApp processes at once (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_SECONDS,
-                        help="seconds a task waits for the zygote's warm-up before starting "
-                        "as a fresh process (default: %(default)s)")  # fmt: skip
+    )
+    parser.add_argument(
+        "--max-tasks",
+        type=int,
+        default=MAX_TASKS,
+        help="most ClientApp processes at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=READY_TIMEOUT_SECONDS,
+        help="seconds a task waits for the zygote's warm-up before starting "
+        "as a fresh process (default: %(default)s)",
+    )
     return parser.parse_known_args(list(argv))
 
 
@@ -465,8 +509,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 install_superexec_sleep(doorbell.Listener(bell).sleep)
                 poll = doorbell.SAFETY_POLL_SECONDS  # the SuperNode rings when a task waits
-                log(INFO, "fedgov: the SuperNode rings when a task waits (else a poll per %s s)",
-                    poll)  # fmt: skip
+                log(
+                    INFO,
+                    "fedgov: the SuperNode rings when a task waits (else a poll per %s s)",
+                    poll,
+                )
         os.environ.setdefault(TASK_POLL_ENV, str(poll))
         install_executor_factory(
             executor_factory(options.preload, options.max_tasks, options.ready_timeout)

@@ -95,8 +95,14 @@ def compute_update(
             cfg, site, global_arrays, config, context, run_id, server_round
         )
     except SiteDeclined as declined:
-        _record(context, run_id, server_round, "declined", declined.reason,
-                declined.details.get("epsilon_spent"))  # fmt: skip
+        _record(
+            context,
+            run_id,
+            server_round,
+            "declined",
+            declined.reason,
+            declined.details.get("epsilon_spent"),
+        )
         raise
     _record(context, run_id, server_round, "trained", "", spent)
     return update
@@ -112,10 +118,14 @@ def _record(
 
     with contextlib.suppress(OSError):  # a status file must never stop a round
         record_activity(
-            site_dir, run_id=run_id, flower_run_id=context.run_id, server_round=server_round,
-            outcome=outcome, reason=reason,
+            site_dir,
+            run_id=run_id,
+            flower_run_id=context.run_id,
+            server_round=server_round,
+            outcome=outcome,
+            reason=reason,
             epsilon=float(epsilon) if isinstance(epsilon, (int, float)) else None,
-        )  # fmt: skip
+        )
 
 
 def _compute_update(
@@ -146,18 +156,28 @@ def _compute_update(
 
         try:
             budget = reserve_round(
-                cfg, context.node_config, site.site_id, len(site.train.y), run_id,
-                server_round, arrays_sha256(arrays_to_numpy(global_arrays)),
+                cfg,
+                context.node_config,
+                site.site_id,
+                len(site.train.y),
+                run_id,
+                server_round,
+                arrays_sha256(arrays_to_numpy(global_arrays)),
                 request_sha256=release_request_sha256(cfg, config, rows_sha256(site)),
-            )  # fmt: skip
+            )
         except BudgetRefusal as refusal:
             raise SiteDeclined(refusal.reason, **refusal.details) from None
         sampling_seed, noise_seed = budget.seeds()
         result = train_local_dp(
-            model, site.train, cfg.train, budget.plan, sampling_seed=sampling_seed,
-            noise_seed=noise_seed, grad_sample_mode=cfg.privacy.grad_sample_mode,
+            model,
+            site.train,
+            cfg.train,
+            budget.plan,
+            sampling_seed=sampling_seed,
+            noise_seed=noise_seed,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
             objective=objective,
-        )  # fmt: skip
+        )
     else:
         result = train_local(
             model,
@@ -220,8 +240,9 @@ def _site_level_release(
                 "site-level DP under secure aggregation needs the round's "
                 f"'{keys.DP_MIN_SURVIVORS}' to size this site's noise share"
             )
-        std = noise_share_std(cfg.privacy.site_noise_multiplier, cfg.privacy.clipping_norm,
-                              survivors)  # fmt: skip
+        std = noise_share_std(
+            cfg.privacy.site_noise_multiplier, cfg.privacy.clipping_norm, survivors
+        )
         rng = np.random.default_rng()  # OS entropy: the server must not be able to predict it
         noise = gaussian_noise_like(clipped, std, rng)
         clipped = {name: clipped[name] + noise[name] for name in clipped}

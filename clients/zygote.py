@@ -76,9 +76,12 @@ GUARDED_CLIENTAPP_ENTRY = "clients.app_guard:guarded_forked_clientapp"
 #: What ``clients.app`` imports lazily on some paths (differential privacy), and the app guard
 #: with what it checks with: preloaded too.
 DEFAULT_PRELOAD = (
-    "clients.app", "clients.dp_training", "clients.site_privacy", "clients.app_guard",
+    "clients.app",
+    "clients.dp_training",
+    "clients.site_privacy",
+    "clients.app_guard",
     "clients.app_approval",
-)  # fmt: skip
+)
 #: App files compared with a task's FAB.
 COMPARED_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
 #: Diagnostics: set to a folder, every forked task writes a cProfile there (task-PID.prof).
@@ -414,8 +417,14 @@ class Zygote:
             if pid == 0:
                 return
             self.children.discard(pid)
-            self.send({"event": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status),
-                       "cpu": round(usage.ru_utime + usage.ru_stime, 3)})  # fmt: skip
+            self.send(
+                {
+                    "event": "exited",
+                    "pid": pid,
+                    "code": os.waitstatus_to_exitcode(status),
+                    "cpu": round(usage.ru_utime + usage.ru_stime, 3),
+                }
+            )
 
     def stop_children(self) -> None:
         """SIGTERM the children (Flower's handlers report the task as stopped), then SIGKILL."""
@@ -486,10 +495,11 @@ def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="control socket (inherited)")
     parser.add_argument(
-        "--preload", default=",".join(DEFAULT_PRELOAD),
+        "--preload",
+        default=",".join(DEFAULT_PRELOAD),
         help="comma-separated app modules to import before forking (default: %(default)s; "
         "empty: none)",
-    )  # fmt: skip
+    )
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # tests
     options = parser.parse_args(args)
     # The SuperExec's Ctrl-C or SIGTERM reaches the zygote too (same process group): it stops

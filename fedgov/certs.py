@@ -199,9 +199,14 @@ def renew_server_cert(
         str(organisation[0].value).removeprefix("fedgov federation ") if organisation else "fedgov"
     )
     cert, _ = make_server_cert(
-        ca_cert, ca_key, hosts, federation, now or dt.datetime.now(dt.UTC), server_key,
+        ca_cert,
+        ca_key,
+        hosts,
+        federation,
+        now or dt.datetime.now(dt.UTC),
+        server_key,
         days or SERVER_DAYS,
-    )  # fmt: skip
+    )
     temporary = old_path.with_name(".server.crt.new")
     write_file(temporary, cert.public_bytes(serialization.Encoding.PEM), private=False)
     temporary.replace(old_path)

@@ -78,15 +78,34 @@ FAB_MARKERS = Path("fedgov") / "installed-fabs"
 
 GET_EXECUTOR_PARAMETERS = ["executor_type", "executor_config", "insecure", "root_certificates_path"]
 START_PARAMETERS = [
-    "state_factory", "server_address", "node_config", "root_certificates", "insecure",
-    "authentication_keys", "max_retries", "max_wait_time", "isolation", "runtime_api_address",
-    "runtime_certificates", "runtime_root_certificates_path", "health_server_address",
-    "trusted_entities", "superexec_auth_secret", "runtime_dependency_install",
-]  # fmt: skip
+    "state_factory",
+    "server_address",
+    "node_config",
+    "root_certificates",
+    "insecure",
+    "authentication_keys",
+    "max_retries",
+    "max_wait_time",
+    "isolation",
+    "runtime_api_address",
+    "runtime_certificates",
+    "runtime_root_certificates_path",
+    "health_server_address",
+    "trusted_entities",
+    "superexec_auth_secret",
+    "runtime_dependency_install",
+]
 PULL_AND_STORE_PARAMETERS = [
-    "state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
-    "confirm_message_received", "trusted_entities",
-]  # fmt: skip
+    "state",
+    "object_store",
+    "node_config",
+    "receive",
+    "get_run",
+    "get_fab",
+    "pull_object",
+    "confirm_message_received",
+    "trusted_entities",
+]
 PULL_OPTIONS = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
 INSTALL_PARAMETERS = ["fab_file", "install_dir", "skip_prompt"]
 
@@ -432,9 +451,17 @@ def set_reply_sender(reply: Any, node_id: int) -> bool:
 # Ray backend class are rebound for the duration of one run only (context managers below).
 
 SIMULATION_PARAMETERS = {
-    "num_supernodes", "exit_event", "backend_name", "backend_config", "client_app_attr",
-    "server_app_attr", "server_app_context", "app_dir", "run", "is_app",
-}  # fmt: skip
+    "num_supernodes",
+    "exit_event",
+    "backend_name",
+    "backend_config",
+    "client_app_attr",
+    "server_app_attr",
+    "server_app_context",
+    "app_dir",
+    "run",
+    "is_app",
+}
 NODE_INFO_PARAMETERS = ["nodes_mapping", "run", "app_dir"]
 FEED_PARAMETERS = ["state", "queue", "nodes_mapping", "f_stop"]
 

@@ -43,8 +43,9 @@ def _pack_record(record: ArrayRecord) -> ArrayRecord:
     ]
     header = json.dumps(layout, separators=(",", ":")).encode()
     data = b"".join([_HEADER.pack(len(header)), header, *(bytes(a.data) for _, a in arrays)])
-    return ArrayRecord({"packed": Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE,
-                                        data=data)})  # fmt: skip
+    return ArrayRecord(
+        {"packed": Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+    )
 
 
 def is_packed(record: ArrayRecord) -> bool:
@@ -66,9 +67,11 @@ def _unpack_record(record: ArrayRecord) -> ArrayRecord:
         if end > len(data):
             raise ValueError("a packed ArrayRecord is shorter than its header says")
         arrays[entry["key"]] = Array(
-            dtype=entry["dtype"], shape=tuple(entry["shape"]), stype=entry["stype"],
+            dtype=entry["dtype"],
+            shape=tuple(entry["shape"]),
+            stype=entry["stype"],
             data=bytes(data[offset:end]),
-        )  # fmt: skip
+        )
         offset = end
     if offset != len(data):
         raise ValueError("a packed ArrayRecord has trailing bytes")

@@ -37,9 +37,13 @@ def run_demo(out: str | Path, rounds: int = 5) -> dict:
 
     public_keys = prepare_keys(out)  # demo principals' keys under DIR/keys (made once)
     cfg = compose_config(
-        [*DEMO_OVERRIDES, f"rounds={rounds}", f"federation.sites_dir={out / 'sites'}",
-         *registry_overrides(out)]
-    )  # fmt: skip
+        [
+            *DEMO_OVERRIDES,
+            f"rounds={rounds}",
+            f"federation.sites_dir={out / 'sites'}",
+            *registry_overrides(out),
+        ]
+    )
     print(
         f"fedgov demo: {rounds} rounds of federated training across 6 hospital sites "
         "(RAND HIE, Flower simulation engine)",
@@ -92,10 +96,14 @@ def print_governance(out: Path, run_dir: Path, public_keys: dict[str, str]) -> N
     registry.close()
     write = sys.stdout.write
     write(f"\n registry        {registry.path}\n")
-    write(f"   candidate     {record.ref} (manifest sha256 {record.manifest_sha256[:16]}…, "
-          "signed by fl-server)\n")  # fmt: skip
-    write(f"   policy        {policy_path} (signed version {policy.version}; alice and bob "
-          "sign policy changes)\n")  # fmt: skip
+    write(
+        f"   candidate     {record.ref} (manifest sha256 {record.manifest_sha256[:16]}…, "
+        "signed by fl-server)\n"
+    )
+    write(
+        f"   policy        {policy_path} (signed version {policy.version}; alice and bob "
+        "sign policy changes)\n"
+    )
     write(f"   keys          {out / 'keys'} (demo principals: {', '.join(public_keys)})\n")
     write("   gates of @production now:\n")
     for gate in gates.results:
@@ -130,8 +138,13 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
         )
     write(f" wall time: {metrics['wall_seconds']:.1f} s\n\n")
     write(f" run directory   {run_dir}\n")
-    for name in ("metrics.json", "model.safetensors", "plots/accuracy.png", "plots/loss.png",
-                 "plots/participation.png"):  # fmt: skip
+    for name in (
+        "metrics.json",
+        "model.safetensors",
+        "plots/accuracy.png",
+        "plots/loss.png",
+        "plots/participation.png",
+    ):
         write(f"   {name:<24} {run_dir / name}\n")
     sys.stdout.flush()
 
@@ -149,8 +162,10 @@ def print_privacy(run_dir: Path, sites_dir: Path) -> None:
     write("\n privacy (sample-level DP, each site enforcing its own cap)\n")
     for site_id, site in sample.get("sites", {}).items():
         declined = ", ".join(map(str, site["declined_rounds"])) or "none"
-        write(f"   {site_id:<10} ε {site['epsilon']:.2f} of cap {site['cap']:g}"
-              f" · declined rounds: {declined}\n")  # fmt: skip
+        write(
+            f"   {site_id:<10} ε {site['epsilon']:.2f} of cap {site['cap']:g}"
+            f" · declined rounds: {declined}\n"
+        )
     verified = report.get("verification", {}).get("ok")
     write(f"   receipts verified: {'yes' if verified else 'NO'}\n")
     write(f"   privacy report   {run_dir / 'privacy_report.html'}\n")

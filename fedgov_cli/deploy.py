@@ -37,10 +37,12 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     )
     certs.add_argument("--out", default="certs", help="folder for the files (default: %(default)s)")
     certs.add_argument(
-        "--host", action="append", default=None,
+        "--host",
+        action="append",
+        default=None,
         help="host name or IP address the sites use to reach the coordinator (repeatable; "
         "127.0.0.1 and localhost are always added: the coordinator's own calls use them)",
-    )  # fmt: skip
+    )
     certs.add_argument("--federation", default="fedgov", help="federation name in the certificates")
     certs.add_argument("--overwrite", action="store_true", help="replace existing files")
     certs.set_defaults(handler=_server_certs)
@@ -55,22 +57,27 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
         "--config", default="server.yaml", help="server config (default: %(default)s)"
     )
     start.add_argument(
-        "--insecure", action="store_true",
+        "--insecure",
+        action="store_true",
         help="plain HTTP and no site authentication (testing only: prints a warning)",
-    )  # fmt: skip
+    )
     start.add_argument(
-        "--metrics-port", type=int, default=None,
+        "--metrics-port",
+        type=int,
+        default=None,
         help="serve Prometheus metrics (rounds, sites, declines, ε) on this port at /metrics",
-    )  # fmt: skip
+    )
     start.add_argument(
         "--metrics-host",
         default="127.0.0.1",
         help="address of the metrics endpoint (default: %(default)s)",
     )
     start.add_argument(
-        "--log-format", choices=("text", "json"), default="text",
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
         help="json: one JSON object per log line, for log collectors (default: %(default)s)",
-    )  # fmt: skip
+    )
     start.set_defaults(handler=_server_start)
 
     add_site = actions.add_parser(
@@ -81,9 +88,10 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     )
     add_site.add_argument("public_key", metavar="PUBKEY", help="the site's node.key.pub")
     add_site.add_argument(
-        "--site-id", default=None,
+        "--site-id",
+        default=None,
         help="the site's name (default: the key's comment, written by `fedgov site init`)",
-    )  # fmt: skip
+    )
     add_site.add_argument(
         "--config", default="server.yaml", help="server config (default: %(default)s)"
     )
@@ -121,10 +129,12 @@ def _add_server(commands: argparse._SubParsersAction) -> None:
     )
     renew.add_argument("--certs", default="certs", help="certificate folder (default: %(default)s)")
     renew.add_argument(
-        "--host", action="append", default=None,
+        "--host",
+        action="append",
+        default=None,
         help="host names or addresses to certify (repeatable; default: those of the old "
         "certificate)",
-    )  # fmt: skip
+    )
     renew.add_argument("--days", type=int, default=None, help="validity in days (default: 825)")
     renew.set_defaults(handler=_server_renew_cert)
 
@@ -248,10 +258,12 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--port", type=int, default=9094, help="local runtime API port")
     init.add_argument("--out", default=".", help="site folder (default: current folder)")
     init.add_argument(
-        "--governance-anchor", metavar="FILE", default=None,
+        "--governance-anchor",
+        metavar="FILE",
+        default=None,
         help="governance's public keys and quorum (`fedgov roster governance-anchor`): this "
         "site then accepts a SecAgg+ roster only with that quorum of their signatures",
-    )  # fmt: skip
+    )
     init.set_defaults(handler=_site_init)
 
     start = actions.add_parser(
@@ -263,25 +275,31 @@ def _add_site(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--config", default="site.yaml", help="site config (default: %(default)s)")
     start.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     start.add_argument(
-        "--max-wait", type=float, default=None,
+        "--max-wait",
+        type=float,
+        default=None,
         help="give up after this many seconds without the coordinator (default: never)",
-    )  # fmt: skip
+    )
     start.add_argument("--check", action="store_true", help="only validate, do not connect")
     start.add_argument(
-        "--port", type=int, default=None,
+        "--port",
+        type=int,
+        default=None,
         help="local port of the SuperNode's runtime API, over site.yaml's `port` (two sites on "
         "one host need two ports)",
-    )  # fmt: skip
+    )
     start.add_argument(
-        "--stock-executor", action="store_true",
+        "--stock-executor",
+        action="store_true",
         help="run Flower's stock SuperNode (a fresh ClientApp interpreter per message and "
         "Flower's fixed pauses), for comparison; default: fedgov's SuperNode and forking SuperExec",
-    )  # fmt: skip
+    )
     start.add_argument(
-        "--stock-supernode", action="store_true",
+        "--stock-supernode",
+        action="store_true",
         help="keep fedgov's forking SuperExec but Flower's own SuperNode pauses (3 s per empty "
         "pull), for comparison",
-    )  # fmt: skip
+    )
     start.set_defaults(handler=_site_start)
 
     budget = actions.add_parser(
@@ -327,9 +345,15 @@ def _site_init(args: argparse.Namespace) -> int:
             raise FedgovError(f"--governance-anchor: {error}") from None
     _, labels = read_site_table(args.data, load_schema_file(args.schema))
     config, public_key = init_site(
-        args.out, args.site_id, args.data, args.schema, args.coordinator, args.ca,
-        args.epsilon_cap, args.port,
-    )  # fmt: skip
+        args.out,
+        args.site_id,
+        args.data,
+        args.schema,
+        args.coordinator,
+        args.ca,
+        args.epsilon_cap,
+        args.port,
+    )
     print(f"site {args.site_id}: {len(labels)} rows valid; config {config}")
     print(f"send this public key to the coordinator (fedgov server add-site): {public_key}")
     if anchor is not None:
@@ -417,22 +441,28 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         "--out", default=None, help="run directory (default: runs/<time> by server.yaml)"
     )
     run.add_argument(
-        "--resume", metavar="RUN_DIR", default=None,
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
         help="continue an interrupted run from its last checkpoint, with the config it started "
         "with (no overrides)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--schema", metavar="FILE", default=None,
+        "--schema",
+        metavar="FILE",
+        default=None,
         help="the sites' agreed schema.yaml: the model's inputs and classes come from it and a "
         "site with another schema is left out (default: server.yaml's schema:, else the bundled "
         "dataset's schema)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--holdout", metavar="FILE", default=None,
+        "--holdout",
+        metavar="FILE",
+        default=None,
         help="the coordinator's own CSV/Parquet of the same schema for central evaluation "
         "(with --schema; default: server.yaml's holdout:; without one there is no central "
         "evaluation)",
-    )  # fmt: skip
+    )
     run.set_defaults(handler=_run)
 
 
@@ -473,8 +503,15 @@ def _run(args: argparse.Namespace) -> int:
     config_file.write_text(
         "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in to_flower_config(cfg).items())
     )
-    command = [flower_tool("flwr"), "run", str(app_dir()), settings.federation,
-               "--run-config", str(config_file), "--stream"]  # fmt: skip
+    command = [
+        flower_tool("flwr"),
+        "run",
+        str(app_dir()),
+        settings.federation,
+        "--run-config",
+        str(config_file),
+        "--stream",
+    ]
     if not _listening(settings.local_address):
         raise FedgovError(_not_running(settings))
     remember_run(settings.database.parent, run_dir)  # reported by the coordinator's /metrics

@@ -38,9 +38,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     anchor.add_argument("--site-dir", required=True, help="the site's folder (node config)")
     anchor.add_argument("--site-id", required=True, help="this site's id")
     anchor.add_argument(
-        "--governance-key", action="append", required=True, metavar="PUBKEY",
+        "--governance-key",
+        action="append",
+        required=True,
+        metavar="PUBKEY",
         help="a governance public key (hex, or a .pub file); repeat for each member",
-    )  # fmt: skip
+    )
     anchor.add_argument("--quorum", type=int, required=True, help="signatures a roster needs")
     anchor.set_defaults(handler=_anchor)
 
@@ -51,9 +54,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "`fedgov site init --governance-anchor OUT` (hand it to sites out of band).",
     )
     published.add_argument(
-        "--governance-key", action="append", required=True, metavar="PUBKEY",
+        "--governance-key",
+        action="append",
+        required=True,
+        metavar="PUBKEY",
         help="a governance public key (hex, or a .pub file); repeat for each member",
-    )  # fmt: skip
+    )
     published.add_argument("--quorum", type=int, required=True, help="signatures a roster needs")
     published.add_argument("--out", required=True, help="the file to write (JSON)")
     published.set_defaults(handler=_governance_anchor)
@@ -91,9 +97,10 @@ def _governance_key(args: argparse.Namespace) -> int:
         raise FedgovError(f"{out} exists: refusing to overwrite a governance key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )  # fmt: skip
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, pem)
     out.chmod(0o600)

@@ -95,9 +95,16 @@ def _list(args: argparse.Namespace) -> int:
     approved = log.approved(entries)
     refusals = [e for e in entries if e.event == REFUSE and e.digest not in approved]
     if args.json:
-        print(json.dumps({"approved": [entry_as_dict(e) for e in approved.values()],
-                          "refused": [entry_as_dict(e) for e in refusals],
-                          "log": str(log.path)}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "approved": [entry_as_dict(e) for e in approved.values()],
+                    "refused": [entry_as_dict(e) for e in refusals],
+                    "log": str(log.path),
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"site {log.site_id}: {len(approved)} approved app(s); log {log.path}")
     for entry in approved.values():

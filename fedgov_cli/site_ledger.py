@@ -61,8 +61,10 @@ def _journal(args: argparse.Namespace) -> int:
         raise FedgovError(f"site {ledger.site_id}: {error}") from None
     for entry in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0)))
-        print(f"{entry['seq']:>6}  {when}  {entry.get('event', 'write'):<8} {entry['sha256']}"
-              + (f"  {entry['reason']}" if entry.get("reason") else ""))  # fmt: skip
+        print(
+            f"{entry['seq']:>6}  {when}  {entry.get('event', 'write'):<8} {entry['sha256']}"
+            + (f"  {entry['reason']}" if entry.get("reason") else "")
+        )
     return 0
 
 
@@ -74,6 +76,8 @@ def _restore(args: argparse.Namespace) -> int:
         restored = ledger.restore(args.backup, args.reason)
     except LedgerError as error:
         raise FedgovError(f"site {ledger.site_id}: ledger restore refused: {error}") from None
-    print(f"site {ledger.site_id}: ledger restored from {args.backup} "
-          f"({len(restored.spends)} spends) as write {restored.seq}")  # fmt: skip
+    print(
+        f"site {ledger.site_id}: ledger restored from {args.backup} "
+        f"({len(restored.spends)} spends) as write {restored.seq}"
+    )
     return 0

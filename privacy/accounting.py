@@ -195,8 +195,9 @@ def noise_multiplier_for(
     :data:`MAX_NOISE_MULTIPLIER` (the target is unreachable in that many steps)."""
     if not target_epsilon > 0:
         raise ValueError(f"target ε must be > 0, got {target_epsilon}")
-    return _noise_for(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                      accountant)  # fmt: skip
+    return _noise_for(
+        float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant
+    )
 
 
 @functools.lru_cache(maxsize=256)

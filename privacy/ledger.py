@@ -287,8 +287,9 @@ class SiteLedger:
                 elif key is not None and entries and entries[-1].get("signed"):
                     raise ValueError("unsigned after signed entries")
             except (InvalidSignature, ValueError, KeyError, TypeError) as error:
-                raise LedgerError(f"ledger journal {path} line {number} is not valid ({error})"
-                                  ) from None  # fmt: skip
+                raise LedgerError(
+                    f"ledger journal {path} line {number} is not valid ({error})"
+                ) from None
             if entry.get("prev") != previous or (entries and entry["seq"] <= entries[-1]["seq"]):
                 raise LedgerError(f"ledger journal {path} line {number} is out of sequence")
             previous = hashlib.sha256(raw).hexdigest()
@@ -323,8 +324,11 @@ class SiteLedger:
 
     def _append_journal(self, entry: dict[str, Any], key: Ed25519PrivateKey | None) -> None:
         entries = self.journal()
-        body = {**entry, "prev": entries[-1]["line_sha256"] if entries else "",
-                "at": round(time.time(), 3)}  # fmt: skip
+        body = {
+            **entry,
+            "prev": entries[-1]["line_sha256"] if entries else "",
+            "at": round(time.time(), 3),
+        }
         line = {"entry": body, "signature": key.sign(_canonical(body)).hex() if key else ""}
         fd = os.open(self.site_dir / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -430,9 +434,14 @@ class SiteLedger:
             if update_sha256 and update_sha256 == released.update_sha256:
                 return _repeat(state, released, spent)
             fresh = dataclasses.replace(
-                released, status=PENDING, signature="", update_sha256="", recorded_at=time.time(),
-                ledger_seq=state.seq, ledger_sha256=state.sha256,
-            )  # fmt: skip
+                released,
+                status=PENDING,
+                signature="",
+                update_sha256="",
+                recorded_at=time.time(),
+                ledger_seq=state.seq,
+                ledger_sha256=state.sha256,
+            )
             return self._reserve_new(state, fresh, spent, cap, run_cap)
 
     def _reserve_new(
@@ -455,8 +464,9 @@ class SiteLedger:
                 reason = f"max_epsilon_per_run: run {spend.run_id} would reach ε = {run_after:.4g}"
                 state.declines.append(Decline(spend.run_id, spend.round, reason, spent, run_cap))
                 self.write(state)
-                return Reservation(None, spent, run_after, history, state.seq, state.sha256,
-                                   reason=reason)  # fmt: skip
+                return Reservation(
+                    None, spent, run_after, history, state.seq, state.sha256, reason=reason
+                )
         if spend.epsilon_after > cap:
             state.declines.append(
                 Decline(spend.run_id, spend.round, "privacy budget exhausted", spent, cap)
@@ -486,15 +496,25 @@ def _released_before(state: LedgerState, new: Spend) -> Spend | None:
 def _repeat(state: LedgerState, released: Spend, spent: float) -> Reservation:
     """A retry of ``released``: nothing new spent; the history its receipt stated."""
     return Reservation(
-        released, spent, released.epsilon_after, _history_until(state, released), state.seq,
-        state.sha256, repeat=True,
-    )  # fmt: skip
+        released,
+        spent,
+        released.epsilon_after,
+        _history_until(state, released),
+        state.seq,
+        state.sha256,
+        repeat=True,
+    )
 
 
 def _history_until(state: LedgerState, spend: Spend) -> list[HistoryEntry]:
     """The ledger's history up to and including ``spend`` (what its receipt stated)."""
-    index = next(i for i, s in enumerate(state.spends) if s.recorded_at == spend.recorded_at
-                 and s.round == spend.round and s.run_id == spend.run_id)  # fmt: skip
+    index = next(
+        i
+        for i, s in enumerate(state.spends)
+        if s.recorded_at == spend.recorded_at
+        and s.round == spend.round
+        and s.run_id == spend.run_id
+    )
     return normalise_history(s.entry for s in state.spends[: index + 1])
 
 

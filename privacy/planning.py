@@ -56,8 +56,9 @@ def check_privacy_plan(cfg: RunConfig, train_records: Mapping[str, int]) -> None
                         p.target_epsilon, p.delta, rate, steps * cfg.rounds, p.accountant
                     )
                 except ValueError:
-                    lowest = minimum_reachable_epsilon(p.delta, rate, steps * cfg.rounds,
-                                                       p.accountant)  # fmt: skip
+                    lowest = minimum_reachable_epsilon(
+                        p.delta, rate, steps * cfg.rounds, p.accountant
+                    )
                     raise ConfigError(
                         f"privacy.target_epsilon: {p.target_epsilon:g} is unreachable in "
                         f"{cfg.rounds} rounds at site {site} (it would need σ > "
@@ -113,8 +114,9 @@ def plan_site(cfg: RunConfig, site: SiteBudget, rounds: int) -> SitePlan:
     rate, steps = steps_per_round(site.num_train, cfg.train.batch_size, cfg.train.local_epochs)
     if p.target_epsilon > 0:
         try:
-            sigma = noise_multiplier_for(p.target_epsilon, site.delta, rate, steps * cfg.rounds,
-                                         p.accountant)  # fmt: skip
+            sigma = noise_multiplier_for(
+                p.target_epsilon, site.delta, rate, steps * cfg.rounds, p.accountant
+            )
         except ValueError:
             problem = f"privacy.target_epsilon {p.target_epsilon:g} is unreachable"
             return SitePlan(site.site_id, None, math.inf, left, problem)

@@ -106,11 +106,14 @@ def _sample_level(data: Mapping[str, Any], delta: float, accountant: str) -> dic
         caps = [r.payload.get("cap") for r in receipts] + [d.get("cap") for d in declines]
         caps = [c for c in caps if c is not None]
         epsilons = [row["epsilon"] for row in rows if row["epsilon"] is not None]
-        this_run = [(r.payload["noise_multiplier"], r.payload["sample_rate"], r.payload["steps"])
-                    for r in receipts]  # fmt: skip
+        this_run = [
+            (r.payload["noise_multiplier"], r.payload["sample_rate"], r.payload["steps"])
+            for r in receipts
+        ]
         public_keys = {r.public_key for r in receipts}
-        public_keys |= {bytes.fromhex(d["receipt"]["public_key"]) for d in declines
-                        if d.get("receipt")}  # fmt: skip
+        public_keys |= {
+            bytes.fromhex(d["receipt"]["public_key"]) for d in declines if d.get("receipt")
+        }
         sites[site_id] = {
             "epsilon": max(epsilons) if epsilons else 0.0,
             "epsilon_this_run": epsilon(this_run, site_delta, accountant),
@@ -150,8 +153,9 @@ SITE_LEVEL_RELATION = (
 
 def _last_signed(receipts: list[Receipt], declines: list[dict[str, Any]]) -> Receipt | None:
     signed = [(r.payload["round"], 0, r) for r in receipts]
-    signed += [(d["round"], 1, Receipt.from_json(d["receipt"])) for d in declines
-               if d.get("receipt")]  # fmt: skip
+    signed += [
+        (d["round"], 1, Receipt.from_json(d["receipt"])) for d in declines if d.get("receipt")
+    ]
     return max(signed, key=lambda item: (item[0], item[1]))[2] if signed else None
 
 
@@ -431,12 +435,23 @@ def budget_plot_png(document: Mapping[str, Any]) -> bytes | None:
             (line,) = ax.step(rounds, values, where="post", marker="o", label=site_id)
             declined = [r["round"] for r in site["rounds"] if r["status"] == "declined"]
             if declined:
-                ax.plot(declined, [site["epsilon"]] * len(declined), "x", color=line.get_color(),
-                        markersize=9)  # fmt: skip
+                ax.plot(
+                    declined,
+                    [site["epsilon"]] * len(declined),
+                    "x",
+                    color=line.get_color(),
+                    markersize=9,
+                )
         for cap in sorted({s["cap"] for s in sample["sites"].values() if s["cap"] is not None}):
             ax.axhline(cap, linestyle="--", color="crimson", linewidth=1)
-            ax.annotate(f"cap {cap:g}", (0.01, cap), xycoords=("axes fraction", "data"),
-                        color="crimson", va="bottom", fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"cap {cap:g}",
+                (0.01, cap),
+                xycoords=("axes fraction", "data"),
+                color="crimson",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Sample-level ε spent by each site (× = declined)")
@@ -448,8 +463,13 @@ def budget_plot_png(document: Mapping[str, Any]) -> bytes | None:
     if site_level:
         ax = axes[0][column]
         rows = site_level["rounds"]
-        ax.step([r["round"] for r in rows], [r["epsilon"] for r in rows], where="post",
-                marker="o", color="navy")  # fmt: skip
+        ax.step(
+            [r["round"] for r in rows],
+            [r["epsilon"] for r in rows],
+            where="post",
+            marker="o",
+            color="navy",
+        )
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Site-level ε of the federation")

@@ -85,8 +85,9 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
         run_id = resume_from.run_id or run_id
         print(
             f"[fedgov] resuming {cfg.output_dir} after round {resume_from.completed_round}",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+            file=sys.stderr,
+            flush=True,
+        )
     observer = _RoundObserver(cfg, privacy, run_id, resume_from.records if resume_from else ())
     result = run_rounds(
         RoundContext(grid, cfg, strategy, privacy, run_id),
@@ -100,9 +101,14 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int | None = None)
     outcome = run_outcome(result)
     if cfg.output_dir:
         write_run_outputs(
-            cfg.output_dir, cfg, result, time.monotonic() - started,
-            schema=schema, central_evaluation=central_note, outcome=outcome,
-        )  # fmt: skip
+            cfg.output_dir,
+            cfg,
+            result,
+            time.monotonic() - started,
+            schema=schema,
+            central_evaluation=central_note,
+            outcome=outcome,
+        )
         if privacy is not None:
             write_privacy_report(cfg.output_dir, report_of(privacy, run_id))
     if not outcome["trained"]:
@@ -196,9 +202,12 @@ class _RoundObserver:
     handed in again once evaluated)."""
 
     def __init__(
-        self, cfg: RunConfig, privacy: PrivacyRound | None, run_id: str,
+        self,
+        cfg: RunConfig,
+        privacy: PrivacyRound | None,
+        run_id: str,
         earlier: Sequence[RoundRecord] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._cfg, self._privacy, self._run_id = cfg, privacy, run_id
         self._records: dict[int, RoundRecord] = {record.round: record for record in earlier}
         # round → (site-level ε, max sample-level ε) when the round ended

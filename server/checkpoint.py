@@ -86,9 +86,10 @@ def load_checkpoint(run_dir: str | Path, cfg: RunConfig) -> Checkpoint:
     payload = _read_payload(run_dir)
     saved, now = payload["config"], to_flower_config(cfg)
     changed = sorted(
-        k for k in set(saved) | set(now)
+        k
+        for k in set(saved) | set(now)
         if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k)
-    )  # fmt: skip
+    )
     if changed:
         key = changed[0]
         raise FedgovError(

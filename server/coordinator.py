@@ -102,9 +102,13 @@ def _optional_path(base: Path, value: object) -> Path | None:
 def write_server_config(path: str | Path, **fields: Any) -> Path:
     """Write a ``server.yaml`` with ``fields`` over the defaults."""
     defaults: dict[str, Any] = {
-        "federation": "fedgov", "host": "127.0.0.1", "port": 9092, "certs": "certs",
-        "database": "state/superlink.db", "insecure": False,
-    }  # fmt: skip
+        "federation": "fedgov",
+        "host": "127.0.0.1",
+        "port": 9092,
+        "certs": "certs",
+        "database": "state/superlink.db",
+        "insecure": False,
+    }
     defaults.update(fields)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,22 +132,31 @@ def superlink_command(settings: ServerSettings, insecure: bool) -> list[str]:
     """The SuperLink's command line for these settings: Flower's ``flower-superlink`` through
     :mod:`server.superlink` (Control and Runtime APIs answer only this host)."""
     command = [
-        sys.executable, "-m", "server.superlink",  # flower-superlink, Control API local-only
-        "--host", settings.host,
-        "--port", str(settings.port),
-        "--database", str(settings.database),
-        "--isolation", "subprocess",
+        sys.executable,
+        "-m",
+        "server.superlink",  # flower-superlink, Control API local-only
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--database",
+        str(settings.database),
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+    ]
     if insecure:
         command.append("--insecure")
     else:
         command += [
-            "--ssl-certfile", str(settings.certs / "server.crt"),
-            "--ssl-keyfile", str(settings.certs / "server.key"),
-            "--ssl-ca-certfile", str(settings.ca_cert),
+            "--ssl-certfile",
+            str(settings.certs / "server.crt"),
+            "--ssl-keyfile",
+            str(settings.certs / "server.key"),
+            "--ssl-ca-certfile",
+            str(settings.ca_cert),
             "--enable-supernode-auth",
-        ]  # fmt: skip
+        ]
     return command
 
 
@@ -183,10 +196,12 @@ def claim_coordinator(settings: ServerSettings) -> None:
         f"{settings.database} (pid {{pid}}); stop it first",
     )
     check_port_free(
-        settings.host, settings.port, f"coordinator '{settings.federation}'",
+        settings.host,
+        settings.port,
+        f"coordinator '{settings.federation}'",
         f"choose another `port:` in {settings.config_path.name} (and give the sites the new "
         "address)",
-    )  # fmt: skip
+    )
 
 
 def run_superlink(

@@ -152,8 +152,9 @@ class PrivacyRound:
             for name in total:
                 total[name] += clipped[name]
         expected = self._expected_sites or float(len(replies)) or 1.0
-        mean = noisy_mean_update(total, p.site_noise_multiplier, p.clipping_norm, expected,
-                                 self._rng)  # fmt: skip
+        mean = noisy_mean_update(
+            total, p.site_noise_multiplier, p.clipping_norm, expected, self._rng
+        )
         self._account(server_round, len(replies), p.site_noise_multiplier)
         new_arrays = ArrayRecord(
             OrderedDict(
@@ -182,19 +183,33 @@ class PrivacyRound:
         decision = dropout_decision(survivors, min_survivors, p.secagg_dropout)
         if decision == "abort":
             self.site_level_rounds.append(
-                SiteLevelRound(server_round, sampled, survivors, self._accounted_rate(), 0.0,
-                               self.site_level_epsilon(), aborted=True,
-                               note=f"{survivors} survivors < {min_survivors}: not unmasked")
-            )  # fmt: skip
+                SiteLevelRound(
+                    server_round,
+                    sampled,
+                    survivors,
+                    self._accounted_rate(),
+                    0.0,
+                    self.site_level_epsilon(),
+                    aborted=True,
+                    note=f"{survivors} survivors < {min_survivors}: not unmasked",
+                )
+            )
             return False
         # The protected site's own noise share leaves with it (add/remove one site): not counted.
         z = protected_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
         if z <= 0:  # a lone survivor: nothing but its own share would protect it
             self.site_level_rounds.append(
-                SiteLevelRound(server_round, sampled, survivors, self._accounted_rate(), 0.0,
-                               self.site_level_epsilon(), aborted=True,
-                               note=f"{survivors} survivor: no other site's noise protects it")
-            )  # fmt: skip
+                SiteLevelRound(
+                    server_round,
+                    sampled,
+                    survivors,
+                    self._accounted_rate(),
+                    0.0,
+                    self.site_level_epsilon(),
+                    aborted=True,
+                    note=f"{survivors} survivor: no other site's noise protects it",
+                )
+            )
             return False
         self._account(server_round, survivors, z, sampled=sampled)
         return True
@@ -226,8 +241,12 @@ class PrivacyRound:
     def max_site_epsilon(self) -> float | None:
         """The largest sample-level ε any site reported (receipts and declines)."""
         values = [r.payload.get("epsilon") for view in self.sites.values() for r in view.receipts]
-        values += [d["epsilon_spent"] for view in self.sites.values() for d in view.declines
-                   if d.get("epsilon_spent") is not None]  # fmt: skip
+        values += [
+            d["epsilon_spent"]
+            for view in self.sites.values()
+            for d in view.declines
+            if d.get("epsilon_spent") is not None
+        ]
         values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return max(values) if values else None
 

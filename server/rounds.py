@@ -173,8 +173,12 @@ class SiteDirectory:
         known_ids = {info.site_id for info in self.by_node.values()}
         for reply in exchange(self._grid, queries, self._timeout):
             if reply.has_error():
-                log(WARNING, "node %s failed discovery: %s", reply.metadata.src_node_id,
-                    reply.error.reason)  # fmt: skip
+                log(
+                    WARNING,
+                    "node %s failed discovery: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             if keys.is_app_refusal(reply):
                 site_id = keys.reply_site_id(reply) or f"node-{reply.metadata.src_node_id}"
@@ -189,8 +193,11 @@ class SiteDirectory:
                 continue
             info = _site_info(reply)
             if info is None:
-                log(WARNING, "node %s sent an unreadable site record; ignoring it",
-                    reply.metadata.src_node_id)  # fmt: skip
+                log(
+                    WARNING,
+                    "node %s sent an unreadable site record; ignoring it",
+                    reply.metadata.src_node_id,
+                )
                 continue
             site_id = info.site_id
             site_record = reply.content.config_records[keys.SITE]
@@ -199,8 +206,12 @@ class SiteDirectory:
                 continue
             self.left_out.pop(site_id, None)  # fixed and back: it takes part again
             if info.site_id in known_ids:
-                log(WARNING, "two nodes claim site id %s; ignoring node %s", info.site_id,
-                    reply.metadata.src_node_id)  # fmt: skip
+                log(
+                    WARNING,
+                    "two nodes claim site id %s; ignoring node %s",
+                    info.site_id,
+                    reply.metadata.src_node_id,
+                )
                 continue
             known_ids.add(info.site_id)
             self.by_node[reply.metadata.src_node_id] = info
@@ -222,8 +233,11 @@ class SiteDirectory:
             if progress and (
                 shown is None or shown[0] != names or now - shown[1] >= WAIT_REPORT_SECONDS
             ):
-                print(f"[fedgov] {self.waiting_line(count, deadline - now)}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"[fedgov] {self.waiting_line(count, deadline - now)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 shown = (names, now)
             if now > deadline:
                 left = "; ".join(f"{site}: {why}" for site, why in sorted(self.left_out.items()))
@@ -347,9 +361,11 @@ def run_rounds(
         started = time.monotonic()
         plan = _plan_round(ctx, directory, run, server_round)
         record = RoundRecord(
-            round=server_round, participants=[], sites_connected=len(plan.node_of),
+            round=server_round,
+            participants=[],
+            sites_connected=len(plan.node_of),
             refused=directory.refusals(),
-        )  # fmt: skip
+        )
         if ctx.cfg.secagg.name == "secaggplus":
             trained = _train_secagg(ctx, plan, record, run)
         else:
@@ -417,8 +433,9 @@ class _RunState:
             record.__dict__.setdefault("eval_sites", [])
         pending = PendingEvaluation(records[-1], resume_from.arrays) if records else None
         pending = None if evaluated else pending
-        return cls(arrays, records, dict(resume_from.sites), resume_from.completed_round + 1,
-                   pending)  # fmt: skip
+        return cls(
+            arrays, records, dict(resume_from.sites), resume_from.completed_round + 1, pending
+        )
 
 
 def _discover(
@@ -523,8 +540,13 @@ def _aggregate_plain(
                 check_train_reply(reply, arrays)
             except ReplyProblem as problem:  # one site's bytes never fail the round
                 record.failures[site_id] = f"malformed train reply: {problem}"
-                log(WARNING, "round %d: site %s excluded: %s", server_round, site_id,
-                    record.failures[site_id])  # fmt: skip
+                log(
+                    WARNING,
+                    "round %d: site %s excluded: %s",
+                    server_round,
+                    site_id,
+                    record.failures[site_id],
+                )
                 continue
             good.append(reply)
             record.participants.append(site_id)
@@ -658,10 +680,13 @@ def _evaluate(
     if messages:
         evaluations.update(_by_site(exchange(ctx.grid, messages, ctx.timeout), directory))
     good = [
-        reply for _, reply in sorted(evaluations.items())
-        if reply is not None and not reply.has_error() and keys.decline_reason(reply) is None
+        reply
+        for _, reply in sorted(evaluations.items())
+        if reply is not None
+        and not reply.has_error()
+        and keys.decline_reason(reply) is None
         and _usable(check_evaluate_reply, reply)
-    ]  # fmt: skip
+    ]
     if good:
         eval_metrics = ctx.strategy.aggregate_evaluate(pending.record.round, canonical(good))
         pending.record.eval_loss = _metric(eval_metrics, keys.EVAL_LOSS)
@@ -683,9 +708,17 @@ def _keep(ctx: RoundContext, run: _RunState, record: RoundRecord) -> None:
     if ctx.cfg.output_dir:
         save_checkpoint(
             ctx.cfg.output_dir,
-            Checkpoint(record.round, run.arrays, ctx.strategy, ctx.privacy, run.records, run.seen,
-                       ctx.run_id, to_flower_config(ctx.cfg)),
-        )  # fmt: skip
+            Checkpoint(
+                record.round,
+                run.arrays,
+                ctx.strategy,
+                ctx.privacy,
+                run.records,
+                run.seen,
+                ctx.run_id,
+                to_flower_config(ctx.cfg),
+            ),
+        )
 
 
 def round_as_dict(record: RoundRecord) -> dict[str, object]:

@@ -237,11 +237,17 @@ class SecAggRound:
             self.timings.update(dict.fromkeys(self.pipelined, 0.0))
             return
         server = self.server = ServerSecAgg(
-            len(self.sites), settings_of(cfg), self.layout.length, plan.server_round,
-            weight_scale=scale, site_ids=tuple(self.sites),
-        )  # fmt: skip
-        requests = {i: _content(records.setup_request_record(server.setup_request(i)))
-                    for i in server.alive()}  # fmt: skip
+            len(self.sites),
+            settings_of(cfg),
+            self.layout.length,
+            plan.server_round,
+            weight_scale=scale,
+            site_ids=tuple(self.sites),
+        )
+        requests = {
+            i: _content(records.setup_request_record(server.setup_request(i)))
+            for i in server.alive()
+        }
         replies = self._send(SETUP, requests)
         server.receive_adverts(
             self._parsed(SETUP, replies, lambda c, i: records.parse_advert(c, server.round_id, i))
@@ -296,15 +302,21 @@ class SecAggRound:
             cfg, plan.server_round + 1, self.next_sites, self.num_train, self.layout, node_of
         )
         if upcoming is not None:
-            _attach_next(batch, upcoming, SETUP, upcoming.server.setup_request,
-                         records.setup_request_record)  # fmt: skip
+            _attach_next(
+                batch, upcoming, SETUP, upcoming.server.setup_request, records.setup_request_record
+            )
         node_replies = self._send_to_nodes(MASKED_INPUT, batch)
         replies = _of_this_round(node_replies, self.node_index, contents)
         if upcoming is not None:
             self.result.prepared_next = self.upcoming = _receive_next(
-                upcoming, SETUP, batch, node_replies, self._parsed, records.parse_advert,
+                upcoming,
+                SETUP,
+                batch,
+                node_replies,
+                self._parsed,
+                records.parse_advert,
                 upcoming.server.receive_adverts,
-            )  # fmt: skip
+            )
         if privacy is not None:  # receipts and declines, as for a plain train reply
             for i, reply in sorted(replies.items()):
                 # a broken receipt excludes its site, never the round
@@ -339,15 +351,25 @@ class SecAggRound:
         targets = server.alive()
         batch = {node_of[site_of[i]]: (CONSISTENCY, _content(request)) for i in targets}
         if upcoming is not None:
-            _attach_next(batch, upcoming, SHARE_KEYS, upcoming.server.share_keys_request,
-                         records.share_keys_request_record)  # fmt: skip
+            _attach_next(
+                batch,
+                upcoming,
+                SHARE_KEYS,
+                upcoming.server.share_keys_request,
+                records.share_keys_request_record,
+            )
         node_replies = self._send_to_nodes(CONSISTENCY, batch)
         replies = _of_this_round(node_replies, self.node_index, targets)
         if upcoming is not None:
             self.result.prepared_next = _receive_next(
-                upcoming, SHARE_KEYS, batch, node_replies, self._parsed,
-                records.parse_ciphertexts, upcoming.server.receive_ciphertexts,
-            )  # fmt: skip
+                upcoming,
+                SHARE_KEYS,
+                batch,
+                node_replies,
+                self._parsed,
+                records.parse_ciphertexts,
+                upcoming.server.receive_ciphertexts,
+            )
             if self.result.prepared_next is not None:
                 self.result.prepared_next.shared = True
         signatures: dict[int, bytes] = {}
@@ -423,9 +445,13 @@ class SecAggRound:
         s = cfg.secagg
         total_weight = unmasked.total_weight
         mean_update = dequantise_mean(
-            unmasked.ring_sum, clip_range=s.clip_range, total_weight=total_weight,
-            max_weight=server.weight_scale, scale=server.scale, bits=s.bits,
-        )  # fmt: skip
+            unmasked.ring_sum,
+            clip_range=s.clip_range,
+            total_weight=total_weight,
+            max_weight=server.weight_scale,
+            scale=server.scale,
+            bits=s.bits,
+        )
         if privacy is not None and privacy.site_level:  # DP-FedAvg divides by q·N
             mean_update = mean_update * privacy.secure_mean_scale(total_weight)
         result.participants = [site_of[i] for i in unmasked.survivors]
@@ -608,9 +634,13 @@ def _next_setup(
     scale = _weight_scale(cfg, sites, num_train)
     try:
         server = ServerSecAgg(
-            len(sites), settings_of(cfg), layout.length, server_round, weight_scale=scale,
+            len(sites),
+            settings_of(cfg),
+            layout.length,
+            server_round,
+            weight_scale=scale,
             site_ids=tuple(sites),
-        )  # fmt: skip
+        )
     except RoundAborted:  # e.g. a single site: the round reports that itself when it starts
         return None
     return PreparedSetup(server, sites, {site: node_of[site] for site in sites}, scale)
@@ -658,8 +688,9 @@ def _receive_next(
     """Hand the next round's ``stage`` answers in the batch's replies to its server (None: that
     round's pipelined key stages failed; it will run its own)."""
     server = upcoming.server
-    by_index = {j: replies[upcoming.node_at(j)] for j in server.alive()
-                if upcoming.node_at(j) in replies}  # fmt: skip
+    by_index = {
+        j: replies[upcoming.node_at(j)] for j in server.alive() if upcoming.node_at(j) in replies
+    }
 
     def parse_one(content: RecordDict, index: int):
         if batch[upcoming.node_at(index)][0] != stage:  # it rides in this round's reply (NEXT)
@@ -669,8 +700,13 @@ def _receive_next(
     try:
         receive(parsed(stage, by_index, parse_one, server))
     except RoundAborted as aborted:
-        log(WARNING, "secagg: the pipelined %s of round %d failed (%s); it will run its own",
-            stage, server.server_round, aborted.reason)  # fmt: skip
+        log(
+            WARNING,
+            "secagg: the pipelined %s of round %d failed (%s); it will run its own",
+            stage,
+            server.server_round,
+            aborted.reason,
+        )
         return None
     return upcoming
 

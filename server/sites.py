@@ -68,8 +68,11 @@ def _flwr(settings: ServerSettings, *args: str) -> dict[str, Any]:
     write_flwr_connection(settings, settings.insecure)
     result = subprocess.run(
         [flower_tool("flwr"), *args, settings.federation, "--format", "json"],
-        env=flower_environment(settings), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=flower_environment(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         answer = json.loads(result.stdout[result.stdout.index("{") :])
     except (ValueError, json.JSONDecodeError):
@@ -148,9 +151,11 @@ def remove_site(settings: ServerSettings, site: str) -> dict[str, Any]:
     """Unregister the site's key at the SuperLink (it can no longer join) and forget it.
     ``site`` is a site id or a node id."""
     sites = read_sites(settings)
-    site_id = site if site in sites else next(
-        (name for name, entry in sites.items() if entry["node_id"] == site), None
-    )  # fmt: skip
+    site_id = (
+        site
+        if site in sites
+        else next((name for name, entry in sites.items() if entry["node_id"] == site), None)
+    )
     node_id = sites[site_id]["node_id"] if site_id else site
     if site_id is None and not node_id.isdigit():
         known = ", ".join(sorted(sites)) or "none"

@@ -203,8 +203,10 @@ def scope_middleware() -> bool:
 
     problems = scope_problems()
     if problems:
-        print(f"fedgov: SuperLink middlewares left as they are ({'; '.join(problems)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fedgov: SuperLink middlewares left as they are ({'; '.join(problems)})",
+            file=sys.stderr,
+        )
         return False
     flower_get_middleware = main._get_middleware
 

@@ -130,21 +130,28 @@ def persistent_nodes_state_class() -> type:
                 key = base64.b64decode(entry["public_key"])
                 node_id = int(entry["node_id"])
                 self.nodes[node_id] = NodeInfo(
-                    node_id=node_id, owner_aid=entry["owner_aid"],
-                    owner_name=entry["owner_name"], status=NodeStatus.REGISTERED,
-                    registered_at=entry["registered_at"], last_activated_at=None,
-                    last_deactivated_at=None, unregistered_at=None, online_until=None,
-                    heartbeat_interval=float(entry["heartbeat_interval"]), public_key=key,
-                )  # fmt: skip
+                    node_id=node_id,
+                    owner_aid=entry["owner_aid"],
+                    owner_name=entry["owner_name"],
+                    status=NodeStatus.REGISTERED,
+                    registered_at=entry["registered_at"],
+                    last_activated_at=None,
+                    last_deactivated_at=None,
+                    unregistered_at=None,
+                    online_until=None,
+                    heartbeat_interval=float(entry["heartbeat_interval"]),
+                    public_key=key,
+                )
                 self.node_public_key_to_node_id[key] = node_id
                 self.owner_to_node_ids.setdefault(entry["owner_aid"], set()).add(node_id)
 
         def _save_nodes(self) -> None:
             with self.lock:
                 entries = [
-                    _node_entry(node) for node in self.nodes.values()
+                    _node_entry(node)
+                    for node in self.nodes.values()
                     if node.status != NodeStatus.UNREGISTERED
-                ]  # fmt: skip
+                ]
             payload = json.dumps({"nodes": sorted(entries, key=lambda e: e["node_id"])}, indent=1)
             atomic_write_bytes(self.nodes_file, payload.encode())
 
@@ -184,8 +191,12 @@ def state_problems() -> list[str]:
         factory_init = inspect.getsource(linkstate_factory.LinkStateFactory.__init__)
     except (OSError, TypeError):
         factory_init = ""
-    for attribute in ("self.state_instance", "self._state_lock", "self.federation_manager",
-                      "self.objectstore_factory"):  # fmt: skip
+    for attribute in (
+        "self.state_instance",
+        "self._state_lock",
+        "self.federation_manager",
+        "self.objectstore_factory",
+    ):
         if attribute not in factory_init:
             problems.append(f"LinkStateFactory has no {attribute[5:]}")
     return problems
@@ -202,8 +213,10 @@ def use_memory_state(database: str) -> bool:
         return False
     problems = state_problems()
     if problems:
-        print(f"fedgov: SuperLink state left as Flower's SQLite ({'; '.join(problems)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fedgov: SuperLink state left as Flower's SQLite ({'; '.join(problems)})",
+            file=sys.stderr,
+        )
         return False
     from flwr.server.superlink.linkstate.linkstate_factory import LinkStateFactory
     from flwr.supercore.object_store import ObjectStoreFactory

@@ -44,12 +44,15 @@ class InProcessGrid(Grid):
         self._contexts = {
             node_id: _to_proto(
                 Context(
-                    run_id=run_id, node_id=node_id, node_config=dict(node_config),
-                    state=RecordDict(), run_config=dict(run_config),
+                    run_id=run_id,
+                    node_id=node_id,
+                    node_config=dict(node_config),
+                    state=RecordDict(),
+                    run_config=dict(run_config),
                 )
             )
             for node_id, node_config in enumerate(node_configs, start=1)
-        }  # fmt: skip
+        }
         self._replies: dict[str, Message] = {}
         self.offline: set[int] = set()  # nodes that receive nothing and never answer
         # (node id, message type) pairs from which on a node goes offline for good
@@ -113,8 +116,9 @@ class InProcessGrid(Grid):
         except Exception as error:  # what Flower does: an error reply, the site carries on
             from flwr.app import Error
 
-            reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"),
-                            reply_to=message)  # fmt: skip
+            reply = Message(
+                Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message
+            )
         finally:
             TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
         self._contexts[node_id] = _to_proto(context)

@@ -24,9 +24,13 @@ def own_table(rows: int, seed: int = 0) -> pd.DataFrame:
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
-        n_samples=rows, n_features=len(FEATURES), n_informative=8, n_redundant=4,
-        class_sep=1.5, random_state=seed,
-    )  # fmt: skip
+        n_samples=rows,
+        n_features=len(FEATURES),
+        n_informative=8,
+        n_redundant=4,
+        class_sep=1.5,
+        random_state=seed,
+    )
     scales = np.linspace(0.5, 40.0, len(FEATURES))
     table = pd.DataFrame(x * scales + 3 * scales, columns=list(FEATURES))
     table[TARGET] = np.asarray(CLASSES)[y]
@@ -52,14 +56,17 @@ def own_schema(table: pd.DataFrame) -> dict:
     }
 
 
-def write_sites(root: Path, sites: list[str], rows_per_site: int, holdout_rows: int = 0,
-                seed: int = 0) -> dict[str, tuple[Path, Path]]:  # fmt: skip
+def write_sites(
+    root: Path, sites: list[str], rows_per_site: int, holdout_rows: int = 0, seed: int = 0
+) -> dict[str, tuple[Path, Path]]:
     """Each site's folder with its CSV and its own copy of schema.yaml; ``"holdout"`` too when
     ``holdout_rows`` (the coordinator's own rows). Returns name → (csv, schema.yaml)."""
     table = own_table(rows_per_site * len(sites) + holdout_rows, seed)
     schema = own_schema(table)
-    parts = {site: table.iloc[i * rows_per_site : (i + 1) * rows_per_site]
-             for i, site in enumerate(sites)}  # fmt: skip
+    parts = {
+        site: table.iloc[i * rows_per_site : (i + 1) * rows_per_site]
+        for i, site in enumerate(sites)
+    }
     if holdout_rows:
         parts["holdout"] = table.iloc[len(sites) * rows_per_site :]
     files = {}

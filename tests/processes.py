@@ -419,9 +419,23 @@ def init_medpar_site(root: Path, name: str, port: int, link_port: int, ca: Path)
     (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
     folder = root / name
     made = fedgov(
-        "site", "init", "--site-id", name, "--data", str(data / "admissions.csv"),
-        "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{link_port}",
-        "--ca", str(ca), "--port", str(port), "--out", str(folder), cwd=root,
-    )  # fmt: skip
+        "site",
+        "init",
+        "--site-id",
+        name,
+        "--data",
+        str(data / "admissions.csv"),
+        "--schema",
+        str(data / "schema.yaml"),
+        "--coordinator",
+        f"127.0.0.1:{link_port}",
+        "--ca",
+        str(ca),
+        "--port",
+        str(port),
+        "--out",
+        str(folder),
+        cwd=root,
+    )
     assert made.returncode == 0, made.stderr
     return folder

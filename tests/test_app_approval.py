@@ -35,8 +35,12 @@ from fedgov_cli.main import main as fedgov_main
 from privacy.receipts import PRIVATE_KEY_FILE, create_site_key
 
 
-def _fab(files: dict[str, bytes], order: list[str] | None = None, stamp=(2024, 10, 1, 0, 0, 0),
-         compression: int = zipfile.ZIP_DEFLATED) -> bytes:  # fmt: skip
+def _fab(
+    files: dict[str, bytes],
+    order: list[str] | None = None,
+    stamp=(2024, 10, 1, 0, 0, 0),
+    compression: int = zipfile.ZIP_DEFLATED,
+) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name in order or sorted(files):
@@ -96,8 +100,12 @@ def test_the_log_replays_approvals_and_revocations(tmp_path):
     log.append(REFUSE, "c" * 64, run="7")
     log.append(REVOKE, a)
     entries = log.entries()
-    assert [(e.seq, e.event) for e in entries] == [(1, APPROVE), (2, APPROVE), (3, REFUSE),
-                                                   (4, REVOKE)]  # fmt: skip
+    assert [(e.seq, e.event) for e in entries] == [
+        (1, APPROVE),
+        (2, APPROVE),
+        (3, REFUSE),
+        (4, REVOKE),
+    ]
     assert list(log.approved()) == [b]
     assert entries[0].comment == "first" and entries[2].run == "7"
 
@@ -175,12 +183,17 @@ def test_the_guard_refuses_before_flower_unpacks_and_replies_with_a_decline(tmp_
     for name in app_guard.GUARDED_NAMES:  # restored after the test
         monkeypatch.setattr(runtime, name, getattr(runtime, name))
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    context = Context(run_id=5, node_id=9, node_config={"site-dir": str(site), "site-id":
-                      "hosp-a"}, state=RecordDict(), run_config={})  # fmt: skip
+    context = Context(
+        run_id=5,
+        node_id=9,
+        node_config={"site-dir": str(site), "site-id": "hosp-a"},
+        state=RecordDict(),
+        run_config={},
+    )
     run = Run.create_empty(5)
     monkeypatch.setattr(
         runtime, "pull_task_input", lambda client: (None, context, run, Fab("0" * 64, evil, {}))
-    )  # fmt: skip  (the SuperNode's answer)
+    )  # the SuperNode's answer
     guard = app_guard.install_app_guard()
     _, _, _, fab = runtime.pull_task_input(object())
     assert runtime.install_from_fab(fab.content, skip_prompt=True) is None
@@ -206,8 +219,9 @@ def test_the_guard_refuses_before_flower_unpacks_and_replies_with_a_decline(tmp_
 def test_site_init_approves_the_installed_app_and_the_cli_reviews_approves_and_revokes(
     tmp_path, capsys
 ):
-    config, _ = init_site(tmp_path / "site", "hosp-a", tmp_path / "d.csv", tmp_path / "s.yaml",
-                          "127.0.0.1:9092")  # fmt: skip
+    config, _ = init_site(
+        tmp_path / "site", "hosp-a", tmp_path / "d.csv", tmp_path / "s.yaml", "127.0.0.1:9092"
+    )
     site = config.parent
     installed = fab_app_digest(installed_app_fab())
     assert list(AppLog(site, "hosp-a").approved()) == [installed]

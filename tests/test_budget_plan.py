@@ -108,8 +108,15 @@ def _federation(tmp_path, rows=(150, 150, 5), **privacy):
         site_dir = tmp_path / "sites" / name
         site_dir.mkdir(parents=True)
         data, schema = files[name]
-        configs.append({"data-path": str(data), "schema-path": str(schema), "site-id": name,
-                        "site-dir": str(site_dir), "epsilon-cap": 4.0})  # fmt: skip
+        configs.append(
+            {
+                "data-path": str(data),
+                "schema-path": str(schema),
+                "site-id": name,
+                "site-dir": str(site_dir),
+                "epsilon-cap": 4.0,
+            }
+        )
     cfg = RunConfig(rounds=2, seed=1, output_dir=str(tmp_path / "run"), progress=True)
     cfg.dataset.schema = schema_to_json(load_schema_file(files[names[0]][1]))
     cfg.federation.num_sites, cfg.federation.round_timeout = 2, 30.0

@@ -59,9 +59,12 @@ def test_out_of_range_value_names_the_field(tmp_path):
 
 def test_too_many_natural_sites_names_the_field(tmp_path):
     result = _run(
-        "-m", "simulations.run", "dataset=randhie", "federation.num_sites=9",
+        "-m",
+        "simulations.run",
+        "dataset=randhie",
+        "federation.num_sites=9",
         f"hydra.run.dir={tmp_path}",
-    )  # fmt: skip
+    )
     assert result.returncode == 2
     line = _one_line_error(result)
     assert line.startswith("fedgov: error: federation.num_sites") and "6" in line

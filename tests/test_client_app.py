@@ -30,9 +30,12 @@ def task_identity():
 
 def _context(cfg: RunConfig, node_config: dict) -> Context:
     return Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+        run_id=1,
+        node_id=7,
+        node_config=node_config,
+        state=RecordDict(),
         run_config=to_flower_config(cfg),
-    )  # fmt: skip
+    )
 
 
 def _incoming(message_type: str, arrays: ArrayRecord | None, config: dict) -> Message:
@@ -90,9 +93,11 @@ def test_query_handler_says_who_the_site_is_without_data():
     record = reply.content.config_records["site"]
     site = load_site_data(cfg, {"partition-id": 2})
     assert dict(record) == {
-        "site-id": "site-02", "num-train": len(site.train.y), "num-test": len(site.test.y),
+        "site-id": "site-02",
+        "num-train": len(site.train.y),
+        "num-test": len(site.test.y),
         "schema-digest": schema_digest(site.schema),
-    }  # fmt: skip
+    }
     assert not reply.content.array_records
 
 
@@ -140,8 +145,12 @@ def test_invalid_site_data_declines_and_keeps_the_error_at_the_site(tmp_path):
     cfg = RunConfig()
     cfg.dataset.name = "medpar"
     model = build_model("mlp", schema.input_shape, len(schema.classes))
-    node = {"data-path": str(data_path), "schema-path": str(schema_path), "site-id": "hosp-a",
-            "site-dir": str(site_dir)}  # fmt: skip
+    node = {
+        "data-path": str(data_path),
+        "schema-path": str(schema_path),
+        "site-id": "hosp-a",
+        "site-dir": str(site_dir),
+    }
     for handler, message_type, arrays in (
         (client_app.query, MessageType.QUERY, None),
         (client_app.train, MessageType.TRAIN, ArrayRecord(model.state_dict())),

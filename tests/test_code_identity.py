@@ -20,8 +20,9 @@ def _copy_app(to: Path) -> Path:
 
 
 def test_a_checkout_records_its_commit():
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     commit, _ = code_commit(ROOT)
     assert commit == head and len(commit) == 40
 
@@ -45,7 +46,22 @@ def test_an_app_inside_another_repository_is_not_given_that_repositorys_commit(t
     outer = tmp_path / "outer"
     app = _copy_app(outer / "flwr-home" / "apps" / "x")
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
-    subprocess.run(["git", "-C", str(outer), "-c", "user.name=x", "-c", "user.email=x@x",
-                    "commit", "-q", "--allow-empty", "-m", "x"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(outer),
+            "-c",
+            "user.name=x",
+            "-c",
+            "user.email=x@x",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
     commit, _ = code_commit(app)
     assert commit == source_digest(app)

@@ -105,17 +105,24 @@ def test_several_missing_columns_are_listed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (_set("white", 4, "yes"), "column 'white' value 'yes' at row 5 is not a number "
-         "(expected int)"),
-        (_set("hmo", 2, 0.5), "column 'hmo' value 0.5 at row 3 is not a whole number "
-         "(expected int)"),
+        (
+            _set("white", 4, "yes"),
+            "column 'white' value 'yes' at row 5 is not a number (expected int)",
+        ),
+        (
+            _set("hmo", 2, 0.5),
+            "column 'hmo' value 0.5 at row 3 is not a whole number (expected int)",
+        ),
         (_set("los", 7, "inf"), "column 'los' value inf at row 8 is not finite"),
         (_set("los", 0, -3), "column 'los' value -3 at row 1 is <= -1 (expected > -1"),
-        (_set("died", 6, "maybe"), "column 'died' value 'maybe' at row 7 is not a class "
-         "(expected one of: survived, died, or an index 0-1)"),
+        (
+            _set("died", 6, "maybe"),
+            "column 'died' value 'maybe' at row 7 is not a class "
+            "(expected one of: survived, died, or an index 0-1)",
+        ),
         (_set("died", 6, 2), "column 'died' value '2' at row 7 is not a class"),
     ],
-)  # fmt: skip
+)
 def test_bad_values_name_column_and_row(tmp_path: Path, edit, expected: str) -> None:
     path, schema = _medpar_file(tmp_path, edit)
     assert expected in _error(path, schema)

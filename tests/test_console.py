@@ -60,8 +60,19 @@ def _decline_cap(sites_dir: Path) -> float:
 
 def _console(group, name: str, out: Path, runs: Path, *extra: str) -> str:
     port = free_port()
-    argv = [sys.executable, "-m", "fedgov", "console", "--registry", str(out / "registry"),
-            "--runs", str(runs), "--port", str(port), *extra]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "fedgov",
+        "console",
+        "--registry",
+        str(out / "registry"),
+        "--runs",
+        str(runs),
+        "--port",
+        str(port),
+        *extra,
+    ]
     proc = group.start(name, argv, cwd=ROOT)
     group.wait_for_port(proc, port, timeout=120)
     return f"http://127.0.0.1:{port}"
@@ -82,23 +93,66 @@ def world(tmp_path_factory):
         run_demo(out, rounds=1)
     keys, registry = out / "keys", str(out / "registry")
     for argv in (
-        ["registry", "approve", f"{MODEL}:1", "--key", str(keys / "alice.key"),
-         "--comment", "clinically plausible", "--registry", registry],
-        ["registry", "approve", f"{MODEL}:1", "--key", str(keys / "bob.key"),
-         "--comment", "ε within budget", "--registry", registry],
-        ["registry", "promote", f"{MODEL}:1", "--alias", "production", "--key",
-         str(keys / "dana.key"), "--registry", registry],
-        ["registry", "approve", f"{MODEL}:2", "--key", str(keys / "bob.key"),
-         "--comment", "receipts checked", "--registry", registry],
-    ):  # fmt: skip
+        [
+            "registry",
+            "approve",
+            f"{MODEL}:1",
+            "--key",
+            str(keys / "alice.key"),
+            "--comment",
+            "clinically plausible",
+            "--registry",
+            registry,
+        ],
+        [
+            "registry",
+            "approve",
+            f"{MODEL}:1",
+            "--key",
+            str(keys / "bob.key"),
+            "--comment",
+            "ε within budget",
+            "--registry",
+            registry,
+        ],
+        [
+            "registry",
+            "promote",
+            f"{MODEL}:1",
+            "--alias",
+            "production",
+            "--key",
+            str(keys / "dana.key"),
+            "--registry",
+            registry,
+        ],
+        [
+            "registry",
+            "approve",
+            f"{MODEL}:2",
+            "--key",
+            str(keys / "bob.key"),
+            "--comment",
+            "receipts checked",
+            "--registry",
+            registry,
+        ],
+    ):
         assert fedgov_main(argv) == 0, argv
     cap = _decline_cap(out / "sites")
     overrides = [o for o in DEMO_OVERRIDES if not o.startswith(("privacy.", "secagg"))]
     cfg = compose_config(
-        [*overrides, "progress=false", "rounds=2", "secagg=off", "privacy.target_epsilon=0",
-         f"privacy.noise_multiplier={DECLINE_SIGMA}", f"privacy.site_epsilon_cap={cap}",
-         f"federation.sites_dir={out / 'sites'}"]
-    )  # fmt: skip
+        [
+            *overrides,
+            "progress=false",
+            "rounds=2",
+            "secagg=off",
+            "privacy.target_epsilon=0",
+            f"privacy.noise_multiplier={DECLINE_SIGMA}",
+            f"privacy.site_epsilon_cap={cap}",
+            f"federation.sites_dir={out / 'sites'}",
+        ]
+    )
     declining = run_from_hydra(cfg, out / "declining")
     with managed_processes(base / "logs") as group:
         url = _console(group, "console", out, out)
@@ -224,8 +278,11 @@ def test_the_federation_budget_in_chromium_matches_the_receipts(world, tmp_path)
     assert dom.count('class="site-line"') == 6
     # the chart's x axis: run-1's round, run's round, then the declining run's two rounds
     assert [(s["run"], s["round"]) for s in data["steps"]] == [
-        ("run-1", 1), ("run", 1), ("declining", 1), ("declining", 2)
-    ]  # fmt: skip
+        ("run-1", 1),
+        ("run", 1),
+        ("declining", 1),
+        ("declining", 2),
+    ]
 
 
 @pytest.mark.slow
@@ -326,8 +383,9 @@ def test_the_privacy_statement_renders_as_html_and_pdf_with_the_epsilons(world, 
         assert site["epsilon"] == sites[site["site"]]["epsilon"]
         assert site["receipts_verified"] == site["receipts"] == 1
     assert [(a["principal"], a["decision"]) for a in statement["approvals"]] == [
-        ("alice", "approve"), ("bob", "approve")
-    ]  # fmt: skip
+        ("alice", "approve"),
+        ("bob", "approve"),
+    ]
     assert statement["receipts"]["ok"] is True
     dom = _browser(f"{url}/models/{MODEL}/1/statement", tmp_path, "statement")
     for site_id, site in sites.items():
@@ -339,8 +397,9 @@ def test_the_privacy_statement_renders_as_html_and_pdf_with_the_epsilons(world, 
     assert response.content.startswith(b"%PDF-")
     if not shutil.which("pdftotext"):
         pytest.skip("pdftotext (poppler-utils) is absent: `make chromium` installs it as root")
-    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True,
-                          text=True, check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
     for site in sites.values():
         assert f"{site['epsilon']:.3f}" in text
     assert "alice" in text and "bob" in text and f"{MODEL}:1" in text
@@ -400,12 +459,15 @@ def test_a_tampered_receipt_shows_as_failed_and_is_not_counted(world, tmp_path):
     assert site_1["failed_receipts"] == 1
     # the forged ε is never used: ε spent comes from the verified receipts only
     honest = [
-        p["epsilon"] for run in ("run-1", "run") for p in [
-            Receipt.from_json(r).payload for r in json.loads(
-                (copy / run / "privacy_report.json").read_text()
-            )["sample_level"]["sites"]["site-1"]["receipts"]
+        p["epsilon"]
+        for run in ("run-1", "run")
+        for p in [
+            Receipt.from_json(r).payload
+            for r in json.loads((copy / run / "privacy_report.json").read_text())["sample_level"][
+                "sites"
+            ]["site-1"]["receipts"]
         ]
-    ] + [Receipt.from_json(r).payload["epsilon"] for r in site["receipts"][:-1]]  # fmt: skip
+    ] + [Receipt.from_json(r).payload["epsilon"] for r in site["receipts"][:-1]]
     assert site_1["epsilon"] == max(honest) != forged["payload"]["epsilon"]
     dom = _browser(f"{url}/", tmp_path, "tampered")
     assert 'id="failed-receipts"' in dom and "FAILED: site-1 round" in dom
@@ -483,12 +545,26 @@ def test_bad_input_is_one_clear_message_and_never_a_crash(world, tmp_path):
     # the command line: a missing folder or a bad token file is one line, exit status 2
     for argv, message in (
         (["--registry", str(registry), "--runs", str(tmp_path / "nope")], "--runs: "),
-        (["--registry", str(registry), "--runs", str(runs), "--token-file",
-          str(tmp_path / "none")], "--token-file: "),
+        (
+            [
+                "--registry",
+                str(registry),
+                "--runs",
+                str(runs),
+                "--token-file",
+                str(tmp_path / "none"),
+            ],
+            "--token-file: ",
+        ),
         (["--registry", str(registry), "--runs", str(runs), "--host", "0.0.0.0"], "--host 0.0.0.0"),
-    ):  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "fedgov", "console", *argv], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "fedgov", "console", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith(f"fedgov: error: {message}")

@@ -79,15 +79,21 @@ def test_a_key_registered_from_another_address_is_refused_and_never_joins(tmp_pa
     env = {**flower_environment(rogue_home), **other}
     register = subprocess.run(
         [flower_tool("flwr"), "supernode", "register", str(rogue_key), "hospitals"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     said = register.stdout + register.stderr
     assert "registered successfully" not in said, said
     # Nor may they read the list of sites.
     listing = subprocess.run(
         [flower_tool("flwr"), "supernode", "list", "hospitals", "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert '"nodes"' not in listing.stdout, listing.stdout
 
     # The operator adds the real site from the coordinator's host.
@@ -99,9 +105,13 @@ def test_a_key_registered_from_another_address_is_refused_and_never_joins(tmp_pa
     rogue_site = init_medpar_site(tmp_path, "rogue", rogue_port, link_port, ca)
     (rogue_site / "keys" / "node.key").write_bytes((tmp_path / "rogue" / "node.key").read_bytes())
     refused = subprocess.run(
-        [*FEDGOV, "site", "start", "--max-wait", "20"], cwd=rogue_site,
-        env={**os.environ, **other}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [*FEDGOV, "site", "start", "--max-wait", "20"],
+        cwd=rogue_site,
+        env={**os.environ, **other},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "refused this site's key" in refused.stderr.strip().splitlines()[-1]
 
@@ -112,9 +122,11 @@ def test_a_key_registered_from_another_address_is_refused_and_never_joins(tmp_pa
     # The coordinator's list of sites: the operator's one, connected; no rogue.
     nodes = subprocess.run(
         [flower_tool("flwr"), "supernode", "list", "hospitals", "--format", "json"],
-        env=flower_environment(coordinator / "flwr-home"), capture_output=True, text=True,
+        env=flower_environment(coordinator / "flwr-home"),
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
     assert nodes.returncode == 0, nodes.stderr
     listed = json.loads(nodes.stdout)["nodes"]
     assert len(listed) == 1, listed

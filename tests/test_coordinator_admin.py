@@ -60,23 +60,25 @@ def test_sites_are_added_listed_removed_and_survive_a_renewed_certificate(tmp_pa
     # add-site names the site (from its key) and its node.
     node_ids = {}
     for name, folder in folders.items():
-        added = fedgov("server", "add-site", str(folder / "keys" / "node.key.pub"),
-                       cwd=coordinator)  # fmt: skip
+        added = fedgov("server", "add-site", str(folder / "keys" / "node.key.pub"), cwd=coordinator)
         assert added.returncode == 0, added.stderr
         line = added.stdout.strip()
         assert line.startswith(f"site {name} registered successfully as node "), line
         node_ids[name] = line.split("as node ")[1].split(";")[0]
-    again = fedgov("server", "add-site", str(folders["hosp-a"] / "keys" / "node.key.pub"),
-                   cwd=coordinator)  # fmt: skip
+    again = fedgov(
+        "server", "add-site", str(folders["hosp-a"] / "keys" / "node.key.pub"), cwd=coordinator
+    )
     assert again.returncode == 2
     assert f"site hosp-a is already added as node {node_ids['hosp-a']}" in again.stderr
 
     daemon = processes.start("hosp-a", [*FEDGOV, "site", "start"], cwd=folders["hosp-a"])
     processes.wait_for_log(daemon, r"SuperNode ID: \d+", START_TIMEOUT)
     processes.wait_until(
-        lambda: _sites(coordinator)["hosp-a"]["status"] == "online", START_TIMEOUT,
-        "hosp-a online", [link, daemon],
-    )  # fmt: skip
+        lambda: _sites(coordinator)["hosp-a"]["status"] == "online",
+        START_TIMEOUT,
+        "hosp-a online",
+        [link, daemon],
+    )
     listed = _sites(coordinator)
     assert set(listed) == set(SITES)
     assert {name: site["node_id"] for name, site in listed.items()} == node_ids

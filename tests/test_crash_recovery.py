@@ -49,10 +49,14 @@ START_TIMEOUT = 90.0
 RUN_TIMEOUT = 400.0
 # Sample-level DP at every site; fixed seed and run id, so a replay draws the same noise.
 RUN = [
-    "dataset=medpar", "federation.num_sites=3", "privacy=sample_dp", "seed=11",
-    "progress=true", "run_id=crash-recovery",
+    "dataset=medpar",
+    "federation.num_sites=3",
+    "privacy=sample_dp",
+    "seed=11",
+    "progress=true",
+    "run_id=crash-recovery",
     "privacy.noise_multiplier=1.0",  # a fixed σ (fedgov run would plan σ for ε 1 per run)
-]  # fmt: skip
+]
 
 
 class Federation:
@@ -63,8 +67,9 @@ class Federation:
         self.coordinator = root / "coordinator"
         self.coordinator.mkdir(parents=True)
         self.port, *self._site_ports = free_ports(1 + 2 * len(HOSPITALS))
-        made = fedgov("server", "certs", "--out", "certs", "--host", "127.0.0.1",
-                      cwd=self.coordinator)  # fmt: skip
+        made = fedgov(
+            "server", "certs", "--out", "certs", "--host", "127.0.0.1", cwd=self.coordinator
+        )
         assert made.returncode == 0, made.stderr
         (self.coordinator / "server.yaml").write_text(
             yaml.safe_dump({"federation": "hospitals", "host": "127.0.0.1", "port": self.port})
@@ -89,14 +94,35 @@ class Federation:
         rows.to_csv(data / "admissions.csv", index=False)
         (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
         result = fedgov(
-            "site", "init", "--site-id", site, "--data", str(data / "admissions.csv"),
-            "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{self.port}",
-            "--ca", str(self.coordinator / "certs" / "ca.crt"), "--epsilon-cap", "50",
-            "--port", str(self._site_ports.pop()), "--out", str(folder), cwd=self.root,
-        )  # fmt: skip
+            "site",
+            "init",
+            "--site-id",
+            site,
+            "--data",
+            str(data / "admissions.csv"),
+            "--schema",
+            str(data / "schema.yaml"),
+            "--coordinator",
+            f"127.0.0.1:{self.port}",
+            "--ca",
+            str(self.coordinator / "certs" / "ca.crt"),
+            "--epsilon-cap",
+            "50",
+            "--port",
+            str(self._site_ports.pop()),
+            "--out",
+            str(folder),
+            cwd=self.root,
+        )
         assert result.returncode == 0, result.stderr
-        added = fedgov("server", "add-site", str(folder / "keys" / "node.key.pub"),
-                       "--config", "server.yaml", cwd=self.coordinator)  # fmt: skip
+        added = fedgov(
+            "server",
+            "add-site",
+            str(folder / "keys" / "node.key.pub"),
+            "--config",
+            "server.yaml",
+            cwd=self.coordinator,
+        )
         assert added.returncode == 0, added.stderr
         return folder
 
@@ -109,9 +135,11 @@ class Federation:
 
     def wait_joined(self, daemon: Started, times: int = 1) -> None:
         self.processes.wait_until(
-            lambda: daemon.log_text().count("SuperNode ID:") >= times, START_TIMEOUT,
-            f"{daemon.name} to join", [self.link, daemon],
-        )  # fmt: skip
+            lambda: daemon.log_text().count("SuperNode ID:") >= times,
+            START_TIMEOUT,
+            f"{daemon.name} to join",
+            [self.link, daemon],
+        )
 
     def stop_sites(self, folders: list[Path]) -> None:
         """Stop sites' daemons as a service manager does (SIGTERM), all at once, and wait for
@@ -123,8 +151,9 @@ class Federation:
             assert self.processes.wait_for_exit(daemon, 60) == 130, daemon.log_tail()
 
     def run(self, name: str, *args: str) -> Started:
-        return self.processes.start(name, [*FEDGOV, "run", "--config", "server.yaml", *args],
-                                    cwd=self.coordinator)  # fmt: skip
+        return self.processes.start(
+            name, [*FEDGOV, "run", "--config", "server.yaml", *args], cwd=self.coordinator
+        )
 
 
 def _argv(pid: int) -> list[str]:
@@ -188,15 +217,22 @@ def test_a_coordinator_killed_after_round_one_resumes_to_the_uninterrupted_model
     run_dir = tmp_path / "runs" / "crashed"
     crashed = federation.run("run-crashed", "--out", str(run_dir), *RUN, f"rounds={ROUNDS}")
     processes.wait_until(
-        lambda: _completed_round(run_dir) >= 1, RUN_TIMEOUT, "the round-1 checkpoint",
+        lambda: _completed_round(run_dir) >= 1,
+        RUN_TIMEOUT,
+        "the round-1 checkpoint",
         [federation.link, crashed],
-    )  # fmt: skip
+    )
     # Let round 2 reach the sites (a spend in a ledger) so that its retry is exercised.
     processes.wait_until(
-        lambda: any(s.round == 2 for f in sites for s in _ledger(f).spends)
-        or _completed_round(run_dir) >= 2,
-        60, "round 2 at the sites", [federation.link, crashed], interval=0.02,
-    )  # fmt: skip
+        lambda: (
+            any(s.round == 2 for f in sites for s in _ledger(f).spends)
+            or _completed_round(run_dir) >= 2
+        ),
+        60,
+        "round 2 at the sites",
+        [federation.link, crashed],
+        interval=0.02,
+    )
     serverapps = [
         pid
         for pid in processes.live_pids()
@@ -283,15 +319,25 @@ def test_a_site_killed_mid_round_rejoins_later_with_its_ledger_intact(tmp_path, 
 
     run_dir = tmp_path / "run"
     run = federation.run(
-        "run", "--out", str(run_dir), *RUN, "rounds=5", "federation.round_timeout=15",
-    )  # fmt: skip
+        "run",
+        "--out",
+        str(run_dir),
+        *RUN,
+        "rounds=5",
+        "federation.round_timeout=15",
+    )
 
     def training_round_two() -> bool:
         spends = _ledger(victim).spends
         return any(s.round == 2 and s.status == PENDING for s in spends)
 
-    processes.wait_until(training_round_two, RUN_TIMEOUT, f"{victim_site} training round 2",
-                         [federation.link, run], interval=0.01)  # fmt: skip
+    processes.wait_until(
+        training_round_two,
+        RUN_TIMEOUT,
+        f"{victim_site} training round 2",
+        [federation.link, run],
+        interval=0.01,
+    )
     daemon = federation.daemons.pop(victim)
     killed = kill_tree(daemon.pid)
     daemon.popen.wait(timeout=10)
@@ -332,9 +378,9 @@ def test_a_site_killed_mid_round_rejoins_later_with_its_ledger_intact(tmp_path, 
         later[max(rejoined)].epsilon_after, rel=1e-9
     )
     status = _status(victim)
-    assert (status["running"], status["connected"], status["pid"]) == (
-        True, True, restarted.pid
-    ), status  # fmt: skip
+    assert (status["running"], status["connected"], status["pid"]) == (True, True, restarted.pid), (
+        status
+    )
     assert (status["last"]["round"], status["last"]["outcome"]) == (5, "trained")
     assert status["epsilon_spent"] == pytest.approx(_ledger_epsilon(victim), rel=1e-9)
     print(

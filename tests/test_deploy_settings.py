@@ -22,8 +22,9 @@ def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path):
     paths = create_federation_certs(tmp_path, ["127.0.0.1", "coord.example.org"], "hospitals")
     verified = subprocess.run(
         ["openssl", "verify", "-CAfile", str(paths.ca_cert), str(paths.server_cert)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert verified.stdout.strip().endswith("OK"), verified.stderr
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -40,9 +41,14 @@ def _site(tmp_path):
     table.to_csv(tmp_path / "data.csv", index=False)
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
     return init_site(
-        tmp_path / "site", "hosp-a", tmp_path / "data.csv", tmp_path / "schema.yaml",
-        "127.0.0.1:9092", tmp_path / "ca.crt", epsilon_cap=3.0,
-    )  # fmt: skip
+        tmp_path / "site",
+        "hosp-a",
+        tmp_path / "data.csv",
+        tmp_path / "schema.yaml",
+        "127.0.0.1:9092",
+        tmp_path / "ca.crt",
+        epsilon_cap=3.0,
+    )
 
 
 def test_site_init_writes_a_config_that_reads_back_and_a_loadable_key(tmp_path):
@@ -119,8 +125,9 @@ def test_site_budget_reads_the_ledger_and_recomputes_epsilon(tmp_path):
     assert (site_dir / PRIVATE_KEY_FILE).is_file()  # site init made the receipt key + ledger
     empty = subprocess.run(
         [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert empty.returncode == 0, empty.stderr
     assert json.loads(empty.stdout)["epsilon_spent"] == 0.0
 
@@ -132,8 +139,9 @@ def test_site_budget_reads_the_ledger_and_recomputes_epsilon(tmp_path):
         ledger.release(reservation.spend, signature="00")
     shown = subprocess.run(
         [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     summary = json.loads(shown.stdout)
     expected = independent_epsilon([(1.1, 0.125, 32)], 1e-5, "rdp")
     assert summary["epsilon_spent"] == pytest.approx(expected, rel=0.01)
@@ -144,8 +152,9 @@ def test_site_budget_reads_the_ledger_and_recomputes_epsilon(tmp_path):
     (site_dir / "privacy_ledger.json").write_text("{ damaged")
     broken = subprocess.run(
         [sys.executable, "-m", "fedgov", "site", "budget", "--config", str(config)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert broken.returncode == 2
     assert "unreadable" in broken.stderr.strip().splitlines()[-1]
     assert "Traceback" not in broken.stderr

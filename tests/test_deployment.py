@@ -74,22 +74,34 @@ def test_two_rounds_on_a_superlink_with_three_supernodes(
     superlink = processes.start(
         "superlink",
         [
-            str(BIN / "flower-superlink"), "--insecure",
-            "--host", LOOPBACK, "--port", str(link_port),
-            "--database", str(tmp_path / "superlink.db"),
-            "--isolation", "subprocess",
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(link_port),
+            "--database",
+            str(tmp_path / "superlink.db"),
+            "--isolation",
+            "subprocess",
         ],
-    )  # fmt: skip
+    )
     processes.wait_for_port(superlink, link_port, START_TIMEOUT)
     supernodes = []
     for index, port in enumerate(node_ports):
         supernode_argv = [
-            str(BIN / "flower-supernode"), "--insecure",
-            "--superlink", f"{LOOPBACK}:{link_port}",
+            str(BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"{LOOPBACK}:{link_port}",
             # the SuperNode's own Runtime (ClientAppIo) HTTP API, for its SuperExec and apps
-            "--host", LOOPBACK, "--port", str(port),
-            "--node-config", f"partition-id={index} num-partitions={NUM_SITES}",
-        ]  # fmt: skip
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--node-config",
+            f"partition-id={index} num-partitions={NUM_SITES}",
+        ]
         supernodes.append(processes.start(f"supernode-{index}", supernode_argv))
     for node in supernodes:
         processes.wait_for_log(node, r"SuperNode ID: \d+", START_TIMEOUT)

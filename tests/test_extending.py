@@ -51,11 +51,10 @@ def _config(*overrides: str):
 
 
 def test_fedgov_options_are_registered_and_their_yamls_name_them():
-    from fedgov_data.partitioners import PARTITIONERS
-
     from fedgov.datasets import DATASET_NAMES, DATASETS
     from fedgov.models import MODELS
     from fedgov.objectives import OBJECTIVES
+    from fedgov_data.partitioners import PARTITIONERS
     from strategies.registry import STRATEGIES
 
     def stems(group: str) -> list[str]:

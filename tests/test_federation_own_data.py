@@ -52,21 +52,42 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     (coordinator / "server.yaml").write_text(
         yaml.safe_dump({"federation": "hospitals", "host": "127.0.0.1", "port": link_port})
     )
-    link = processes.start("coordinator", [*FEDGOV, "server", "start", "--config", "server.yaml"],
-                           cwd=coordinator)  # fmt: skip
+    link = processes.start(
+        "coordinator", [*FEDGOV, "server", "start", "--config", "server.yaml"], cwd=coordinator
+    )
     processes.wait_for_port(link, link_port, timeout=60)
     folders = []
     for site, port in zip(SITES, site_ports, strict=True):
         data, schema = files[site]
         folder = tmp_path / "sites" / site
         made = fedgov(
-            "site", "init", "--site-id", site, "--data", str(data), "--schema", str(schema),
-            "--coordinator", f"127.0.0.1:{link_port}", "--ca", str(coordinator / "certs/ca.crt"),
-            "--port", str(port), "--out", str(folder), cwd=tmp_path,
-        )  # fmt: skip
+            "site",
+            "init",
+            "--site-id",
+            site,
+            "--data",
+            str(data),
+            "--schema",
+            str(schema),
+            "--coordinator",
+            f"127.0.0.1:{link_port}",
+            "--ca",
+            str(coordinator / "certs/ca.crt"),
+            "--port",
+            str(port),
+            "--out",
+            str(folder),
+            cwd=tmp_path,
+        )
         assert made.returncode == 0, made.stderr
-        added = fedgov("server", "add-site", str(folder / "keys" / "node.key.pub"),
-                       "--config", "server.yaml", cwd=coordinator)  # fmt: skip
+        added = fedgov(
+            "server",
+            "add-site",
+            str(folder / "keys" / "node.key.pub"),
+            "--config",
+            "server.yaml",
+            cwd=coordinator,
+        )
         assert added.returncode == 0, added.stderr
         processes.start(site, [*FEDGOV, "site", "start"], cwd=folder)
         folders.append(folder)
@@ -79,10 +100,19 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     other["features"][0]["mean"] += 1.0
     (coordinator / "other.yaml").write_text(yaml.safe_dump(other))
     failed = fedgov(
-        "run", "--config", "server.yaml", "--out", str(tmp_path / "failed"),
-        "--schema", "other.yaml", "rounds=1", "federation.num_sites=4",
-        "federation.round_timeout=10", cwd=coordinator, timeout=300,
-    )  # fmt: skip
+        "run",
+        "--config",
+        "server.yaml",
+        "--out",
+        str(tmp_path / "failed"),
+        "--schema",
+        "other.yaml",
+        "rounds=1",
+        "federation.num_sites=4",
+        "federation.round_timeout=10",
+        cwd=coordinator,
+        timeout=300,
+    )
     assert failed.returncode == 2, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     assert "run failed: federation: only 0 of 4 sites connected within 10 s" in last, last
@@ -91,10 +121,20 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
 
     # A plan that would spend most of a site's lifetime budget is refused before any spend.
     greedy = fedgov(
-        "run", "--config", "server.yaml", "--out", str(tmp_path / "greedy"),
-        "--schema", str(files["hosp-a"][1]), "rounds=3", "federation.num_sites=4",
-        "privacy=sample_dp", "privacy.noise_multiplier=0.5", cwd=coordinator, timeout=300,
-    )  # fmt: skip
+        "run",
+        "--config",
+        "server.yaml",
+        "--out",
+        str(tmp_path / "greedy"),
+        "--schema",
+        str(files["hosp-a"][1]),
+        "rounds=3",
+        "federation.num_sites=4",
+        "privacy=sample_dp",
+        "privacy.noise_multiplier=0.5",
+        cwd=coordinator,
+        timeout=300,
+    )
     assert greedy.returncode == 2, greedy.stderr[-3000:]
     last = greedy.stderr.strip().splitlines()[-1]
     assert last.startswith("fedgov: error: run failed: privacy plan: this run would spend ε "), last
@@ -112,11 +152,24 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     run_dir = tmp_path / "run"
     registry = tmp_path / "registry"
     result = fedgov(
-        "run", "--config", "server.yaml", "--out", str(run_dir),
-        "--schema", str(files["hosp-a"][1]), "--holdout", str(files["holdout"][0]),
-        f"rounds={ROUNDS}", "federation.num_sites=4", "privacy=sample_dp", "secagg=secaggplus",
-        "registry.publish=true", f"registry.path={registry}", cwd=coordinator, timeout=900,
-    )  # fmt: skip
+        "run",
+        "--config",
+        "server.yaml",
+        "--out",
+        str(run_dir),
+        "--schema",
+        str(files["hosp-a"][1]),
+        "--holdout",
+        str(files["holdout"][0]),
+        f"rounds={ROUNDS}",
+        "federation.num_sites=4",
+        "privacy=sample_dp",
+        "secagg=secaggplus",
+        "registry.publish=true",
+        f"registry.path={registry}",
+        cwd=coordinator,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:] + processes.logs_report()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trained = sorted(set(SITES) - {BROKEN})
@@ -146,8 +199,15 @@ def test_five_sites_train_on_their_own_schema_with_dp_and_secagg(tmp_path, proce
     ), status.stdout
 
     # The published model is the sites' model: their schema, classes and a name of its own.
-    shown = fedgov("registry", "show", "tumour-markers-mlp:1", "--json", "--registry",
-                   str(registry), cwd=tmp_path)  # fmt: skip
+    shown = fedgov(
+        "registry",
+        "show",
+        "tumour-markers-mlp:1",
+        "--json",
+        "--registry",
+        str(registry),
+        cwd=tmp_path,
+    )
     assert shown.returncode == 0, shown.stderr
     manifest = json.loads(shown.stdout)["manifest"]
     schema = manifest["input_schema"]

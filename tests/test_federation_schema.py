@@ -50,10 +50,13 @@ def test_schema_digest_follows_meaning_not_layout(tmp_path):
     data = yaml.safe_load(files["a"][1].read_text())
     # Same meaning, other layout: keys reordered, defaults written out, JSON instead of YAML.
     spelled_out = {
-        "classes": data["classes"], "target": data["target"], "name": data["name"],
-        "input_shape": [30], "site_column": None,
+        "classes": data["classes"],
+        "target": data["target"],
+        "name": data["name"],
+        "input_shape": [30],
+        "site_column": None,
         "features": [{**f, "log1p": False} for f in reversed(data["features"])][::-1],
-    }  # fmt: skip
+    }
     (tmp_path / "same.json").write_text(json.dumps(spelled_out))
     assert schema_digest(load_schema_file(tmp_path / "same.json")) == schema_digest(schema)
     # The digest is SHA-256 of the canonical JSON of the schema's dict form.
@@ -104,8 +107,14 @@ def _federation(tmp_path, holdout_rows: int = 120):
         site_dir = tmp_path / "sites" / site
         site_dir.mkdir(parents=True)
         data, schema = files[site]
-        configs.append({"data-path": str(data), "schema-path": str(schema), "site-id": site,
-                        "site-dir": str(site_dir)})  # fmt: skip
+        configs.append(
+            {
+                "data-path": str(data),
+                "schema-path": str(schema),
+                "site-id": site,
+                "site-dir": str(site_dir),
+            }
+        )
     schema = load_schema_file(files["hosp-a"][1])
     cfg = RunConfig(rounds=2, seed=3, output_dir=str(tmp_path / "run"), progress=False)
     cfg.dataset.schema = schema_to_json(schema)
@@ -143,9 +152,12 @@ def test_a_run_on_the_sites_schema_leaves_out_the_other_schema_and_the_bad_data(
     assert left_out["hosp-c"].startswith("its schema differs from the federation's (digest ")
     assert schema_digest(load_schema_file(files["hosp-c"][1]))[:12] in left_out["hosp-c"]
     assert metrics["schema"] == {
-        "name": SCHEMA_NAME, "digest": schema_digest(schema), "target": TARGET,
-        "classes": list(CLASSES), "features": list(FEATURES),
-    }  # fmt: skip
+        "name": SCHEMA_NAME,
+        "digest": schema_digest(schema),
+        "target": TARGET,
+        "classes": list(CLASSES),
+        "features": list(FEATURES),
+    }
     assert metrics["outcome"] == {"trained": True, "reason": ""}
     assert metrics["central_evaluation"] == f"coordinator hold-out {files['holdout'][0]} (120 rows)"
     # Central accuracy is the final model's on the coordinator's hold-out, recomputed here.
@@ -206,8 +218,9 @@ def test_a_run_where_no_site_trained_says_why():
         sites={},
     )
     assert run_outcome(aborted) == {
-        "trained": False, "reason": "run failed: all 2 rounds aborted (too few survivors)",
-    }  # fmt: skip
+        "trained": False,
+        "reason": "run failed: all 2 rounds aborted (too few survivors)",
+    }
     declined = RunResult(
         arrays=None,  # type: ignore[arg-type]
         rounds=[

@@ -59,32 +59,62 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
 
     link = processes.start(
         "coordinator",
-        [*FEDGOV, "server", "start", "--config", "server.yaml", "--metrics-port",
-         str(metrics_port), "--log-format", "json"],
+        [
+            *FEDGOV,
+            "server",
+            "start",
+            "--config",
+            "server.yaml",
+            "--metrics-port",
+            str(metrics_port),
+            "--log-format",
+            "json",
+        ],
         cwd=coordinator,
-    )  # fmt: skip
+    )
     processes.wait_for_port(link, link_port, timeout=60)
 
     def init(site: str, port: int, ca_file: Path) -> Path:
         data, schema = _site_files(tmp_path, site)
         folder = tmp_path / "sites" / site
         result = fedgov(
-            "site", "init", "--site-id", site, "--data", str(data), "--schema", str(schema),
-            "--coordinator", f"127.0.0.1:{link_port}", "--ca", str(ca_file),
-            "--port", str(port), "--out", str(folder), cwd=tmp_path,
-        )  # fmt: skip
+            "site",
+            "init",
+            "--site-id",
+            site,
+            "--data",
+            str(data),
+            "--schema",
+            str(schema),
+            "--coordinator",
+            f"127.0.0.1:{link_port}",
+            "--ca",
+            str(ca_file),
+            "--port",
+            str(port),
+            "--out",
+            str(folder),
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         return folder
 
     registered = [init(site, port, ca) for site, port in zip(SITES, site_ports, strict=False)]
     for folder in registered:
-        added = fedgov("server", "add-site", str(folder / "keys" / "node.key.pub"),
-                       "--config", "server.yaml", cwd=coordinator)  # fmt: skip
+        added = fedgov(
+            "server",
+            "add-site",
+            str(folder / "keys" / "node.key.pub"),
+            "--config",
+            "server.yaml",
+            cwd=coordinator,
+        )
         assert added.returncode == 0, added.stderr
         assert "registered successfully" in added.stdout
     for folder in registered:
-        processes.start(folder.name, [*FEDGOV, "site", "start", "--config", "site.yaml"],
-                        cwd=folder)  # fmt: skip
+        processes.start(
+            folder.name, [*FEDGOV, "site", "start", "--config", "site.yaml"], cwd=folder
+        )
 
     # An unregistered key is refused, and so is a coordinator signed by another CA.
     stranger = init("hosp-30088", site_ports[2], ca)
@@ -111,9 +141,18 @@ def test_tls_federation_with_registered_sites(tmp_path, processes):
     # The registered sites train: the same Hydra config a simulation uses.
     run_dir = tmp_path / "run"
     result = fedgov(
-        "run", "--config", "server.yaml", "--out", str(run_dir), "dataset=medpar",
-        "federation.num_sites=2", "rounds=1", "progress=false", cwd=coordinator, timeout=300,
-    )  # fmt: skip
+        "run",
+        "--config",
+        "server.yaml",
+        "--out",
+        str(run_dir),
+        "dataset=medpar",
+        "federation.num_sites=2",
+        "rounds=1",
+        "progress=false",
+        cwd=coordinator,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:] + processes.logs_report()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds"][0]["participants"] == sorted(SITES)

@@ -99,11 +99,14 @@ def test_an_unapproved_app_runs_in_no_runtime_until_the_site_approves_it(tmp_pat
     link_port, *site_ports = free_ports(1 + len(RUNTIMES))
     coordinator = tmp_path / "coordinator"
     coordinator.mkdir()
-    (coordinator / "server.yaml").write_text(yaml.safe_dump(
-        {"federation": "hospitals", "host": "127.0.0.1", "port": link_port, "insecure": True}
-    ))  # fmt: skip
-    link = processes.start("coordinator", [*FEDGOV, "server", "start", "--insecure"],
-                           cwd=coordinator)  # fmt: skip
+    (coordinator / "server.yaml").write_text(
+        yaml.safe_dump(
+            {"federation": "hospitals", "host": "127.0.0.1", "port": link_port, "insecure": True}
+        )
+    )
+    link = processes.start(
+        "coordinator", [*FEDGOV, "server", "start", "--insecure"], cwd=coordinator
+    )
     processes.wait_for_port(link, link_port, timeout=60)
     settings = load_server_settings(coordinator / "server.yaml")
     write_flwr_connection(settings, True)
@@ -118,15 +121,28 @@ def test_an_unapproved_app_runs_in_no_runtime_until_the_site_approves_it(tmp_pat
         data, schema = _site_files(tmp_path, hospital)
         folder = tmp_path / "sites" / site
         made = fedgov(
-            "site", "init", "--site-id", site, "--data", str(data), "--schema", str(schema),
-            "--coordinator", f"127.0.0.1:{link_port}", "--port", str(port), "--out", str(folder),
+            "site",
+            "init",
+            "--site-id",
+            site,
+            "--data",
+            str(data),
+            "--schema",
+            str(schema),
+            "--coordinator",
+            f"127.0.0.1:{link_port}",
+            "--port",
+            str(port),
+            "--out",
+            str(folder),
             cwd=tmp_path,
-        )  # fmt: skip
+        )
         assert made.returncode == 0, made.stderr
         folders[site] = folder
     # The approver's operator reviewed the FAB and approved its digest before the run.
-    approved = fedgov("site", "apps", "approve", evil_digest, "--comment", "reviewed",
-                      cwd=folders["approver"])  # fmt: skip
+    approved = fedgov(
+        "site", "apps", "approve", evil_digest, "--comment", "reviewed", cwd=folders["approver"]
+    )
     assert approved.returncode == 0, approved.stderr
     sites = [
         processes.start(site, [*FEDGOV, "site", "start", "--insecure", *flags], cwd=folders[site])
@@ -138,15 +154,28 @@ def test_an_unapproved_app_runs_in_no_runtime_until_the_site_approves_it(tmp_pat
 
     def run(name: str, num_sites: int) -> dict:
         run_dir = tmp_path / name
-        config = _run_config(run_dir, ["dataset=medpar", f"federation.num_sites={num_sites}",
-                                       "federation.min_sites_per_round=1", "rounds=1",
-                                       "federation.round_timeout=180"])  # fmt: skip
+        config = _run_config(
+            run_dir,
+            [
+                "dataset=medpar",
+                f"federation.num_sites={num_sites}",
+                "federation.min_sites_per_round=1",
+                "rounds=1",
+                "federation.round_timeout=180",
+            ],
+        )
         started = processes.start(
-            name, [flwr, "run", str(evil_dir), "hospitals", "--run-config", config, "--stream"],
-            env=flower_environment(settings), cwd=tmp_path,
-        )  # fmt: skip
-        processes.wait_until(lambda: (run_dir / "metrics.json").exists() or not started.running(),
-                             400, f"{name}'s metrics.json", must_keep_running=[link])  # fmt: skip
+            name,
+            [flwr, "run", str(evil_dir), "hospitals", "--run-config", config, "--stream"],
+            env=flower_environment(settings),
+            cwd=tmp_path,
+        )
+        processes.wait_until(
+            lambda: (run_dir / "metrics.json").exists() or not started.running(),
+            400,
+            f"{name}'s metrics.json",
+            must_keep_running=[link],
+        )
         assert (run_dir / "metrics.json").exists(), processes.logs_report(60)
         processes.wait_for_exit(started, 60)
         return json.loads((run_dir / "metrics.json").read_text())
@@ -220,11 +249,15 @@ def _ask(cfg, site_dir: Path, start, node: dict):
 
     config = messages.train_config("run-x")
     config[messages.SERVER_ROUND] = 1
-    message = Message(RecordDict({messages.CONFIG: config, messages.ARRAYS: start}),
-                      dst_node_id=7, message_type=MessageType.TRAIN)  # fmt: skip
+    message = Message(
+        RecordDict({messages.CONFIG: config, messages.ARRAYS: start}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     message.metadata.__dict__["_message_id"] = "m-1"
-    context = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config=to_flower_config(cfg)
+    )
     reply = client_app.train(message, context)
     assert messages.decline_reason(reply) is None, messages.decline_reason(reply)
     return reply
@@ -276,8 +309,12 @@ def test_a_round_re_asked_with_other_noise_or_clipping_gets_fresh_noise_and_a_ne
     from privacy.receipts import PRIVATE_KEY_FILE
 
     site_dir = tmp_path / "site"
-    node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
-            "epsilon-cap": 1000.0}  # fmt: skip
+    node = {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "site-dir": str(site_dir),
+        "epsilon-cap": 1000.0,
+    }
     probe = _dp_cfg(*first, batch=1)
     site = load_site_data(probe, node)
     n = len(site.train.y)
@@ -310,8 +347,9 @@ def test_a_round_re_asked_with_other_noise_or_clipping_gets_fresh_noise_and_a_ne
     # Both releases are on the ledger, each a spend, composed.
     spends = SiteLedger(site_dir, "site-00", PRIVATE_KEY_FILE).read().spends
     assert [(s.round, s.status, s.noise_multiplier) for s in spends] == [
-        (1, RELEASED, first[0]), (1, RELEASED, second[0])
-    ]  # fmt: skip
+        (1, RELEASED, first[0]),
+        (1, RELEASED, second[0]),
+    ]
     assert spends[0].release_sha256 != spends[1].release_sha256
     assert spends[1].epsilon_after == pytest.approx(
         epsilon([s.entry for s in spends], 1e-5), rel=1e-9
@@ -327,17 +365,27 @@ def test_a_round_re_asked_with_other_noise_or_clipping_gets_fresh_noise_and_a_ne
 # ---- (b) run configs outside the site's policy -------------------------------------------------
 
 POLICY = {
-    "delta": 1e-5, "require_dp": True, "min_noise_multiplier": 0.8, "max_epsilon_per_run": 5.0,
-    "max_rounds_per_run": 3, "max_local_epochs": 2, "report_eval_metrics": False,
-}  # fmt: skip
+    "delta": 1e-5,
+    "require_dp": True,
+    "min_noise_multiplier": 0.8,
+    "max_epsilon_per_run": 5.0,
+    "max_rounds_per_run": 3,
+    "max_local_epochs": 2,
+    "report_eval_metrics": False,
+}
 
 
 def _policy_node(site_dir: Path, **changes) -> dict:
     from clients.site_policy import policy_from_yaml
 
     policy = policy_from_yaml({**POLICY, **changes}, "site.yaml")
-    return {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
-            "epsilon-cap": 8.0, **policy.node_config()}  # fmt: skip
+    return {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "site-dir": str(site_dir),
+        "epsilon-cap": 8.0,
+        **policy.node_config(),
+    }
 
 
 def _policy_cfg(**changes):
@@ -359,8 +407,11 @@ def _message(kind, start, server_round: int = 1):
 
     config = messages.train_config("run-p")
     config[messages.SERVER_ROUND] = server_round
-    message = Message(RecordDict({messages.CONFIG: config, messages.ARRAYS: start}),
-                      dst_node_id=7, message_type=kind)  # fmt: skip
+    message = Message(
+        RecordDict({messages.CONFIG: config, messages.ARRAYS: start}),
+        dst_node_id=7,
+        message_type=kind,
+    )
     message.metadata.__dict__["_message_id"] = f"m-{kind}-{server_round}"
     return message
 
@@ -378,31 +429,77 @@ def _start_arrays(cfg):
 @pytest.mark.parametrize(
     ("changes", "node_changes", "server_round", "expected"),
     [
-        ({"privacy__delta": 4.95e-4}, {}, 1,
-         "site policy delta: the run asks privacy.delta = 0.000495; this site's limit: δ = 1e-05"),
-        ({"privacy__name": "none"}, {}, 1,
-         "site policy require_dp: the run asks privacy.name = 'none'; this site's limit: "
-         "sample-level DP"),
-        ({"rounds": 10}, {}, 1,
-         "site policy max_rounds_per_run: the run asks rounds = 10; this site's limit: 3 rounds"),
-        ({}, {}, 4,
-         "site policy max_rounds_per_run: the run asks round 4; this site's limit: 3 rounds"),
-        ({"train__local_epochs": 5}, {}, 1,
-         "site policy max_local_epochs: the run asks train.local_epochs = 5; this site's limit: "
-         "2 epochs"),
-        ({}, {"allowed_features": ["x00", "x01"]}, 1,
-         "site policy allowed_features: the run asks column 'x02'; this site's limit: only x00, "
-         "x01"),
-        ({"privacy__noise_multiplier": 0.5}, {}, 1,
-         "site policy min_noise_multiplier: the run asks σ = 0.5; this site's limit: σ ≥ 0.8"),
-        ({}, {"require_secure_aggregation": True}, 1,
-         "site policy require_secure_aggregation: the run asks an update in the clear"),
-        ({}, {"max_epsilon_per_run": 1.0}, 1,
-         "site policy max_epsilon_per_run: the run asks a round that brings this run to ε = "),
+        (
+            {"privacy__delta": 4.95e-4},
+            {},
+            1,
+            "site policy delta: the run asks privacy.delta = 0.000495; this site's limit: "
+            "δ = 1e-05",
+        ),
+        (
+            {"privacy__name": "none"},
+            {},
+            1,
+            "site policy require_dp: the run asks privacy.name = 'none'; this site's limit: "
+            "sample-level DP",
+        ),
+        (
+            {"rounds": 10},
+            {},
+            1,
+            "site policy max_rounds_per_run: the run asks rounds = 10; this site's limit: 3 rounds",
+        ),
+        (
+            {},
+            {},
+            4,
+            "site policy max_rounds_per_run: the run asks round 4; this site's limit: 3 rounds",
+        ),
+        (
+            {"train__local_epochs": 5},
+            {},
+            1,
+            "site policy max_local_epochs: the run asks train.local_epochs = 5; this site's limit: "
+            "2 epochs",
+        ),
+        (
+            {},
+            {"allowed_features": ["x00", "x01"]},
+            1,
+            "site policy allowed_features: the run asks column 'x02'; this site's limit: only x00, "
+            "x01",
+        ),
+        (
+            {"privacy__noise_multiplier": 0.5},
+            {},
+            1,
+            "site policy min_noise_multiplier: the run asks σ = 0.5; this site's limit: σ ≥ 0.8",
+        ),
+        (
+            {},
+            {"require_secure_aggregation": True},
+            1,
+            "site policy require_secure_aggregation: the run asks an update in the clear",
+        ),
+        (
+            {},
+            {"max_epsilon_per_run": 1.0},
+            1,
+            "site policy max_epsilon_per_run: the run asks a round that brings this run to ε = ",
+        ),
     ],
-    ids=["larger-delta", "no-dp", "more-rounds", "later-round", "more-epochs", "column",
-         "less-noise", "in-the-clear", "run-epsilon"],
-)  # fmt: skip
+    ids=[
+        "larger-delta",
+        "no-dp",
+        "more-rounds",
+        "later-round",
+        "more-epochs",
+        "column",
+        "less-noise",
+        "in-the-clear",
+        "run-epsilon",
+    ],
+)
 def test_a_request_outside_the_site_policy_is_declined_before_training(
     tmp_path, task_identity, changes, node_changes, server_round, expected
 ):
@@ -420,8 +517,9 @@ def test_a_request_outside_the_site_policy_is_declined_before_training(
     node = _policy_node(site_dir, **node_changes)
     if "allowed_features" in node_changes:  # the synthetic rows' columns: x00, x01, x02...
         assert load_site_data(cfg, node).schema.feature_names[:3] == ("x00", "x01", "x02")
-    context = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config=to_flower_config(cfg)
+    )
     reply = client_app.train(_message(MessageType.TRAIN, _start_arrays(cfg), server_round), context)
     reason = messages.decline_reason(reply)
     assert reason is not None and reason.startswith(expected), reason
@@ -443,8 +541,9 @@ def test_inside_the_policy_the_site_trains_and_accounts_at_its_own_delta(tmp_pat
 
     cfg = _policy_cfg(privacy__delta=1e-7)  # a smaller δ than the site's: accepted, not used
     node = _policy_node(tmp_path / "site")
-    context = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config=to_flower_config(cfg)
+    )
     start = _start_arrays(cfg)
     reply = client_app.train(_message(MessageType.TRAIN, start), context)
     assert messages.decline_reason(reply) is None, messages.decline_reason(reply)
@@ -468,8 +567,17 @@ def test_a_malformed_policy_in_site_yaml_is_one_line(tmp_path):
         ("allowed_features", 3, "allowed_features must be a list of column names"),
     ]:
         path = tmp_path / f"{key}.yaml"
-        path.write_text(yaml.safe_dump({"site_id": "a", "coordinator": "h:1", "data": "d.csv",
-                                        "schema": "s.yaml", key: value}))  # fmt: skip
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "site_id": "a",
+                    "coordinator": "h:1",
+                    "data": "d.csv",
+                    "schema": "s.yaml",
+                    key: value,
+                }
+            )
+        )
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_site_settings(path)
 
@@ -483,8 +591,9 @@ def _train_round(cfg, node, start, server_round):
     from clients import app as client_app
     from fedgov.config import to_flower_config
 
-    context = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config=to_flower_config(cfg)
+    )
     return client_app.train(_message(MessageType.TRAIN, start, server_round), context)
 
 
@@ -510,8 +619,7 @@ def test_an_edited_ledger_and_an_older_copy_are_refused_until_an_explicit_restor
 
     cfg = _policy_cfg()
     site_dir = tmp_path / "site"
-    node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir),
-            "epsilon-cap": 50.0}  # fmt: skip
+    node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir), "epsilon-cap": 50.0}
     start = _start_arrays(cfg)
     ledger = SiteLedger(site_dir, "site-00", PRIVATE_KEY_FILE)
     receipts = []
@@ -547,15 +655,21 @@ def test_an_edited_ledger_and_an_older_copy_are_refused_until_an_explicit_restor
     assert [s.round for s in ledger.read().spends] == [1, 2]
 
     # (4) A legitimate restore is explicit and journalled; the site then accepts the backup.
-    (site_dir / "site.yaml").write_text(yaml.safe_dump(
-        {"site_id": "site-00", "coordinator": "h:1", "data": "d.csv", "schema": "s.yaml"}
-    ))  # fmt: skip
+    (site_dir / "site.yaml").write_text(
+        yaml.safe_dump(
+            {"site_id": "site-00", "coordinator": "h:1", "data": "d.csv", "schema": "s.yaml"}
+        )
+    )
     config = str(site_dir / "site.yaml")
     with pytest.raises(SystemExit):  # --reason is required
         fedgov_main(["site", "ledger", "restore", str(backup), "--config", config])
     capsys.readouterr()
-    assert fedgov_main(["site", "ledger", "restore", str(backup), "--reason", "disk lost",
-                        "--config", config]) == 0  # fmt: skip
+    assert (
+        fedgov_main(
+            ["site", "ledger", "restore", str(backup), "--reason", "disk lost", "--config", config]
+        )
+        == 0
+    )
     assert "ledger restored" in capsys.readouterr().out
     assert [s.round for s in ledger.read().spends] == [1]
     last = ledger.journal()[-1]

@@ -100,8 +100,9 @@ def test_a_short_poll_cap_holds_for_the_first_second_then_polls_relax(monkeypatc
     clock = SteppedClock()
     monkeypatch.setattr(messaging, "time", clock)
     grid = LateReplyGrid(clock, answer_at=3.0)
-    message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=SITE_NODE,
-                      message_type="train")  # fmt: skip
+    message = Message(
+        RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=SITE_NODE, message_type="train"
+    )
     replies = exchange(grid, [message], timeout=10.0, max_poll=0.02)
     assert len(replies) == 1  # the reply is seen, at its first pull after it was written
     gaps = [b - a for a, b in zip(grid.pulls, grid.pulls[1:], strict=False)]

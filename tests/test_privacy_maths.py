@@ -179,8 +179,9 @@ def test_clipping_bounds_the_update_norm_and_keeps_its_direction(scale, norm, se
 def test_noisy_mean_has_the_calibrated_noise():
     rng = np.random.default_rng(1)
     total = {"w": np.zeros(200_000)}
-    mean = noisy_mean_update(total, noise_multiplier=1.5, clipping_norm=2.0, expected_sites=4,
-                             rng=rng)  # fmt: skip
+    mean = noisy_mean_update(
+        total, noise_multiplier=1.5, clipping_norm=2.0, expected_sites=4, rng=rng
+    )
     assert mean["w"].std() == pytest.approx(1.5 * 2.0 / 4, rel=0.01)
     assert abs(mean["w"].mean()) < 0.01
 
@@ -276,8 +277,10 @@ def test_fused_clipping_is_exact_for_either_image_layout(memory_format):
     norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_record])
     max_norm = float(norms.median())
     scale = (max_norm / (norms + 1e-6)).clamp(max=1)
-    expected = [sum(s * grads[k] for s, grads in zip(scale, per_record, strict=True))
-                for k in range(len(per_record[0]))]  # fmt: skip
+    expected = [
+        sum(s * grads[k] for s, grads in zip(scale, per_record, strict=True))
+        for k in range(len(per_record[0]))
+    ]
     model.zero_grad(set_to_none=True)
     clipper = FusedClipper(model)
     _, fused_norms = clipper.clipped_gradient_sum(x, y, max_norm)
@@ -331,12 +334,14 @@ def test_dp_sgd_noise_has_the_calibrated_standard_deviation():
     rows = _rows(400)
     model = MLP(rows.x.shape[1], 2, 64)
     start = [p.detach().clone() for p in model.parameters()]
-    plan = DpSgdPlan(noise_multiplier=1000.0, sample_rate=0.25, steps=1, max_grad_norm=1.0,
-                     num_records=400)  # fmt: skip
+    plan = DpSgdPlan(
+        noise_multiplier=1000.0, sample_rate=0.25, steps=1, max_grad_norm=1.0, num_records=400
+    )
     settings_ = TrainConfig(lr=1.0, momentum=0.0)
     train_local_dp(model, rows, settings_, plan, sampling_seed=1, noise_seed=2)
-    moved = torch.cat([(s - p.detach()).flatten() for s, p in zip(start, model.parameters(),
-                                                                   strict=True)])  # fmt: skip
+    moved = torch.cat(
+        [(s - p.detach()).flatten() for s, p in zip(start, model.parameters(), strict=True)]
+    )
     expected_std = 1.0 * 1000.0 * 1.0 / (0.25 * 400)
     assert float(moved.std()) == pytest.approx(expected_std, rel=0.05)
     assert abs(float(moved.mean())) < 0.05 * expected_std
@@ -364,12 +369,21 @@ def test_opacus_modes_train_and_account_exactly_the_plan(mode):
     torch.manual_seed(0)
     model = MLP(rows.x.shape[1], 2, 32)
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_local_dp(model, rows, TrainConfig(batch_size=64), plan, sampling_seed=1,
-                            noise_seed=2, grad_sample_mode=mode, proximal_mu=0.1)  # fmt: skip
+    result = train_local_dp(
+        model,
+        rows,
+        TrainConfig(batch_size=64),
+        plan,
+        sampling_seed=1,
+        noise_seed=2,
+        grad_sample_mode=mode,
+        proximal_mu=0.1,
+    )
     # train_local_dp raises if Opacus' accountant recorded anything but (σ, q, steps)
     assert result.steps == steps
-    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(),
-                                                              strict=True))  # fmt: skip
+    assert any(
+        not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True)
+    )
 
 
 @settings(max_examples=50, deadline=None)

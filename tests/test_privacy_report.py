@@ -32,19 +32,45 @@ def _site_receipts(key, site: str, sigma: float, rate: float, steps: int, rounds
         proposed = [*history, [sigma, rate, steps]]
         spent_after = epsilon(proposed, DELTA)
         if spent_after > cap:
-            payload = {"kind": "decline", "site": site, "run": "r1", "round": server_round,
-                       "reason": "privacy budget exhausted", "delta": DELTA, "accountant": "rdp",
-                       "epsilon": epsilon(history, DELTA), "epsilon_requested": spent_after,
-                       "cap": cap, "history": history}  # fmt: skip
-            declines.append({"round": server_round, "reason": "privacy budget exhausted",
-                             "epsilon_spent": epsilon(history, DELTA), "cap": cap,
-                             "receipt": sign(key, payload).to_json()})  # fmt: skip
+            payload = {
+                "kind": "decline",
+                "site": site,
+                "run": "r1",
+                "round": server_round,
+                "reason": "privacy budget exhausted",
+                "delta": DELTA,
+                "accountant": "rdp",
+                "epsilon": epsilon(history, DELTA),
+                "epsilon_requested": spent_after,
+                "cap": cap,
+                "history": history,
+            }
+            declines.append(
+                {
+                    "round": server_round,
+                    "reason": "privacy budget exhausted",
+                    "epsilon_spent": epsilon(history, DELTA),
+                    "cap": cap,
+                    "receipt": sign(key, payload).to_json(),
+                }
+            )
             continue
         history = [[sigma, rate, steps * server_round]]
-        payload = {"kind": "dp-sgd", "site": site, "run": "r1", "round": server_round,
-                   "steps": steps, "noise_multiplier": sigma, "sample_rate": rate,
-                   "max_grad_norm": 1.0, "delta": DELTA, "accountant": "rdp",
-                   "epsilon": spent_after, "cap": cap, "history": history}  # fmt: skip
+        payload = {
+            "kind": "dp-sgd",
+            "site": site,
+            "run": "r1",
+            "round": server_round,
+            "steps": steps,
+            "noise_multiplier": sigma,
+            "sample_rate": rate,
+            "max_grad_norm": 1.0,
+            "delta": DELTA,
+            "accountant": "rdp",
+            "epsilon": spent_after,
+            "cap": cap,
+            "history": history,
+        }
         receipts.append(sign(key, payload).to_json())
     return {"receipts": receipts, "declines": declines}
 
@@ -53,23 +79,45 @@ def _site_receipts(key, site: str, sigma: float, rate: float, steps: int, rounds
 def document(tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys")
     sites = {
-        "hospital-a": _site_receipts(create_site_key(keys / "a"), "hospital-a", 1.0, 0.04, 25, 5,
-                                     3.0),
-        "hospital-b": _site_receipts(create_site_key(keys / "b"), "hospital-b", 1.2, 0.02, 50, 5,
-                                     3.0),
-    }  # fmt: skip
+        "hospital-a": _site_receipts(
+            create_site_key(keys / "a"), "hospital-a", 1.0, 0.04, 25, 5, 3.0
+        ),
+        "hospital-b": _site_receipts(
+            create_site_key(keys / "b"), "hospital-b", 1.2, 0.02, 50, 5, 3.0
+        ),
+    }
     site_rounds = [
-        {"round": r, "sampled": 2, "contributed": 2, "sample_rate": 0.5, "noise_multiplier": 1.1,
-         "aborted": False, "note": ""}
+        {
+            "round": r,
+            "sampled": 2,
+            "contributed": 2,
+            "sample_rate": 0.5,
+            "noise_multiplier": 1.1,
+            "aborted": False,
+            "note": "",
+        }
         for r in range(1, 6)
-    ]  # fmt: skip
+    ]
     return report_document(
-        run_id="r1", rounds=5, delta=DELTA, accountant="rdp", secure_aggregation=False,
-        sample_level={"noise_multiplier": 1.0, "target_epsilon": 0.0, "max_grad_norm": 1.0,
-                      "grad_sample_mode": "fused", "sites": sites},
-        site_level={"clipping_norm": 1.0, "noise_multiplier": 1.1, "sampling": "poisson",
-                    "rounds": site_rounds},
-    )  # fmt: skip
+        run_id="r1",
+        rounds=5,
+        delta=DELTA,
+        accountant="rdp",
+        secure_aggregation=False,
+        sample_level={
+            "noise_multiplier": 1.0,
+            "target_epsilon": 0.0,
+            "max_grad_norm": 1.0,
+            "grad_sample_mode": "fused",
+            "sites": sites,
+        },
+        site_level={
+            "clipping_norm": 1.0,
+            "noise_multiplier": 1.1,
+            "sampling": "poisson",
+            "rounds": site_rounds,
+        },
+    )
 
 
 def test_report_has_the_contract_keys_and_every_epsilon_reproduces(document):
@@ -80,8 +128,9 @@ def test_report_has_the_contract_keys_and_every_epsilon_reproduces(document):
     assert a["cap"] == 3.0 and a["declined_rounds"] == [4, 5]
     assert a["epsilon"] <= a["cap"]
     for site in sites.values():
-        assert site["epsilon"] == pytest.approx(independent_epsilon(site["history"], DELTA),
-                                                rel=0.01)  # fmt: skip
+        assert site["epsilon"] == pytest.approx(
+            independent_epsilon(site["history"], DELTA), rel=0.01
+        )
     site_level = document["site_level"]
     assert site_level["history"] == [[1.1, 0.5, 5]]
     assert site_level["epsilon"] == pytest.approx(
@@ -110,7 +159,8 @@ def test_tampering_with_a_report_is_detected(document):
 
     def other_key(d):
         d["sample_level"]["sites"]["hospital-b"]["receipts"][0]["public_key"] = d["sample_level"][
-            "sites"]["hospital-a"]["receipts"][0]["public_key"]  # fmt: skip
+            "sites"
+        ]["hospital-a"]["receipts"][0]["public_key"]
 
     def site_level_epsilon(d):
         d["site_level"]["epsilon"] = 0.5
@@ -139,7 +189,7 @@ def test_the_first_paragraph_speaks_plainly(document):
         "receipts were verified",
         "Secure aggregation was off",
     ):
-        assert words in summary, words  # fmt: skip
+        assert words in summary, words
     assert "Rényi" not in summary and "RDP" not in summary  # no jargon up front
 
 
@@ -164,8 +214,13 @@ def _write_run(tmp_path: Path, document) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedgov", "privacy", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fedgov", "privacy", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_prints_every_format_and_fails_a_tampered_report(tmp_path, document, capsys):
@@ -200,21 +255,32 @@ def test_cli_errors_are_one_line(tmp_path):
     assert help_text.returncode == 0 and "--format {html,json,md}" in help_text.stdout
 
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
-                                       else None)  # fmt: skip
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
 def test_headless_chromium_renders_the_report_with_its_plot(tmp_path, document):
     page = tmp_path / "privacy_report.html"
     page.write_text(render_html(document))
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--hide-scrollbars"]  # fmt: skip
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ]
     dom = subprocess.run(
         [*common, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert document["summary"][:80] in dom.stdout.replace("&amp;", "&")
     match = re.search(r'<img id="budget-plot"[^>]*src="data:image/png;base64,([^"]+)"', dom.stdout)
@@ -226,10 +292,17 @@ def test_headless_chromium_renders_the_report_with_its_plot(tmp_path, document):
 
     shot = tmp_path / "shot.png"
     screenshot = subprocess.run(
-        [*common, f"--user-data-dir={tmp_path / 'profile-shot'}", "--window-size=1200,1400",
-         f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            *common,
+            f"--user-data-dir={tmp_path / 'profile-shot'}",
+            "--window-size=1200,1400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert screenshot.returncode == 0 and shot.exists(), screenshot.stderr[-2000:]
     pixels = mpimg.imread(shot)[..., :3]
     # The plot sits below the summary and guarantee tables: its coloured lines must show up.
@@ -249,8 +322,10 @@ def test_every_epsilon_in_the_report_is_reproduced_independently(document):
     for site in document["sample_level"]["sites"].values():
         close(site["epsilon"], site["history"])
         receipts = [r["payload"] for r in site["receipts"]]
-        close(site["epsilon_this_run"], [(p["noise_multiplier"], p["sample_rate"], p["steps"])
-                                         for p in receipts])  # fmt: skip
+        close(
+            site["epsilon_this_run"],
+            [(p["noise_multiplier"], p["sample_rate"], p["steps"]) for p in receipts],
+        )
         for row, payload in zip(
             [r for r in site["rounds"] if r["status"] == "trained"], receipts, strict=True
         ):

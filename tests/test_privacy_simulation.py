@@ -33,28 +33,52 @@ def _report(run_dir: Path) -> dict:
 @pytest.mark.parametrize(
     ("flat", "field", "allowed"),
     [
-        ({"privacy.name": "sample_dp", "privacy.target_epsilon": -1.0}, "privacy.target_epsilon",
-         "must be > 0"),
-        ({"privacy.name": "sample_dp", "privacy.site_epsilon_cap": 0.0},
-         "privacy.site_epsilon_cap", "must be > 0"),
+        (
+            {"privacy.name": "sample_dp", "privacy.target_epsilon": -1.0},
+            "privacy.target_epsilon",
+            "must be > 0",
+        ),
+        (
+            {"privacy.name": "sample_dp", "privacy.site_epsilon_cap": 0.0},
+            "privacy.site_epsilon_cap",
+            "must be > 0",
+        ),
         ({"privacy.name": "sample_dp", "privacy.delta": 0.0}, "privacy.delta", "(0, 1/n)"),
         ({"privacy.name": "sample_dp", "privacy.delta": 1.0}, "privacy.delta", "(0, 1/n)"),
-        ({"privacy.name": "sample_dp", "privacy.noise_multiplier": -0.5},
-         "privacy.noise_multiplier", "must be > 0"),
-        ({"privacy.name": "site_dp", "privacy.site_noise_multiplier": -1.0},
-         "privacy.site_noise_multiplier", "must be > 0"),
-        ({"privacy.name": "sample_dp", "privacy.max_grad_norm": 0.0}, "privacy.max_grad_norm",
-         "must be > 0"),
-        ({"privacy.name": "site_dp", "privacy.clipping_norm": -1.0}, "privacy.clipping_norm",
-         "must be > 0"),
-        ({"privacy.name": "sample_dp", "privacy.target_epsilon": 20.0}, "privacy.target_epsilon",
-         "allowed range (0, 8.0]"),
-        ({"privacy.name": "sample_dp", "privacy.accountant": "gdp"}, "privacy.accountant",
-         "rdp, prv"),
+        (
+            {"privacy.name": "sample_dp", "privacy.noise_multiplier": -0.5},
+            "privacy.noise_multiplier",
+            "must be > 0",
+        ),
+        (
+            {"privacy.name": "site_dp", "privacy.site_noise_multiplier": -1.0},
+            "privacy.site_noise_multiplier",
+            "must be > 0",
+        ),
+        (
+            {"privacy.name": "sample_dp", "privacy.max_grad_norm": 0.0},
+            "privacy.max_grad_norm",
+            "must be > 0",
+        ),
+        (
+            {"privacy.name": "site_dp", "privacy.clipping_norm": -1.0},
+            "privacy.clipping_norm",
+            "must be > 0",
+        ),
+        (
+            {"privacy.name": "sample_dp", "privacy.target_epsilon": 20.0},
+            "privacy.target_epsilon",
+            "allowed range (0, 8.0]",
+        ),
+        (
+            {"privacy.name": "sample_dp", "privacy.accountant": "gdp"},
+            "privacy.accountant",
+            "rdp, prv",
+        ),
         ({"privacy.name": "site_dp", "strategy.name": "krum"}, "strategy.name", "fedavg"),
         ({"privacy.name": "laplace"}, "privacy.name", "sample_dp"),
     ],
-)  # fmt: skip
+)
 def test_bad_privacy_values_are_one_line_naming_the_field(flat, field, allowed):
     with pytest.raises(ConfigError) as info:
         from_flower_config(flat)
@@ -63,26 +87,41 @@ def test_bad_privacy_values_are_one_line_naming_the_field(flat, field, allowed):
 
 
 def _sizes(cfg: RunConfig) -> dict[str, int]:
-    return {f"site-0{i}": len(load_site_data(cfg, {"partition-id": i, "num-partitions": 3}).train.y)
-            for i in range(3)}  # fmt: skip
+    return {
+        f"site-0{i}": len(load_site_data(cfg, {"partition-id": i, "num-partitions": 3}).train.y)
+        for i in range(3)
+    }
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"train.batch_size": 5000}, "train.batch_size: 5000 is larger than site {site}'s {n} "
-         "training records; allowed range [1, {n}] with DP-SGD"),
-        ({"privacy.delta": 0.05}, "privacy.delta: 0.05 must be in (0, 1/n) = (0, {inverse:.3g}), "
-         "n = {n} records at site {site}"),
-        ({"privacy.target_epsilon": 0.001}, "privacy.target_epsilon: 0.001 is unreachable in 5 "
-         "rounds at site site-00 (it would need σ > 100); allowed range ["),
+        (
+            {"train.batch_size": 5000},
+            "train.batch_size: 5000 is larger than site {site}'s {n} "
+            "training records; allowed range [1, {n}] with DP-SGD",
+        ),
+        (
+            {"privacy.delta": 0.05},
+            "privacy.delta: 0.05 must be in (0, 1/n) = (0, {inverse:.3g}), "
+            "n = {n} records at site {site}",
+        ),
+        (
+            {"privacy.target_epsilon": 0.001},
+            "privacy.target_epsilon: 0.001 is unreachable in 5 "
+            "rounds at site site-00 (it would need σ > 100); allowed range [",
+        ),
     ],
-)  # fmt: skip
+)
 def test_data_dependent_limits_name_the_field_and_range(changes, message):
     cfg = from_flower_config(
-        {"dataset.name": "synthetic", "federation.num_sites": 3, "privacy.name": "sample_dp",
-         **changes}
-    )  # fmt: skip
+        {
+            "dataset.name": "synthetic",
+            "federation.num_sites": 3,
+            "privacy.name": "sample_dp",
+            **changes,
+        }
+    )
     sizes = _sizes(cfg)
     site = min(sizes, key=lambda s: sizes[s])
     with pytest.raises(ConfigError) as info:
@@ -94,10 +133,20 @@ def test_data_dependent_limits_name_the_field_and_range(changes, message):
 
 def test_a_config_error_stops_the_runner_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.run", *SYNTHETIC, "privacy=sample_dp",
-         "privacy.delta=0.5", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            *SYNTHETIC,
+            "privacy=sample_dp",
+            "privacy.delta=0.5",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr
@@ -140,10 +189,14 @@ def test_sample_dp_sites_enforce_their_own_cap_and_every_epsilon_reproduces(simu
 @pytest.mark.slow
 def test_site_dp_with_poisson_sampled_sites_accounts_the_sampling_rate(simulate):
     metrics = simulate(
-        "dataset=synthetic", "federation.num_sites=4", "federation.sites_per_round=2",
-        "rounds=6", "privacy=site_dp", "privacy.site_noise_multiplier=1.2",
+        "dataset=synthetic",
+        "federation.num_sites=4",
+        "federation.sites_per_round=2",
+        "rounds=6",
+        "privacy=site_dp",
+        "privacy.site_noise_multiplier=1.2",
         "privacy.accountant=prv",
-    )  # fmt: skip
+    )
     report = _report(simulate.root / "run")
     site_level = report["site_level"]
     assert report["sample_level"] is None and site_level["accountant"] == "prv"
@@ -160,9 +213,13 @@ def test_site_dp_with_poisson_sampled_sites_accounts_the_sampling_rate(simulate)
 @pytest.mark.slow
 def test_both_guarantees_under_secure_aggregation(simulate):
     metrics = simulate(
-        "dataset=synthetic", "federation.num_sites=4", "rounds=2", "privacy=both",
-        "secagg=secaggplus", "privacy.site_epsilon_cap=9",
-    )  # fmt: skip
+        "dataset=synthetic",
+        "federation.num_sites=4",
+        "rounds=2",
+        "privacy=both",
+        "secagg=secaggplus",
+        "privacy.site_epsilon_cap=9",
+    )
     report = _report(simulate.root / "run")
     assert report["secure_aggregation"] is True
     assert report["verification"]["ok"], report["verification"]["problems"]

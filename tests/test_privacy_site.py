@@ -72,8 +72,13 @@ def _train(cfg, node, arrays, server_round, run_id=42, **config) -> Message:
     )
     message = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
     message.metadata.__dict__["_message_id"] = f"m-{server_round}"
-    context = Context(run_id=run_id, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=run_id,
+        node_id=7,
+        node_config=node,
+        state=RecordDict(),
+        run_config=to_flower_config(cfg),
+    )
     return client_app.train(message, context)
 
 
@@ -106,8 +111,10 @@ def test_site_spends_until_its_cap_then_declines_in_the_right_round(tmp_path):
         assert receipt.verify()
         payload = receipt.payload
         assert (payload["round"], payload["steps"], payload["sample_rate"]) == (
-            server_round, steps, rate
-        )  # fmt: skip
+            server_round,
+            steps,
+            rate,
+        )
         assert payload["epsilon"] <= cap
         reproduced = independent_epsilon(payload["history"], 1e-5)
         assert abs(reproduced - payload["epsilon"]) / reproduced < 0.01
@@ -308,8 +315,9 @@ def test_a_site_killed_mid_round_keeps_every_spend_after_restart(tmp_path):
     worker = [sys.executable, str(ROOT / "tests" / "privacy_site_worker.py"), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    first = subprocess.Popen([*worker, "1", "2", "3"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [*worker, "1", "2", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -324,22 +332,27 @@ def test_a_site_killed_mid_round_keeps_every_spend_after_restart(tmp_path):
         first.wait(timeout=30)
     after_kill = json.loads(ledger_path.read_text())["spends"]
     assert [(s["round"], s["status"]) for s in after_kill] == [
-        (1, RELEASED), (2, RELEASED), (3, PENDING)
-    ]  # fmt: skip
-    counted = epsilon([(s["noise_multiplier"], s["sample_rate"], s["steps"])
-                       for s in after_kill], 1e-5)  # fmt: skip
+        (1, RELEASED),
+        (2, RELEASED),
+        (3, PENDING),
+    ]
+    counted = epsilon(
+        [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in after_kill], 1e-5
+    )
     assert counted > after_kill[1]["epsilon_after"]  # the interrupted round is counted
 
-    restarted = subprocess.run([*worker, "3", "4"], cwd=ROOT, env=env, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    restarted = subprocess.run(
+        [*worker, "3", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "round 4 done" in restarted.stdout
     spends = json.loads(ledger_path.read_text())["spends"]
     assert [(s["round"], s["status"]) for s in spends] == [(r, RELEASED) for r in (1, 2, 3, 4)]
     history = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in spends]
     assert spends[-1]["epsilon_after"] == pytest.approx(epsilon(history, 1e-5))
-    assert independent_epsilon(history, 1e-5) == pytest.approx(spends[-1]["epsilon_after"],
-                                                               rel=0.01)  # fmt: skip
+    assert independent_epsilon(history, 1e-5) == pytest.approx(
+        spends[-1]["epsilon_after"], rel=0.01
+    )
     torch.set_num_threads(1)
 
 
@@ -347,10 +360,11 @@ def test_a_site_killed_mid_round_keeps_every_spend_after_restart(tmp_path):
 @given(
     spends=st.lists(
         st.tuples(st.floats(0.6, 3.0), st.floats(0.01, 0.5), st.integers(1, 60)),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
     cap=st.floats(0.5, 12.0),
-)  # fmt: skip
+)
 def test_a_ledger_never_lets_epsilon_pass_its_cap(spends, cap):
     """Whatever the rounds ask for, a reservation is granted exactly when it stays within the cap,
     and the ledger's ε is always the composition of what it granted."""

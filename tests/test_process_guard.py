@@ -30,17 +30,22 @@ def _wait_dead(pid: int, timeout: float = 60.0) -> bool:
 
 def test_a_guard_stops_its_groups_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import subprocess, sys, time\n"
-            "from fedgov.process_guard import ProcessGuard\n"
-            "guard = ProcessGuard()\n"
-            f"helper = subprocess.Popen({SLEEPER!r}, start_new_session=True)\n"
-            "guard.watch(helper.pid)\n"
-            "print(helper.pid, guard.pid, flush=True)\n"
-            "time.sleep(600)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, time\n"
+                "from fedgov.process_guard import ProcessGuard\n"
+                "guard = ProcessGuard()\n"
+                f"helper = subprocess.Popen({SLEEPER!r}, start_new_session=True)\n"
+                "guard.watch(helper.pid)\n"
+                "print(helper.pid, guard.pid, flush=True)\n"
+                "time.sleep(600)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None
     helper, guard = (int(pid) for pid in holder.stdout.readline().split())
     try:
@@ -77,15 +82,20 @@ def test_leftovers_are_stopped_but_a_reused_pid_is_not():
 def test_a_lock_refuses_a_second_holder_and_dies_with_the_first(tmp_path):
     lock = tmp_path / "daemon.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import time\n"
-            "from fedgov.instance_lock import hold_lock\n"
-            f"hold_lock({str(lock)!r}, 'held by {{pid}}')\n"
-            "print('held', flush=True)\n"
-            "time.sleep(600)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time\n"
+                "from fedgov.instance_lock import hold_lock\n"
+                f"hold_lock({str(lock)!r}, 'held by {{pid}}')\n"
+                "print('held', flush=True)\n"
+                "time.sleep(600)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     try:
         with pytest.raises(FedgovError, match=f"^site x: runs as pid {holder.pid}$"):

@@ -81,10 +81,22 @@ def _site(tmp_path: Path, port: int, coordinator_port: int) -> Path:
     (data / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
     folder = tmp_path / "site"
     made = fedgov(
-        "site", "init", "--site-id", "hosp-a", "--data", str(data / "admissions.csv"),
-        "--schema", str(data / "schema.yaml"), "--coordinator", f"127.0.0.1:{coordinator_port}",
-        "--port", str(port), "--out", str(folder), cwd=tmp_path,
-    )  # fmt: skip
+        "site",
+        "init",
+        "--site-id",
+        "hosp-a",
+        "--data",
+        str(data / "admissions.csv"),
+        "--schema",
+        str(data / "schema.yaml"),
+        "--coordinator",
+        f"127.0.0.1:{coordinator_port}",
+        "--port",
+        str(port),
+        "--out",
+        str(folder),
+        cwd=tmp_path,
+    )
     assert made.returncode == 0, made.stderr
     return folder
 
@@ -103,8 +115,12 @@ def test_a_killed_site_daemon_takes_its_helpers_along_and_starts_again(tmp_path,
     site_port, nobody = free_ports(2)
     folder = _site(tmp_path, site_port, nobody)
     daemon = _start_site(processes, folder, "daemon")
-    processes.wait_until(lambda: port_is_open("127.0.0.1", site_port), START_TIMEOUT,
-                         "the SuperNode's runtime API", [daemon])  # fmt: skip
+    processes.wait_until(
+        lambda: port_is_open("127.0.0.1", site_port),
+        START_TIMEOUT,
+        "the SuperNode's runtime API",
+        [daemon],
+    )
     tree = _tree(daemon.pid)
     helpers = json.loads((folder / "daemon.json").read_text())["processes"]
     assert {"supernode", "superexec"} <= set(helpers)
@@ -137,13 +153,19 @@ def test_a_killed_site_daemon_takes_its_helpers_along_and_starts_again(tmp_path,
     processes.wait_until(lambda: not _alive(tree), DEATH_TIMEOUT, "the killed daemon's tree to end")
     assert _alive(tree) == []
     status = json.loads(fedgov("site", "status", "--json", cwd=folder).stdout)
-    assert (status["running"], status["processes"]) == (False, {"supernode": False,
-                                                                 "superexec": False})  # fmt: skip
+    assert (status["running"], status["processes"]) == (
+        False,
+        {"supernode": False, "superexec": False},
+    )
 
     # It starts again at once on the same folder and port.
     again = _start_site(processes, folder, "restarted")
-    processes.wait_until(lambda: port_is_open("127.0.0.1", site_port), START_TIMEOUT,
-                         "the restarted SuperNode's runtime API", [again])  # fmt: skip
+    processes.wait_until(
+        lambda: port_is_open("127.0.0.1", site_port),
+        START_TIMEOUT,
+        "the restarted SuperNode's runtime API",
+        [again],
+    )
     status = json.loads(fedgov("site", "status", "--json", cwd=folder).stdout)
     assert (status["running"], status["pid"]) == (True, again.pid), status
     assert status["processes"] == {"supernode": True, "superexec": True}

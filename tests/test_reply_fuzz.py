@@ -31,33 +31,61 @@ SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, _ = (
 HOSTILE_NODE = 2  # site-01
 OTHERS = ["site-00", "site-02", "site-03"]
 EXAMPLES = settings(
-    max_examples=12, deadline=None, derandomize=True,
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)  # fmt: skip
+)
 _expected: dict[tuple[str, ...], str] = {}  # survivors → SHA-256 of their ring sum (round 1)
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 SCALARS = st.one_of(
-    INT64, st.floats(), st.text(max_size=40), st.binary(max_size=80), st.booleans(),
-    st.binary(min_size=32, max_size=32), st.binary(min_size=66, max_size=66),
+    INT64,
+    st.floats(),
+    st.text(max_size=40),
+    st.binary(max_size=80),
+    st.booleans(),
+    st.binary(min_size=32, max_size=32),
+    st.binary(min_size=66, max_size=66),
     st.text(min_size=2000, max_size=3000),
-)  # fmt: skip
+)
 LISTS = st.one_of(
-    st.lists(st.integers(-3, 8), max_size=6), st.lists(INT64, max_size=4),
-    st.lists(st.binary(max_size=80), max_size=5), st.lists(st.text(max_size=20), max_size=4),
-    st.lists(st.floats(), max_size=3), st.lists(st.booleans(), max_size=3),
-)  # fmt: skip
+    st.lists(st.integers(-3, 8), max_size=6),
+    st.lists(INT64, max_size=4),
+    st.lists(st.binary(max_size=80), max_size=5),
+    st.lists(st.text(max_size=20), max_size=4),
+    st.lists(st.floats(), max_size=3),
+    st.lists(st.booleans(), max_size=3),
+)
 VALUES = st.one_of(SCALARS, LISTS)
 KNOWN_KEYS = [
-    "stage", "round-id", "index", "refused", "enc-key", "mask-key", "commitment", "recipients",
-    "ciphertexts", "weight", "clipped", "bad-senders", "bad-reasons", "seed-share-owners",
-    "seed-shares", "key-share-owners", "key-shares", "reason", "survivors", "signature",
-]  # fmt: skip
+    "stage",
+    "round-id",
+    "index",
+    "refused",
+    "enc-key",
+    "mask-key",
+    "commitment",
+    "recipients",
+    "ciphertexts",
+    "weight",
+    "clipped",
+    "bad-senders",
+    "bad-reasons",
+    "seed-share-owners",
+    "seed-shares",
+    "key-share-owners",
+    "key-shares",
+    "reason",
+    "survivors",
+    "signature",
+]
 ARRAYS = st.builds(
     lambda n, dtype, fill: np.full(n, fill).astype(dtype),
-    st.integers(0, 12), st.sampled_from(["uint32", "uint64", "int64", "float32", "float64"]),
+    st.integers(0, 12),
+    st.sampled_from(["uint32", "uint64", "int64", "float32", "float64"]),
     st.integers(0, 2**31),
-)  # fmt: skip
+)
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +113,20 @@ def _mutate(data, content: RecordDict) -> RecordDict:
     """``content`` with one part rewritten (a record retyped, truncated, dropped, or added)."""
     parts = dict(content.items())
     what = data.draw(
-        st.sampled_from(["secagg", "next", "drop-record", "arrays", "metrics", "decline", "site",
-                         "receipt", "empty"])
-    )  # fmt: skip
+        st.sampled_from(
+            [
+                "secagg",
+                "next",
+                "drop-record",
+                "arrays",
+                "metrics",
+                "decline",
+                "site",
+                "receipt",
+                "empty",
+            ]
+        )
+    )
     if what == "secagg":
         parts[records.SECAGG] = _config(data, content.config_records.get(records.SECAGG))
     elif what == "next":
@@ -178,11 +217,12 @@ def _well_formed_train(content: RecordDict, initial: ArrayRecord) -> bool:
         return False  # a decline, readable or not, takes the site out
     weight = metrics.get(keys.NUM_EXAMPLES)
     return (
-        isinstance(weight, int) and weight >= 1
+        isinstance(weight, int)
+        and weight >= 1
         and all(arrays[k].numpy().shape == initial[k].numpy().shape for k in initial)
         and all(arrays[k].numpy().dtype.kind in "fiu" for k in initial)
         and all(np.isfinite(arrays[k].numpy()).all() for k in initial)
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow

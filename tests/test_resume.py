@@ -26,8 +26,11 @@ RUN = ["dataset=synthetic", "federation.num_sites=3", "strategy=fedadam", "round
 def _simulate(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "simulations.run", *RUN, *extra, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_run_killed_after_round_two_resumes_to_the_same_model(tmp_path):

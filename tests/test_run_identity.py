@@ -47,12 +47,18 @@ def _train(cfg, site_dir, arrays, server_round, flower_run_id, fedgov_run_id=Non
     config[messages.SERVER_ROUND] = server_round
     message = Message(
         RecordDict({messages.CONFIG: config, messages.ARRAYS: arrays}),
-        dst_node_id=7, message_type=MessageType.TRAIN,
-    )  # fmt: skip
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     message.metadata.__dict__["_message_id"] = f"m-{server_round}"
     node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site_dir), "epsilon-cap": 50.0}
-    context = Context(run_id=flower_run_id, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=to_flower_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=flower_run_id,
+        node_id=7,
+        node_config=node,
+        state=RecordDict(),
+        run_config=to_flower_config(cfg),
+    )
     return client_app.train(message, context)
 
 
@@ -80,8 +86,14 @@ def test_a_round_retried_after_a_resume_releases_the_same_bits_and_counts_once(t
     spends = ledger.read().spends
     assert [(s.run_id, s.round, s.status) for s in spends] == [("run-a", 1, RELEASED)]
     assert spends[0].update_sha256 == _receipt(first).payload["update_sha256"]
-    second = _train(cfg, site_dir, first.content.array_records[messages.ARRAYS], 2,
-                    flower_run_id=97, fedgov_run_id="run-a")  # fmt: skip
+    second = _train(
+        cfg,
+        site_dir,
+        first.content.array_records[messages.ARRAYS],
+        2,
+        flower_run_id=97,
+        fedgov_run_id="run-a",
+    )
     spends = ledger.read().spends
     assert [(s.run_id, s.round) for s in spends] == [("run-a", 1), ("run-a", 2)]
     assert _receipt(second).payload["epsilon"] == pytest.approx(
@@ -119,8 +131,9 @@ def test_a_retry_that_releases_other_bits_is_a_new_spend_within_the_cap(tmp_path
     receipt = other.release("22" * 32)  # not the bits released before: counted again
     spends = ledger.read().spends
     assert [(s.round, s.status, s.update_sha256) for s in spends] == [
-        (1, RELEASED, "11" * 32), (1, RELEASED, "22" * 32)
-    ]  # fmt: skip
+        (1, RELEASED, "11" * 32),
+        (1, RELEASED, "22" * 32),
+    ]
     assert receipt.payload["epsilon"] == pytest.approx(epsilon([s.entry for s in spends], 1e-5))
     # and over the cap such a retry is refused, with its decline recorded
     tight = {"site-dir": str(site_dir), "epsilon-cap": spends[-1].epsilon_after + 1e-6}

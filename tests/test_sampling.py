@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from server.sampling import sample_sites, sites_per_round
 
 site_lists = st.lists(
-    st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=8), min_size=1, max_size=60,
+    st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=8),
+    min_size=1,
+    max_size=60,
     unique=True,
-)  # fmt: skip
+)
 
 
 @given(available=st.integers(1, 500), count=st.integers(1, 600), minimum=st.integers(1, 10))

@@ -93,17 +93,25 @@ class Federation:
             index = int(site_id.split("-")[1])
             node_config = {"partition-id": index, "num-partitions": n}
             site = load_site_data(cfg, node_config)
-            context = Context(run_id=1, node_id=index + 1, node_config=node_config,
-                              state=RecordDict(), run_config=to_flower_config(cfg))  # fmt: skip
+            context = Context(
+                run_id=1,
+                node_id=index + 1,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=to_flower_config(cfg),
+            )
             update = compute_update(
                 cfg, site, start, ConfigRecord({keys.SERVER_ROUND: server_round}), context
             )
             weight = min(int(update.metrics[keys.NUM_EXAMPLES]), summary["weight_scale"])
             quantised, _ = quantise(
-                layout.update_vector(update.arrays, start), clip_range=cfg.secagg.clip_range,
-                weight=weight, max_weight=summary["weight_scale"], scale=summary["scale"],
+                layout.update_vector(update.arrays, start),
+                clip_range=cfg.secagg.clip_range,
+                weight=weight,
+                max_weight=summary["weight_scale"],
+                scale=summary["scale"],
                 bits=cfg.secagg.bits,
-            )  # fmt: skip
+            )
             np.add(total, quantised, out=total)
         return hashlib.sha256(total.tobytes()).hexdigest()
 
@@ -340,8 +348,9 @@ def test_a_site_that_fails_is_a_dropout_with_the_error_and_never_a_crash(monkeyp
     record = fed.run().rounds[0]
     assert_exact(fed, record, ["site-00", "site-01", "site-02"])
     assert record.dropouts["site-03"] == {
-        "stage": "share_keys", "reason": "error: RuntimeError: disk full"
-    }  # fmt: skip
+        "stage": "share_keys",
+        "reason": "error: RuntimeError: disk full",
+    }
 
 
 def test_a_site_refuses_a_dishonest_server_asking_for_both_secrets():
@@ -389,8 +398,10 @@ def test_the_round_entry_point_reports_each_survivors_masked_input_metrics():
     fed = Federation(make_cfg())
     fed.grid.vanish_at = {(3, MASKED)}  # site-02 sends no input
     node_of = {site: i + 1 for i, site in enumerate(SITES)}
-    rows = {site: len(load_site_data(fed.cfg, {"partition-id": i, "num-partitions": 4}).train.y)
-            for i, site in enumerate(SITES)}  # fmt: skip
+    rows = {
+        site: len(load_site_data(fed.cfg, {"partition-id": i, "num-partitions": 4}).train.y)
+        for i, site in enumerate(SITES)
+    }
     strategy = build_strategy(fed.cfg.strategy)
     result = run_secagg_round(
         fed.grid, fed.cfg, strategy, 1, fed.initial, fed.grid, node_of, SITES, rows

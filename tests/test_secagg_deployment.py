@@ -78,19 +78,29 @@ def _expected_ring_sum(
     layout = VectorLayout.of(start)
     total = np.zeros(layout.length, dtype=ring_dtype(cfg.secagg.bits))
     for site_id in survivors:
-        node_config = {"partition-id": federation.site_ids.index(site_id),
-                       "num-partitions": NUM_SITES}  # fmt: skip
+        node_config = {
+            "partition-id": federation.site_ids.index(site_id),
+            "num-partitions": NUM_SITES,
+        }
         site = load_site_data(cfg, node_config)
-        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                          run_config=to_flower_config(cfg))  # fmt: skip
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config=to_flower_config(cfg),
+        )
         config = ConfigRecord({keys.SERVER_ROUND: server_round})
         update = compute_update(cfg, site, start, config, context)
         weight = min(int(update.metrics[keys.NUM_EXAMPLES]), summary["weight_scale"])
         quantised, _ = quantise(
-            layout.update_vector(update.arrays, start), clip_range=cfg.secagg.clip_range,
-            weight=weight, max_weight=summary["weight_scale"], scale=summary["scale"],
+            layout.update_vector(update.arrays, start),
+            clip_range=cfg.secagg.clip_range,
+            weight=weight,
+            max_weight=summary["weight_scale"],
+            scale=summary["scale"],
             bits=cfg.secagg.bits,
-        )  # fmt: skip
+        )
         np.add(total, quantised, out=total)
     return total, start, layout
 
@@ -109,19 +119,33 @@ def _start_federation(
     superlink = processes.start(
         "superlink",
         [
-            str(BIN / "flower-superlink"), "--insecure", "--host", LOOPBACK,
-            "--port", str(link_port), "--database", str(tmp_path / "superlink.db"),
-            "--isolation", "subprocess",
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(link_port),
+            "--database",
+            str(tmp_path / "superlink.db"),
+            "--isolation",
+            "subprocess",
         ],
-    )  # fmt: skip
+    )
     processes.wait_for_port(superlink, link_port, START_TIMEOUT)
     supernodes = []
     for index, (port, node_config) in enumerate(zip(node_ports, node_configs, strict=True)):
         argv = [
-            str(BIN / "flower-supernode"), "--insecure",
-            "--superlink", f"{LOOPBACK}:{link_port}", "--host", LOOPBACK, "--port", str(port),
-            "--node-config", node_config,
-        ]  # fmt: skip
+            str(BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"{LOOPBACK}:{link_port}",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--node-config",
+            node_config,
+        ]
         supernodes.append(processes.start(f"supernode-{index}", argv))
     for node in supernodes:
         processes.wait_for_log(node, r"SuperNode ID: \d+", START_TIMEOUT)
@@ -143,12 +167,16 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     cfg = _config(run_dir)
     run_config = " ".join(
         [
-            "rounds=2", "dataset.name='synthetic'", "dataset.partitioner='natural'",
-            f"federation.num_sites={NUM_SITES}", "federation.round_timeout=120.0",
-            "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
+            "rounds=2",
+            "dataset.name='synthetic'",
+            "dataset.partitioner='natural'",
+            f"federation.num_sites={NUM_SITES}",
+            "federation.round_timeout=120.0",
+            "secagg.name='secaggplus'",
+            f"secagg.timeout={STAGE_TIMEOUT}",
             f"output_dir={json.dumps(str(run_dir))}",
         ]
-    )  # fmt: skip
+    )
     flwr_run = processes.start(
         "flwr-run",
         [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
@@ -165,9 +193,11 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     metrics_path = run_dir / "metrics.json"
     survivors_running = [superlink, *(n for n in supernodes if n is not victim)]
     processes.wait_until(
-        lambda: metrics_path.exists() or not flwr_run.running(), RUN_TIMEOUT,
-        "the run's metrics.json", must_keep_running=survivors_running,
-    )  # fmt: skip
+        lambda: metrics_path.exists() or not flwr_run.running(),
+        RUN_TIMEOUT,
+        "the run's metrics.json",
+        must_keep_running=survivors_running,
+    )
     assert metrics_path.exists(), f"no metrics.json\n{processes.logs_report()}"
     assert processes.wait_for_exit(flwr_run, 60) == 0, processes.logs_report()
     finished = time.monotonic()
@@ -219,9 +249,13 @@ def _moved(
 ) -> ArrayRecord:
     """``start`` moved by the weighted mean update that ``ring_sum`` encodes."""
     mean = dequantise_mean(
-        ring_sum, clip_range=cfg.secagg.clip_range, total_weight=summary["total_weight"],
-        max_weight=summary["weight_scale"], scale=summary["scale"], bits=cfg.secagg.bits,
-    )  # fmt: skip
+        ring_sum,
+        clip_range=cfg.secagg.clip_range,
+        total_weight=summary["total_weight"],
+        max_weight=summary["weight_scale"],
+        scale=summary["scale"],
+        bits=cfg.secagg.bits,
+    )
     return layout.apply(start, mean)
 
 
@@ -254,12 +288,17 @@ def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes
     run_dir = tmp_path / "run"
     run_config = " ".join(
         [
-            "rounds=1", "dataset.name='synthetic'", "dataset.partitioner='natural'",
-            f"federation.num_sites={sites}", "federation.round_timeout=120.0",
-            "secagg.name='secaggplus'", f"secagg.timeout={STAGE_TIMEOUT}",
-            f"secagg.roster={json.dumps(str(forged))}", f"output_dir={json.dumps(str(run_dir))}",
+            "rounds=1",
+            "dataset.name='synthetic'",
+            "dataset.partitioner='natural'",
+            f"federation.num_sites={sites}",
+            "federation.round_timeout=120.0",
+            "secagg.name='secaggplus'",
+            f"secagg.timeout={STAGE_TIMEOUT}",
+            f"secagg.roster={json.dumps(str(forged))}",
+            f"output_dir={json.dumps(str(run_dir))}",
         ]
-    )  # fmt: skip
+    )
     flwr_run = processes.start(
         "flwr-run",
         [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
@@ -267,9 +306,11 @@ def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes
     )
     metrics_path = run_dir / "metrics.json"
     processes.wait_until(
-        lambda: metrics_path.exists() or not flwr_run.running(), RUN_TIMEOUT,
-        "the run's metrics.json", must_keep_running=running,
-    )  # fmt: skip
+        lambda: metrics_path.exists() or not flwr_run.running(),
+        RUN_TIMEOUT,
+        "the run's metrics.json",
+        must_keep_running=running,
+    )
     assert metrics_path.exists(), f"no metrics.json\n{processes.logs_report()}"
     assert processes.wait_for_exit(flwr_run, 60) == 0, processes.logs_report()
     (record,) = json.loads(metrics_path.read_text())["rounds"]

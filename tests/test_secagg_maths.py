@@ -177,13 +177,18 @@ def _check_ring_and_bound(rows, weights, max_weight: int, clip: float, bits: int
     total = sum(weights)
     if total:
         mean = dequantise_mean(
-            ring_sum, clip_range=clip, total_weight=total, max_weight=max_weight, scale=scale,
+            ring_sum,
+            clip_range=clip,
+            total_weight=total,
+            max_weight=max_weight,
+            scale=scale,
             bits=bits,
-        )  # fmt: skip
+        )
         bound = Fraction(
-            mean_error_bound(n, clip_range=clip, total_weight=total, max_weight=max_weight,
-                             scale=scale)
-        )  # fmt: skip
+            mean_error_bound(
+                n, clip_range=clip, total_weight=total, max_weight=max_weight, scale=scale
+            )
+        )
         for got, want in zip(mean, _exact_mean(rows, weights, clip), strict=True):
             assert abs(Fraction(float(got)) - want) <= bound, (float(got), float(want))
 
@@ -199,10 +204,11 @@ def test_the_ring_sum_of_n_quantised_updates_never_wraps(data, n, bits, clip):
     length = data.draw(st.integers(1, 20))
     max_weight = data.draw(st.integers(1, 10_000))
     rows = [
-        np.array(data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=length,
-                                    max_size=length)))
+        np.array(
+            data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=length, max_size=length))
+        )
         for _ in range(n)
-    ]  # fmt: skip
+    ]
     weights = [data.draw(st.integers(0, max_weight)) for _ in range(n)]
     _check_ring_and_bound(rows, weights, max_weight, clip, bits)
 
@@ -258,8 +264,17 @@ def test_degree_is_the_full_graph_for_small_federations_and_logarithmic_beyond()
 
 @pytest.mark.parametrize(
     ("group", "threshold", "expected"),
-    [(4, 0.66, 3), (10, 0.66, 7), (3, 0.66, 2), (2, 0.66, 2), (10, 0.51, 6), (10, 1.0, 10),
-     (10, 3, 6), (10, 8, 8), (5, 7, 7)],
-)  # fmt: skip
+    [
+        (4, 0.66, 3),
+        (10, 0.66, 7),
+        (3, 0.66, 2),
+        (2, 0.66, 2),
+        (10, 0.51, 6),
+        (10, 1.0, 10),
+        (10, 3, 6),
+        (10, 8, 8),
+        (5, 7, 7),
+    ],
+)
 def test_threshold_is_at_least_a_strict_majority_of_the_share_group(group, threshold, expected):
     assert share_threshold(group, threshold) == expected

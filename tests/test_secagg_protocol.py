@@ -106,9 +106,10 @@ def run_round(
                 continue
             proof = sites[i].accusation_proof(bad)
             masked[i] = tamper(
-                MASKED_INPUT, i,
+                MASKED_INPUT,
+                i,
                 MaskedInput(sites[i].mask(inputs[i]), weight=1, bad_shares=bad, proof=proof),
-            )  # fmt: skip
+            )
         server.receive_masked_inputs(masked)
         check = server.consistency_request()
         server.receive_signatures({i: sites[i].consistency(check) for i in server.alive()})
@@ -199,8 +200,12 @@ def test_a_sparse_graph_of_forty_sites_with_dropouts_at_every_stage():
     assert out.survivors == tuple(i for i in range(1, 41) if i not in (3, 7, 11, 12, 31))
     assert np.array_equal(out.ring_sum, plaintext_sum(out, out.survivors))
     assert {i: d.stage for i, d in out.server.dropouts.items()} == {
-        3: SETUP, 7: SHARE_KEYS, 11: MASKED_INPUT, 12: MASKED_INPUT, 31: MASKED_INPUT,
-    }  # fmt: skip
+        3: SETUP,
+        7: SHARE_KEYS,
+        11: MASKED_INPUT,
+        12: MASKED_INPUT,
+        31: MASKED_INPUT,
+    }
 
 
 def test_below_the_threshold_the_round_aborts_with_the_reason():

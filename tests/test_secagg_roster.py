@@ -112,9 +112,12 @@ def test_with_a_roster_every_key_is_signed_and_the_sum_is_exact(tmp_path):
     for node, advert in adverts.items():
         key = roster.roster_sites((tmp_path / "roster.json").read_bytes())[advert["site-id"]]
         message = roster.advert_message(
-            advert["round-id"], advert["index"], advert["site-id"], advert["enc-key"],
+            advert["round-id"],
+            advert["index"],
+            advert["site-id"],
+            advert["enc-key"],
             advert["mask-key"],
-        )  # fmt: skip
+        )
         assert advert["site-id"] == SITES[node - 1]
         assert roster.verify_signature(key, advert["signature"], message)
 
@@ -324,11 +327,40 @@ def test_the_cli_puts_sites_on_a_roster_that_a_secure_round_then_uses(tmp_path, 
     for site_id in SITES:
         site_dir = tmp_path / site_id
         anchor_args = [f"--governance-key={p}" for p in publics]
-        assert main(["roster", "anchor", "--site-dir", str(site_dir), "--site-id", site_id,
-                     "--quorum", "2", *anchor_args]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "roster",
+                    "anchor",
+                    "--site-dir",
+                    str(site_dir),
+                    "--site-id",
+                    site_id,
+                    "--quorum",
+                    "2",
+                    *anchor_args,
+                ]
+            )
+            == 0
+        )
         key_file = str(site_dir / "site_key.pub")
-        assert main(["roster", "add", "--roster", str(book), "--site-id", site_id,
-                     "--key", key_file, "--sign", str(members[0])]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "roster",
+                    "add",
+                    "--roster",
+                    str(book),
+                    "--site-id",
+                    site_id,
+                    "--key",
+                    key_file,
+                    "--sign",
+                    str(members[0]),
+                ]
+            )
+            == 0
+        )
     # one signature: below the quorum, every site refuses
     anchor_file = str(tmp_path / "site-00" / "secagg_anchor.json")
     assert main(["roster", "show", "--roster", str(book), "--anchor", anchor_file]) == 2
@@ -380,14 +412,44 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
     for member in members:
         assert main(["roster", "governance-key", "--out", str(member)]) == 0
     published = tmp_path / "gov" / "governance-anchor.json"
-    assert main(["roster", "governance-anchor", "--quorum", "2", "--out", str(published),
-                 *[f"--governance-key={m.with_suffix('.pub')}" for m in members]]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "roster",
+                "governance-anchor",
+                "--quorum",
+                "2",
+                "--out",
+                str(published),
+                *[f"--governance-key={m.with_suffix('.pub')}" for m in members],
+            ]
+        )
+        == 0
+    )
     data, schema = _medpar_site_files(tmp_path / "data")
     site_dir = tmp_path / "hosp-a"
     capsys.readouterr()
-    assert main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
-                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
-                 "--governance-anchor", str(published)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "site",
+                "init",
+                "--site-id",
+                "hosp-a",
+                "--data",
+                str(data),
+                "--schema",
+                str(schema),
+                "--coordinator",
+                "127.0.0.1:9092",
+                "--out",
+                str(site_dir),
+                "--governance-anchor",
+                str(published),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     identity = (site_dir / "site_key.pub").read_text().strip()
     assert f"send this identity key to governance (fedgov roster add): {identity}" in out
@@ -398,10 +460,30 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
     )
 
     book = tmp_path / "roster.json"
-    assert main(["roster", "add", "--roster", str(book), "--site-id", "hosp-a", "--key",
-                 str(site_dir / "site_key.pub"), "--sign", str(members[0])]) == 0  # fmt: skip
-    context = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)},
-                      state=RecordDict(), run_config={})  # fmt: skip
+    assert (
+        main(
+            [
+                "roster",
+                "add",
+                "--roster",
+                str(book),
+                "--site-id",
+                "hosp-a",
+                "--key",
+                str(site_dir / "site_key.pub"),
+                "--sign",
+                str(members[0]),
+            ]
+        )
+        == 0
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-dir": str(site_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
     with pytest.raises(ProtocolRefusal, match=r"1 valid governance signature.*needs 2"):
         client_secagg._roster_of(book.read_bytes(), context)
     assert main(["roster", "sign", "--roster", str(book), "--sign", str(members[1])]) == 0
@@ -428,9 +510,24 @@ def test_site_init_refuses_an_unusable_governance_anchor_in_one_line_and_writes_
     anchor_file = tmp_path / "anchor.json"
     anchor_file.write_bytes(content)
     site_dir = tmp_path / "hosp-a"
-    code = main(["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema",
-                 str(schema), "--coordinator", "127.0.0.1:9092", "--out", str(site_dir),
-                 "--governance-anchor", str(anchor_file)])  # fmt: skip
+    code = main(
+        [
+            "site",
+            "init",
+            "--site-id",
+            "hosp-a",
+            "--data",
+            str(data),
+            "--schema",
+            str(schema),
+            "--coordinator",
+            "127.0.0.1:9092",
+            "--out",
+            str(site_dir),
+            "--governance-anchor",
+            str(anchor_file),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("fedgov: error: --governance-anchor: ") and expected in err
@@ -441,8 +538,20 @@ def test_a_roster_mistake_is_one_line(tmp_path, capsys):
     from fedgov_cli.main import main
 
     assert main(["roster", "governance-key", "--out", str(tmp_path / "g.pem")]) == 0
-    code = main(["roster", "add", "--roster", str(tmp_path / "r.json"), "--site-id", "a",
-                 "--key", "nothex", "--sign", str(tmp_path / "g.pem")])  # fmt: skip
+    code = main(
+        [
+            "roster",
+            "add",
+            "--roster",
+            str(tmp_path / "r.json"),
+            "--site-id",
+            "a",
+            "--key",
+            "nothex",
+            "--sign",
+            str(tmp_path / "g.pem"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err == (

@@ -27,8 +27,9 @@ def test_secure_and_plain_runs_on_ray_give_the_same_model_within_the_quantisatio
         assert on["central_eval_accuracy"] == pytest.approx(off["central_eval_accuracy"], abs=1e-9)
     # round 2's key stages rode on round 1's exchanges: the Ray actors' contexts held both rounds
     assert [r["secagg"]["pipelined_stages"] for r in secure["rounds"]] == [
-        [], ["setup", "share_keys"]
-    ]  # fmt: skip
+        [],
+        ["setup", "share_keys"],
+    ]
     first, second = (
         load_safetensors(simulate.root / name / "model.safetensors") for name in ("plain", "secure")
     )

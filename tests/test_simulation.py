@@ -59,8 +59,9 @@ def _without_timings(metrics: dict) -> dict:
 
 
 def test_same_seed_gives_identical_results_and_another_seed_does_not(simulate):
-    runs = [simulate(*SYNTHETIC, "rounds=2", f"seed={s}", name=f"s{i}")
-            for i, s in enumerate((5, 5, 6))]  # fmt: skip
+    runs = [
+        simulate(*SYNTHETIC, "rounds=2", f"seed={s}", name=f"s{i}") for i, s in enumerate((5, 5, 6))
+    ]
     assert _without_timings(runs[0]) == _without_timings(runs[1])
     assert _without_timings(runs[0]) != _without_timings(runs[2])
     first, second = (
@@ -79,9 +80,15 @@ def test_every_strategy_trains(simulate, strategy):
 
 @pytest.mark.parametrize(
     ("dataset", "model", "num_classes"),
-    [("randhie", "mlp", 2), ("medpar", "logreg", 2), ("loans", "mlp", 4),
-     ("digits", "cnn", 10), ("mnist5k", "mlp", 10), ("synthetic", "logreg", 2)],
-)  # fmt: skip
+    [
+        ("randhie", "mlp", 2),
+        ("medpar", "logreg", 2),
+        ("loans", "mlp", 4),
+        ("digits", "cnn", 10),
+        ("mnist5k", "mlp", 10),
+        ("synthetic", "logreg", 2),
+    ],
+)
 def test_every_dataset_runs(simulate, dataset, model, num_classes):
     metrics = simulate(f"dataset={dataset}", f"model={model}", "federation.num_sites=3", "rounds=1")
     record = metrics["rounds"][0]
@@ -98,9 +105,12 @@ def test_every_dataset_runs(simulate, dataset, model, num_classes):
 
 def test_sites_per_round_samples_the_seeded_sites(simulate):
     metrics = simulate(
-        "dataset=synthetic", "federation.num_sites=5", "federation.sites_per_round=2",
-        "rounds=3", "seed=9",
-    )  # fmt: skip
+        "dataset=synthetic",
+        "federation.num_sites=5",
+        "federation.sites_per_round=2",
+        "rounds=3",
+        "seed=9",
+    )
     sites = [f"site-{i:02d}" for i in range(5)]
     for record in metrics["rounds"]:
         assert record["participants"] == sample_sites(
@@ -111,11 +121,23 @@ def test_sites_per_round_samples_the_seeded_sites(simulate):
 def test_multirun_sweep_writes_one_run_per_combination(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "-m", "strategy=fedavg,fedprox",
-         "dataset=synthetic", "federation.num_sites=3", "rounds=1", "progress=false",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "-m",
+            "strategy=fedavg,fedprox",
+            "dataset=synthetic",
+            "federation.num_sites=3",
+            "rounds=1",
+            "progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     strategies = sorted(
         json.loads(p.read_text())["config"]["strategy.name"] for p in sweep.glob("*/metrics.json")

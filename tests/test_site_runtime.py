@@ -151,10 +151,16 @@ class _Recorder:
 
 def _spec(token: str, task_type: TaskType = TaskType.CLIENT_APP, task_id: int = 1):
     return ExecutionSpec(
-        task_type=task_type, runtime_api_address="127.0.0.1:1", token=token, insecure=True,
-        root_certificates_path=None, runtime_dependency_install=False, parent_pid=os.getpid(),
-        suppress_output=False, task_id=task_id,
-    )  # fmt: skip
+        task_type=task_type,
+        runtime_api_address="127.0.0.1:1",
+        token=token,
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=os.getpid(),
+        suppress_output=False,
+        task_id=task_id,
+    )
 
 
 def _bare_executor(probe_dir: Path, **options) -> tuple[ForkingExecutor, _Recorder]:
@@ -304,9 +310,18 @@ def test_an_app_edited_while_the_zygote_imports_it_is_never_used_warm(probe_dir,
 
 def test_superexec_options_leave_flower_options_to_flower():
     options, rest = parse_args(
-        ["--insecure", "--runtime-api-address", "127.0.0.1:9", "--max-tasks", "2", "--preload",
-         "clients.app", "--parent-pid", "7"]
-    )  # fmt: skip
+        [
+            "--insecure",
+            "--runtime-api-address",
+            "127.0.0.1:9",
+            "--max-tasks",
+            "2",
+            "--preload",
+            "clients.app",
+            "--parent-pid",
+            "7",
+        ]
+    )
     assert options.max_tasks == 2 and options.preload == ["clients.app"]
     assert not options.stock_executor
     assert rest == ["--insecure", "--runtime-api-address", "127.0.0.1:9", "--parent-pid", "7"]
@@ -356,9 +371,13 @@ def _insecure_site(tmp_path: Path) -> Path:
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(load_dataset("medpar").schema.to_dict()))
     coordinator_port, site_port = free_ports(2)
     config, _ = init_site(
-        tmp_path / "site", "hosp-a", tmp_path / "data.csv", tmp_path / "schema.yaml",
-        f"127.0.0.1:{coordinator_port}", port=site_port,
-    )  # fmt: skip
+        tmp_path / "site",
+        "hosp-a",
+        tmp_path / "data.csv",
+        tmp_path / "schema.yaml",
+        f"127.0.0.1:{coordinator_port}",
+        port=site_port,
+    )
     return config
 
 
@@ -371,12 +390,23 @@ def _descendant(processes, pattern: str) -> int | None:
 @pytest.mark.slow
 def test_the_site_stops_both_processes_and_says_why_in_one_line(tmp_path, processes):
     config = _insecure_site(tmp_path)
-    command = [sys.executable, "-m", "fedgov", "site", "start", "--config", str(config),
-               "--insecure"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "fedgov",
+        "site",
+        "start",
+        "--config",
+        str(config),
+        "--insecure",
+    ]
     # The SuperNode gives up on an absent coordinator: the SuperExec is stopped with it.
     gives_up = processes.start("gives-up", [*command, "--max-wait", "3"])
-    processes.wait_until(lambda: _descendant(processes, "clients.superexec") is not None, 60,
-                         "the SuperExec to start")  # fmt: skip
+    processes.wait_until(
+        lambda: _descendant(processes, "clients.superexec") is not None,
+        60,
+        "the SuperExec to start",
+    )
     assert processes.wait_for_exit(gives_up, 90) == 2
     assert (
         gives_up.log_text()
@@ -387,8 +417,12 @@ def test_the_site_stops_both_processes_and_says_why_in_one_line(tmp_path, proces
     assert _descendant(processes, "clients.s") is None  # clients.supernode and .superexec gone
     # The SuperExec dies: the SuperNode is stopped and the site says so.
     waits = processes.start("waits", command)
-    processes.wait_until(lambda: _descendant(processes, "clients.superexec") is not None, 60,
-                         "the SuperExec to start", [waits])  # fmt: skip
+    processes.wait_until(
+        lambda: _descendant(processes, "clients.superexec") is not None,
+        60,
+        "the SuperExec to start",
+        [waits],
+    )
     os.kill(_descendant(processes, "clients.superexec"), 9)
     assert processes.wait_for_exit(waits, 60) == 2
     assert "the SuperExec exited with code -9" in waits.log_text().strip().splitlines()[-1]

@@ -37,8 +37,13 @@ SITE = "hosp-a"
 def _site(tmp_path: Path, cap: float = 8.0) -> Path:
     folder = tmp_path / SITE
     folder.mkdir()
-    settings = {"site_id": SITE, "coordinator": "127.0.0.1:9092", "data": "d.csv",
-                "schema": "s.yaml", "epsilon_cap": cap}  # fmt: skip
+    settings = {
+        "site_id": SITE,
+        "coordinator": "127.0.0.1:9092",
+        "data": "d.csv",
+        "schema": "s.yaml",
+        "epsilon_cap": cap,
+    }
     (folder / "site.yaml").write_text(yaml.safe_dump(settings))
     return folder
 
@@ -46,8 +51,15 @@ def _site(tmp_path: Path, cap: float = 8.0) -> Path:
 def _spend(folder: Path, server_round: int) -> float:
     cfg = RunConfig()
     cfg.privacy.name = "sample_dp"
-    budget = reserve_round(cfg, {"site-dir": str(folder), "epsilon-cap": 8.0}, SITE, 500,
-                           "run-7", server_round, "ab" * 32)  # fmt: skip
+    budget = reserve_round(
+        cfg,
+        {"site-dir": str(folder), "epsilon-cap": 8.0},
+        SITE,
+        500,
+        "run-7",
+        server_round,
+        "ab" * 32,
+    )
     budget.release("cd" * 32)
     return budget.spend.epsilon_after
 
@@ -88,8 +100,9 @@ def test_a_running_connected_site_says_so_with_its_last_round_and_epsilon(tmp_pa
     contact.write()
     spent = _spend(folder, 1)
     spent = _spend(folder, 2)
-    record_activity(folder, run_id="run-7", flower_run_id=99, server_round=2, outcome="trained",
-                    epsilon=spent)  # fmt: skip
+    record_activity(
+        folder, run_id="run-7", flower_run_id=99, server_round=2, outcome="trained", epsilon=spent
+    )
     code, out, _ = _status(folder, capsys=capsys)
     assert code == 0
     lines = out.splitlines()
@@ -164,10 +177,16 @@ def test_the_contact_hook_runs_inside_flowers_own_supernode_loop_function(tmp_pa
     state = InMemoryNodeState(store)
     state.set_node_id(31337)
     pulled = module._pull_and_store_message(
-        state=state, object_store=store, node_config={}, receive=lambda: None,
-        get_run=None, get_fab=None, pull_object=None, confirm_message_received=None,
+        state=state,
+        object_store=store,
+        node_config={},
+        receive=lambda: None,
+        get_run=None,
+        get_fab=None,
+        pull_object=None,
+        confirm_message_received=None,
         trusted_entities=None,
-    )  # fmt: skip
+    )
     assert pulled is None
     saved = _saved(folder)
     assert (saved["node_id"], saved["last_message_at"], saved["pid"]) == (31337, None, os.getpid())
@@ -184,15 +203,24 @@ def test_a_killed_daemon_a_stopped_one_and_a_site_never_started(tmp_path, capsys
     daemon.data["pid"], daemon.data["pid_start"] = _dead_pid(), None
     daemon.write()
     _contact(folder).pulled(5, message_arrived=False)  # it was connected when it was killed
-    record_activity(folder, run_id="r", flower_run_id=1, server_round=3, outcome="declined",
-                    reason="privacy budget exhausted", epsilon=7.9)  # fmt: skip
+    record_activity(
+        folder,
+        run_id="r",
+        flower_run_id=1,
+        server_round=3,
+        outcome="declined",
+        reason="privacy budget exhausted",
+        epsilon=7.9,
+    )
     code, out, _ = _status(folder, capsys=capsys)
     assert out.splitlines()[0].endswith("is gone: killed or crashed)")
     assert "last task: run r round 3: declined (privacy budget exhausted)" in out
     report = json.loads(_status(folder, "--json", capsys=capsys)[1])
     assert (report["running"], report["connected"], report["connection"]) == (
-        False, False, "not running"
-    )  # fmt: skip
+        False,
+        False,
+        "not running",
+    )
 
     daemon.stopped("the SuperNode exited with code 0")
     code, out, _ = _status(folder, capsys=capsys)
@@ -267,7 +295,8 @@ def test_status_imports_nothing_heavy(tmp_path):
         "heavy = sorted({'torch', 'pandas', 'flwr', 'opacus'} & set(sys.modules))\n"
         "print('HEAVY', heavy, code)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY [] 0" in result.stdout, result.stdout

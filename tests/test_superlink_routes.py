@@ -43,9 +43,16 @@ def test_the_hook_exists_on_this_flower():
 @pytest.mark.parametrize("peer", ["127.0.0.2", "10.1.2.3", "::ffff:10.1.2.3", "2001:db8::5"])
 def test_another_host_reaches_fleet_and_health_only(app, peer):
     client = _client(app, peer)
-    for path in ("/v1/control/register-supernode", "/v1/control/list-runs",
-                 "/v1/control/start-run", "/v1/runtime/pull-messages", "/docs",
-                 "/openapi.json", "//v1/control/list-runs", "/V1/control/list-runs"):  # fmt: skip
+    for path in (
+        "/v1/control/register-supernode",
+        "/v1/control/list-runs",
+        "/v1/control/start-run",
+        "/v1/runtime/pull-messages",
+        "/docs",
+        "/openapi.json",
+        "//v1/control/list-runs",
+        "/V1/control/list-runs",
+    ):
         reply = client.post(path, content=b"") if "/v1" in path.lower() else client.get(path)
         assert reply.status_code == 403, (path, reply.status_code)
         assert "answer only its own host" in reply.json()["detail"]
@@ -147,12 +154,18 @@ def test_scoped_middlewares_run_on_their_own_paths_only(scoped_app):
 
     app, calls = scoped_app  # an empty body is each request type with its defaults
     client = _client(app, "127.0.0.1")
-    control = {"ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
-               "ControlLicenseMiddleware", "ControlEventLogMiddleware"}  # fmt: skip
+    control = {
+        "ControlSensitiveResponseMiddleware",
+        "ControlAuthenticationMiddleware",
+        "ControlLicenseMiddleware",
+        "ControlEventLogMiddleware",
+    }
     fleet = {"NodeAuthMiddleware", "FleetEventLogMiddleware"}
-    for path, expected in (("/v1/fleet/pull-messages", fleet),
-                           ("/v1/control/list-runs", control),
-                           ("/v1/runtime/pull-messages", set())):  # fmt: skip
+    for path, expected in (
+        ("/v1/fleet/pull-messages", fleet),
+        ("/v1/control/list-runs", control),
+        ("/v1/runtime/pull-messages", set()),
+    ):
         calls.clear()
         client.post(path, content=b"", headers={"content-type": PROTOBUF_MEDIA_TYPE})
         seen = {name for name, _ in calls}  # the outermost may refuse before the next runs

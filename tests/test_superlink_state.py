@@ -113,8 +113,9 @@ def memory_state(monkeypatch):
 
     from server.superlink_state import use_memory_state
 
-    monkeypatch.setattr(main, "get_objectstore_linkstate_factories",
-                        main.get_objectstore_linkstate_factories)  # fmt: skip
+    monkeypatch.setattr(
+        main, "get_objectstore_linkstate_factories", main.get_objectstore_linkstate_factories
+    )
 
     def start(database) -> object:
         assert use_memory_state(str(database)) is True

@@ -42,8 +42,11 @@ def test_packing_round_trips_every_array_exactly_and_sends_fewer_objects():
     for key, array in arrays.items():
         again = restored["arrays"][key]
         assert (again.dtype, again.shape, again.stype, again.data) == (
-            array.dtype, array.shape, array.stype, array.data,
-        )  # fmt: skip
+            array.dtype,
+            array.shape,
+            array.stype,
+            array.data,
+        )
     assert restored["arrays"].object_id == arrays.object_id
     plain_objects = len(get_all_nested_objects(_message(content)))
     packed_objects = len(get_all_nested_objects(_message(packed)))
@@ -69,8 +72,9 @@ def test_the_client_mod_answers_packed_only_when_asked_packed():
 
     def handler(message: Message, context: Context) -> Message:
         seen.append(message.content)
-        return Message(RecordDict({"arrays": _arrays(), "m": MetricRecord({"x": 1.0})}),
-                       reply_to=message)  # fmt: skip
+        return Message(
+            RecordDict({"arrays": _arrays(), "m": MetricRecord({"x": 1.0})}), reply_to=message
+        )
 
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     plain = _message(RecordDict({"arrays": _arrays()}))
@@ -87,8 +91,13 @@ def test_the_client_mod_answers_packed_only_when_asked_packed():
 def test_a_corrupt_packed_record_is_refused():
     packed = wire.pack(RecordDict({"arrays": _arrays()}))
     array = packed["arrays"]["packed"]
-    broken = ArrayRecord({"packed": Array(dtype=array.dtype, shape=array.shape,
-                                          stype=array.stype, data=array.data + b"x")})  # fmt: skip
+    broken = ArrayRecord(
+        {
+            "packed": Array(
+                dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data + b"x"
+            )
+        }
+    )
     with pytest.raises(ValueError):
         wire.unpack(RecordDict({"arrays": broken}))
 
@@ -104,8 +113,13 @@ def test_the_server_packs_only_for_a_superlink_and_drops_an_unreadable_reply():
 
     content = wire.pack(RecordDict({"arrays": _arrays()}))
     array = content["arrays"]["packed"]
-    short = ArrayRecord({"packed": Array(dtype=array.dtype, shape=array.shape,
-                                         stype=array.stype, data=array.data[:-5])})  # fmt: skip
+    short = ArrayRecord(
+        {
+            "packed": Array(
+                dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data[:-5]
+            )
+        }
+    )
     good, bad = _message(content), _message(RecordDict({"arrays": short}))
     assert _unpacked(good) and not wire.any_packed(good.content)
     assert not _unpacked(bad)

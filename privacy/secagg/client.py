@@ -124,13 +124,21 @@ class SiteSecAgg:
         for peer, advert in sorted(request.peers.items()):
             try:
                 key = keys.agree(
-                    self.enc_private, advert.enc_key, self.round_id, keys.PURPOSE_SHARES,
-                    self.index, peer,
-                )  # fmt: skip
+                    self.enc_private,
+                    advert.enc_key,
+                    self.round_id,
+                    keys.PURPOSE_SHARES,
+                    self.index,
+                    peer,
+                )
                 keys.agree(  # the mask key must work too, or masking fails later
-                    self.mask_private, advert.mask_key, self.round_id, keys.PURPOSE_MASK,
-                    self.index, peer,
-                )  # fmt: skip
+                    self.mask_private,
+                    advert.mask_key,
+                    self.round_id,
+                    keys.PURPOSE_MASK,
+                    self.index,
+                    peer,
+                )
             except keys.KeyAgreementError as error:
                 raise ProtocolRefusal(f"site {peer}'s public key: {error}") from None
             payload = _payload(seed_shares[peer], key_shares[peer])
@@ -159,9 +167,13 @@ class SiteSecAgg:
         bad: dict[int, str] = {}
         for sender, blob in sorted(request.shares.items()):
             key = keys.agree(
-                self.enc_private, self.peers[sender].enc_key, self.round_id,
-                keys.PURPOSE_SHARES, self.index, sender,
-            )  # fmt: skip
+                self.enc_private,
+                self.peers[sender].enc_key,
+                self.round_id,
+                keys.PURPOSE_SHARES,
+                self.index,
+                sender,
+            )
             try:
                 payload = keys.decrypt_share(key, self.round_id, sender, self.index, blob)
                 _split_payload(payload)
@@ -241,9 +253,13 @@ class SiteSecAgg:
 
     def _pair_seed(self, peer: int) -> bytes:
         return keys.agree(
-            self.mask_private, self.peers[peer].mask_key, self.round_id, keys.PURPOSE_MASK,
-            self.index, peer,
-        )  # fmt: skip
+            self.mask_private,
+            self.peers[peer].mask_key,
+            self.round_id,
+            keys.PURPOSE_MASK,
+            self.index,
+            peer,
+        )
 
     def decline(self) -> None:
         """The site sends no input this round; it can still help rebuild others' secrets."""
@@ -403,10 +419,13 @@ class SiteSecAgg:
         site.peers = {
             int(p): KeyAdvert(bytes(e), bytes(m), b"", str(i))
             for p, e, m, i in zip(
-                state["peers"], state["peer-enc-keys"], state["peer-mask-keys"],
-                state["peer-site-ids"], strict=True,
+                state["peers"],
+                state["peer-enc-keys"],
+                state["peer-mask-keys"],
+                state["peer-site-ids"],
+                strict=True,
             )
-        }  # fmt: skip
+        }
         site.site_id = str(state["site-id"])
         site.roster = {
             str(s): bytes(k) for s, k in zip(state["roster-ids"], state["roster-keys"], strict=True)

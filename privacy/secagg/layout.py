@@ -54,9 +54,11 @@ class VectorLayout:
                 )
             start = global_arrays[segment.name].numpy()
             np.subtract(
-                trained.ravel(), start.ravel(), out=out[segment.start : segment.stop],
+                trained.ravel(),
+                start.ravel(),
+                out=out[segment.start : segment.stop],
                 dtype=np.float64,
-            )  # fmt: skip
+            )
         return out
 
     def apply(self, global_arrays: ArrayRecord, mean_update: np.ndarray) -> ArrayRecord:

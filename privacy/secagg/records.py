@@ -142,10 +142,12 @@ def share_keys_request_record(request: ShareKeysRequest) -> ConfigRecord:
 def parse_share_keys_request(content: RecordDict) -> ShareKeysRequest:
     record = _secagg(content, SHARE_KEYS)
     peers = _zip(
-        _ints(record, "peers"), _bytes_list(record, "peer-enc-keys"),
-        _bytes_list(record, "peer-mask-keys"), _bytes_list(record, "peer-signatures"),
+        _ints(record, "peers"),
+        _bytes_list(record, "peer-enc-keys"),
+        _bytes_list(record, "peer-mask-keys"),
+        _bytes_list(record, "peer-signatures"),
         _strs(record, "peer-site-ids"),
-    )  # fmt: skip
+    )
     return ShareKeysRequest(
         round_id=_bytes(record, "round-id"),
         peers={p: KeyAdvert(enc, mask, b"", site, sig) for p, enc, mask, sig, site in peers},

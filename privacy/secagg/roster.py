@@ -173,8 +173,9 @@ def verify_roster(signed: bytes, anchor: TrustAnchor, min_version: int = 0) -> R
     try:
         document = json.loads(signed)
         payload = document["roster"].encode()
-        entries = [(bytes.fromhex(s["key"]), bytes.fromhex(s["signature"]))
-                   for s in document["signatures"]]  # fmt: skip
+        entries = [
+            (bytes.fromhex(s["key"]), bytes.fromhex(s["signature"])) for s in document["signatures"]
+        ]
         body = json.loads(payload)
         roster = Roster(
             int(body["version"]), {str(s): bytes.fromhex(k) for s, k in body["sites"].items()}
@@ -224,9 +225,12 @@ def consistency_message(
     indices), with this global model and this run configuration."""
     members = sorted(survivors)
     return (
-        _CONSISTENCY + round_id + struct.pack(f">QI{len(members)}Q", index, len(members), *members)
-        + model_digest + config_digest
-    )  # fmt: skip
+        _CONSISTENCY
+        + round_id
+        + struct.pack(f">QI{len(members)}Q", index, len(members), *members)
+        + model_digest
+        + config_digest
+    )
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
@@ -248,9 +252,11 @@ def model_digest(arrays: Iterable[tuple[str, np.ndarray]]) -> bytes:
 def config_digest(config: Mapping[str, object]) -> bytes:
     """SHA-256 of a round's train configuration (sorted keys; bytes as hex)."""
     text = json.dumps(
-        {k: config[k] for k in sorted(config)}, sort_keys=True, separators=(",", ":"),
+        {k: config[k] for k in sorted(config)},
+        sort_keys=True,
+        separators=(",", ":"),
         default=lambda value: value.hex() if isinstance(value, bytes) else str(value),
-    )  # fmt: skip
+    )
     return hashlib.sha256(b"fedgov-secagg/v1/config" + text.encode()).digest()
 
 

@@ -211,10 +211,11 @@ class ServerSecAgg:
             expected = {j for j in self.graph[index] if j in self.adverts}
             if set(shares) != expected:
                 self.drop(
-                    index, SHARE_KEYS,
+                    index,
+                    SHARE_KEYS,
                     f"shares addressed to {sorted(shares)}, expected {sorted(expected)}",
                     reachable=True,
-                )  # fmt: skip
+                )
                 continue
             if any(not isinstance(blob, bytes) or len(blob) > 1024 for blob in shares.values()):
                 self.drop(index, SHARE_KEYS, "malformed encrypted share", reachable=True)
@@ -227,15 +228,19 @@ class ServerSecAgg:
         short = True
         while short:
             sharing = set(self.alive())
-            short = [i for i in sorted(sharing)
-                     if len(sharing.intersection(self.graph[i])) + 1 < self.threshold]  # fmt: skip
+            short = [
+                i
+                for i in sorted(sharing)
+                if len(sharing.intersection(self.graph[i])) + 1 < self.threshold
+            ]
             for i in short:
                 self.drop(
-                    i, SHARE_KEYS,
+                    i,
+                    SHARE_KEYS,
                     f"only {len(sharing.intersection(self.graph[i]))} of its neighbours shared "
                     f"keys, {self.threshold - 1} needed",
                     reachable=True,
-                )  # fmt: skip
+                )
         self._require_threshold(SHARE_KEYS)
         sharing = set(self.alive())
         self.partners = {
@@ -283,9 +288,10 @@ class ServerSecAgg:
                     )
                     continue
                 accused.setdefault(
-                    sender, f"site {index} could not open its share ({_bounded(reason)}); "
-                    "checked with the accuser's key"
-                )  # fmt: skip
+                    sender,
+                    f"site {index} could not open its share ({_bounded(reason)}); "
+                    "checked with the accuser's key",
+                )
             self.inputs[index] = masked
         for sender, reason in sorted(accused.items()):
             self.drop(sender, SHARE_KEYS, reason, reachable=sender in self.inputs)
@@ -317,8 +323,9 @@ class ServerSecAgg:
             return ""
         model, config = self.expected_contribution[index]
         message = roster.contribution_message(self.round_id, index, model, config)
-        if not roster.verify_signature(self.identities.get(index, b""), masked.contribution,
-                                       message):  # fmt: skip
+        if not roster.verify_signature(
+            self.identities.get(index, b""), masked.contribution, message
+        ):
             return "its contribution statement does not verify (another model or config?)"
         return ""
 
@@ -335,9 +342,13 @@ class ServerSecAgg:
             if keys.public_key_of(proof) != self.adverts[accuser].enc_key:
                 return "the proof is not the key the accuser advertised"
             key = keys.agree(
-                proof, self.adverts[sender].enc_key, self.round_id, keys.PURPOSE_SHARES,
-                accuser, sender,
-            )  # fmt: skip
+                proof,
+                self.adverts[sender].enc_key,
+                self.round_id,
+                keys.PURPOSE_SHARES,
+                accuser,
+                sender,
+            )
         except (ValueError, keys.KeyAgreementError) as error:
             return _bounded(f"unusable proof: {error}")
         blob = self.ciphertexts.get(sender, {}).get(accuser, b"")
@@ -429,23 +440,32 @@ class ServerSecAgg:
             self._collect(key_shares, holder, answer.key_shares)
         seeds = [
             self._rebuild(
-                owner, seed_shares[owner], "self-mask seed",
-                lambda s, o=owner: keys.commitment(self.round_id, o, s)
-                == self.adverts[o].commitment,
+                owner,
+                seed_shares[owner],
+                "self-mask seed",
+                lambda s, o=owner: (
+                    keys.commitment(self.round_id, o, s) == self.adverts[o].commitment
+                ),
             )
             for owner in survivors
-        ]  # fmt: skip
+        ]
         pair_terms = []
         for owner in request.dropped:
             mask_private = self._rebuild(
-                owner, key_shares[owner], "mask key",
+                owner,
+                key_shares[owner],
+                "mask key",
                 lambda s, o=owner: keys.public_key_of(s) == self.adverts[o].mask_key,
-            )  # fmt: skip
+            )
             for survivor in (i for i in self.partners[owner] if i in kept):
                 seed = keys.agree(
-                    mask_private, self.adverts[survivor].mask_key, self.round_id,
-                    keys.PURPOSE_MASK, owner, survivor,
-                )  # fmt: skip
+                    mask_private,
+                    self.adverts[survivor].mask_key,
+                    self.round_id,
+                    keys.PURPOSE_MASK,
+                    owner,
+                    survivor,
+                )
                 pair_terms.append((survivor, owner, seed))
         total = np.zeros(self.vector_length, dtype=self.dtype)
         for index in survivors:
