@@ -278,19 +278,30 @@ def _port_open(port: int) -> bool:
 
 
 def site_files(root: Path, dataset: str, count: int) -> list[tuple[str, Path, Path]]:
-    """The ``count`` largest natural sites of ``dataset``: (site id, CSV, schema) each."""
+    """The ``count`` largest natural sites of ``dataset``: (site id, CSV, schema) each.
+
+    A dataset with fewer natural sites than ``count`` (randhie has 6) is cut, in the order of its
+    natural sites, into ``count`` contiguous parts of near-equal size (``part-01``, ...).
+    """
+    import numpy as np
+
     from fedgov.datasets import load_dataset, load_table
 
     table = load_table(dataset)
     schema = load_dataset(dataset).schema
     column = schema.site_column
+    natural = table[column].value_counts().index
+    if count <= len(natural):
+        parts = [(str(site), table[table[column] == site]) for site in natural[:count]]
+    else:
+        ordered = table.sort_values(column, kind="stable")
+        chunks = np.array_split(np.arange(len(ordered)), count)
+        parts = [(f"part-{k + 1:02d}", ordered.iloc[rows]) for k, rows in enumerate(chunks)]
     sites = []
-    for site_id in table[column].value_counts().index[:count]:
-        folder = root / "data" / str(site_id)
+    for site_id, rows in parts:
+        folder = root / "data" / site_id
         folder.mkdir(parents=True, exist_ok=True)
-        table[table[column] == site_id].drop(columns=[column]).to_csv(
-            folder / "rows.csv", index=False
-        )
+        rows.drop(columns=[column]).to_csv(folder / "rows.csv", index=False)
         (folder / "schema.yaml").write_text(yaml.safe_dump(schema.to_dict()))
         sites.append((str(site_id), folder / "rows.csv", folder / "schema.yaml"))
     return sites
