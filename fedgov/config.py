@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedgov.errors import ConfigError
+from fedgov.plugins import coerce
 
 SECAGG_NAMES = ("off", "secaggplus")
 PRIVACY_NAMES = ("none", "sample_dp", "site_dp", "both")
@@ -338,16 +339,13 @@ _OPTION_PREFIXES = tuple(f"{group}." for group in PLUGIN_GROUPS)
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+    """A run-config value as its field's scalar type (fedgov.plugins.coerce), else ConfigError."""
+    if expected not in (bool, int, float, str) and not isinstance(value, expected):
         raise ConfigError(
             f"run config: '{key}' = {value!r} has type {type(value).__name__}, "
             f"expected {expected.__name__}"
         )
-    return value
+    return coerce(f"run config: '{key}' =", value, expected)
 
 
 def validate(cfg: RunConfig) -> None:

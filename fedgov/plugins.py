@@ -234,7 +234,7 @@ def check_options(
                 f"{where}.{key}: not a field of this {where} (its fields: {known}){suffix}"
             )
     values = {
-        key: _coerce(f"{where}.{key}", value, hints.get(key, Any)) for key, value in options.items()
+        key: coerce(f"{where}.{key}:", value, hints.get(key, Any)) for key, value in options.items()
     }
     missing = [
         name
@@ -253,8 +253,9 @@ def check_options(
         raise ConfigError(f"{where}: options refused ({one_line(error)})") from None
 
 
-def _coerce(key: str, value: Any, expected: Any) -> Any:
-    """``value`` as the annotated scalar type (int → float, whole float → int), else ConfigError."""
+def coerce(label: str, value: Any, expected: Any) -> Any:
+    """``value`` as the annotated scalar type (int → float, whole float → int), else ConfigError
+    whose line starts with ``label`` (``strategy.server_lr:``)."""
     if expected is Any or expected not in (bool, int, float, str):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -263,6 +264,6 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
         return int(value)
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise ConfigError(
-            f"{key}: {value!r} has type {type(value).__name__}, expected {expected.__name__}"
+            f"{label} {value!r} has type {type(value).__name__}, expected {expected.__name__}"
         )
     return value

@@ -53,6 +53,25 @@ def simulated_federation(cfg: RunConfig) -> SimulatedFederation:
     return _federation(d.name, options, d.partitioner, d.alpha, d.holdout_fraction, sites, cfg.seed)
 
 
+def bundled_split(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    """``cfg.dataset`` loaded and cut into (site pool, central hold-out), before any site split:
+    what a deployment on a bundled dataset needs (its schema, its hold-out) whatever
+    ``federation.num_sites`` says."""
+    d = cfg.dataset
+    options = json.dumps(d.options, sort_keys=True)
+    return _split(d.name, options, d.holdout_fraction, cfg.federation.num_sites, cfg.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _split(
+    name: str, options: str, holdout_fraction: float, num_sites: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    dataset = load_named_dataset(
+        name, json.loads(options), seed=seed, num_sites=num_sites or DEFAULT_SYNTHETIC_SITES
+    )
+    return split_holdout(dataset, holdout_fraction, seed)
+
+
 @functools.lru_cache(maxsize=8)
 def _federation(
     name: str,
@@ -65,10 +84,7 @@ def _federation(
 ) -> SimulatedFederation:
     if num_sites == 0 and partitioner != "natural":
         num_sites = DEFAULT_SYNTHETIC_SITES
-    dataset = load_named_dataset(
-        name, json.loads(options), seed=seed, num_sites=num_sites or DEFAULT_SYNTHETIC_SITES
-    )
-    pool, holdout = split_holdout(dataset, holdout_fraction, seed)
+    pool, holdout = _split(name, options, holdout_fraction, num_sites, seed)
     site_ids, partitions = partition(pool, partitioner, num_sites, alpha, seed)
     if not site_ids:
         raise ConfigError(f"federation.num_sites: dataset '{name}' yields no sites")
@@ -80,4 +96,4 @@ def federation_schema(cfg: RunConfig) -> DatasetSchema:
     dataset's (returns a ``fedgov.datasets.DatasetSchema``)."""
     if cfg.dataset.schema:
         return schema_from_json(cfg.dataset.schema)
-    return simulated_federation(cfg).pool.schema
+    return bundled_split(cfg)[0].schema

@@ -19,7 +19,7 @@ from fedgov.errors import ConfigError, FedgovError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.models import build_model, initial_model
 from fedgov.records import load_array_record
-from fedgov_data.federation import federation_schema, simulated_federation
+from fedgov_data.federation import bundled_split, federation_schema
 from server.checkpoint import load_checkpoint
 from server.observability import round_status, write_status
 from server.outputs import write_privacy_report, write_run_outputs
@@ -139,7 +139,7 @@ def central_holdout(cfg: RunConfig, schema: DatasetSchema) -> tuple[Dataset | No
         x, y = read_site_table(cfg.dataset.holdout, schema)
         rows = Dataset(x=x, y=y, site=np.full(len(y), "", dtype=object), schema=schema)
         return rows, f"coordinator hold-out {cfg.dataset.holdout} ({len(y)} rows)"
-    holdout = simulated_federation(cfg).holdout
+    holdout = bundled_split(cfg)[1]
     if not len(holdout.y):
         return None, "dataset.holdout_fraction is 0"
     return holdout, f"hold-out of bundled dataset '{cfg.dataset.name}' ({len(holdout.y)} rows)"

@@ -174,6 +174,21 @@ class PrivacyRound:
         arrays, _ = strategy.aggregate_train(server_round, [synthetic])
         return arrays, None
 
+    def _record_aborted(self, server_round: int, sampled: int, survivors: int, note: str) -> None:
+        """Record a secure round that was never unmasked: it spends nothing (ε unchanged)."""
+        self.site_level_rounds.append(
+            SiteLevelRound(
+                server_round,
+                sampled,
+                survivors,
+                self._accounted_rate(),
+                0.0,
+                self.site_level_epsilon(),
+                aborted=True,
+                note=note,
+            )
+        )
+
     def account_secure_round(
         self, server_round: int, sampled: int, survivors: int, min_survivors: int
     ) -> bool:
@@ -182,33 +197,21 @@ class PrivacyRound:
         p = self.cfg.privacy
         decision = dropout_decision(survivors, min_survivors, p.secagg_dropout)
         if decision == "abort":
-            self.site_level_rounds.append(
-                SiteLevelRound(
-                    server_round,
-                    sampled,
-                    survivors,
-                    self._accounted_rate(),
-                    0.0,
-                    self.site_level_epsilon(),
-                    aborted=True,
-                    note=f"{survivors} survivors < {min_survivors}: not unmasked",
-                )
+            self._record_aborted(
+                server_round,
+                sampled,
+                survivors,
+                f"{survivors} survivors < {min_survivors}: not unmasked",
             )
             return False
         # The protected site's own noise share leaves with it (add/remove one site): not counted.
         z = protected_noise_multiplier(p.site_noise_multiplier, survivors, min_survivors)
         if z <= 0:  # a lone survivor: nothing but its own share would protect it
-            self.site_level_rounds.append(
-                SiteLevelRound(
-                    server_round,
-                    sampled,
-                    survivors,
-                    self._accounted_rate(),
-                    0.0,
-                    self.site_level_epsilon(),
-                    aborted=True,
-                    note=f"{survivors} survivor: no other site's noise protects it",
-                )
+            self._record_aborted(
+                server_round,
+                sampled,
+                survivors,
+                f"{survivors} survivor: no other site's noise protects it",
             )
             return False
         self._account(server_round, survivors, z, sampled=sampled)

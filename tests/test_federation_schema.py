@@ -25,7 +25,7 @@ from fedgov.config import RunConfig, from_flower_config, to_flower_config
 from fedgov.datasets import DatasetSchema, load_dataset, schema_digest, schema_to_json
 from fedgov.errors import ConfigError, FedgovError
 from fedgov_data.connector import load_schema_file
-from fedgov_data.federation import federation_schema
+from fedgov_data.federation import federation_schema, simulated_federation
 from privacy.report import summary_paragraph
 from server.app import run_federation
 from server.registry.publish import _default_model_name
@@ -307,3 +307,19 @@ def test_fedgov_run_checks_the_schema_and_hold_out_in_one_line(tmp_path, capsys)
         "fedgov: error: the coordinator's SuperLink is not running at 127.0.0.1:9 (start it with "
         f"`fedgov server start --config {tmp_path / 'server.yaml'}`)"
     )
+
+
+def test_a_deployment_on_a_bundled_dataset_takes_more_sites_than_its_natural_ones():
+    """The coordinator needs only the bundled dataset's schema and hold-out, never its site
+    split: 10 real sites on randhie (6 natural sites) are not refused."""
+    from server.app import central_holdout
+
+    cfg = RunConfig()
+    cfg.federation.num_sites = 10
+    schema = federation_schema(cfg)
+    assert schema == load_dataset("randhie").schema
+    rows, note = central_holdout(cfg, schema)
+    assert rows is not None
+    assert note == f"hold-out of bundled dataset 'randhie' ({len(rows.y)} rows)"
+    cfg.federation.num_sites = 6  # the simulation's split keeps the same hold-out
+    assert np.array_equal(rows.y, simulated_federation(cfg).holdout.y)
