@@ -54,7 +54,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -67,6 +67,9 @@ from fedgov.deploy import flower_environment, read_yaml_mapping, write_file
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.instance_lock import check_port_free, hold_lock
 from fedgov.process_guard import ProcessGuard, exit_with_parent, stop_leftovers
+
+if TYPE_CHECKING:
+    from clients.site_status import DaemonStatus
 
 SITE_KEYS = (
     "site_id",
@@ -551,9 +554,31 @@ def _run_site_processes(
     runtime: str,
     guard: ProcessGuard,
 ) -> int:
-    """:func:`run_supernode`'s body: start, watch and stop the helpers."""
+    """:func:`run_supernode`'s body: start the helpers, watch them, and say how the site ended."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: as Ctrl-C
+    helpers = _SiteHelpers(_helper_environment(settings, runtime), guard)
+    from clients.site_status import DaemonStatus
+
+    status = DaemonStatus(settings.site_dir, settings.site_id, settings.coordinator, runtime)
+    status.write()  # fedgov site status: this daemon's pid; supernode.json: its connection
+    try:
+        supernode = helpers.start(
+            "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
+        )
+        if runtime != STOCK:
+            helpers.start("superexec", superexec_command(settings, supernode.pid))
+        status.started({name: process.pid for name, process in helpers.processes.items()})
+        fatal, stopped = helpers.watch()
+    except KeyboardInterrupt:
+        _stop_all(helpers.processes)
+        status.stopped("interrupted (Ctrl-C or SIGTERM)")
+        return 130
+    return _site_outcome(settings, helpers, fatal, stopped, status)
+
+
+def _helper_environment(settings: SiteSettings, runtime: str) -> dict[str, str]:
+    """The environment of the site's helpers (SuperNode, SuperExec) for ``runtime``."""
     env = site_environment(settings)
     # Every ClientApp Flower starts by name (stock executor, forking executor's fallback) is the
     # guarded one (clients/app_guard.py): an app the site did not approve never runs.
@@ -574,15 +599,27 @@ def _run_site_processes(
         from clients.site_data import DATA_ENV, SCHEMA_ENV
 
         env[DATA_ENV], env[SCHEMA_ENV] = str(settings.data), str(settings.schema)
-    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
-    processes: dict[str, subprocess.Popen] = {}
+    return env
 
-    def start(name: str, command: list[str]) -> subprocess.Popen:
+
+class _SiteHelpers:
+    """The site's helper processes: started in their own process groups, their output echoed
+    and kept (the last lines, for a one-line error), watched until one of them ends."""
+
+    def __init__(self, env: dict[str, str], guard: ProcessGuard) -> None:
+        self.env, self.guard = env, guard
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.tail: list[str] = []  # the last lines of all helpers together
+        self.last_lines: dict[str, list[str]] = {}  # per helper, for the one-line error
+        self.finished: set[str] = set()  # helpers whose output ended
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
         # Each helper leads its own process group (stopped as a whole), and gets SIGTERM
         # from the kernel the moment this daemon dies, even by SIGKILL.
         process = subprocess.Popen(
             command,
-            env=env,
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -590,74 +627,67 @@ def _run_site_processes(
             start_new_session=True,
             preexec_fn=exit_with_parent,
         )
-        processes[name] = process
-        guard.watch(process.pid)
+        self.processes[name] = process
+        self.guard.watch(process.pid)
 
         def pump() -> None:
             assert process.stdout is not None
             for line in process.stdout:
-                lines.put((name, line))
-            lines.put((name, None))
+                self.lines.put((name, line))
+            self.lines.put((name, None))
 
         threading.Thread(target=pump, daemon=True).start()
         return process
 
-    from clients.site_status import DaemonStatus
-
-    status = DaemonStatus(settings.site_dir, settings.site_id, settings.coordinator, runtime)
-    status.write()  # fedgov site status: this daemon's pid; supernode.json: its connection
-    tail: list[str] = []
-    last_lines: dict[str, list[str]] = {}  # per process, for the one-line error
-    fatal = False
-    finished: set[str] = set()  # processes whose output ended
-    stopped: str | None = None  # the process whose exit ended the site
-    exited_at: float | None = None
-    try:
-        supernode = start(
-            "supernode", supernode_command(settings, insecure, max_wait_seconds, runtime)
-        )
-        if runtime != STOCK:
-            start("superexec", superexec_command(settings, supernode.pid))
-        status.started({name: process.pid for name, process in processes.items()})
+    def watch(self) -> tuple[bool, str | None]:
+        """Echo the helpers' output until a fatal line (→ ``(True, None)``) or until a helper
+        exits (→ ``(False, its name)``), having read what it still wrote."""
+        exited_at: float | None = None
         while True:
             try:
-                name, line = lines.get(timeout=0.2)
+                name, line = self.lines.get(timeout=0.2)
             except queue.Empty:
                 name, line = "", ""
             if line is None:
-                finished.add(name)
+                self.finished.add(name)
             elif line:
                 sys.stderr.write(line)
-                tail = [*tail[-40:], line]
-                last_lines[name] = [*last_lines.get(name, [])[-5:], line]
+                self.tail = [*self.tail[-40:], line]
+                self.last_lines[name] = [*self.last_lines.get(name, [])[-5:], line]
                 if any(pattern in line for pattern in FATAL_PATTERNS):
-                    fatal = True
-                    break
-            exited = [n for n, p in processes.items() if p.poll() is not None]
+                    return True, None
+            exited = [n for n, p in self.processes.items() if p.poll() is not None]
             if not exited:
                 continue
             # Read what the exited process still wrote; its helpers may hold the pipe open.
             exited_at = exited_at or time.monotonic()
-            if exited[0] in finished or time.monotonic() - exited_at > EXIT_DRAIN_SECONDS:
-                stopped = exited[0]
-                break
-    except KeyboardInterrupt:
-        _stop_all(processes)
-        status.stopped("interrupted (Ctrl-C or SIGTERM)")
-        return 130
+            if exited[0] in self.finished or time.monotonic() - exited_at > EXIT_DRAIN_SECONDS:
+                return False, exited[0]
+
+
+def _site_outcome(
+    settings: SiteSettings,
+    helpers: _SiteHelpers,
+    fatal: bool,
+    stopped: str | None,
+    status: DaemonStatus,
+) -> int:
+    """Stop every helper and end the site: 0 when the SuperNode finished, else one line."""
+    processes = helpers.processes
     codes = {name: process.poll() for name, process in processes.items()}
     _stop_all(processes)
     code = (
         codes["supernode"] if codes["supernode"] is not None else processes["supernode"].returncode
     )
+    tail = "".join(helpers.tail)
     if fatal or (stopped == "supernode" and code != 0):
-        reason = explain_supernode_exit(settings, code, "".join(tail))
+        reason = explain_supernode_exit(settings, code, tail)
         status.stopped(reason)
-        if ACTIVATION_REFUSED in "".join(tail):
+        if ACTIVATION_REFUSED in tail:
             raise ActivationRefused(reason)
         raise FedgovError(reason)
     if stopped == "superexec":
-        said = [line.strip() for line in last_lines.get("superexec", []) if line.strip()]
+        said = [line.strip() for line in helpers.last_lines.get("superexec", []) if line.strip()]
         reason = f"site {settings.site_id}: the SuperExec exited with code {codes['superexec']}" + (
             f" ({said[-1]})" if said else ""
         )
