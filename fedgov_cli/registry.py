@@ -27,29 +27,7 @@ _EXPORT_SUFFIX = {
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``registry`` (with its subcommands) and ``serve`` to the ``fedgov`` command parser."""
-    from server.registry.registry import DB_ENV, POLICY_ENV, REGISTRY_ENV, default_registry_path
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--registry",
-        default=default_registry_path(),
-        metavar="DIR",
-        help=f"registry folder (default: ${REGISTRY_ENV} or ./.fedgov/registry; now %(default)s)",
-    )
-    common.add_argument(
-        "--db",
-        default=None,
-        metavar="URL",
-        help=f"SQLAlchemy URL of the metadata database (default: ${DB_ENV} or SQLite in DIR), "
-        "e.g. postgresql+psycopg://user@host/db",
-    )
-    common.add_argument(
-        "--policy",
-        default=None,
-        metavar="FILE",
-        help=f"governance policy YAML (default: ${POLICY_ENV} or DIR/policy.yaml)",
-    )
-
+    common = _common_options()
     registry = commands.add_parser(
         "registry",
         help="the governed model registry: init, policy, list, show, verify, approve, promote, "
@@ -160,6 +138,60 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(registry_handler=_init)
 
+    _add_policy_commands(sub, common)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a version's ONNX file, weights, model card or signed manifest",
+        description="Verify the artifact's sha256 against the signed manifest, then write it.",
+    )
+    p.add_argument("ref", metavar="REF", help=REF_HELP)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format")
+    p.add_argument("--out", default=None, help="output file (default: NAME-VERSION.<suffix>)")
+    p.set_defaults(registry_handler=_export)
+
+    p = sub.add_parser(
+        "keygen",
+        help="create an Ed25519 key pair for a principal",
+        description="Write a private key (PEM, mode 0600) to PATH and its public key to PATH.pub; "
+        "print the public key to put in the policy.",
+    )
+    p.add_argument("path", metavar="PATH", help="where to write the private key")
+    p.set_defaults(registry_handler=_keygen)
+
+    _add_serve_command(commands, common)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """``--registry``, ``--db`` and ``--policy``, shared by every registry command and serve."""
+    from server.registry.registry import DB_ENV, POLICY_ENV, REGISTRY_ENV, default_registry_path
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry",
+        default=default_registry_path(),
+        metavar="DIR",
+        help=f"registry folder (default: ${REGISTRY_ENV} or ./.fedgov/registry; now %(default)s)",
+    )
+    common.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help=f"SQLAlchemy URL of the metadata database (default: ${DB_ENV} or SQLite in DIR), "
+        "e.g. postgresql+psycopg://user@host/db",
+    )
+    common.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help=f"governance policy YAML (default: ${POLICY_ENV} or DIR/policy.yaml)",
+    )
+    return common
+
+
+def _add_policy_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``fedgov registry policy propose|sign|apply|show|history``."""
     policy = sub.add_parser(
         "policy",
         help="the governed policy: propose, sign, apply, show, history",
@@ -198,26 +230,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(policy_handler=_policy_history)
 
-    p = sub.add_parser(
-        "export",
-        parents=[common],
-        help="write a version's ONNX file, weights, model card or signed manifest",
-        description="Verify the artifact's sha256 against the signed manifest, then write it.",
-    )
-    p.add_argument("ref", metavar="REF", help=REF_HELP)
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format")
-    p.add_argument("--out", default=None, help="output file (default: NAME-VERSION.<suffix>)")
-    p.set_defaults(registry_handler=_export)
 
-    p = sub.add_parser(
-        "keygen",
-        help="create an Ed25519 key pair for a principal",
-        description="Write a private key (PEM, mode 0600) to PATH and its public key to PATH.pub; "
-        "print the public key to put in the policy.",
-    )
-    p.add_argument("path", metavar="PATH", help="where to write the private key")
-    p.set_defaults(registry_handler=_keygen)
-
+def _add_serve_command(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    """``fedgov serve NAME@ALIAS``."""
     serve = commands.add_parser(
         "serve",
         parents=[common],
