@@ -42,6 +42,8 @@ POLICY_KEYS = {
     "max_rounds_per_run": "max-rounds-per-run",
     "max_local_epochs": "max-local-epochs",
     "report_eval_metrics": "report-eval-metrics",
+    # the modules a run's `_target_` plug-ins may come from (fedgov.plugins); none when unset
+    "plugin_modules": "plugin-modules",
 }
 #: The δ a site set up by ``fedgov site init`` accounts at unless its site.yaml says otherwise.
 DEFAULT_SITE_DELTA = 1e-5
@@ -64,6 +66,7 @@ class SitePolicy:
     max_rounds_per_run: int | None = None
     max_local_epochs: int | None = None
     report_eval_metrics: bool = True
+    plugin_modules: tuple[str, ...] | None = None  # module prefixes of allowed plug-in code
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
@@ -98,15 +101,17 @@ class SitePolicy:
                 return False
             raise PolicyError(f"{where}: {key} must be true or false, got {value!r}")
 
-        features = values.get("allowed_features")
-        if features is None or features == "":
-            allowed = None
-        elif isinstance(features, str):
-            allowed = tuple(name.strip() for name in features.split(",") if name.strip())
-        elif isinstance(features, (list, tuple)) and all(isinstance(f, str) for f in features):
-            allowed = tuple(features)
-        else:
-            raise PolicyError(f"{where}: allowed_features must be a list of column names")
+        def names(key: str, what: str) -> tuple[str, ...] | None:
+            value = values.get(key)
+            if value is None or value == "":
+                return None
+            if isinstance(value, str):
+                return tuple(name.strip() for name in value.split(",") if name.strip())
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise PolicyError(f"{where}: {key} must be a list of {what}")
+
+        allowed = names("allowed_features", "column names")
         delta = number("delta")
         if delta is not None and not delta < 1:
             raise PolicyError(f"{where}: delta must be in (0, 1), got {delta!r}")
@@ -120,6 +125,7 @@ class SitePolicy:
             max_rounds_per_run=number("max_rounds_per_run", whole=True),
             max_local_epochs=number("max_local_epochs", whole=True),
             report_eval_metrics=flag("report_eval_metrics", True),
+            plugin_modules=names("plugin_modules", "module names (e.g. mypkg)"),
         )
 
     @classmethod

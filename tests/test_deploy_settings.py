@@ -77,6 +77,7 @@ def test_site_init_writes_a_config_that_reads_back_and_a_loadable_key(tmp_path):
         ({"coordinator": "nohost"}, "coordinator must be HOST:PORT"),
         ({"datta": "x.csv"}, "unknown key 'datta'"),
         ({"site_id": ""}, "'site_id' is required"),
+        ({"plugin_modules": 3}, "plugin_modules must be a list of module names"),
     ],
 )
 def test_site_config_mistakes_name_the_field(tmp_path, change, message):
@@ -86,6 +87,21 @@ def test_site_config_mistakes_name_the_field(tmp_path, change, message):
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=message):
         load_site_settings(config)
+
+
+def test_a_sites_plugin_modules_reach_its_clientapp_and_nothing_else_is_allowed(tmp_path):
+    """site.yaml's plugin_modules is the only list of modules a run's `_target_` may name at
+    this site (fedgov.plugins); without it the site allows none."""
+    from fedgov.plugins import site_plugin_modules
+
+    config, _ = _site(tmp_path)
+    assert site_plugin_modules(load_site_settings(config).node_config()) == ()
+    data = yaml.safe_load(config.read_text())
+    data["plugin_modules"] = ["examples", "mypkg.strategies"]
+    config.write_text(yaml.safe_dump(data))
+    node_config = load_site_settings(config).node_config()
+    assert node_config["plugin-modules"] == "examples,mypkg.strategies"
+    assert site_plugin_modules(node_config) == ("examples", "mypkg.strategies")
 
 
 def test_server_config_and_superlink_command(tmp_path):
