@@ -41,14 +41,20 @@ def exit_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None when gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), None when
+    the process is gone (Linux)."""
     try:
         text = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one short read
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] in "ZX" else int(fields[19])
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None when gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None or fields[0] in "ZX" else int(fields[19])
 
 
 def _group_alive(pgid: int) -> bool:
@@ -68,22 +74,12 @@ def _group_alive(pgid: int) -> bool:
 def _group_states(pgid: int) -> list[str] | None:
     """The states (``R``, ``S``, ``Z``, ...) of group ``pgid``'s processes from /proc; None
     where /proc cannot tell."""
-    states = []
     try:
         entries = os.listdir("/proc")
     except OSError:
         return None
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if len(fields) > 2 and int(fields[2]) == pgid:  # after ")": state, ppid, pgrp
-            states.append(fields[0].decode())
-    return states
+    members = (_stat_fields(int(entry)) for entry in entries if entry.isdigit())
+    return [fields[0] for fields in members if fields is not None and int(fields[2]) == pgid]
 
 
 def stop_groups(pgids: Iterable[int], grace: float = GRACE_SECONDS) -> None:
