@@ -396,6 +396,18 @@ def _medpar_site_files(root: Path) -> tuple[Path, Path]:
     return data, schema
 
 
+def _site_init_with_anchor(tmp_path: Path, anchor: Path) -> tuple[int, Path]:
+    """`fedgov site init` of hosp-a (medpar rows) with ``--governance-anchor anchor``, through
+    the real CLI: its exit code and the site folder."""
+    from fedgov_cli.main import main
+
+    data, schema = _medpar_site_files(tmp_path / "data")
+    site_dir = tmp_path / "hosp-a"
+    command = ["site", "init", "--site-id", "hosp-a", "--data", str(data), "--schema", str(schema)]
+    command += ["--coordinator", "127.0.0.1:9092", "--out", str(site_dir)]
+    return main([*command, "--governance-anchor", str(anchor)]), site_dir
+
+
 def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_quorum(
     tmp_path, capsys
 ):
@@ -426,30 +438,9 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
         )
         == 0
     )
-    data, schema = _medpar_site_files(tmp_path / "data")
-    site_dir = tmp_path / "hosp-a"
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "site",
-                "init",
-                "--site-id",
-                "hosp-a",
-                "--data",
-                str(data),
-                "--schema",
-                str(schema),
-                "--coordinator",
-                "127.0.0.1:9092",
-                "--out",
-                str(site_dir),
-                "--governance-anchor",
-                str(published),
-            ]
-        )
-        == 0
-    )
+    code, site_dir = _site_init_with_anchor(tmp_path, published)
+    assert code == 0
     out = capsys.readouterr().out
     identity = (site_dir / "site_key.pub").read_text().strip()
     assert f"send this identity key to governance (fedgov roster add): {identity}" in out
@@ -504,30 +495,10 @@ def test_site_init_installs_the_governance_anchor_and_the_site_then_needs_its_qu
 def test_site_init_refuses_an_unusable_governance_anchor_in_one_line_and_writes_nothing(
     tmp_path, capsys, content, expected
 ):
-    from fedgov_cli.main import main
 
-    data, schema = _medpar_site_files(tmp_path / "data")
     anchor_file = tmp_path / "anchor.json"
     anchor_file.write_bytes(content)
-    site_dir = tmp_path / "hosp-a"
-    code = main(
-        [
-            "site",
-            "init",
-            "--site-id",
-            "hosp-a",
-            "--data",
-            str(data),
-            "--schema",
-            str(schema),
-            "--coordinator",
-            "127.0.0.1:9092",
-            "--out",
-            str(site_dir),
-            "--governance-anchor",
-            str(anchor_file),
-        ]
-    )
+    code, site_dir = _site_init_with_anchor(tmp_path, anchor_file)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("fedgov: error: --governance-anchor: ") and expected in err
