@@ -112,6 +112,10 @@ class FederationConfig:
     # ≥ 1: a count of sites per round; in (0, 1): a fraction of the connected sites; 0: all
     sites_per_round: float = 0.0
     min_sites_per_round: int = 2  # floor when sampling by fraction
+    # Each round first waits (up to round_timeout) until this many sites are connected, so a
+    # site that restarts between rounds is back in the next one; then it goes on with those
+    # present. 0: a round takes whoever is connected when it starts (Flower: min_available_nodes).
+    min_available_sites: int = 0
     round_timeout: float = 600.0  # seconds to wait for the sites' replies in one round
     client_cpus: float = 1.0  # Ray resources per simulated site
     ray_address: str = ""  # "" = local Ray; "auto" or "ray://host:10001" = an existing cluster
@@ -374,6 +378,7 @@ def validate(cfg: RunConfig) -> None:
     at_least("federation.num_sites", cfg.federation.num_sites, 0)
     at_least("federation.sites_per_round", cfg.federation.sites_per_round, 0)
     at_least("federation.min_sites_per_round", cfg.federation.min_sites_per_round, 1)
+    at_least("federation.min_available_sites", cfg.federation.min_available_sites, 0)
     at_least("federation.round_timeout", cfg.federation.round_timeout, 1)
     at_least("train.local_epochs", cfg.train.local_epochs, 1)
     at_least("train.batch_size", cfg.train.batch_size, 1)

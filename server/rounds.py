@@ -216,8 +216,9 @@ class SiteDirectory:
             known_ids.add(info.site_id)
             self.by_node[reply.metadata.src_node_id] = info
 
-    def wait_for(self, count: int, progress: bool = True) -> None:
-        """Block until ``count`` sites are known, or raise after the timeout.
+    def wait_for(self, count: int, progress: bool = True, required: bool = True) -> None:
+        """Block until ``count`` sites are known; after the timeout raise (or, if not
+        ``required``, say so in one line and return with the sites present).
 
         While waiting, a line says who is connected whenever that changes (and every
         ``WAIT_REPORT_SECONDS``); the timeout's error names the sites left out and why.
@@ -239,6 +240,15 @@ class SiteDirectory:
                     flush=True,
                 )
                 shown = (names, now)
+            if now > deadline and not required:
+                print(
+                    f"[fedgov] {len(self.by_node)} of {count} sites connected after "
+                    f"{self._timeout:.0f} s (federation.round_timeout); the round goes on "
+                    "with them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
             if now > deadline:
                 left = "; ".join(f"{site}: {why}" for site, why in sorted(self.left_out.items()))
                 refused = "; ".join(reason for _, reason in self.refused.values())
@@ -454,8 +464,13 @@ def _discover(
 def _plan_round(
     ctx: RoundContext, directory: SiteDirectory, run: _RunState, server_round: int
 ) -> RoundPlan:
-    """Refresh the connected sites and sample this round's (seeded; Poisson under site-level DP)."""
-    directory.refresh()
+    """Refresh the connected sites (waiting for ``min_available_sites``) and sample this round's
+    (seeded; Poisson under site-level DP)."""
+    if ctx.cfg.federation.min_available_sites:
+        wanted = ctx.cfg.federation.min_available_sites
+        directory.wait_for(wanted, progress=ctx.cfg.progress, required=False)
+    else:
+        directory.refresh()
     run.seen.update({info.site_id: info for info in directory.by_node.values()})
     node_of = directory.node_of()
     chosen = sample_sites(list(node_of), _per_round(ctx, node_of), ctx.cfg.seed, server_round)
