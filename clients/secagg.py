@@ -30,7 +30,7 @@ from fedgov.config import RunConfig
 from privacy.receipts import load_site_key, public_key_bytes
 from privacy.secagg import records, roster
 from privacy.secagg.client import DONE, SiteSecAgg
-from privacy.secagg.layout import VectorLayout
+from privacy.secagg.layout import VectorLayout, array_view
 from privacy.secagg.protocol import (
     ABORT,
     CONSISTENCY,
@@ -41,7 +41,7 @@ from privacy.secagg.protocol import (
     MaskedInput,
     ProtocolRefusal,
 )
-from privacy.secagg.quantise import quantise, ring_scale
+from privacy.secagg.quantise import quantise_chunks, ring_scale
 
 logger = logging.getLogger("fedgov.secagg")
 NODE_SITE_DIR = "site-dir"  # the node config key of the site's folder (its key, its anchor)
@@ -166,8 +166,9 @@ def handle_masked_input(
         settings = cfg.secagg
         weight = min(int(update.metrics[keys.NUM_EXAMPLES]), site_round.weight_scale)
         try:
-            quantised, clipped = quantise(
-                layout.update_vector(update.arrays, global_arrays),
+            quantised, clipped = quantise_chunks(
+                layout.update_chunks(update.arrays, global_arrays),
+                layout.length,
                 clip_range=settings.clip_range,
                 weight=weight,
                 max_weight=site_round.weight_scale,
@@ -188,7 +189,7 @@ def handle_masked_input(
         proof = site_round.accusation_proof(bad_shares)
         contribution = site_round.contribution(
             _identity(context) if site_round.roster else None,
-            roster.model_digest((name, global_arrays[name].numpy()) for name in global_arrays),
+            roster.model_digest((name, array_view(global_arrays[name])) for name in global_arrays),
             roster.config_digest(dict(msg.content.config_records[keys.CONFIG])),
         )
         masked = MaskedInput(

@@ -48,7 +48,7 @@ from fedgov import messages as keys
 from fedgov.config import RunConfig, site_level_on
 from fedgov.errors import ConfigError
 from privacy.secagg import records
-from privacy.secagg.layout import VectorLayout
+from privacy.secagg.layout import VectorLayout, array_view
 from privacy.secagg.protocol import (
     ABORT,
     CONSISTENCY,
@@ -603,7 +603,7 @@ class SecAggRound:
 
 def roster_model_digest(arrays: ArrayRecord) -> bytes:
     """The global model's digest as the sites compute it (privacy/secagg/roster.py)."""
-    return model_digest((name, arrays[name].numpy()) for name in arrays)
+    return model_digest((name, array_view(arrays[name])) for name in arrays)
 
 
 def _content(request: ConfigRecord) -> RecordDict:

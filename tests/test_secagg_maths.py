@@ -278,3 +278,67 @@ def test_degree_is_the_full_graph_for_small_federations_and_logarithmic_beyond()
 )
 def test_threshold_is_at_least_a_strict_majority_of_the_share_group(group, threshold, expected):
     assert share_threshold(group, threshold) == expected
+
+
+# ---- zero-copy views and chunked quantisation: the same values as the copying whole-vector path --
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.uint8, np.bool_]),
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    fortran=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_array_view_reads_the_same_values_as_array_numpy(dtype, shape, fortran, seed):
+    from flwr.app import Array
+
+    from privacy.secagg.layout import array_view
+
+    values = np.random.default_rng(seed).normal(0, 10, shape).astype(dtype)
+    values = np.asfortranarray(values) if fortran else values
+    array = Array(values)
+    view = array_view(array)
+    expected = array.numpy()
+    assert view.dtype == expected.dtype and view.shape == expected.shape
+    assert np.array_equal(view, expected)
+    assert not view.flags.writeable  # a view of the record's bytes, never written through
+
+
+def test_array_view_refuses_a_truncated_payload():
+    from flwr.app import Array
+
+    from privacy.secagg.layout import array_view
+
+    whole = Array(np.arange(10, dtype=np.float32))
+    cut = Array(dtype=whole.dtype, shape=whole.shape, stype=whole.stype, data=whole.data[:-4])
+    with pytest.raises(ValueError):
+        array_view(cut)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    chunk=st.integers(1, 97),
+    bits=st.sampled_from([32, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_update_quantises_to_the_same_ring_vector(sizes, chunk, bits, seed):
+    from flwr.app import Array, ArrayRecord
+
+    from privacy.secagg.layout import VectorLayout
+    from privacy.secagg.quantise import quantise_chunks
+
+    rng = np.random.default_rng(seed)
+    start = {f"w{i}": rng.normal(0, 1, n).astype(np.float32) for i, n in enumerate(sizes)}
+    trained = {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) for k, v in start.items()}
+    start_record = ArrayRecord({k: Array(v) for k, v in start.items()})
+    trained_record = ArrayRecord({k: Array(v) for k, v in trained.items()})
+    layout = VectorLayout.of(start_record)
+    exact = np.concatenate([trained[k].astype(np.float64) - start[k] for k in start])
+    assert np.array_equal(layout.update_vector(trained_record, start_record), exact)
+    options = dict(clip_range=1.0, weight=3, max_weight=7, scale=ring_scale(5, bits), bits=bits)
+    whole, whole_clipped = quantise(exact, **options)
+    chunks = layout.update_chunks(trained_record, start_record, chunk_values=chunk)
+    fused, fused_clipped = quantise_chunks(chunks, layout.length, **options)
+    assert np.array_equal(fused, whole) and fused_clipped == whole_clipped
+    with pytest.raises(ValueError):  # fewer values than the layout promised
+        quantise_chunks(iter([exact[:-1]]), layout.length, **options)

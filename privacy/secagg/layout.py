@@ -7,10 +7,31 @@ record's order (both sides hold that record, so both derive the same layout). No
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of a Flower :class:`Array`'s bytes (``Array.numpy()`` copies)."""
+    if array.stype != "numpy.ndarray":
+        return array.numpy()
+    stream = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("an array of Python objects")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 @dataclass(frozen=True)
@@ -44,22 +65,36 @@ class VectorLayout:
     def update_vector(self, local: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray:
         """local − global as one float64 vector (raises ValueError on a mismatched model)."""
         out = np.empty(self.length, dtype=np.float64)
+        begin = 0
+        for chunk in self.update_chunks(local, global_arrays):
+            out[begin : begin + len(chunk)] = chunk
+            begin += len(chunk)
+        return out
+
+    def update_chunks(
+        self, local: ArrayRecord, global_arrays: ArrayRecord, chunk_values: int = 1 << 15
+    ) -> Iterator[np.ndarray]:
+        """local − global in float64 (exact for float32 weights), ``chunk_values`` at a time in
+        vector order, read straight from the records' bytes: no whole copy of either model.
+
+        Each chunk is a view of one reused buffer, valid until the next is asked for.
+        """
+        scratch = np.empty(min(chunk_values, max(self.length, 1)), dtype=np.float64)
         for segment in self.segments:
             if segment.name not in local:
                 raise ValueError(f"the trained model has no array '{segment.name}'")
-            trained = local[segment.name].numpy()
+            trained = array_view(local[segment.name])
             if trained.shape != segment.shape:
                 raise ValueError(
                     f"array '{segment.name}' has shape {trained.shape}, expected {segment.shape}"
                 )
-            start = global_arrays[segment.name].numpy()
-            np.subtract(
-                trained.ravel(),
-                start.ravel(),
-                out=out[segment.start : segment.stop],
-                dtype=np.float64,
-            )
-        return out
+            trained = trained.reshape(-1)
+            start = array_view(global_arrays[segment.name]).reshape(-1)
+            for begin in range(0, len(trained), len(scratch)):
+                stop = min(begin + len(scratch), len(trained))
+                out = scratch[: stop - begin]
+                np.subtract(trained[begin:stop], start[begin:stop], out=out, dtype=np.float64)
+                yield out
 
     def apply(self, global_arrays: ArrayRecord, mean_update: np.ndarray) -> ArrayRecord:
         """global + mean update, each array back in its own dtype; other arrays unchanged."""

@@ -19,6 +19,8 @@ of the exact weighted mean of the clipped updates (n_s the survivors), on either
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from privacy.secagg.masking import ring_dtype
@@ -46,18 +48,44 @@ def quantise(
     bits: int,
 ) -> tuple[np.ndarray, int]:
     """(q as a ring vector, how many coordinates were clipped) for one site's flat update."""
+    values = np.asarray(update)
+    chunks = (values[begin : begin + CHUNK_VALUES] for begin in range(0, len(values), CHUNK_VALUES))
+    return quantise_chunks(
+        chunks,
+        len(values),
+        clip_range=clip_range,
+        weight=weight,
+        max_weight=max_weight,
+        scale=scale,
+        bits=bits,
+    )
+
+
+def quantise_chunks(
+    chunks: Iterable[np.ndarray],
+    length: int,
+    *,
+    clip_range: float,
+    weight: int,
+    max_weight: int,
+    scale: int,
+    bits: int,
+) -> tuple[np.ndarray, int]:
+    """:func:`quantise` of the ``length``-value update that ``chunks`` yields in order (e.g.
+    :meth:`~privacy.secagg.layout.VectorLayout.update_chunks`, which never builds the whole
+    float64 vector); the same values, so the same ring vector, as quantising it whole."""
     if not 0 <= weight <= max_weight:
         raise ValueError(f"weight {weight} outside [0, {max_weight}]")
-    values = np.asarray(update)
     factor = (weight / max_weight) * (scale / clip_range)
     bound = clip_range * factor  # ≈ r·L ≤ L; the integer clamp below makes |q| ≤ L exact
     # clip(u, −c, c)·f = clip(u·f, −c·f, c·f); chunk by chunk, so each stays in cache
-    signed = np.empty(len(values), dtype=np.int32 if bits == 32 else np.int64)
-    scratch = np.empty(min(CHUNK_VALUES, len(values)), dtype=np.float64)
-    clipped = 0
-    for begin in range(0, len(values), CHUNK_VALUES):
-        chunk = values[begin : begin + CHUNK_VALUES]
-        scaled = scratch[: len(chunk)]
+    signed = np.empty(length, dtype=np.int32 if bits == 32 else np.int64)
+    scratch = np.empty(min(CHUNK_VALUES, length), dtype=np.float64)
+    clipped, begin = 0, 0
+    for chunk in chunks:
+        if begin + len(chunk) > length:
+            raise ValueError(f"the update holds more than {length} values")
+        scaled = scratch[: len(chunk)] if len(chunk) <= len(scratch) else np.empty(len(chunk))
         np.multiply(chunk, factor, out=scaled, dtype=np.float64)
         if not np.isfinite(scaled).all():
             raise ValueError("the update holds NaN or infinite values")
@@ -66,6 +94,9 @@ def quantise(
         np.rint(scaled, out=scaled)
         np.clip(scaled, -scale, scale, out=scaled)  # whole numbers ≤ 2^48: exact in float64
         signed[begin : begin + len(chunk)] = scaled
+        begin += len(chunk)
+    if begin != length:
+        raise ValueError(f"the update holds {begin} values, expected {length}")
     # |q| ≤ L < 2^(bits−1): the two's-complement bits of q are its ring element
     return signed.view(ring_dtype(bits)), clipped
 

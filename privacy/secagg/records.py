@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from privacy.secagg.layout import array_view
 from privacy.secagg.protocol import (
     ABORT,
     CONSISTENCY,
@@ -301,7 +302,7 @@ def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> Mask
     if arrays is None or list(arrays.keys()) != [MASKED_ARRAY]:
         raise MalformedReply(f"no '{MASKED}' record holding exactly one '{MASKED_ARRAY}' array")
     try:
-        vector = arrays[MASKED_ARRAY].numpy()
+        vector = array_view(arrays[MASKED_ARRAY])  # its bytes, not a copy (read-only)
     except Exception as error:  # a corrupt or non-numpy payload
         raise MalformedReply(f"unreadable masked input: {error}") from None
     bad = _zip(_ints(record, "bad-senders"), _strs(record, "bad-reasons"))

@@ -245,7 +245,7 @@ def model_digest(arrays: Iterable[tuple[str, np.ndarray]]) -> bytes:
         array = np.ascontiguousarray(array)
         header = json.dumps([name, str(array.dtype), list(array.shape)]).encode()
         digest.update(struct.pack(">I", len(header)) + header)
-        digest.update(array.tobytes())
+        digest.update(memoryview(array.reshape(-1)).cast("B"))  # its bytes, not a copy of them
     return digest.digest()
 
 
