@@ -67,7 +67,8 @@ def report_document(
         "sample_level": _sample_level(sample_level, delta, accountant) if sample_level else None,
         "site_level": _site_level(site_level, delta, accountant) if site_level else None,
     }
-    document["verification"] = verify_report(document)
+    # The run's own accountant: its config resolved it (a _target_ included) before the run.
+    document["verification"] = verify_report(document, run_accountant=True)
     document["summary"] = summary_paragraph(document)
     return document
 
@@ -185,7 +186,7 @@ def _site_level(data: Mapping[str, Any], delta: float, accountant: str) -> dict[
 
 
 # ---- verification --------------------------------------------------------------------------------
-def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
+def verify_report(document: Mapping[str, Any], run_accountant: bool = False) -> dict[str, Any]:
     """Re-check a report from its own content.
 
     Per receipt: the signature (and one key per site), the payload's ε against a fresh accountant
@@ -193,7 +194,9 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
     (within 1%), and that each receipt's history extends the previous one's. The site-level ε is
     recomputed from its history the same two ways. Only a registered accountant re-checks: a
     report cannot make the verifier import code (an unregistered name or a ``_target_`` path is a
-    problem, its ε left unchecked); one without an independent method is replayed only.
+    problem, its ε left unchecked), except ``run_accountant=True`` (the run writing its own report,
+    whose config already resolved its accountant). One without an independent method is replayed
+    only.
     """
     problems: list[str] = []
     checked = 0
@@ -201,7 +204,7 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
     unchecked: set[str] = set()
 
     def registered(name: str) -> AccountantSpec | None:
-        if name in ACCOUNTANTS:
+        if name in ACCOUNTANTS or (run_accountant and name == document["accountant"]):
             return ACCOUNTANTS.resolve(name)
         if name not in unchecked:
             unchecked.add(name)
@@ -309,16 +312,17 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
         "receipts_verified": all(per_site.values()) if per_site else None,
         "sites_verified": per_site,
         "site_level_verified": site_level_ok,
-        "independent_accountant": _independent_name(accountant),
+        "independent_accountant": _independent_name(accountant, run_accountant),
         "max_relative_difference": worst,
         "problems": problems,
         "ok": not problems,
     }
 
 
-def _independent_name(accountant: str) -> str:
-    """The report's accountant's independent method, in words (a registered one's only)."""
-    spec = ACCOUNTANTS.entries.get(accountant)
+def _independent_name(accountant: str, run_accountant: bool) -> str:
+    """The report's accountant's independent method, in words."""
+    known = accountant in ACCOUNTANTS or run_accountant
+    spec = ACCOUNTANTS.resolve(accountant) if known else None
     if spec is None:
         return f"none ('{accountant}' is not registered here)"
     return spec.independent_name or f"none ('{accountant}' registers no independent method)"
