@@ -127,6 +127,18 @@ def test_a_registered_accountant_plans_sigma_and_its_config_and_target_are_accep
     )
 
 
+def test_an_opacus_accountant_class_is_a_target_and_a_wrong_object_is_one_line():
+    history = [(1.1, 0.02, 300)]
+    via_class = epsilon(history, DELTA, "opacus.accountants.RDPAccountant")
+    assert via_class == pytest.approx(epsilon(history, DELTA, "rdp"), rel=1e-12)
+    with pytest.raises(ConfigError) as info:
+        load_run_config({"privacy.accountant": "examples.gdp_accountant.gdp_mu"})
+    message = str(info.value)
+    assert message.startswith("accountant._target_: <function gdp_mu"), message
+    assert "neither an AccountantSpec nor an Opacus accountant class" in message
+    assert "\n" not in message
+
+
 def _site_level_document(accountant: str) -> dict:
     rounds = [
         {
