@@ -22,13 +22,14 @@ from clients.site_privacy import budget_fields
 from clients.update import SiteDeclined, compute_update, site_model
 from fedgov import messages as keys
 from fedgov import site_query, wire
-from fedgov.config import RunConfig, from_flower_config, sample_level_on
+from fedgov.config import RunConfig, sample_level_on
 from fedgov.datasets import schema_digest
 from fedgov.errors import DataValidationError
 from fedgov.evaluation import EvalResult, evaluate
 from fedgov.plugins import only_modules, site_plugin_modules
 from privacy.secagg.protocol import ABORT, CONSISTENCY, MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from privacy.secagg.records import ACTIONS as SECAGG_ACTIONS
+from strategies.run_config import load_run_config
 
 # Weights arrive and leave packed in one object when the server sends them so (fedgov/wire.py).
 app = ClientApp(mods=[wire.client_mod])
@@ -43,7 +44,7 @@ def _run_config(
 ) -> RunConfig:
     # A `_target_` in the coordinator's config imports code only from the modules the site allows.
     with only_modules(plugin_modules):
-        return from_flower_config(dict(items))
+        return load_run_config(dict(items))
 
 
 def _config(context: Context) -> RunConfig:

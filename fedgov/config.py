@@ -23,7 +23,6 @@ from fedgov.plugins import coerce
 
 SECAGG_NAMES = ("off", "secaggplus")
 PRIVACY_NAMES = ("none", "sample_dp", "site_dp", "both")
-ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("fused", "hooks", "ghost", "ew", "functorch")
 SECAGG_DROPOUT_POLICIES = ("abort", "account")
 #: Config groups whose option is a plug-in (fedgov.plugins): named by ``name`` or ``_target_``,
@@ -135,7 +134,8 @@ class PrivacyConfig:
 
     name: str = "none"
     delta: float = 1e-5  # δ of every (ε, δ) guarantee; must be below 1/n (records, or sites)
-    accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
+    # a registered accountant (privacy.accountants: rdp | prv, Opacus') or a _target_ path
+    accountant: str = "rdp"
     # -- sample-level (a record at one site): DP-SGD at each site
     noise_multiplier: float = 1.0  # σ of DP-SGD; ignored when target_epsilon > 0
     target_epsilon: float = 0.0  # > 0: each site picks σ so that `rounds` rounds spend this ε
@@ -272,7 +272,9 @@ def from_flower_config(flat: dict[str, Any]) -> RunConfig:
 
     In a plug-in group (:data:`PLUGIN_GROUPS`) ``<group>._target_`` (when not empty) replaces
     ``<group>.name`` and any key the group's dataclass lacks is one of the plug-in's options
-    (checked against the plug-in by :func:`validate`).
+    (checked against the plug-in by :func:`validate`). The core checks what it can alone; a run
+    loads its config with ``strategies.run_config.load_run_config``, which also resolves the
+    strategy, partitioner and accountant in their registries (layers above the core).
     """
     cfg = RunConfig()
     known = to_flower_config(cfg)
@@ -353,7 +355,10 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check ranges and names that the types alone cannot; raise ConfigError naming the field."""
+    """Check ranges and names that the types alone cannot; raise ConfigError naming the field.
+
+    The core's part: the plug-ins of the registries above it (strategy, partitioner,
+    accountant) are ``strategies.run_config.check_plugins``'s."""
     from fedgov.datasets import schema_from_json
 
     def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -364,7 +369,7 @@ def validate(cfg: RunConfig) -> None:
         if value < low:
             raise ConfigError(f"{key}: {value} is below its minimum {low}")
 
-    check_plugins(cfg)
+    check_core_plugins(cfg)
     if cfg.dataset.schema:
         schema_from_json(cfg.dataset.schema)  # a bad schema fails here, before anything runs
     elif cfg.dataset.holdout:
@@ -405,25 +410,23 @@ def validate(cfg: RunConfig) -> None:
     validate_secagg(cfg)
 
 
-def check_plugins(cfg: RunConfig) -> None:
-    """Every plug-in resolves (registered name or importable ``_target_``) and takes its options;
-    a model that needs images is refused on a bundled dataset that has none."""
+def check_core_plugins(cfg: RunConfig) -> None:
+    """The plug-ins of the core's own registries resolve (registered name or importable
+    ``_target_``) and take their options: dataset, model, local objective; a model that needs
+    images is refused on a bundled dataset that has none. The strategy, partitioner and
+    accountant live in the layers above: ``strategies.run_config.check_plugins`` resolves them."""
     from fedgov.datasets import DATASETS
     from fedgov.models import MODELS
     from fedgov.objectives import OBJECTIVES
     from fedgov.plugins import check_options
-    from fedgov_data.partitioners import PARTITIONERS
-    from strategies.registry import strategy_spec
 
     def own(group: str) -> tuple[str, ...]:  # the group's keys, for "did you mean"
         return tuple(f.name for f in dataclasses.fields(getattr(cfg, group)))
 
     dataset = DATASETS.resolve(cfg.dataset.name)
     check_options("dataset", cfg.dataset.options, dataset.config_cls, own("dataset"))
-    PARTITIONERS.resolve(cfg.dataset.partitioner)
     model = MODELS.resolve(cfg.model.name)
     check_options("model", cfg.model.options, model.config_cls, own("model"))
-    strategy_spec(cfg.strategy)
     objective = OBJECTIVES.resolve(cfg.objective.name)
     check_options("objective", cfg.objective.options, objective.config_cls)
     if model.needs_image and dataset.image is False and not cfg.dataset.schema:
@@ -431,13 +434,6 @@ def check_plugins(cfg: RunConfig) -> None:
             f"model.name: '{cfg.model.name}' needs an image dataset (e.g. digits, mnist5k), not "
             f"'{cfg.dataset.name}'"
         )
-
-
-def strategy_serves_a_sum(cfg: RunConfig) -> bool:
-    """Whether the run's strategy aggregates by a weighted mean (its spec's ``aggregate``)."""
-    from strategies.registry import strategy_spec
-
-    return strategy_spec(cfg.strategy).serves_a_sum
 
 
 def sample_level_on(cfg: RunConfig) -> bool:
@@ -454,8 +450,6 @@ def validate_privacy(cfg: RunConfig) -> None:
     """The privacy settings' ranges; data-dependent limits (δ < 1/n, batch ≤ a site's rows, a
     reachable target ε) are checked by ``privacy.planning`` where the sites' sizes are known."""
     p = cfg.privacy
-    if p.accountant not in ACCOUNTANTS:
-        raise ConfigError(f"privacy.accountant: '{p.accountant}' is not one of rdp, prv")
     if p.grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(
             f"privacy.grad_sample_mode: '{p.grad_sample_mode}' is not one of "
@@ -503,21 +497,8 @@ def validate_privacy(cfg: RunConfig) -> None:
                 f"their cap (privacy.site_epsilon_cap {p.site_epsilon_cap}); allowed range "
                 f"(0, {p.site_epsilon_cap}]"
             )
-    if site_level_on(cfg):
-        if p.site_noise_multiplier == 0:
-            raise ConfigError("privacy.site_noise_multiplier: 0 gives no privacy; it must be > 0")
-        if not strategy_serves_a_sum(cfg):
-            raise ConfigError(
-                f"strategy.name: '{cfg.strategy.name}' needs each site's update, which site-level "
-                f"DP hides; with privacy.name={p.name} use a strategy whose spec aggregates by "
-                f"'mean' ({', '.join(_mean_strategies())})"
-            )
-
-
-def _mean_strategies() -> list[str]:
-    from strategies.registry import STRATEGIES
-
-    return [name for name in STRATEGIES if STRATEGIES.resolve(name).serves_a_sum]
+    if site_level_on(cfg) and p.site_noise_multiplier == 0:
+        raise ConfigError("privacy.site_noise_multiplier: 0 gives no privacy; it must be > 0")
 
 
 def validate_registry(cfg: RunConfig) -> None:
@@ -540,16 +521,10 @@ def validate_registry(cfg: RunConfig) -> None:
 
 
 def validate_secagg(cfg: RunConfig) -> None:
-    """Secure aggregation's ranges, and the strategies it can serve."""
+    """Secure aggregation's ranges (the strategies it can serve: ``strategies.run_config``)."""
     s = cfg.secagg
     if s.name == "off":
         return
-    if not strategy_serves_a_sum(cfg):
-        raise ConfigError(
-            f"secagg.name: '{s.name}' hides individual updates, but strategy "
-            f"'{cfg.strategy.name}' needs them (its spec aggregates 'per-update'); use a 'mean' "
-            f"strategy ({', '.join(_mean_strategies())}) or secagg=off"
-        )
     if not (0.5 < s.threshold <= 1 or (s.threshold >= 2 and float(s.threshold).is_integer())):
         raise ConfigError(
             f"secagg.threshold: {s.threshold} must be a fraction in (0.5, 1] or a whole count ≥ 2"

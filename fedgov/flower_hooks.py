@@ -46,6 +46,22 @@ No rebinding happens at import time: each is installed by a call (a site process
 ServerApp's first exchange, a simulation run) after its ``*_problems()`` check passes. A check
 that fails is logged once at WARNING (:func:`checked`) and Flower's own code runs instead.
 
+Why ``get_executor`` and not a ``flwr-clientapp`` shim (issue 14, prototyped, not kept): the
+shim route leaves Flower's ``SubprocessExecutor`` in place and puts a ``flwr-clientapp`` first
+on the SuperExec's PATH that hands its argv to the zygote over a Unix socket and waits for the
+child's exit code. Flower's argv carries no FAB hash, so the zygote cannot tell whether its
+preloaded app matches the task's FAB and must let every child import the app from the FAB (the
+stock executor's capacity gate and the fork-failure fallback are lost too). Measured with
+``python -m benchmarks.deployment --sites 3 --rounds 4 --runtimes zygote+fast-poll`` (TLS,
+doorbell on), alternating both routes in one script, 3 repeats on the shared 2-core machine
+(load 4-9): current route 1.01 / 1.49 / 0.68 s per round and 3.06 / 3.61 / 2.91 CPU-s per round;
+shim 1.17 / 1.30 / 0.97 s and 3.74 / 3.88 / 3.23 CPU-s (medians +16 % wall, +22 % CPU: the
+zygote's children 1.1-1.3 CPU-s per round instead of 0.5-0.7). Only when the shim is told the
+FAB (an oracle taking the one installed FAB, unsafe in general) does it match: 0.81 / 0.71 /
+0.94 s, 2.96 / 2.97 / 3.45 CPU-s, the shim processes themselves ~0.09 CPU-s per round. Beyond the
+10 % bar, so the rebinding stays; the shim would need the warm-or-cold decision moved into the
+child, after the app guard has seen the task's FAB.
+
 Why the object-pull retries matter: a message's objects (the model's arrays) are uploaded
 after the message itself. A consumer that looks early (a SuperNode polling fast, a ClientApp
 forked in milliseconds, a ServerApp polling for replies every 100 ms) finds them not yet there

@@ -469,13 +469,14 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from fedgov.config import from_mapping, to_flower_config
+    from fedgov.config import to_flower_config
     from fedgov.deploy import flower_tool
     from fedgov.project import app_dir
     from server.coordinator import flower_environment, load_server_settings
     from server.observability import remember_run
     from simulations.plots import write_plots
     from simulations.run import compose_config
+    from strategies.run_config import run_config_from_mapping
 
     settings = load_server_settings(args.config)
     if args.resume:
@@ -488,7 +489,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _interrupted_run_config(run_dir)
     else:
         composed = compose_config(list(args.overrides))
-        cfg = from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+        cfg = run_config_from_mapping(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
         schema = args.schema or (str(settings.schema) if settings.schema else None)
         holdout = args.holdout or (str(settings.holdout) if settings.holdout else None)
         _federation_data(cfg, schema, holdout)
@@ -575,9 +576,9 @@ def _read_json(path: Path) -> dict | None:
 def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> None:
     """Put the federation's schema (and the coordinator's hold-out path) into the run config,
     checking both here so that a mistake stops before anything runs."""
-    from fedgov.config import validate
     from fedgov.datasets import schema_to_json
     from fedgov_data.connector import load_schema_file, read_site_table
+    from strategies.run_config import check_run_config
 
     if holdout_file and not schema_file:
         raise FedgovError("run --holdout: needs --schema (the hold-out's schema)")
@@ -587,7 +588,7 @@ def _federation_data(cfg, schema_file: str | None, holdout_file: str | None) -> 
         if holdout_file:
             read_site_table(holdout_file, schema)
             cfg.dataset.holdout = str(Path(holdout_file).resolve())
-        validate(cfg)
+        check_run_config(cfg)
 
 
 #: ε a DP-SGD run spends at each site when the overrides choose neither σ nor a target.
@@ -600,7 +601,8 @@ def _deployment_privacy_defaults(cfg, overrides: list[str]) -> None:
     """A real site's budget is for life: unless the overrides say otherwise, plan σ for
     ε = DEFAULT_RUN_EPSILON per run (not σ = 1) and refuse a run past DEFAULT_BUDGET_SHARE of a
     site's remaining budget (simulated sites start afresh each run and keep the config's)."""
-    from fedgov.config import sample_level_on, validate
+    from fedgov.config import sample_level_on
+    from strategies.run_config import check_run_config
 
     given = {item.lstrip("+").split("=", 1)[0] for item in overrides}
     if not sample_level_on(cfg):
@@ -609,14 +611,14 @@ def _deployment_privacy_defaults(cfg, overrides: list[str]) -> None:
         cfg.privacy.target_epsilon = min(DEFAULT_RUN_EPSILON, cfg.privacy.site_epsilon_cap)
     if "privacy.budget_share" not in given:
         cfg.privacy.budget_share = DEFAULT_BUDGET_SHARE
-    validate(cfg)
+    check_run_config(cfg)
 
 
 def _interrupted_run_config(run_dir: Path):
     """The config an interrupted run started with (from its checkpoint), set to resume."""
-    from fedgov.config import from_flower_config
     from server.checkpoint import saved_run_config
+    from strategies.run_config import load_run_config
 
-    cfg = from_flower_config(saved_run_config(run_dir))
+    cfg = load_run_config(saved_run_config(run_dir))
     cfg.resume = True
     return cfg

@@ -8,11 +8,12 @@ probability ``sample_rate``, the sum of the contributions (each of L2 norm ≤ C
 of standard deviation ``noise_multiplier · C``. Neighbouring datasets differ by adding or removing
 one record (one site).
 
-:func:`epsilon` is what fedgov prints (Opacus' RDP or PRV accountant). :func:`independent_epsilon`
-recomputes it without Opacus' code: for ``rdp`` the Rényi divergences by numerical integration
-(Opacus uses series and binomial sums), for ``prv`` Google dp-accounting's privacy-loss-
-distribution accountant (the library behind Flower's ``RdpAccountant``). A disagreement above 1%
-means something is wrong. (dp-accounting's own RDP accountant is no use here: it drops every
+:func:`epsilon` is what fedgov prints, by the accountant the run names (``privacy.accountants``:
+Opacus' RDP or PRV, or one a researcher registers). :func:`independent_epsilon` recomputes it
+without Opacus' code: for ``rdp`` the Rényi divergences by numerical integration (Opacus uses
+series and binomial sums), for ``prv`` Google dp-accounting's privacy-loss-distribution
+accountant (the library behind Flower's ``RdpAccountant``). A disagreement above 1% means
+something is wrong. (dp-accounting's own RDP accountant is no use here: it drops every
 fractional order whose series it cannot converge, which makes it up to a few % looser than the
 exact value at sampling rates ≥ 0.1.)
 """
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 
 HistoryEntry = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps)
 
-ACCOUNTANTS = ("rdp", "prv")
 #: σ above this is "unreachable": training with it would learn nothing useful.
 MAX_NOISE_MULTIPLIER = 100.0
 
@@ -63,80 +62,51 @@ def history_extends(earlier: Iterable[Sequence[float]], later: Iterable[Sequence
 
 
 def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
-    """ε at ``delta`` after composing ``history`` (0.0 for an empty history), with Opacus."""
+    """ε at ``delta`` after composing ``history`` (0.0 for an empty history), by the accountant
+    ``accountant`` names in ``privacy.accountants.ACCOUNTANTS`` (ConfigError for an unknown one)."""
+    from privacy.accountants import accountant_spec, as_history
+
     entries = normalise_history(history)
     if not entries:
         return 0.0
-    return _opacus_epsilon(tuple(entries), float(delta), accountant)
-
-
-@functools.lru_cache(maxsize=4096)
-def _opacus_epsilon(entries: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    # Opacus warns when the optimal RDP order is its largest one (a looser, still valid bound)
-    # and PRV divides by zero inside np.where for q = 1; neither changes the result.
-    with warnings.catch_warnings(), _quiet_numpy():
-        warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            rdp = RDPAccountant()
-            rdp.history = list(entries)
-            return float(rdp.get_epsilon(delta))
-        if accountant == "prv":
-            prv = PRVAccountant()
-            prv.history = list(entries)
-            # PRV's error bound is absolute (0.01 in ε by default): a coarse pass sizes it to
-            # 0.2% of ε (at most 0.005), so small ε are as exact as large ones.
-            rough = float(prv.get_epsilon(delta, eps_error=0.01))
-            bound = min(0.005, max(0.002 * rough, 1e-4))
-            return float(prv.get_epsilon(delta, eps_error=bound))
-    raise ValueError(f"unknown accountant '{accountant}' (expected rdp or prv)")
-
-
-def _quiet_numpy():
-    import numpy as np
-
-    return np.errstate(divide="ignore", invalid="ignore")
+    return accountant_spec(accountant).epsilon(as_history(entries), float(delta))
 
 
 def independent_epsilon(
     history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp"
 ) -> float:
-    """ε of ``history`` recomputed without Opacus' code.
+    """ε of ``history`` recomputed by the accountant's independent method (its spec's
+    ``independent``; ValueError when it has none).
 
     ``rdp``: the Rényi divergence of the subsampled Gaussian computed by numerical integration
-    (:func:`log_moment_by_integration`) on Opacus' orders, composed and converted to (ε, δ) with
-    the same conversion (Balle et al. 2020) — where Opacus sums a series (fractional orders) or a
+    (:func:`rdp_epsilon_by_integration`), where Opacus sums a series (fractional orders) or a
     binomial expansion (integer ones). ``prv``: Google dp-accounting's privacy loss distribution
     (PLD) accountant, a different numerical method from Opacus' PRV, on a fine discretisation.
     """
+    from privacy.accountants import accountant_spec, as_history
+
     entries = normalise_history(history)
     if not entries:
         return 0.0
-    if accountant == "rdp":
-        import numpy as np
-        from opacus.accountants import RDPAccountant
+    spec = accountant_spec(accountant)
+    if spec.independent is None:
+        raise ValueError(f"accountant '{accountant}' has no independent recomputation")
+    return spec.independent(as_history(entries), float(delta))
 
-        orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
-        rdp = np.zeros(len(orders))
-        for sigma, rate, steps in entries:
-            rdp += steps * np.asarray(_rdp_per_step_by_integration(float(sigma), float(rate)))
-        eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
-        return float(np.nanmin(eps))
-    if accountant != "prv":
-        raise ValueError(f"unknown accountant '{accountant}' (expected rdp or prv)")
-    from dp_accounting import dp_event
-    from dp_accounting.pld import PLDAccountant
 
-    backend = PLDAccountant(value_discretization_interval=1e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for sigma, rate, steps in entries:
-            event = dp_event.GaussianDpEvent(sigma)
-            if rate < 1:
-                event = dp_event.PoissonSampledDpEvent(rate, event)
-            backend.compose(event, steps)
-        return float(backend.get_epsilon(delta))
+def rdp_epsilon_by_integration(history: Sequence[HistoryEntry], delta: float) -> float:
+    """ε of a normalised ``history`` from Rényi divergences computed by numerical integration
+    (:func:`log_moment_by_integration`) on Opacus' orders, composed and converted to (ε, δ) with
+    Opacus' conversion (Balle et al. 2020)."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    rdp = np.zeros(len(orders))
+    for sigma, rate, steps in history:
+        rdp += steps * np.asarray(_rdp_per_step_by_integration(float(sigma), float(rate)))
+    eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    return float(np.nanmin(eps))
 
 
 @functools.lru_cache(maxsize=4096)

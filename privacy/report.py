@@ -24,10 +24,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from privacy.accountants import ACCOUNTANTS, AccountantSpec, as_history
 from privacy.accounting import (
     epsilon,
     history_extends,
-    independent_epsilon,
     normalise_history,
 )
 from privacy.receipts import Receipt, fingerprint
@@ -67,7 +67,8 @@ def report_document(
         "sample_level": _sample_level(sample_level, delta, accountant) if sample_level else None,
         "site_level": _site_level(site_level, delta, accountant) if site_level else None,
     }
-    document["verification"] = verify_report(document)
+    # The run's own accountant: its config resolved it (a _target_ included) before the run.
+    document["verification"] = verify_report(document, run_accountant=True)
     document["summary"] = summary_paragraph(document)
     return document
 
@@ -185,17 +186,44 @@ def _site_level(data: Mapping[str, Any], delta: float, accountant: str) -> dict[
 
 
 # ---- verification --------------------------------------------------------------------------------
-def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
+def verify_report(document: Mapping[str, Any], run_accountant: bool = False) -> dict[str, Any]:
     """Re-check a report from its own content.
 
     Per receipt: the signature (and one key per site), the payload's ε against a fresh accountant
     replaying its history (same accountant, relative 1e-6) and against an independent accountant
     (within 1%), and that each receipt's history extends the previous one's. The site-level ε is
-    recomputed from its history the same two ways.
+    recomputed from its history the same two ways. Only a registered accountant re-checks: a
+    report cannot make the verifier import code (an unregistered name or a ``_target_`` path is a
+    problem, its ε left unchecked), except ``run_accountant=True`` (the run writing its own report,
+    whose config already resolved its accountant). One without an independent method is replayed
+    only.
     """
     problems: list[str] = []
     checked = 0
     worst = 0.0
+    unchecked: set[str] = set()
+
+    def registered(name: str) -> AccountantSpec | None:
+        if name in ACCOUNTANTS or (run_accountant and name == document["accountant"]):
+            return ACCOUNTANTS.resolve(name)
+        if name not in unchecked:
+            unchecked.add(name)
+            problems.append(
+                f"accountant '{name}' is not registered here (known: "
+                f"{', '.join(ACCOUNTANTS.names())}); its ε values were not re-checked"
+            )
+        return None
+
+    def replay(spec: AccountantSpec, history: Any, delta: float) -> float:
+        entries = normalise_history(history)
+        return spec.epsilon(as_history(entries), float(delta)) if entries else 0.0
+
+    def independent(spec: AccountantSpec, history: Any, delta: float) -> float | None:
+        entries = normalise_history(history)
+        if spec.independent is None:
+            return None
+        return spec.independent(as_history(entries), float(delta)) if entries else 0.0
+
     sample = document.get("sample_level")
     delta_default = document["delta"]
     accountant = document["accountant"]
@@ -229,12 +257,16 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
                 previous = history
                 delta = p.get("delta", delta_default)
                 stated = p["epsilon"]
-                replayed = epsilon(history, delta, p.get("accountant", accountant))
+                spec = registered(p.get("accountant", accountant))
+                if spec is None:
+                    ok = False
+                    continue
+                replayed = replay(spec, history, delta)
                 if not math.isclose(replayed, stated, rel_tol=1e-6, abs_tol=1e-9):
                     problems.append(f"{where}: ε {stated} but its history gives {replayed}")
                     ok = False
-                if stated > 0:
-                    other = independent_epsilon(history, delta, p.get("accountant", accountant))
+                other = independent(spec, history, delta) if stated > 0 else None
+                if other is not None:
                     difference = abs(other - stated) / stated
                     worst = max(worst, difference)
                     if difference > INDEPENDENT_TOLERANCE:
@@ -257,16 +289,19 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
             per_site[site_id] = ok
     site_level = document.get("site_level")
     site_level_ok = None
-    if site_level:
+    spec = registered(accountant) if site_level else None
+    if site_level and spec is None:
+        site_level_ok = False
+    elif site_level and spec is not None:
         history = site_level["history"]
-        replayed = epsilon(history, delta_default, accountant)
+        replayed = replay(spec, history, delta_default)
         site_level_ok = math.isclose(replayed, site_level["epsilon"], rel_tol=1e-6, abs_tol=1e-9)
         if not site_level_ok:
             problems.append(
                 f"site level: ε {site_level['epsilon']} but its history gives {replayed}"
             )
-        if site_level["epsilon"] > 0:
-            other = independent_epsilon(history, delta_default, accountant)
+        other = independent(spec, history, delta_default) if site_level["epsilon"] > 0 else None
+        if other is not None:
             difference = abs(other - site_level["epsilon"]) / site_level["epsilon"]
             worst = max(worst, difference)
             if difference > INDEPENDENT_TOLERANCE:
@@ -277,12 +312,20 @@ def verify_report(document: Mapping[str, Any]) -> dict[str, Any]:
         "receipts_verified": all(per_site.values()) if per_site else None,
         "sites_verified": per_site,
         "site_level_verified": site_level_ok,
-        "independent_accountant": "dp-accounting "
-        + ("RDP" if accountant == "rdp" else "PLD (privacy loss distributions)"),
+        "independent_accountant": _independent_name(accountant, run_accountant),
         "max_relative_difference": worst,
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _independent_name(accountant: str, run_accountant: bool) -> str:
+    """The report's accountant's independent method, in words."""
+    known = accountant in ACCOUNTANTS or run_accountant
+    spec = ACCOUNTANTS.resolve(accountant) if known else None
+    if spec is None:
+        return f"none ('{accountant}' is not registered here)"
+    return spec.independent_name or f"none ('{accountant}' registers no independent method)"
 
 
 # ---- words -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgov.config import RunConfig, from_flower_config
+from fedgov.config import RunConfig
 from fedgov.datasets import Dataset, DatasetSchema, schema_digest
 from fedgov.errors import ConfigError, FedgovError
 from fedgov.evaluation import EvalResult, evaluate
@@ -27,6 +27,7 @@ from server.privacy_round import PrivacyRound, report_of
 from server.round_context import RoundContext
 from server.rounds import RoundRecord, run_outcome, run_rounds
 from strategies.registry import build_strategy
+from strategies.run_config import load_run_config
 
 app = ServerApp()
 #: In the run directory when the ServerApp failed: ``{"reason": one line}``.
@@ -36,7 +37,7 @@ FAILURE_FILE = "failure.json"
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, train for ``rounds`` rounds, write the run's outputs."""
-    cfg = from_flower_config(context.run_config)
+    cfg = load_run_config(context.run_config)
     try:
         run_federation(grid, cfg, flower_run_id=context.run_id)
     except BaseException as error:

@@ -38,7 +38,7 @@ from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.telemetry import EventType
 
-from fedgov.config import RunConfig, to_flower_config, validate
+from fedgov.config import RunConfig, to_flower_config
 from fedgov.deploy import FLOWER_ENVIRONMENT
 from fedgov.flower_hooks import (
     run_simulation_engine,
@@ -56,6 +56,7 @@ from simulations.backend import (
     PatientRayBackend,
 )
 from simulations.delivery import prompt_delivery
+from strategies.run_config import check_run_config
 
 
 def set_flower_environment(flwr_home: Path | None = None) -> None:
@@ -76,7 +77,7 @@ def quiet_flower_logs() -> None:
 
 def run_simulation(cfg: RunConfig) -> None:
     """Run ``cfg`` to the end on the Ray simulation engine; outputs go to ``cfg.output_dir``."""
-    validate(cfg)
+    check_run_config(cfg)
     cfg.federation.num_sites = resolved_num_sites(cfg)  # also checks the data before Ray starts
     node_configs = _privacy_node_configs(cfg)  # also checks δ, batch and target ε per site
     if cfg.secagg.name == "secaggplus" and not cfg.secagg.roster:  # sites check signed keys

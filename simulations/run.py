@@ -20,8 +20,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedgov.config import from_mapping, hydra_schema
+from fedgov.config import hydra_schema
 from fedgov.errors import FedgovError
+from strategies.run_config import run_config_from_mapping
 
 ConfigStore.instance().store(name="run_schema", node=hydra_schema())
 
@@ -45,7 +46,7 @@ def run_from_hydra(cfg: DictConfig, run_dir: str | Path) -> dict:
     from simulations.engine import run_simulation
     from simulations.plots import write_plots
 
-    run_cfg = from_mapping(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    run_cfg = run_config_from_mapping(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     run_cfg.output_dir = str(Path(run_dir).resolve())
     run_simulation(run_cfg)
     metrics_path = Path(run_cfg.output_dir) / "metrics.json"

@@ -14,6 +14,7 @@ from fedgov.config import RunConfig, from_flower_config, from_mapping, to_flower
 from fedgov.errors import ConfigError
 from simulations.run import CONF_DIR, compose_config
 from strategies.registry import STRATEGIES, build_strategy
+from strategies.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +110,7 @@ def test_unknown_group_option_lists_the_choices():
 )
 def test_bad_values_name_the_field(flat, field):
     with pytest.raises(ConfigError) as info:
-        from_flower_config(flat)
+        load_run_config(flat)
     message = str(info.value)
     assert message.startswith(field) or f"'{field}'" in message
     assert "\n" not in message

@@ -22,11 +22,12 @@ import torch
 from omegaconf import OmegaConf
 
 from examples.clinics import load_clinics
-from fedgov.config import from_flower_config, from_mapping, to_flower_config
+from fedgov.config import from_flower_config, to_flower_config
 from fedgov.datasets import Dataset, split_holdout, split_train_test
 from fedgov.errors import ConfigError
 from fedgov.records import load_safetensors
 from simulations.run import CONF_DIR, compose_config
+from strategies.run_config import run_config_from_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_PLUGINS = [
@@ -44,7 +45,9 @@ WIDTH, SERVER_LR, MOMENTUM, DECAY = 4, 1.5, 0.5, 0.05
 
 
 def _config(*overrides: str):
-    return from_mapping(OmegaConf.to_container(compose_config(list(overrides)), resolve=True))
+    return run_config_from_mapping(
+        OmegaConf.to_container(compose_config(list(overrides)), resolve=True)
+    )
 
 
 # ---- registries and configs (no simulation) ----------------------------------------------------

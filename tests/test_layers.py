@@ -35,6 +35,42 @@ def test_the_source_tree_keeps_its_layers(monkeypatch, capsys):
     assert "2 kept, 0 broken" in out
 
 
+def test_the_only_exception_is_python_m_fedgov_and_nothing_imports_it():
+    """``.importlinter`` ignores one import, ``python -m fedgov``'s door to the CLI, and that
+    module is a program only: no module imports it. The core's config resolves no plug-in of
+    the layers above it (strategy, partitioner, accountant: ``strategies.run_config`` does)."""
+    import grimp
+
+    parser = configparser.ConfigParser()
+    parser.read(CONFIG)
+    ignored = [
+        line.split("#")[0].strip()
+        for section in parser.sections()
+        for line in parser[section].get("ignore_imports", "").splitlines()
+        if line.split("#")[0].strip()
+    ]
+    assert ignored == ["fedgov.__main__ -> fedgov_cli.main"]
+    graph = grimp.build_graph(*_root_packages(), cache_dir=None)
+    assert graph.find_modules_that_directly_import("fedgov.__main__") == set()
+    core_imports = {
+        imported
+        for module in graph.find_descendants("fedgov") | {"fedgov"}
+        if module != "fedgov.__main__"
+        for imported in graph.find_modules_directly_imported_by(module)
+    }
+    above = [
+        m
+        for m in core_imports
+        if m.split(".")[0] in _root_packages() and m.split(".")[0] != "fedgov"
+    ]
+    assert above == []
+    assert graph.find_modules_that_directly_import("strategies.run_config") >= {
+        "server.app",
+        "clients.app",
+        "simulations.engine",
+    }
+
+
 @pytest.fixture
 def fixture_tree(tmp_path, monkeypatch):
     """The real contracts, with every root package renamed ``fx_...``, over a tree that holds each
