@@ -5,11 +5,10 @@ examples/gdp_accountant.py (μ-GDP, stdlib only); its ε is recomputed with Opac
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from cli_errors import simulation_error_lines
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +19,6 @@ from privacy.accounting import epsilon, independent_epsilon, noise_multiplier_fo
 from privacy.report import report_document, verify_report
 from strategies.run_config import load_run_config
 
-ROOT = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
 
 
@@ -66,26 +64,10 @@ def test_an_unknown_accountant_is_one_line_naming_the_known_ones(where):
 
 @pytest.mark.process
 def test_the_cli_refuses_an_unknown_accountant_in_one_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations.run",
-            "privacy=sample_dp",
-            "privacy.accountant=gdp",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("fedgov: error:")]
+    lines = simulation_error_lines(tmp_path, "privacy=sample_dp", "privacy.accountant=gdp")
     assert len(lines) == 1 and lines[0].startswith(
         "fedgov: error: privacy.accountant: 'gdp' is not one of rdp, prv"
-    ), result.stderr
+    ), lines
 
 
 @settings(max_examples=25, deadline=None)

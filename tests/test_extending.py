@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_errors import simulation_error_lines
 from omegaconf import OmegaConf
 
 from examples.clinics import load_clinics
@@ -29,7 +29,6 @@ from fedgov.records import load_safetensors
 from simulations.run import CONF_DIR, compose_config
 from strategies.run_config import run_config_from_mapping
 
-ROOT = Path(__file__).resolve().parent.parent
 USER_PLUGINS = [
     "dataset._target_=examples.clinics.load_clinics",
     "model._target_=examples.tiny_mlp.TinyMLP",
@@ -134,22 +133,7 @@ def test_a_per_update_strategy_is_refused_where_its_spec_forbids(privacy):
 
 @pytest.mark.process
 def test_the_cli_reports_a_bad_target_in_one_line_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations.run",
-            "strategy._target_=mypkg.FedNova",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("fedgov: error:")]
+    lines = simulation_error_lines(tmp_path, "strategy._target_=mypkg.FedNova")
     assert lines == [
         "fedgov: error: strategy._target_: cannot import 'mypkg.FedNova': no module 'mypkg' "
         "(expected a StrategySpec or a flwr.serverapp.strategy.Strategy class; is its package "
