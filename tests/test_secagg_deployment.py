@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from processes import LOOPBACK, ProcessGroup, free_ports, kill_tree
+from processes import LOOPBACK, ProcessGroup, app_copy, free_ports, kill_tree
 from safetensors.numpy import load_file
 
 from clients import doorbell
@@ -225,7 +225,15 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     )
     flwr_run = processes.start(
         "flwr-run",
-        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(app_copy(tmp_path)),
+            CONNECTION,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
         cwd=tmp_path,
     )
     victim = supernodes[KILLED]
@@ -352,7 +360,15 @@ def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes
     )
     flwr_run = processes.start(
         "flwr-run",
-        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(app_copy(tmp_path)),
+            CONNECTION,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
         cwd=tmp_path,
     )
     metrics_path = run_dir / "metrics.json"
