@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -154,6 +155,18 @@ def project_files(root: Path) -> dict[str, Path]:
             if not path.is_symlink():
                 files[path.relative_to(resolved).as_posix()] = path
     return files
+
+
+def copy_project(root: Path, into: Path) -> Path:
+    """``into`` holding a copy of :func:`project_files` of ``root`` (same relative paths and
+    bytes), so that ``flwr run into`` builds byte for byte the FAB ``flwr run root`` builds,
+    without walking the virtual environment inside ``root`` (Flower's ``collect_files`` resolves
+    every one of its ~50,000 files: 4-12 s per ``flwr run`` on a 2-core machine)."""
+    for relative, path in project_files(root).items():
+        target = into / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return into
 
 
 def installed_app_fab() -> bytes:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fedgov.errors import FedgovError
@@ -469,6 +470,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from clients.app_approval import copy_project
     from fedgov.config import to_flower_config
     from fedgov.deploy import flower_tool
     from fedgov.project import app_dir
@@ -504,20 +506,23 @@ def _run(args: argparse.Namespace) -> int:
     config_file.write_text(
         "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in to_flower_config(cfg).items())
     )
-    command = [
-        flower_tool("flwr"),
-        "run",
-        str(app_dir()),
-        settings.federation,
-        "--run-config",
-        str(config_file),
-        "--stream",
-    ]
     if not _listening(settings.local_address):
         raise FedgovError(_not_running(settings))
     remember_run(settings.database.parent, run_dir)  # reported by the coordinator's /metrics
     (run_dir / "failure.json").unlink(missing_ok=True)
-    result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
+    # `flwr run` builds the FAB from a copy of the app's files (the same FAB, byte for byte):
+    # from the project folder it would walk the virtual environment inside it first.
+    with tempfile.TemporaryDirectory(prefix="fedgov-app-") as staging:
+        command = [
+            flower_tool("flwr"),
+            "run",
+            str(copy_project(app_dir(), Path(staging))),
+            settings.federation,
+            "--run-config",
+            str(config_file),
+            "--stream",
+        ]
+        result = subprocess.run(command, env=flower_environment(settings), cwd=os.getcwd())
     metrics = run_dir / "metrics.json"
     failure = _read_json(run_dir / "failure.json")
     if failure is not None:

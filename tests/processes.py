@@ -377,6 +377,16 @@ def fedgov(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
     )
 
 
+def app_copy(folder: Path) -> Path:
+    """``folder/app``: a copy of the fedgov app's project files, for ``flwr run``. Flower builds
+    the same FAB from it, byte for byte, as from the project folder, without walking the
+    virtual environment inside that first (seconds per run; clients.app_approval.copy_project)."""
+    from clients.app_approval import copy_project
+    from fedgov.project import app_dir
+
+    return copy_project(app_dir(), folder / "app")
+
+
 def kill_tree(pid: int) -> list[int]:
     """SIGKILL ``pid`` and every process descended from it, at once (no chance to clean up);
     returns the pids signalled."""

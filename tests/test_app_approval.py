@@ -24,6 +24,7 @@ from clients.app_approval import (
     AppLogError,
     AppRefused,
     app_digest,
+    copy_project,
     diff_files,
     fab_app_digest,
     installed_app_fab,
@@ -75,13 +76,15 @@ def test_the_digest_names_the_files_not_the_zip(files, rng):
     assert app_digest(renamed) != app_digest(files)
 
 
-def test_the_installed_app_digest_is_flowers_fab_of_the_project():
+def test_the_installed_app_digest_is_flowers_fab_of_the_project(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     from fedgov.project import app_dir
 
     built = installed_app_fab()
     assert built == build_fab_from_disk(app_dir())  # byte for byte what `flwr run` ships
+    # `fedgov run` runs `flwr run` on a copy of the project's files: the same FAB
+    assert build_fab_from_disk(copy_project(app_dir(), tmp_path / "app")) == built
     assert "clients/app.py" in zipfile.ZipFile(io.BytesIO(built)).namelist()
 
 

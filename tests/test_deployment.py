@@ -20,6 +20,7 @@ import torch
 from processes import (
     LOOPBACK,
     ProcessGroup,
+    app_copy,
     free_ports,
     listening_addresses,
     port_is_open,
@@ -117,7 +118,15 @@ def test_two_rounds_on_a_superlink_with_three_supernodes(
     )
     flwr_run = processes.start(
         "flwr-run",
-        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(app_copy(tmp_path)),
+            CONNECTION,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
         cwd=tmp_path,
     )
     metrics_path = run_dir / "metrics.json"  # written atomically, after the last round

@@ -10,12 +10,19 @@ unmasked sum must be exactly the sum of the other three sites' quantised updates
 test recomputes itself. A second round follows; its key stages ride on the first round's masked
 input and consistency exchanges, so the sites' contexts in the SuperNodes hold two rounds at
 once, and its sum must be exact too.
+
+The dropout test's sites run fedgov's site runtime (``fedgov site start``'s default: Flower's
+SuperNode through ``python -m clients.supernode`` and fedgov's SuperExec forking each ClientApp
+task from a warm zygote), so that its ~12 exchanges per site do not each start a fresh
+interpreter (~10 s apiece on a loaded 2-core machine, most of the test's time); the roster test's
+sites are stock ``flower-supernode`` processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -24,9 +31,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from processes import LOOPBACK, ProcessGroup, free_ports, kill_tree
+from processes import LOOPBACK, ProcessGroup, app_copy, free_ports, kill_tree
 from safetensors.numpy import load_file
 
+from clients import doorbell
 from clients.site_data import load_site_data
 from clients.update import compute_update
 from fedgov import messages as keys
@@ -106,10 +114,16 @@ def _expected_ring_sum(
 
 
 def _start_federation(
-    tmp_path: Path, processes: ProcessGroup, node_configs: list[str]
+    tmp_path: Path, processes: ProcessGroup, node_configs: list[str], fedgov_runtime: bool = False
 ) -> tuple[Path, list]:
     """A SuperLink and one SuperNode per ``node_configs`` entry on 127.0.0.1, and a Flower
-    connection ``CONNECTION`` to it; (FLWR_HOME, the SuperNodes)."""
+    connection ``CONNECTION`` to it; (FLWR_HOME, the SuperNodes).
+
+    ``fedgov_runtime``: each SuperNode is fedgov's (``python -m clients.supernode``, process
+    isolation) with fedgov's forking SuperExec (``python -m clients.superexec``), as
+    ``fedgov site start`` runs them (clients/daemon.py); each SuperExec is started as
+    ``superexec-<index>`` and is the SuperNode's ``.superexec``. Else stock
+    ``flower-supernode`` processes that start Flower's SuperExec themselves."""
     for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
@@ -134,8 +148,7 @@ def _start_federation(
     processes.wait_for_port(superlink, link_port, START_TIMEOUT)
     supernodes = []
     for index, (port, node_config) in enumerate(zip(node_ports, node_configs, strict=True)):
-        argv = [
-            str(BIN / "flower-supernode"),
+        options = [
             "--insecure",
             "--superlink",
             f"{LOOPBACK}:{link_port}",
@@ -146,7 +159,38 @@ def _start_federation(
             "--node-config",
             node_config,
         ]
-        supernodes.append(processes.start(f"supernode-{index}", argv))
+        if not fedgov_runtime:
+            supernodes.append(
+                processes.start(f"supernode-{index}", [str(BIN / "flower-supernode"), *options])
+            )
+            continue
+        secret = tmp_path / f"superexec-{index}.secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        env = {doorbell.DOORBELL_ENV: doorbell.new_name()} if doorbell.available() else {}
+        isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        node = processes.start(
+            f"supernode-{index}",
+            [sys.executable, "-m", "clients.supernode", *options, *isolation],
+            env=env,
+        )
+        node.superexec = processes.start(  # type: ignore[attr-defined]
+            f"superexec-{index}",
+            [
+                sys.executable,
+                "-m",
+                "clients.superexec",
+                "--insecure",
+                "--runtime-api-address",
+                f"{LOOPBACK}:{port}",
+                "--superexec-auth-secret-file",
+                str(secret),
+                "--parent-pid",
+                str(node.pid),
+            ],
+            env=env,
+        )
+        supernodes.append(node)
     for node in supernodes:
         processes.wait_for_log(node, r"SuperNode ID: \d+", START_TIMEOUT)
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -162,7 +206,9 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
 ) -> None:
     run_dir = tmp_path / "run"
     node_configs = [f"partition-id={i} num-partitions={NUM_SITES}" for i in range(NUM_SITES)]
-    _, (superlink, *supernodes) = _start_federation(tmp_path, processes, node_configs)
+    _, (superlink, *supernodes) = _start_federation(
+        tmp_path, processes, node_configs, fedgov_runtime=True
+    )
 
     cfg = _config(run_dir)
     run_config = " ".join(
@@ -179,7 +225,15 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     )
     flwr_run = processes.start(
         "flwr-run",
-        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(app_copy(tmp_path)),
+            CONNECTION,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
         cwd=tmp_path,
     )
     victim = supernodes[KILLED]
@@ -187,11 +241,16 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
     processes.wait_for_log(victim, r"Receiving: train\.secagg_masked_input", RUN_TIMEOUT)
     killed_at = time.monotonic()
     kill_tree(victim.pid)
+    kill_tree(victim.superexec.pid)  # and its SuperExec, with the zygote and any task
     victim.popen.wait(timeout=10)
-    assert not victim.running()
+    victim.superexec.popen.wait(timeout=10)
+    assert not victim.running() and not victim.superexec.running()
 
     metrics_path = run_dir / "metrics.json"
-    survivors_running = [superlink, *(n for n in supernodes if n is not victim)]
+    survivors_running = [
+        superlink,
+        *(p for n in supernodes if n is not victim for p in (n, n.superexec)),
+    ]
     processes.wait_until(
         lambda: metrics_path.exists() or not flwr_run.running(),
         RUN_TIMEOUT,
@@ -301,7 +360,15 @@ def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes
     )
     flwr_run = processes.start(
         "flwr-run",
-        [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config, "--stream"],
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(app_copy(tmp_path)),
+            CONNECTION,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
         cwd=tmp_path,
     )
     metrics_path = run_dir / "metrics.json"

@@ -30,8 +30,20 @@ def _federation(num_sites: int = 3, seed: int = 0):
     return simulated_federation(cfg)
 
 
-def test_three_sites_two_rounds_beat_the_majority_class(simulate):
-    metrics = simulate(*SYNTHETIC, "rounds=2")
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[dict, Path]:
+    """(metrics.json's data, run folder) of ``SYNTHETIC`` for 2 rounds with the default seed and
+    strategy (FedAvg): one simulation serves every test below that runs exactly that config."""
+    from simulations.run import compose_config, run_from_hydra
+
+    run_dir = tmp_path_factory.mktemp("default-run") / "run"
+    return run_from_hydra(
+        compose_config(["progress=false", *SYNTHETIC, "rounds=2"]), run_dir
+    ), run_dir
+
+
+def test_three_sites_two_rounds_beat_the_majority_class(default_run):
+    metrics, run_dir = default_run
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for record in metrics["rounds"]:
         assert record["participants"] == ["site-00", "site-01", "site-02"]
@@ -45,10 +57,10 @@ def test_three_sites_two_rounds_beat_the_majority_class(simulate):
     # The saved weights are the model that scored that accuracy on the held-out rows.
     schema = holdout.schema
     model = build_model("mlp", schema.input_shape, len(schema.classes), 64)
-    weights = load_safetensors(simulate.root / "run" / "model.safetensors")
+    weights = load_safetensors(run_dir / "model.safetensors")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     assert evaluate(model, holdout).accuracy == pytest.approx(final["central_eval_accuracy"])
-    plots = sorted(p.name for p in (simulate.root / "run" / "plots").glob("*.png"))
+    plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert plots == ["accuracy.png", "loss.png", "participation.png"]
     assert metrics["sites"]["site-00"]["num_train"] > 0
 
@@ -58,21 +70,28 @@ def _without_timings(metrics: dict) -> dict:
     return {"rounds": rounds, "final": metrics["final"]}
 
 
-def test_same_seed_gives_identical_results_and_another_seed_does_not(simulate):
-    runs = [
-        simulate(*SYNTHETIC, "rounds=2", f"seed={s}", name=f"s{i}") for i, s in enumerate((5, 5, 6))
+def test_same_seed_gives_identical_results_and_another_seed_does_not(simulate, default_run):
+    # The default seed (0) twice: the module's run of it, then a fresh one; then seed 6.
+    first_run, first_dir = default_run
+    runs = [first_run] + [
+        simulate(*SYNTHETIC, "rounds=2", f"seed={s}", name=f"s{i}") for i, s in ((1, 0), (2, 6))
     ]
+    assert runs[1]["config"]["seed"] == runs[0]["config"]["seed"] == 0
     assert _without_timings(runs[0]) == _without_timings(runs[1])
     assert _without_timings(runs[0]) != _without_timings(runs[2])
     first, second = (
-        load_safetensors(simulate.root / n / "model.safetensors") for n in ("s0", "s1")
+        load_safetensors(d / "model.safetensors") for d in (first_dir, simulate.root / "s1")
     )
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum"])
-def test_every_strategy_trains(simulate, strategy):
-    metrics = simulate(*SYNTHETIC, f"strategy={strategy}", "rounds=2")
+def test_every_strategy_trains(simulate, default_run, strategy):
+    # FedAvg is the default strategy: the module's default run is that run.
+    if strategy == "fedavg":
+        metrics = default_run[0]
+    else:
+        metrics = simulate(*SYNTHETIC, f"strategy={strategy}", "rounds=2")
     assert metrics["config"]["strategy.name"] == strategy
     assert all(len(r["participants"]) == 3 for r in metrics["rounds"])
     assert metrics["final"]["central_eval_accuracy"] > 0.6
