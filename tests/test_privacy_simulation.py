@@ -20,6 +20,7 @@ from fedgov.errors import ConfigError
 from privacy.accounting import epsilon, independent_epsilon, steps_per_round
 from privacy.planning import check_privacy_plan
 from privacy.receipts import Receipt, read_public_key
+from strategies.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTHETIC = ["dataset=synthetic", "federation.num_sites=3"]
@@ -81,7 +82,7 @@ def _report(run_dir: Path) -> dict:
 )
 def test_bad_privacy_values_are_one_line_naming_the_field(flat, field, allowed):
     with pytest.raises(ConfigError) as info:
-        from_flower_config(flat)
+        load_run_config(flat)
     message = str(info.value)
     assert message.startswith(field) and allowed in message and "\n" not in message
 

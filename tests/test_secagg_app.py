@@ -32,6 +32,7 @@ from server.outputs import metrics_document
 from server.round_context import RoundContext
 from server.rounds import run_rounds
 from strategies.registry import build_strategy
+from strategies.run_config import load_run_config
 
 SETUP, SHARE, MASKED, CONSISTENCY, UNMASK, ABORT = (
     records.MESSAGE_TYPES[s] for s in records.MESSAGE_TYPES
@@ -596,7 +597,7 @@ def test_a_round_aborted_at_masked_input_leaves_the_next_round_set_up_and_wiped_
 )
 def test_secagg_config_errors_name_the_field_in_one_line(overrides, field):
     with pytest.raises(ConfigError) as info:
-        from_flower_config({"secagg.name": "secaggplus", **overrides})
+        load_run_config({"secagg.name": "secaggplus", **overrides})
     message = str(info.value)
     assert message.startswith(field) and "\n" not in message
     if field == "secagg.name":
