@@ -198,125 +198,133 @@ def verify_report(document: Mapping[str, Any], run_accountant: bool = False) -> 
     whose config already resolved its accountant). One without an independent method is replayed
     only.
     """
-    problems: list[str] = []
-    checked = 0
-    worst = 0.0
-    unchecked: set[str] = set()
+    verifier = _ReportVerifier(document, run_accountant)
+    sample = document.get("sample_level")
+    per_site = {
+        site_id: verifier.site(site_id, site)
+        for site_id, site in (sample or {}).get("sites", {}).items()
+    }
+    site_level_ok = verifier.site_level(document.get("site_level"))
+    return {
+        "receipts_checked": verifier.checked,
+        "receipts_verified": all(per_site.values()) if per_site else None,
+        "sites_verified": per_site,
+        "site_level_verified": site_level_ok,
+        "independent_accountant": _independent_name(document["accountant"], run_accountant),
+        "max_relative_difference": verifier.worst,
+        "problems": verifier.problems,
+        "ok": not verifier.problems,
+    }
 
-    def registered(name: str) -> AccountantSpec | None:
-        if name in ACCOUNTANTS or (run_accountant and name == document["accountant"]):
+
+class _ReportVerifier:
+    """The checks of :func:`verify_report`, and what they found so far."""
+
+    def __init__(self, document: Mapping[str, Any], run_accountant: bool) -> None:
+        self.document, self.run_accountant = document, run_accountant
+        self.accountant: str = document["accountant"]
+        self.delta: float = document["delta"]
+        self.run_id = str(document.get("run_id") or "")
+        self.problems: list[str] = []
+        self.checked = 0
+        self.worst = 0.0  # the largest relative gap to the independent accountant
+        self._unchecked: set[str] = set()
+
+    def registered(self, name: str) -> AccountantSpec | None:
+        """``name``'s accountant, if registered here (else one problem line per name)."""
+        if name in ACCOUNTANTS or (self.run_accountant and name == self.accountant):
             return ACCOUNTANTS.resolve(name)
-        if name not in unchecked:
-            unchecked.add(name)
-            problems.append(
+        if name not in self._unchecked:
+            self._unchecked.add(name)
+            self.problems.append(
                 f"accountant '{name}' is not registered here (known: "
                 f"{', '.join(ACCOUNTANTS.names())}); its ε values were not re-checked"
             )
         return None
 
-    def replay(spec: AccountantSpec, history: Any, delta: float) -> float:
+    def epsilon_matches(
+        self, spec: AccountantSpec, history: Any, delta: float, stated: float, where: str
+    ) -> bool:
+        """``stated`` ε against a replay of ``history`` (relative 1e-6) and, where the
+        accountant has one, its independent method (within ``INDEPENDENT_TOLERANCE``)."""
         entries = normalise_history(history)
-        return spec.epsilon(as_history(entries), float(delta)) if entries else 0.0
+        replayed = spec.epsilon(as_history(entries), float(delta)) if entries else 0.0
+        ok = math.isclose(replayed, stated, rel_tol=1e-6, abs_tol=1e-9)
+        if not ok:
+            self.problems.append(f"{where}: ε {stated} but its history gives {replayed}")
+        if spec.independent is None or stated <= 0:
+            return ok
+        other = spec.independent(as_history(entries), float(delta)) if entries else 0.0
+        difference = abs(other - stated) / stated
+        self.worst = max(self.worst, difference)
+        if difference > INDEPENDENT_TOLERANCE:
+            self.problems.append(f"{where}: independent accountant gives {other}, not {stated}")
+            return False
+        return ok
 
-    def independent(spec: AccountantSpec, history: Any, delta: float) -> float | None:
-        entries = normalise_history(history)
-        if spec.independent is None:
+    def site(self, site_id: str, site: Mapping[str, Any]) -> bool:
+        """Every receipt of one site, in round order, and its reported ε."""
+        receipts = [Receipt.from_json(r) for r in site.get("receipts", [])]
+        receipts += [Receipt.from_json(r) for r in site.get("decline_receipts", [])]
+        ok = True
+        keys = {r.public_key for r in receipts}
+        if len(keys) > 1:
+            self.problems.append(f"{site_id}: receipts signed by {len(keys)} different keys")
+            ok = False
+        previous: list[Any] = []
+        for receipt in sorted(receipts, key=lambda r: (r.payload["round"], r.payload["kind"])):
+            self.checked += 1
+            if not receipt.verify() or receipt.payload.get("site") != site_id:
+                self.problems.append(
+                    f"{site_id} round {receipt.payload['round']}: signature does not verify"
+                )
+                ok = False
+                continue
+            ok = self.receipt(site_id, receipt.payload, previous) and ok
+            previous = receipt.payload["history"]
+        if site.get("receipts_matched_updates") is False:
+            self.problems.append(f"{site_id}: a receipt did not match the update the server got")
+            ok = False
+        if site.get("epsilon", 0) > 0 and receipts:
+            top = max(r.payload["epsilon"] for r in receipts)
+            if not math.isclose(top, site["epsilon"], rel_tol=1e-9):
+                self.problems.append(f"{site_id}: reported ε {site['epsilon']} ≠ receipts' {top}")
+                ok = False
+        return ok
+
+    def receipt(self, site_id: str, payload: Mapping[str, Any], previous: list[Any]) -> bool:
+        """One signed receipt's payload: its run, its history, its ε and the site's cap."""
+        where = f"{site_id} round {payload['round']}"
+        ok = True
+        if payload["kind"] == "dp-sgd" and self.run_id and str(payload.get("run")) != self.run_id:
+            self.problems.append(f"{where}: receipt of run {payload.get('run')}, not of this run")
+            ok = False
+        history = payload["history"]
+        if not history_extends(previous, history):
+            self.problems.append(f"{where}: history does not extend the previous receipt's")
+            ok = False
+        stated = payload["epsilon"]
+        spec = self.registered(payload.get("accountant", self.accountant))
+        if spec is None:
+            return False
+        delta = payload.get("delta", self.delta)
+        ok = self.epsilon_matches(spec, history, delta, stated, where) and ok
+        cap = payload.get("cap")
+        if payload["kind"] == "dp-sgd" and cap is not None and stated > cap * (1 + 1e-9):
+            self.problems.append(f"{where}: ε {stated} above the site's cap {cap}")
+            ok = False
+        return ok
+
+    def site_level(self, site_level: Mapping[str, Any] | None) -> bool | None:
+        """The site-level ε against its history (None when the run had no site-level DP)."""
+        if not site_level:
             return None
-        return spec.independent(as_history(entries), float(delta)) if entries else 0.0
-
-    sample = document.get("sample_level")
-    delta_default = document["delta"]
-    accountant = document["accountant"]
-    per_site: dict[str, bool] = {}
-    if sample:
-        for site_id, site in sample["sites"].items():
-            ok = True
-            receipts = [Receipt.from_json(r) for r in site.get("receipts", [])]
-            receipts += [Receipt.from_json(r) for r in site.get("decline_receipts", [])]
-            keys = {r.public_key for r in receipts}
-            if len(keys) > 1:
-                problems.append(f"{site_id}: receipts signed by {len(keys)} different keys")
-                ok = False
-            previous: list[Any] = []
-            for receipt in sorted(receipts, key=lambda r: (r.payload["round"], r.payload["kind"])):
-                checked += 1
-                p = receipt.payload
-                where = f"{site_id} round {p['round']}"
-                if not receipt.verify() or p.get("site") != site_id:
-                    problems.append(f"{where}: signature does not verify")
-                    ok = False
-                    continue
-                run_id = str(document.get("run_id") or "")
-                if p["kind"] == "dp-sgd" and run_id and str(p.get("run")) != run_id:
-                    problems.append(f"{where}: receipt of run {p.get('run')}, not of this run")
-                    ok = False
-                history = p["history"]
-                if not history_extends(previous, history):
-                    problems.append(f"{where}: history does not extend the previous receipt's")
-                    ok = False
-                previous = history
-                delta = p.get("delta", delta_default)
-                stated = p["epsilon"]
-                spec = registered(p.get("accountant", accountant))
-                if spec is None:
-                    ok = False
-                    continue
-                replayed = replay(spec, history, delta)
-                if not math.isclose(replayed, stated, rel_tol=1e-6, abs_tol=1e-9):
-                    problems.append(f"{where}: ε {stated} but its history gives {replayed}")
-                    ok = False
-                other = independent(spec, history, delta) if stated > 0 else None
-                if other is not None:
-                    difference = abs(other - stated) / stated
-                    worst = max(worst, difference)
-                    if difference > INDEPENDENT_TOLERANCE:
-                        problems.append(
-                            f"{where}: independent accountant gives {other}, not {stated}"
-                        )
-                        ok = False
-                cap = p.get("cap")
-                if p["kind"] == "dp-sgd" and cap is not None and stated > cap * (1 + 1e-9):
-                    problems.append(f"{where}: ε {stated} above the site's cap {cap}")
-                    ok = False
-            if site.get("receipts_matched_updates") is False:
-                problems.append(f"{site_id}: a receipt did not match the update the server got")
-                ok = False
-            if site.get("epsilon", 0) > 0 and receipts:
-                top = max(r.payload["epsilon"] for r in receipts)
-                if not math.isclose(top, site["epsilon"], rel_tol=1e-9):
-                    problems.append(f"{site_id}: reported ε {site['epsilon']} ≠ receipts' {top}")
-                    ok = False
-            per_site[site_id] = ok
-    site_level = document.get("site_level")
-    site_level_ok = None
-    spec = registered(accountant) if site_level else None
-    if site_level and spec is None:
-        site_level_ok = False
-    elif site_level and spec is not None:
-        history = site_level["history"]
-        replayed = replay(spec, history, delta_default)
-        site_level_ok = math.isclose(replayed, site_level["epsilon"], rel_tol=1e-6, abs_tol=1e-9)
-        if not site_level_ok:
-            problems.append(
-                f"site level: ε {site_level['epsilon']} but its history gives {replayed}"
-            )
-        other = independent(spec, history, delta_default) if site_level["epsilon"] > 0 else None
-        if other is not None:
-            difference = abs(other - site_level["epsilon"]) / site_level["epsilon"]
-            worst = max(worst, difference)
-            if difference > INDEPENDENT_TOLERANCE:
-                problems.append(f"site level: independent accountant gives {other}")
-                site_level_ok = False
-    return {
-        "receipts_checked": checked,
-        "receipts_verified": all(per_site.values()) if per_site else None,
-        "sites_verified": per_site,
-        "site_level_verified": site_level_ok,
-        "independent_accountant": _independent_name(accountant, run_accountant),
-        "max_relative_difference": worst,
-        "problems": problems,
-        "ok": not problems,
-    }
+        spec = self.registered(self.accountant)
+        if spec is None:
+            return False
+        return self.epsilon_matches(
+            spec, site_level["history"], self.delta, site_level["epsilon"], "site level"
+        )
 
 
 def _independent_name(accountant: str, run_accountant: bool) -> str:

@@ -176,6 +176,52 @@ def test_tampering_with_a_report_is_detected(document):
         assert any(words in problem for problem in result["problems"]), result["problems"]
 
 
+def test_a_site_that_signs_its_own_lies_is_caught(document, tmp_path):
+    """A valid signature does not make a receipt true: each lie a site's own key signs (an ε
+    below its history's, another run's receipt, a history that restarts, ε above its cap) is
+    one problem line naming the site and round; the honest sites stay verified."""
+    key = create_site_key(tmp_path / "c")
+    honest = [[1.2, 0.02, 50]]
+    lies = {
+        1: {"epsilon": 0.01, "history": honest},
+        2: {"run": "r0", "history": [[1.2, 0.02, 100]]},
+        3: {"history": [[1.0, 0.05, 1]]},  # does not extend round 2's
+        4: {"cap": 0.001, "history": [[1.0, 0.05, 1], [1.2, 0.02, 50]]},
+    }
+    receipts = []
+    for server_round, lie in lies.items():
+        payload = {
+            "kind": "dp-sgd",
+            "site": "hospital-c",
+            "run": "r1",
+            "round": server_round,
+            "delta": DELTA,
+            "accountant": "rdp",
+            "cap": 3.0,
+            **lie,
+        }
+        payload.setdefault("epsilon", epsilon(payload["history"], DELTA))
+        receipts.append(sign(key, payload).to_json())
+    mutated = copy.deepcopy(document)
+    top = max(r["payload"]["epsilon"] for r in receipts)
+    mutated["sample_level"]["sites"]["hospital-c"] = {"receipts": receipts, "epsilon": top}
+    result = verify_report(mutated)
+    assert result["sites_verified"] == {"hospital-a": True, "hospital-b": True, "hospital-c": False}
+    problems = [p for p in result["problems"] if p.startswith("hospital-c")]
+    expected = (
+        ("hospital-c round 1: ε 0.01 but its history gives", 1),
+        ("hospital-c round 1: independent accountant gives", 1),
+        ("hospital-c round 2: receipt of run r0, not of this run", 1),
+        ("hospital-c round 3: history does not extend the previous receipt's", 1),
+        ("hospital-c round 4: ε", 1),
+    )
+    for start, count in expected:
+        assert sum(p.startswith(start) for p in problems) == count, problems
+    assert any(p.endswith("above the site's cap 0.001") for p in problems), problems
+    assert len(problems) == 5, problems
+    assert result["receipts_checked"] == document["verification"]["receipts_checked"] + 4
+
+
 def test_the_first_paragraph_speaks_plainly(document):
     summary = document["summary"]
     first = summary.split(". ")[0]
