@@ -122,6 +122,13 @@ class ProcessGroup:
         self.started.append(started)
         return started
 
+    def start_flwr_run(self, folder: Path, connection: str, run_config: str) -> Started:
+        """``flwr run`` of a copy of the app in ``folder`` (:func:`app_copy`) on the SuperLink
+        connection ``connection`` with ``run_config``, streaming the run's logs."""
+        flwr = Path(sys.executable).parent / "flwr"
+        argv = [str(flwr), "run", str(app_copy(folder)), connection, "--run-config", run_config]
+        return self.start("flwr-run", [*argv, "--stream"], cwd=folder)
+
     def wait_until(
         self,
         condition: Callable[[], bool],

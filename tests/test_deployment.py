@@ -20,7 +20,6 @@ import torch
 from processes import (
     LOOPBACK,
     ProcessGroup,
-    app_copy,
     free_ports,
     listening_addresses,
     port_is_open,
@@ -116,19 +115,7 @@ def test_two_rounds_on_a_superlink_with_three_supernodes(
         f"rounds={ROUNDS} dataset.name='synthetic' dataset.partitioner='natural' "
         f"federation.num_sites={NUM_SITES} output_dir={json.dumps(str(run_dir))}"
     )
-    flwr_run = processes.start(
-        "flwr-run",
-        [
-            str(BIN / "flwr"),
-            "run",
-            str(app_copy(tmp_path)),
-            CONNECTION,
-            "--run-config",
-            run_config,
-            "--stream",
-        ],
-        cwd=tmp_path,
-    )
+    flwr_run = processes.start_flwr_run(tmp_path, CONNECTION, run_config)
     metrics_path = run_dir / "metrics.json"  # written atomically, after the last round
     processes.wait_until(
         lambda: metrics_path.exists() or not flwr_run.running(),

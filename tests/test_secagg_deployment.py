@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from processes import LOOPBACK, ProcessGroup, app_copy, free_ports, kill_tree
+from processes import LOOPBACK, ProcessGroup, free_ports, kill_tree
 from safetensors.numpy import load_file
 
 from clients import doorbell
@@ -223,19 +223,7 @@ def test_a_supernode_killed_mid_round_leaves_the_exact_sum_of_the_other_three(
             f"output_dir={json.dumps(str(run_dir))}",
         ]
     )
-    flwr_run = processes.start(
-        "flwr-run",
-        [
-            str(BIN / "flwr"),
-            "run",
-            str(app_copy(tmp_path)),
-            CONNECTION,
-            "--run-config",
-            run_config,
-            "--stream",
-        ],
-        cwd=tmp_path,
-    )
+    flwr_run = processes.start_flwr_run(tmp_path, CONNECTION, run_config)
     victim = supernodes[KILLED]
     # It has shared its keys (setup and share_keys done): kill it as the masked input is asked.
     processes.wait_for_log(victim, r"Receiving: train\.secagg_masked_input", RUN_TIMEOUT)
@@ -358,19 +346,7 @@ def test_sites_refuse_a_roster_the_coordinator_signed_itself_over_real_processes
             f"output_dir={json.dumps(str(run_dir))}",
         ]
     )
-    flwr_run = processes.start(
-        "flwr-run",
-        [
-            str(BIN / "flwr"),
-            "run",
-            str(app_copy(tmp_path)),
-            CONNECTION,
-            "--run-config",
-            run_config,
-            "--stream",
-        ],
-        cwd=tmp_path,
-    )
+    flwr_run = processes.start_flwr_run(tmp_path, CONNECTION, run_config)
     metrics_path = run_dir / "metrics.json"
     processes.wait_until(
         lambda: metrics_path.exists() or not flwr_run.running(),
