@@ -126,12 +126,21 @@ PULL_OPTIONS = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
 INSTALL_PARAMETERS = ["fab_file", "install_dir", "skip_prompt"]
 
 
-def _version_problems() -> list[str]:
+def version_problems() -> list[str]:
+    """["flwr is X, expected 1.42.0"] when the installed Flower is not the one checked."""
     from flwr.supercore.version import package_version
 
     if package_version != FLOWER_VERSION:
         return [f"flwr is {package_version}, expected {FLOWER_VERSION}"]
     return []
+
+
+def source_of(function: object) -> str:
+    """``function``'s source text, or "" when Python cannot show it (a C function, None)."""
+    try:
+        return inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return ""
 
 
 def _parameters(function: Callable[..., Any]) -> list[str]:
@@ -166,7 +175,7 @@ def superexec_problems() -> list[str]:
     from flwr.supercore.superexec import run_superexec as module
     from flwr.supercore.superexec.executor import factory
 
-    problems = _version_problems()
+    problems = version_problems()
     if getattr(module, "get_executor", None) is not factory.get_executor:
         return [*problems, "run_superexec no longer imports get_executor into its namespace"]
     if _parameters(factory.get_executor) != GET_EXECUTOR_PARAMETERS:
@@ -179,7 +188,7 @@ def superexec_problems() -> list[str]:
 def superexec_sleep_problems() -> list[str]:
     from flwr.supercore.superexec import run_superexec as module
 
-    problems = _version_problems()
+    problems = version_problems()
     if getattr(module, "time", None) is not time:
         problems.append("run_superexec no longer uses the time module by that name")
     elif "time.sleep(task_poll_interval)" not in inspect.getsource(module.run_superexec):
@@ -207,7 +216,7 @@ def install_executor_factory(get_executor: Callable[..., Any]) -> None:
 def supernode_problems() -> list[str]:
     from flwr.supernode import start_client_internal as module
 
-    problems = _version_problems()
+    problems = version_problems()
     if getattr(module, "time", None) is not time:
         problems.append("start_client_internal no longer uses the time module by that name")
     start = getattr(module, "start_client_internal", None)
@@ -267,7 +276,7 @@ def supernode_contact_problems() -> list[str]:
     from flwr.supernode import start_client_internal as module
     from flwr.supernode.nodestate import NodeState
 
-    problems = _version_problems()
+    problems = version_problems()
     start = getattr(module, "start_client_internal", None)
     for name in ("_pull_and_store_message", "_push_messages"):
         function = getattr(module, name, None)
@@ -320,7 +329,7 @@ def clientapp_problems() -> list[str]:
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode.runtime import run_clientapp as module
 
-    problems = _version_problems()
+    problems = version_problems()
     pull = getattr(module, "pull_and_inflate_object_from_tree", None)
     if pull is not inflatable_utils.pull_and_inflate_object_from_tree:
         problems.append("run_clientapp no longer imports pull_and_inflate_object_from_tree")
@@ -392,7 +401,7 @@ def grid_problems() -> list[str]:
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.superlink.grid import http_grid as module
 
-    problems = _version_problems()
+    problems = version_problems()
     pull = getattr(module, "pull_objects", None)
     if pull is not inflatable_utils.pull_objects and not getattr(pull, "fedgov_bounded", False):
         return [*problems, "http_grid no longer imports pull_objects"]
@@ -445,7 +454,7 @@ def checked(group: str, problems: Callable[[], list[str]]) -> bool:
 def metadata_problems() -> list[str]:
     from flwr.app import Metadata
 
-    problems = _version_problems()
+    problems = version_problems()
     getter = getattr(getattr(Metadata, "src_node_id", None), "fget", None)
     if getter is None or '__dict__["_src_node_id"]' not in inspect.getsource(getter):
         problems.append("Metadata.src_node_id no longer reads __dict__['_src_node_id']")
@@ -488,7 +497,7 @@ def simulation_problems() -> list[str]:
 
     # by name: the package flwr.simulation exports a function called run_simulation
     module = importlib.import_module("flwr.simulation.run_simulation")
-    problems = _version_problems()
+    problems = version_problems()
     engine = getattr(module, "_run_simulation", None)
     if engine is None:
         return [*problems, "flwr.simulation.run_simulation no longer has _run_simulation"]
@@ -522,7 +531,7 @@ def simulation_node_config_problems() -> list[str]:
     from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
     from flwr.server.superlink.fleet.vce import vce_api
 
-    problems = _version_problems()
+    problems = version_problems()
     register = getattr(vce_api, "_register_node_info_stores", None)
     if register is None or _parameters(register) != NODE_INFO_PARAMETERS:
         return [*problems, "vce_api._register_node_info_stores changed"]
@@ -569,7 +578,7 @@ def simulation_feed_problems() -> list[str]:
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate import InMemoryLinkState
 
-    problems = _version_problems()
+    problems = version_problems()
     feed = getattr(vce_api, "add_messages_to_queue", None)
     if feed is None or _parameters(feed) != FEED_PARAMETERS:
         return [*problems, "vce_api.add_messages_to_queue changed"]
@@ -620,7 +629,7 @@ def simulation_backend_problems() -> list[str]:
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    problems = _version_problems()
+    problems = version_problems()
     if "from .backend.raybackend import RayBackend" not in inspect.getsource(vce_api.start_vce):
         problems.append("start_vce no longer imports RayBackend when it builds its backend")
     backend = getattr(raybackend, "RayBackend", None)

@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from fedgov.flower_hooks import source_of, version_problems
 from server.superlink_state import install as install_busy_timeout
 from server.superlink_state import use_memory_state
 
@@ -175,16 +176,10 @@ def scope_problems() -> list[str]:
     found = {getattr(m.cls, "__name__", ""): m.cls for m in main._get_middleware()}
     for name, guard in SCOPE_GUARDS.items():
         cls = found.get(name)
-        try:
-            source = inspect.getsource(cls.dispatch) if cls is not None else ""
-        except (OSError, TypeError):
-            source = ""
+        source = source_of(cls.dispatch if cls is not None else None)
         if guard not in source:
             problems.append(f"{name}.dispatch changed")
-    try:
-        control_path = inspect.getsource(control._is_control_path)
-    except (AttributeError, OSError, TypeError):
-        control_path = ""
+    control_path = source_of(getattr(control, "_is_control_path", None))
     if 'return path.startswith("/v1/control/")' not in control_path:
         problems.append("_is_control_path changed")
     sensitive = getattr(control, "CONTROL_SENSITIVE_ROUTE_KEYS", None) or {("", "")}
@@ -229,28 +224,15 @@ def scope_middleware() -> bool:
 
 def hook_problems() -> list[str]:
     """Why the middleware cannot be installed on the Flower found here (empty: it can)."""
-    import flwr
     from flwr.superlink import extensions, main
 
-    problems = []
-    version = getattr(flwr, "__version__", None) or _flwr_version()
-    if version != "1.42.0":
-        problems.append(f"flwr is {version}, fedgov checked 1.42.0")
+    problems = version_problems()
     if not callable(getattr(extensions, "get_middleware", None)):
         problems.append("flwr.superlink.extensions.get_middleware is missing")
-    try:
-        source = inspect.getsource(main._get_middleware)
-    except (AttributeError, OSError, TypeError):
-        source = ""
+    source = source_of(getattr(main, "_get_middleware", None))
     if "extensions.get_middleware()" not in source:
         problems.append("flwr.superlink.main._get_middleware no longer calls the extension hook")
     return problems
-
-
-def _flwr_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
 
 
 def install(peers: frozenset[str]) -> None:

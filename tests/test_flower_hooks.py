@@ -33,6 +33,7 @@ def test_the_rebound_flower_internals_are_those_of_the_pinned_flower():
     pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     flwr = next(d for d in pinned if re.match(r"flwr(\[.*\])?==", d))
     assert flwr.endswith(f"=={flower_hooks.FLOWER_VERSION}")
+    assert flower_hooks.version_problems() == []
     assert flower_hooks.superexec_problems() == []
     assert flower_hooks.superexec_sleep_problems() == []
     assert flower_hooks.supernode_problems() == []
