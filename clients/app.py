@@ -6,7 +6,6 @@ site holds), does its work in plain functions (``clients.training``) and replies
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -102,17 +101,9 @@ def _record_declined(context: Context, reason: str) -> None:
     site_dir = str(context.node_config.get("site-dir", "") or "")
     if not site_dir:
         return
-    from clients.site_status import record_activity
+    from clients.site_status import record_run_outcome
 
-    with contextlib.suppress(OSError):
-        record_activity(
-            site_dir,
-            run_id=str(context.run_id),
-            flower_run_id=context.run_id,
-            server_round=0,
-            outcome="declined",
-            reason=reason,
-        )
+    record_run_outcome(site_dir, context.run_id, "declined", reason)
 
 
 @app.train()

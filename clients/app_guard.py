@@ -33,7 +33,6 @@ task stops before pulling anything (fail closed); ``tests/test_app_approval.py``
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import io
@@ -50,7 +49,7 @@ from flwr.app import Message
 # zygote drops the app's modules from ``sys.modules`` before the guard runs, and an import then
 # would load them again from the site's copy, ahead of the FAB's (clients/zygote.py).
 from clients.app_approval import AppRefused, refuse_unapproved_app
-from clients.site_status import record_activity
+from clients.site_status import record_run_outcome
 from fedgov import messages as keys
 
 #: The module whose names are rebound, and the parameters each name must take (flwr 1.42).
@@ -122,20 +121,7 @@ class TaskGuard:
             refuse_unapproved_app(site_dir, site_id, bytes(fab.content), str(run.run_id))
         except AppRefused as refused:
             self.refusal = RefusingApp(refused, site_id, refused.digest)
-            _record_refusal(site_dir, run, str(refused))
-
-
-def _record_refusal(site_dir: str, run: Any, reason: str) -> None:
-    """``fedgov site status`` shows the refusal as the site's last activity."""
-    with contextlib.suppress(OSError):
-        record_activity(
-            site_dir,
-            run_id=str(run.run_id),
-            flower_run_id=run.run_id,
-            server_round=0,
-            outcome="refused",
-            reason=reason,
-        )
+            record_run_outcome(site_dir, run.run_id, "refused", str(refused))
 
 
 def shipped_packages(fab: bytes) -> set[str]:

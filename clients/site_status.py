@@ -211,6 +211,22 @@ def previous_daemon_crashed(site_dir: str | Path) -> bool:
     return not process_alive(data.get("pid"), data.get("pid_start"))
 
 
+def record_run_outcome(
+    site_dir: str | Path, flower_run_id: object, outcome: str, reason: str
+) -> None:
+    """What the site did with a whole run before any round (``declined``: its data; ``refused``:
+    the app), as its last activity; a status file that cannot be written never stops the site."""
+    with contextlib.suppress(OSError):
+        record_activity(
+            site_dir,
+            run_id=str(flower_run_id),
+            flower_run_id=flower_run_id,
+            server_round=0,
+            outcome=outcome,
+            reason=reason,
+        )
+
+
 def record_activity(
     site_dir: str | Path,
     *,
