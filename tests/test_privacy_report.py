@@ -10,7 +10,6 @@ import base64
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from console.pdf import chromium_args, chromium_path
 from privacy.accounting import epsilon, independent_epsilon
 from privacy.receipts import create_site_key, sign
 from privacy.report import render_html, render_markdown, report_document, verify_report
@@ -301,28 +301,15 @@ def test_cli_errors_are_one_line(tmp_path):
     assert help_text.returncode == 0 and "--format {html,json,md}" in help_text.stdout
 
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
+CHROMIUM = chromium_path()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
 def test_headless_chromium_renders_the_report_with_its_plot(tmp_path, document):
     page = tmp_path / "privacy_report.html"
     page.write_text(render_html(document))
-    common = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-    ]
     dom = subprocess.run(
-        [*common, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", page.as_uri()],
+        [*chromium_args(tmp_path / "profile-dom"), "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
@@ -339,8 +326,7 @@ def test_headless_chromium_renders_the_report_with_its_plot(tmp_path, document):
     shot = tmp_path / "shot.png"
     screenshot = subprocess.run(
         [
-            *common,
-            f"--user-data-dir={tmp_path / 'profile-shot'}",
+            *chromium_args(tmp_path / "profile-shot"),
             "--window-size=1200,1400",
             f"--screenshot={shot}",
             page.as_uri(),
