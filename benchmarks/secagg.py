@@ -22,9 +22,9 @@ One table from one run:
    plain train exchange (the consistency check, where every survivor signs the survivor set,
    and the unmasking): the next round's key stages ride on this round's masked-input and
    consistency exchanges (``server.secagg_round``); the stage seconds show them as 0.
-2. Client mask generation: MB/s of 32-bit mask values, fedgov's ChaCha20 keystream into a
-   preallocated buffer (one mask, and ten masks applied to an input in cache-sized chunks) and
-   Flower's ``pseudo_rand_gen`` (MT19937).
+2. Client mask generation: MB/s of 32-bit mask values, fedgov's AES-128-CTR keystream into a
+   preallocated buffer (one mask, and ten masks applied to an input in cache-sized chunks), the
+   ChaCha20 keystream it used before, and Flower's ``pseudo_rand_gen`` (MT19937).
 3. Server unmasking time (rebuild the secrets from shares, remove every leftover mask) for
    ``--sites`` sites and 1M values, as dropouts after key sharing grow to the threshold's limit.
 
@@ -154,6 +154,7 @@ def child_main(args: argparse.Namespace) -> None:
 def mask_throughput(values: int = 1_000_000, repeats: int = 20) -> dict[str, float]:
     """MB/s of 32-bit mask values: fedgov (one mask; ten applied to an input) and Flower."""
     import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
     from privacy.secagg import masking
@@ -173,10 +174,16 @@ def mask_throughput(values: int = 1_000_000, repeats: int = 20) -> dict[str, flo
     buffer = np.empty(values, dtype=np.uint32)
     target = np.zeros(values, dtype=np.uint32)
     ten = [(os.urandom(32), masking.PAIR_MASK_NONCE, 1) for _ in range(10)]
+
+    def chacha20(out: np.ndarray) -> None:  # the PRG fedgov used before AES-128-CTR
+        view = memoryview(out).cast("B")
+        Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update_into(view, view)
+
     return {
-        "fedgov ChaCha20, one mask into a preallocated buffer": megabytes
+        "fedgov AES-128-CTR, one mask into a preallocated buffer": megabytes
         / best(lambda: masking.expand_into(seed, masking.PAIR_MASK_NONCE, buffer)),
-        "fedgov ChaCha20, ten masks added to an input": 10
+        "ChaCha20 (fedgov's PRG before), one mask": megabytes / best(lambda: chacha20(buffer)),
+        "fedgov AES-128-CTR, ten masks added to an input": 10
         * megabytes
         / best(lambda: masking.apply_masks(target, ten)),
         "Flower pseudo_rand_gen (MT19937), one mask": megabytes

@@ -5,7 +5,7 @@ The server learns the sum of the surviving sites' updates and nothing else about
 Pure maths, property-tested (tests/test_secagg_maths.py):
 - ``keys``     per-round X25519 key pairs, HKDF-SHA256 key derivation, AES-256-GCM for shares;
 - ``shamir``   t-of-n secret sharing of 256-bit secrets over GF(2^521 − 1);
-- ``masking``  masks expanded from 256-bit seeds by ChaCha20, added in the ring Z_{2^bits};
+- ``masking``  masks expanded from 256-bit seeds by AES-128-CTR, added in the ring Z_{2^bits};
 - ``quantise`` clipped, weighted fixed-point updates in the ring, and back to a mean;
 - ``graph``    the SecAgg+ neighbour graph and the reconstruction threshold.
 
