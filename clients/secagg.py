@@ -5,7 +5,7 @@ messages in ``context.state``) and replies with records.
 
 Pipelining: a site can hold two rounds at once, the current one (``records.STATE``) and the next
 one set up ahead (``records.STATE_NEXT``). The next round's setup rides on this round's masked
-input message, its share distribution on this round's consistency message (``records.NEXT``);
+input message, its share distribution on this round's unmasking message (``records.NEXT``);
 each half is answered on its own. The next round becomes the current one when its masked input
 is asked for; the round it replaces has been unmasked by then, or the server has left it (an
 abort notice for it still finds it until then).
@@ -187,18 +187,21 @@ def handle_masked_input(
                 settings.clip_range,
             )
         proof = site_round.accusation_proof(bad_shares)
+        identity = _identity(context) if site_round.roster else None
         contribution = site_round.contribution(
-            _identity(context) if site_round.roster else None,
+            identity,
             roster.model_digest((name, array_view(global_arrays[name])) for name in global_arrays),
             roster.config_digest(dict(msg.content.config_records[keys.CONFIG])),
         )
+        vector = site_round.mask(quantised)
         masked = MaskedInput(
-            vector=site_round.mask(quantised),
+            vector=vector,
             weight=weight,
             bad_shares=bad_shares,
             clipped=clipped,
             proof=proof,
             contribution=contribution,
+            early_signature=site_round.early_signature(identity),
         )
         _save(context, site_round)
         config, arrays = records.masked_input_records(site_round.round_id, site_round.index, masked)
@@ -221,11 +224,8 @@ def handle_masked_input(
 
 
 def handle_consistency(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Stage 4: sign the survivor set (the consistency check); reveal nothing yet.
-
-    A pipelined request also carries the next round's share distribution (``records.NEXT``): it
-    runs after the signature, and its ciphertexts (or refusal) go back under ``records.NEXT``.
-    """
+    """Stage 4 (only when a site asked for an input sent none): sign the smaller survivor set
+    the server names; reveal nothing yet."""
 
     def run() -> RecordDict:
         request = records.parse_consistency_request(msg.content)
@@ -235,16 +235,15 @@ def handle_consistency(msg: Message, context: Context, cfg: RunConfig) -> Messag
         record = records.consistency_reply_record(site.round_id, site.index, signature)
         return RecordDict({records.SECAGG: record})
 
-    content = _answer(msg.content, context, CONSISTENCY, run)
-    if records.NEXT in msg.content.config_records:
-        next_part = records.next_round_part(msg.content)
-        shared = _answer(next_part, context, SHARE_KEYS, lambda: _share_keys(next_part, context))
-        content[records.NEXT] = shared.config_records[records.SECAGG]
-    return Message(content, reply_to=msg)
+    return _reply(msg, context, CONSISTENCY, run)
 
 
 def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Stage 5: reveal shares (one kind per site, once per round), then forget the round."""
+    """Stage 5: reveal shares (one kind per site, once per round), then forget the round.
+
+    A pipelined request also carries the next round's share distribution (``records.NEXT``): it
+    runs after the reveal, and its ciphertexts (or refusal) go back under ``records.NEXT``.
+    """
 
     def run() -> RecordDict:
         request = records.parse_unmask_request(msg.content)
@@ -254,7 +253,12 @@ def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:
         record = records.unmask_shares_record(site.round_id, site.index, shares)
         return RecordDict({records.SECAGG: record})
 
-    return _reply(msg, context, UNMASK, run)
+    content = _answer(msg.content, context, UNMASK, run)
+    if records.NEXT in msg.content.config_records:
+        next_part = records.next_round_part(msg.content)
+        shared = _answer(next_part, context, SHARE_KEYS, lambda: _share_keys(next_part, context))
+        content[records.NEXT] = shared.config_records[records.SECAGG]
+    return Message(content, reply_to=msg)
 
 
 def handle_abort(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -1,19 +1,25 @@
-"""One training round under SecAgg+: five Message exchanges, then the strategy sees only the sum.
+"""One training round under SecAgg+: up to five Message exchanges, then the strategy sees only
+the sum.
 
 The stages are the methods of :class:`SecAggRound` (setup, share keys, masked input,
 consistency, unmask, finish); :func:`run_secagg_round` is the entry point the round loop calls.
 
+The consistency check rides on the masked input: each request names the sites asked for an
+input, and each site signs that set, as the survivor set, with its input. When every one of
+them sends its input (a round without dropouts), those signatures are the consistency check and
+go out with the unmask request; only a round in which a site dropped after the request runs the
+consistency exchange over the smaller set.
+
 Pipelining: when the next round's sites are known in advance (seeded sampling, not site-level
-DP's Poisson draw), its two key stages ride on this round's masked-input and consistency
-exchanges: its setup (fresh keys, advertised) on the masked input, its share distribution on the
-consistency check.
+DP's Poisson draw), its two key stages ride on this round's masked-input and unmask exchanges:
+its setup (fresh keys, advertised) on the masked input, its share distribution on the unmasking.
 Each site sampled next round gets the next round's request inside this round's request, or on
 its own in the same batch; the answers are kept as a :class:`PreparedSetup`. The next round uses
 it only if it samples exactly those sites at the same nodes with the same weight scale; else it
-runs its own key stages. A steady SecAgg+ round so costs two exchanges more than a plain train
-exchange (the consistency check and the unmasking), not four. A round that aborts before its
-consistency check leaves the next round with its setup done and its share distribution still to
-run; every site still answering gets the abort notice and wipes the aborted round's secrets.
+runs its own key stages. A steady SecAgg+ round so costs one exchange more than a plain train
+exchange (the unmasking), not four. A round that aborts before its unmasking leaves the next
+round with its setup done and its share distribution still to run; every site still answering
+gets the abort notice and wipes the aborted round's secrets.
 
 ``run_rounds`` branches here when ``secagg.name`` is ``secaggplus``. The stages (see
 ``privacy.secagg.protocol``) run over the sampled sites; a site that does not answer in time,
@@ -283,10 +289,11 @@ class SecAggRound:
         contents: dict[int, RecordDict] = {}
         global_digest = b""
         for i in server.alive():
-            content = train_content.get(node_of[site_of[i]])
-            if content is None:
+            if node_of[site_of[i]] not in train_content:
                 server.drop(i, MASKED_INPUT, "the strategy sent it no train message", True)
-                continue
+        server.expect_inputs()
+        for i in server.alive():
+            content = train_content[node_of[site_of[i]]]
             request = records.masked_input_request_record(server.masked_input_request(i))
             contents[i] = RecordDict({**dict(content.items()), records.SECAGG: request})
             if dp_survivors:
@@ -343,35 +350,17 @@ class SecAggRound:
                 )
 
     def consistency(self) -> None:
-        """Stage 4: each survivor signs the survivor set U3 (Bonawitz et al. §6), and the next
-        round's share distribution rides in the same batch."""
-        server, upcoming = self._server, self.upcoming
+        """Stage 4: each survivor signs the survivor set U3 (Bonawitz et al. §6). Skipped when
+        every site asked for an input sent one: each signed that set with its input."""
+        server = self._server
+        if server.signed_early:
+            self.timings[CONSISTENCY] = 0.0
+            return
         node_of, site_of = self.plan.node_of, self.site_of
         request = records.consistency_request_record(server.consistency_request())
         targets = server.alive()
         batch = {node_of[site_of[i]]: (CONSISTENCY, _content(request)) for i in targets}
-        if upcoming is not None:
-            _attach_next(
-                batch,
-                upcoming,
-                SHARE_KEYS,
-                upcoming.server.share_keys_request,
-                records.share_keys_request_record,
-            )
-        node_replies = self._send_to_nodes(CONSISTENCY, batch)
-        replies = _of_this_round(node_replies, self.node_index, targets)
-        if upcoming is not None:
-            self.result.prepared_next = _receive_next(
-                upcoming,
-                SHARE_KEYS,
-                batch,
-                node_replies,
-                self._parsed,
-                records.parse_ciphertexts,
-                upcoming.server.receive_ciphertexts,
-            )
-            if self.result.prepared_next is not None:
-                self.result.prepared_next.shared = True
+        replies = _of_this_round(self._send_to_nodes(CONSISTENCY, batch), self.node_index, targets)
         signatures: dict[int, bytes] = {}
         for index, reply in sorted(replies.items()):
             try:
@@ -392,12 +381,35 @@ class SecAggRound:
 
     def unmask(self) -> UnmaskedSum:
         """Stage 5: shares of the survivors' self masks and of the dropped sites' mask keys;
-        the server rebuilds the secrets and removes every mask."""
+        the server rebuilds the secrets and removes every mask. The next round's share
+        distribution rides in the same batch."""
         server, node_of, site_of = self._server, self.plan.node_of, self.site_of
+        upcoming = self.upcoming
         request = records.unmask_request_record(server.unmask_request())
         targets = server.unmask_targets()
         batch = {node_of[site_of[i]]: (UNMASK, _content(request)) for i in targets}
-        replies = _of_this_round(self._send_to_nodes(UNMASK, batch), self.node_index, targets)
+        if upcoming is not None:
+            _attach_next(
+                batch,
+                upcoming,
+                SHARE_KEYS,
+                upcoming.server.share_keys_request,
+                records.share_keys_request_record,
+            )
+        node_replies = self._send_to_nodes(UNMASK, batch)
+        replies = _of_this_round(node_replies, self.node_index, targets)
+        if upcoming is not None:
+            self.result.prepared_next = _receive_next(
+                upcoming,
+                SHARE_KEYS,
+                batch,
+                node_replies,
+                self._parsed,
+                records.parse_ciphertexts,
+                upcoming.server.receive_ciphertexts,
+            )
+            if self.result.prepared_next is not None:
+                self.result.prepared_next.shared = True
         self.silent_at_unmask = {i for i in targets if i not in replies}
         shares = {}
         for index, reply in sorted(replies.items()):
@@ -518,6 +530,8 @@ class SecAggRound:
             "weight_scale": server.weight_scale,
             "stage_seconds": self.timings,
             "pipelined_stages": self.pipelined,
+            # the survivors signed the survivor set with their inputs: no consistency exchange
+            "consistency_signed_with_inputs": server.signed_early,
             # every key checked against the governance-signed roster (privacy/secagg/roster.py)
             "signed_keys": bool(server.settings.roster),
             "unsigned_at_consistency": self.consistency_problems,

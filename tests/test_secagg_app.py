@@ -435,23 +435,26 @@ def _watch_requests(fed: Federation) -> list[tuple[int, int, str, bool]]:
     return seen
 
 
-def test_the_next_rounds_key_stages_ride_on_this_rounds_masked_input_and_consistency():
+def test_a_steady_round_has_two_exchanges_the_next_rounds_key_stages_riding_on_them():
+    """Masked input (+ the next round's setup) and unmask (+ its share distribution); the
+    consistency signatures came with the inputs, so no consistency exchange runs."""
     fed = Federation(make_cfg(rounds=3))
     seen = _watch_requests(fed)
     result = fed.run()
     for record in result.rounds:
         assert_exact(fed, record, SITES)
+        assert record.secagg["consistency_signed_with_inputs"] is True
+        assert record.secagg["stage_seconds"]["consistency"] == 0.0
     assert [r.secagg["pipelined_stages"] for r in result.rounds] == [[], KEY_STAGES, KEY_STAGES]
     for record in result.rounds[1:]:
         assert [record.secagg["stage_seconds"][stage] for stage in KEY_STAGES] == [0.0, 0.0]
     # key exchanges of their own: round 1's only
     for own in (SETUP, SHARE):
         assert sorted((r, n) for r, n, t, _ in seen if t == own) == [(1, n) for n in (1, 2, 3, 4)]
-    for carrier in (MASKED, CONSISTENCY):  # rounds 1, 2 carry the next round's stage, 3 not
+    for carrier in (MASKED, UNMASK):  # rounds 1, 2 carry the next round's stage, 3 not
         carried = sorted((r, n, carries) for r, n, t, carries in seen if t == carrier)
         assert carried == [(r, n, r < 3) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
-    unmask = sorted((r, n, carries) for r, n, t, carries in seen if t == UNMASK)
-    assert unmask == [(r, n, False) for r in (1, 2, 3) for n in (1, 2, 3, 4)]
+    assert not [t for _, _, t, _ in seen if t == CONSISTENCY]
     for node in (1, 2, 3, 4):  # after the last round: one round left, wiped; none set up ahead
         state = fed.grid.context(node).state.config_records
         assert records.STATE_NEXT not in state
@@ -484,18 +487,18 @@ def test_a_site_sampled_next_round_but_not_this_one_gets_its_key_stages_in_the_s
         assert got == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
 
 
-def test_a_site_silent_at_the_consistency_check_is_a_share_keys_dropout_of_the_next_round():
+def test_a_site_silent_at_the_unmasking_is_a_share_keys_dropout_of_the_next_round():
     fed = Federation(make_cfg(rounds=2))
-    fed.grid.vanish_at = {(2, CONSISTENCY)}  # node 2 serves site-01
+    fed.grid.vanish_at = {(2, UNMASK)}  # node 2 serves site-01
     first, second = fed.run().rounds
-    assert_exact(fed, first, SITES)  # its input was in; it was not asked to unmask
-    assert first.secagg["unsigned_at_consistency"] == {"site-01": "no consistency reply"}
+    assert_exact(fed, first, SITES)  # its input is in; the others' shares rebuild its self mask
+    assert first.secagg["silent_at_unmask"] == ["site-01"]
     assert_exact(fed, second, ["site-00", "site-02", "site-03"])
     assert second.secagg["pipelined_stages"] == KEY_STAGES
     assert second.dropouts == {"site-01": {"stage": "share_keys", "reason": "no reply"}}
 
 
-@pytest.mark.parametrize(("carrier", "stage"), [(MASKED, "setup"), (CONSISTENCY, "share_keys")])
+@pytest.mark.parametrize(("carrier", "stage"), [(MASKED, "setup"), (UNMASK, "share_keys")])
 def test_a_missing_pipelined_answer_excludes_its_site_from_the_next_round_only(carrier, stage):
     fed = Federation(make_cfg(rounds=2))
     fed.grid.tamper = _rewrite(2, carrier, _without(records.NEXT))

@@ -228,13 +228,17 @@ VICTIM_NODE, X = 2, 4  # site-01 is told that site-03 (index 4) dropped; the oth
 def test_a_server_showing_two_survivor_sets_gets_no_share_of_the_dropped_claim(
     tmp_path, monkeypatch, forged
 ):
-    """The coordinator tells site-01 at the consistency check that site-03 dropped out, and
-    everyone else that it survived; then asks site-01 for site-03's mask key (which, with the
-    others' shares of site-03's self mask, would unmask its input). site-01 signed the other
-    set: it finds fewer than t valid signatures over it, and reveals nothing. The others'
-    set completes the round exactly; no share of site-03's mask key ever leaves a site."""
+    """The coordinator runs the consistency check although every input came, tells site-01
+    there that site-03 dropped out, and everyone else that it survived; then asks site-01 for
+    site-03's mask key (which, with the others' shares of site-03's self mask, would unmask its
+    input). site-01 signed the other set: it finds fewer than t valid signatures over it, and
+    reveals nothing. The others' set completes the round exactly; no share of site-03's mask
+    key ever leaves a site."""
     monkeypatch.setattr(  # the coordinator asks every site, signed or not
         secagg_server.ServerSecAgg, "unmask_targets", lambda self: sorted(self.partners)
+    )
+    monkeypatch.setattr(  # and asks for the consistency check although no site dropped
+        secagg_server.ServerSecAgg, "_signed_early", lambda self: False
     )
     fed = RosterFederation(tmp_path)
     victim_signature: list[bytes] = []
@@ -284,9 +288,72 @@ def test_a_server_showing_two_survivor_sets_gets_no_share_of_the_dropped_claim(
     assert_exact(fed, record, SITES)
 
 
+def test_a_server_that_skips_the_check_and_shows_one_site_a_smaller_set_gets_nothing(tmp_path):
+    """Every input came, so each site signed the full set with it; the coordinator shows
+    site-01 at the unmasking a set without site-03 and asks for site-03's mask key, with no
+    consistency check over that set. site-01 signed only the full set: it refuses; no share of
+    site-03's mask key leaves it, and the others' full set completes the round exactly."""
+    fed = RosterFederation(tmp_path)
+    unmask: dict[int, dict] = {}
+
+    def equivocate(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if node_id == VICTIM_NODE and message.metadata.message_type == UNMASK:
+            request = message.content[records.SECAGG]
+            pairs = zip(request["survivors"], request["survivor-signatures"], strict=True)
+            kept = [(i, signature) for i, signature in pairs if i != X]
+            request["survivors"] = [i for i, _ in kept]
+            request["survivor-signatures"] = [signature for _, signature in kept]
+            request["dropped"] = [X]
+        return message
+
+    def watch(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == UNMASK:
+            unmask[reply.metadata.src_node_id] = dict(reply.content[records.SECAGG])
+        return reply
+
+    fed.grid.tamper_request, fed.grid.tamper = equivocate, watch
+    record = fed.run().rounds[0]
+    assert record.secagg["consistency_signed_with_inputs"] is True
+    refused = unmask[VICTIM_NODE]
+    assert "seed-shares" not in refused and "key-shares" not in refused
+    assert "unmask request out of order: this site expects consistency" in refused["refused"]
+    for reply in unmask.values():
+        assert X not in reply.get("key-share-owners", [])
+    assert_exact(fed, record, SITES)
+
+
+def test_a_survivor_whose_early_signature_is_missing_stops_every_reveal(tmp_path, monkeypatch):
+    """The coordinator skips its own check of the early signatures and drops site-00's from
+    the unmask request: on the early path every survivor of a share group must have signed, so
+    no site reveals anything and the round aborts."""
+    monkeypatch.setattr(secagg_server.ServerSecAgg, "_consistency_problem", lambda *_: "")
+    fed = RosterFederation(tmp_path)
+
+    def strip(node_id: int, message: Message) -> Message:
+        fed._remember(node_id, message)
+        if message.metadata.message_type == UNMASK:
+            request = message.content[records.SECAGG]
+            signatures = list(request["survivor-signatures"])
+            signatures[0] = b""
+            request["survivor-signatures"] = signatures
+        return message
+
+    unmask = _watch(fed, UNMASK)
+    fed.grid.tamper_request = strip
+    record = fed.run().rounds[0]
+    assert set(unmask) == {1, 2, 3, 4}
+    for reply in unmask.values():
+        assert "seed-shares" not in reply and "key-shares" not in reply
+        assert "survivor 1 did not sign, with its input" in reply["refused"]
+    assert record.aborted
+
+
 def test_with_a_roster_each_survivor_signs_the_survivor_set_and_the_sum_is_exact(tmp_path):
+    """Each site signs, with its masked input, the set of sites asked for one; only that set
+    verifies."""
     fed = RosterFederation(tmp_path, n=5)
-    signed = _watch(fed, CONSISTENCY)
+    signed = _watch(fed, MASKED)
     config_digests: set[bytes] = set()
 
     def remember(node_id: int, message: Message) -> Message:
@@ -303,14 +370,16 @@ def test_with_a_roster_each_survivor_signs_the_survivor_set_and_the_sum_is_exact
     global_digest = roster.model_digest(
         (name, fed.global_at[1][name].numpy()) for name in fed.global_at[1]
     )
+    assert record.secagg["consistency_signed_with_inputs"] is True
+    assert sorted(signed) == [1, 2, 3, 4, 5]
     for node, reply in signed.items():
         key = identities[f"site-{node - 1:02d}"]
-        assert len(reply["signature"]) == 64
+        assert len(reply["early-signature"]) == 64
         for survivors in ([1, 2, 3, 4, 5], [1, 2, 3, 4]):  # only the set it was shown verifies
             message = roster.consistency_message(
                 reply["round-id"], node, survivors, global_digest, train_config_digest
             )
-            assert roster.verify_signature(key, reply["signature"], message) == (
+            assert roster.verify_signature(key, reply["early-signature"], message) == (
                 len(survivors) == 5
             )
 

@@ -3,9 +3,13 @@
 One :class:`SiteSecAgg` lives for one round. Between messages it is kept in the site's
 ``context.state`` (:meth:`state_dict` / :meth:`from_state_dict`); its secrets are dropped as soon
 as they are no longer needed: the self-mask seed and mask key once the input is masked,
-everything but the round id once the unmasking request is answered. Between the masked input
-and the unmasking each survivor signs the survivor set the server names (the consistency
-check); it then reveals only for that set, and only with t valid signatures over it. Every
+everything but the round id once the unmasking request is answered. Each survivor signs the
+survivor set it will reveal for (the consistency check), and reveals only for that set, with t
+valid signatures over it. The signature comes early, with the input, over the set of sites asked
+for an input: when all of them send one, that is the survivor set and the server skips the
+consistency exchange; the site then reveals only if every survivor of its share group signed it
+so. When one drops, the server asks for the consistency check over the smaller set; the site
+signs that, and reveals only for it. Every
 method checks that the request belongs to this round and comes in order, and raises
 :class:`ProtocolRefusal` otherwise.
 """
@@ -81,6 +85,8 @@ class SiteSecAgg:
         self.held: dict[int, bytes] = {}  # owner → its shares for this site (66 + 66 bytes)
         self.partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in the input
         self.survivors: tuple[int, ...] = ()  # the survivor set it signed (consistency check)
+        self.expected: tuple[int, ...] = ()  # the sites asked for an input with this one
+        self.presigned: tuple[int, ...] = ()  # ``expected``, if it signed it with its input
 
     # ---- stage 1 ---------------------------------------------------------------------------------
     def advert(self, identity: Ed25519PrivateKey | None = None) -> KeyAdvert:
@@ -182,6 +188,7 @@ class SiteSecAgg:
                 continue
             self.held[sender] = payload
         self.partners = tuple(sorted(request.shares))
+        self.expected = tuple(sorted(request.expected))
         return bad
 
     def _check_peer_signatures(self, request: ShareKeysRequest) -> None:
@@ -212,15 +219,23 @@ class SiteSecAgg:
             roster.contribution_message(self.round_id, self.index, model_digest, config_digest)
         )
 
-    def _check_consistency(self, request: UnmaskRequest, survivors: set[int]) -> None:
+    def _check_consistency(
+        self, request: UnmaskRequest, survivors: set[int], *, every: bool = False
+    ) -> None:
         """Bonawitz et al.'s consistency check over (round id, survivor set, model, config):
         every signature the request carries from this site's share group verifies over the
         tuple this site knows, and at least t do. A survivor that did not sign (b"") counts
-        for nothing; a signature that does not verify stops the reveal."""
+        for nothing; a signature that does not verify stops the reveal. ``every``: the set was
+        signed early, with the inputs, so each survivor of the group must have signed it."""
         group = {self.index: self.site_id, **{p: a.site_id for p, a in self.peers.items()}}
         valid = 0
         for member in sorted(survivors & set(group)):
             signature = request.signatures.get(member, b"")
+            if not signature and every:
+                raise ProtocolRefusal(
+                    f"survivor {member} did not sign, with its input, the survivor set this "
+                    "site signed with its own: nothing revealed"
+                )
             if not signature:
                 continue
             message = roster.consistency_message(
@@ -242,6 +257,33 @@ class SiteSecAgg:
         """What backs an accusation of ``bad`` senders: this round's share-encryption private key
         (it opens only the shares sent to this site; never the mask key), or b"" for none."""
         return self.enc_private if bad else b""
+
+    def early_signature(self, identity: Ed25519PrivateKey | None) -> bytes:
+        """After masking: sign the set of sites asked for an input (the request's ``expected``)
+        as the survivor set, with this round's model and config (:meth:`contribution` first).
+
+        If every one of them sends its input, the server needs no consistency exchange. b"" (and
+        nothing presigned) when no set came, when it leaves this site out, or when it is one
+        :meth:`consistency` would refuse; b"" also without a roster, where the site still keeps
+        the set it will reveal for."""
+        if self.expects != CONSISTENCY:
+            raise ProtocolRefusal(f"early signature before the input, expecting {self.expects}")
+        self.presigned = ()
+        expected = self.expected
+        if not expected or self.index not in expected:
+            return b""
+        try:
+            self._check_survivor_set(set(expected))
+        except ProtocolRefusal:
+            return b""
+        self.presigned = expected
+        if not self.roster or identity is None:
+            return b""
+        return identity.sign(
+            roster.consistency_message(
+                self.round_id, self.index, expected, self.model_digest, self.config_digest
+            )
+        )
 
     def mask(self, quantised: np.ndarray) -> np.ndarray:
         """The masked input for ``quantised`` (a ring vector); forgets the masking secrets."""
@@ -325,7 +367,11 @@ class SiteSecAgg:
         input was left out after it was sent signs nothing, and can still help).
         """
         survivors, dropped = set(request.survivors), set(request.dropped)
-        if self.expects == CONSISTENCY and self.index not in survivors:
+        early = False
+        if self.expects == CONSISTENCY and self.presigned and survivors == set(self.presigned):
+            # every site asked for an input sent it: the set this site signed with its own
+            self.survivors, self.expects, early = self.presigned, UNMASK, True
+        elif self.expects == CONSISTENCY and self.index not in survivors:
             self.expects = UNMASK  # its input was left out after all: it has nothing to sign
         self._expect(UNMASK, request.round_id)
         both = survivors & dropped
@@ -343,7 +389,7 @@ class SiteSecAgg:
                 f"({list(self.survivors)[:12]}): the server shows sites different survivors"
             )
         if self.roster:
-            self._check_consistency(request, survivors)
+            self._check_consistency(request, survivors, every=early)
         held = {**self.held, self.index: self.own_share} if self.own_share else dict(self.held)
         self_shares, key_shares = {}, {}
         for owner, payload in held.items():
@@ -391,6 +437,8 @@ class SiteSecAgg:
             "held-shares": [self.held[o] for o in held],
             "partners": list(self.partners),
             "survivors": list(self.survivors),
+            "expected": list(self.expected),
+            "presigned": list(self.presigned),
             "peer-site-ids": [self.peers[p].site_id for p in peers],
             "site-id": self.site_id,
             "roster-ids": sorted(self.roster),
@@ -439,6 +487,8 @@ class SiteSecAgg:
         }
         site.partners = tuple(int(p) for p in state["partners"])
         site.survivors = tuple(int(i) for i in state["survivors"])
+        site.expected = tuple(int(i) for i in state.get("expected", []))
+        site.presigned = tuple(int(i) for i in state.get("presigned", []))
         return site
 
     # ---- internals -------------------------------------------------------------------------------
@@ -464,7 +514,7 @@ class SiteSecAgg:
         self.enc_private = self.enc_public = b""
         self.mask_private = self.mask_public = self.self_seed = b""
         self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
-        self.survivors = ()
+        self.survivors = self.expected = self.presigned = ()
         self.roster = {}
         self.expects = DONE
 

@@ -94,6 +94,9 @@ class ShareKeysRequest:
 class MaskedInputRequest:
     round_id: bytes
     shares: dict[int, bytes]  # sender index → ciphertext addressed to this site
+    # The sites asked for an input in this batch: the survivor set if none drops out. A site
+    # signs it with its input (the consistency signature, sent early); () asks for none.
+    expected: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class MaskedInput:
     proof: bytes = b""
     # roster.contribution_message signed by the site's identity key (b"" without a roster)
     contribution: bytes = b""
+    # roster.consistency_message over the request's ``expected`` set, signed ahead: when every
+    # expected site's input arrives, these stand for the consistency check (b"": none)
+    early_signature: bytes = b""
 
 
 @dataclass(frozen=True)

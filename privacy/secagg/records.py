@@ -162,6 +162,7 @@ def masked_input_request_record(request: MaskedInputRequest) -> ConfigRecord:
             **_header(MASKED_INPUT, request.round_id),
             "senders": senders,
             "ciphertexts": [request.shares[s] for s in senders],
+            "expected": list(request.expected),
         }
     )
 
@@ -169,7 +170,12 @@ def masked_input_request_record(request: MaskedInputRequest) -> ConfigRecord:
 def parse_masked_input_request(content: RecordDict) -> MaskedInputRequest:
     record = _secagg(content, MASKED_INPUT)
     pairs = _zip(_ints(record, "senders"), _bytes_list(record, "ciphertexts"))
-    return MaskedInputRequest(round_id=_bytes(record, "round-id"), shares=dict(pairs))
+    expected = _ints(record, "expected") if "expected" in record else []
+    if len(set(expected)) != len(expected):
+        raise MalformedReply("a site expected twice")
+    return MaskedInputRequest(
+        round_id=_bytes(record, "round-id"), shares=dict(pairs), expected=tuple(expected)
+    )
 
 
 def consistency_request_record(request: ConsistencyRequest) -> ConfigRecord:
@@ -290,6 +296,7 @@ def masked_input_records(
             "bad-reasons": [masked.bad_shares[s] for s in bad],
             "accusation-proof": masked.proof,
             "contribution": masked.contribution,
+            "early-signature": masked.early_signature,
         }
     )
     arrays = ArrayRecord({MASKED_ARRAY: Array(np.ascontiguousarray(masked.vector))})
@@ -313,6 +320,7 @@ def parse_masked_input(content: RecordDict, round_id: bytes, index: int) -> Mask
         clipped=_int(record, "clipped"),
         proof=_bytes(record, "accusation-proof"),
         contribution=_bytes(record, "contribution"),
+        early_signature=_signature(record, "early-signature"),
     )
 
 
@@ -321,10 +329,7 @@ def consistency_reply_record(round_id: bytes, index: int, signature: bytes) -> C
 
 
 def parse_consistency_signature(content: RecordDict, round_id: bytes, index: int) -> bytes:
-    signature = _bytes(_reply(content, CONSISTENCY, round_id, index), "signature")
-    if len(signature) not in (0, 64):
-        raise MalformedReply(f"a consistency signature of {len(signature)} bytes, expected 64")
-    return signature
+    return _signature(_reply(content, CONSISTENCY, round_id, index), "signature", required=True)
 
 
 def unmask_shares_record(round_id: bytes, index: int, shares: UnmaskShares) -> ConfigRecord:
@@ -408,6 +413,16 @@ def _bytes(record: ConfigRecord, key: str) -> bytes:
     if not isinstance(value, bytes):
         raise MalformedReply(f"'{key}' is not bytes")
     return value
+
+
+def _signature(record: ConfigRecord, key: str, *, required: bool = False) -> bytes:
+    """An Ed25519 signature (64 bytes) or b"" for none; an absent optional key is none."""
+    if not required and key not in record:
+        return b""
+    signature = _bytes(record, key)
+    if len(signature) not in (0, 64):
+        raise MalformedReply(f"'{key}': a signature of {len(signature)} bytes, expected 64")
+    return signature
 
 
 def _list(record: ConfigRecord, key: str, kind: type) -> list[Any]:

@@ -114,6 +114,8 @@ class ServerSecAgg:
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # sender → recipient → ciphertext
         self.partners: dict[int, tuple[int, ...]] = {}  # pairwise masks in each site's input
         self.inputs: dict[int, MaskedInput] = {}
+        self.expected: tuple[int, ...] = ()  # the sites asked for an input (expect_inputs)
+        self.signed_early = False  # the inputs' early signatures stand for the consistency check
         self.ignored_accusations: dict[int, str] = {}  # accuser → why (bounded), not acted on
         # With a roster: index → the identity key its site id has there (adverts and
         # contributions are checked here too, so one site's bad signature drops that site
@@ -248,9 +250,14 @@ class ServerSecAgg:
         }
 
     # ---- stage 3: masked inputs ------------------------------------------------------------------
+    def expect_inputs(self) -> None:
+        """Fix the set of sites asked for an input (those still alive): each request names it,
+        and each site signs it with its input as the survivor set it expects."""
+        self.expected = tuple(self.alive())
+
     def masked_input_request(self, index: int) -> MaskedInputRequest:
         shares = {j: self.ciphertexts[j][index] for j in self.partners[index]}
-        return MaskedInputRequest(round_id=self.round_id, shares=shares)
+        return MaskedInputRequest(round_id=self.round_id, shares=shares, expected=self.expected)
 
     def receive_masked_inputs(self, replies: Mapping[int, MaskedInput]) -> None:
         """Check each masked input; drop a malformed one, and any site whose share failed."""
@@ -306,6 +313,22 @@ class ServerSecAgg:
             )
         if sum(self.inputs[i].weight for i in self.alive()) == 0:
             raise RoundAborted(MASKED_INPUT, "the surviving sites' total weight is 0")
+        self.signed_early = self._signed_early()
+
+    def _signed_early(self) -> bool:
+        """Whether the consistency exchange can be skipped: every site asked for an input sent
+        one (so the survivor set is the expected set each signed) and, with a roster, every
+        early signature verifies over it. They then go out with the unmask request, as the
+        consistency replies would have."""
+        survivors = tuple(self.alive())
+        if not self.expected or survivors != self.expected:
+            return False
+        signatures = {i: self.inputs[i].early_signature for i in survivors}
+        if self.settings.roster:
+            if any(self._consistency_problem(i, sig) for i, sig in signatures.items()):
+                return False
+            self.signatures = signatures
+        return True
 
     def _signature_problem(self, index: int, advert: KeyAdvert) -> str:
         expected = self.site_ids.get(index, "")
