@@ -31,6 +31,7 @@ from privacy.receipts import load_site_key, public_key_bytes
 from privacy.secagg import records, roster
 from privacy.secagg.client import DONE, SiteSecAgg
 from privacy.secagg.layout import VectorLayout, array_view
+from privacy.secagg.masking import ring_dtype
 from privacy.secagg.protocol import (
     ABORT,
     CONSISTENCY,
@@ -165,8 +166,9 @@ def handle_masked_input(
         layout = VectorLayout.of(global_arrays)
         settings = cfg.secagg
         weight = min(int(update.metrics[keys.NUM_EXAMPLES]), site_round.weight_scale)
-        try:
-            quantised, clipped = quantise_chunks(
+        masks = site_round.mask_streams(ring_dtype(settings.bits))
+        try:  # quantised and masked a cache-sized chunk at a time
+            masked_vector, clipped = quantise_chunks(
                 layout.update_chunks(update.arrays, global_arrays),
                 layout.length,
                 clip_range=settings.clip_range,
@@ -174,6 +176,7 @@ def handle_masked_input(
                 max_weight=site_round.weight_scale,
                 scale=ring_scale(site_round.num_sites, settings.bits),
                 bits=settings.bits,
+                then=masks.add_to,
             )
         except ValueError as error:  # NaN/inf or a mismatched model: send nothing of it
             site_round.decline()  # it can still help rebuild the others' secrets
@@ -193,9 +196,9 @@ def handle_masked_input(
             roster.model_digest((name, array_view(global_arrays[name])) for name in global_arrays),
             roster.config_digest(dict(msg.content.config_records[keys.CONFIG])),
         )
-        vector = site_round.mask(quantised)
+        site_round.input_masked()
         masked = MaskedInput(
-            vector=vector,
+            vector=masked_vector,
             weight=weight,
             bad_shares=bad_shares,
             clipped=clipped,

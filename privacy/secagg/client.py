@@ -287,11 +287,24 @@ class SiteSecAgg:
 
     def mask(self, quantised: np.ndarray) -> np.ndarray:
         """The masked input for ``quantised`` (a ring vector); forgets the masking secrets."""
+        masked = np.array(quantised, copy=True)
+        self.mask_streams(masked.dtype).add_to(masked)
+        self.input_masked()
+        return masked
+
+    def mask_streams(self, dtype: np.dtype) -> masking.MaskStreams:
+        """This site's masks (its self mask and one per partner), to add to its input chunk by
+        chunk as it is quantised; then :meth:`input_masked`."""
         self._expect(MASKED_INPUT, self.round_id)
         pair_seeds = [(peer, self._pair_seed(peer)) for peer in self.partners]
-        masked = masking.mask_input(quantised, self.index, self.self_seed, pair_seeds)
+        return masking.MaskStreams(
+            masking.pair_masks(self.index, self.self_seed, pair_seeds), dtype
+        )
+
+    def input_masked(self) -> None:
+        """The input went out masked: forget the masking secrets."""
+        self._expect(MASKED_INPUT, self.round_id)
         self._finish_input()
-        return masked
 
     def _pair_seed(self, peer: int) -> bytes:
         return keys.agree(

@@ -34,6 +34,25 @@ def array_view(array: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
+def npy_array(values: np.ndarray) -> Array:
+    """A Flower :class:`Array` of a 1-D ``values`` (``numpy.ndarray`` bytes, as ``Array(values)``
+    makes) with one copy of the data; ``Array(values)`` copies it twice via ``np.save``."""
+    values = np.ascontiguousarray(values)
+    if values.ndim != 1 or values.dtype.hasobject:
+        raise ValueError(f"an array of shape {values.shape} and dtype {values.dtype}")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header,
+        {
+            "descr": np.lib.format.dtype_to_descr(values.dtype),
+            "fortran_order": False,
+            "shape": values.shape,
+        },
+    )
+    data = b"".join((header.getvalue(), memoryview(values).cast("B")))
+    return Array(dtype=str(values.dtype), shape=values.shape, stype="numpy.ndarray", data=data)
+
+
 @dataclass(frozen=True)
 class Segment:
     name: str

@@ -70,31 +70,54 @@ def expand(seed: bytes, nonce: bytes, length: int, bits: int) -> np.ndarray:
 CHUNK_BYTES = 1 << 18  # 256 KiB: a chunk of every stream and of the target stay in cache
 
 
+class MaskStreams:
+    """Masks added chunk by chunk, in order: each :meth:`add_to` adds the next ``len(chunk)``
+    values of every stream to ``chunk`` in place, so a caller that produces its vector a chunk at
+    a time (the quantisation) masks each chunk while it is still in cache."""
+
+    def __init__(self, masks: Iterable[tuple[bytes, bytes, int]], dtype: np.dtype) -> None:
+        """``masks``: (seed, nonce, sign ±1) each; ``dtype``: the ring's (uint32 or uint64)."""
+        self._streams = [(keystream(seed, nonce), sign) for seed, nonce, sign in masks]
+        self._scratch = np.zeros(max(1, CHUNK_BYTES // np.dtype(dtype).itemsize), dtype=dtype)
+        self._zeros = memoryview(np.zeros(self._scratch.nbytes, dtype=np.uint8))
+
+    def add_to(self, chunk: np.ndarray) -> None:
+        """chunk ← chunk + Σ sign · (the streams' next values) (mod 2^bits), in place."""
+        step = len(self._scratch)
+        for begin in range(0, len(chunk), step):
+            part = chunk[begin : begin + step]
+            buffer = self._scratch[: len(part)]
+            view, source = memoryview(buffer).cast("B"), self._zeros[: buffer.nbytes]
+            for encryptor, sign in self._streams:
+                encryptor.update_into(source, view)  # the next keystream bytes of this mask
+                if sign > 0:
+                    np.add(part, buffer, out=part)
+                else:
+                    np.subtract(part, buffer, out=part)
+
+
 def apply_masks(target: np.ndarray, masks: Iterable[tuple[bytes, bytes, int]]) -> np.ndarray:
     """target ← target + Σ sign · PRG(seed, nonce) (mod 2^bits), in place; returns ``target``.
 
     ``masks`` holds (seed, nonce, sign ±1). The streams are expanded chunk by chunk into one
-    small scratch buffer, so each chunk of the target is read and written once per mask while
-    it is still in cache: the cost is the keystream, not memory traffic.
+    small scratch buffer (:class:`MaskStreams`), so each chunk of the target is read and written
+    once per mask while it is still in cache: the cost is the keystream, not memory traffic.
     """
     masks = list(masks)
-    if not masks or not len(target):
-        return target
-    encryptors = [(keystream(seed, nonce), sign) for seed, nonce, sign in masks]
-    step = max(1, CHUNK_BYTES // target.dtype.itemsize)
-    scratch = np.zeros(min(step, len(target)), dtype=target.dtype)
-    zeros = memoryview(np.zeros_like(scratch)).cast("B")
-    for begin in range(0, len(target), step):
-        chunk = target[begin : begin + step]
-        buffer = scratch[: len(chunk)]
-        view, source = memoryview(buffer).cast("B"), zeros[: buffer.nbytes]
-        for encryptor, sign in encryptors:
-            encryptor.update_into(source, view)  # the next keystream bytes of this mask
-            if sign > 0:
-                np.add(chunk, buffer, out=chunk)
-            else:
-                np.subtract(chunk, buffer, out=chunk)
+    if masks and len(target):
+        MaskStreams(masks, target.dtype).add_to(target)
     return target
+
+
+def pair_masks(
+    own_index: int, self_seed: bytes, pair_seeds: Iterable[tuple[int, bytes]]
+) -> list[tuple[bytes, bytes, int]]:
+    """A site's masks as (seed, nonce, sign): its self mask, then one per neighbour in
+    ``pair_seeds`` (peer index, agreed seed), added by the lower index, subtracted by the
+    higher."""
+    return [(self_seed, SELF_MASK_NONCE, 1)] + [
+        (seed, PAIR_MASK_NONCE, pair_sign(own_index, peer)) for peer, seed in pair_seeds
+    ]
 
 
 def mask_input(
@@ -107,10 +130,7 @@ def mask_input(
 
     ``pair_seeds`` holds (peer index, agreed seed) for every neighbour the site masks with.
     """
-    masks = [(self_seed, SELF_MASK_NONCE, 1)] + [
-        (seed, PAIR_MASK_NONCE, pair_sign(own_index, peer)) for peer, seed in pair_seeds
-    ]
-    return apply_masks(np.array(quantised, copy=True), masks)
+    return apply_masks(np.array(quantised, copy=True), pair_masks(own_index, self_seed, pair_seeds))
 
 
 def remove_masks(

@@ -19,7 +19,7 @@ of the exact weighted mean of the clipped updates (n_s the survivors), on either
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -70,16 +70,24 @@ def quantise_chunks(
     max_weight: int,
     scale: int,
     bits: int,
+    then: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """:func:`quantise` of the ``length``-value update that ``chunks`` yields in order (e.g.
     :meth:`~privacy.secagg.layout.VectorLayout.update_chunks`, which never builds the whole
-    float64 vector); the same values, so the same ring vector, as quantising it whole."""
+    float64 vector); the same values, so the same ring vector, as quantising it whole.
+
+    ``then``: called with each chunk of the ring vector as soon as it is written, in order,
+    to change it in place while it is in cache (a site adds its masks:
+    :meth:`~privacy.secagg.masking.MaskStreams.add_to`)."""
     if not 0 <= weight <= max_weight:
         raise ValueError(f"weight {weight} outside [0, {max_weight}]")
     factor = (weight / max_weight) * (scale / clip_range)
     bound = clip_range * factor  # ≈ r·L ≤ L; the integer clamp below makes |q| ≤ L exact
-    # clip(u, −c, c)·f = clip(u·f, −c·f, c·f); chunk by chunk, so each stays in cache
+    # q = clamp(rint(clamp(u·f, ±c·f)), ±L) = clamp(rint(u·f), ±min(rint(c·f), L)), as rint is
+    # monotone and odd: one clamp, in whole numbers ≤ 2^48 (exact in float64)
+    limit = min(float(np.rint(bound)), float(scale))
     signed = np.empty(length, dtype=np.int32 if bits == 32 else np.int64)
+    ring = signed.view(ring_dtype(bits))
     scratch = np.empty(min(CHUNK_VALUES, length), dtype=np.float64)
     clipped, begin = 0, 0
     for chunk in chunks:
@@ -90,15 +98,17 @@ def quantise_chunks(
         if not np.isfinite(scaled).all():
             raise ValueError("the update holds NaN or infinite values")
         clipped += int(np.count_nonzero(np.abs(chunk) > clip_range))
-        np.clip(scaled, -bound, bound, out=scaled)
         np.rint(scaled, out=scaled)
-        np.clip(scaled, -scale, scale, out=scaled)  # whole numbers ≤ 2^48: exact in float64
-        signed[begin : begin + len(chunk)] = scaled
-        begin += len(chunk)
+        np.clip(scaled, -limit, limit, out=scaled)
+        stop = begin + len(chunk)
+        signed[begin:stop] = scaled
+        if then is not None:
+            then(ring[begin:stop])
+        begin = stop
     if begin != length:
         raise ValueError(f"the update holds {begin} values, expected {length}")
     # |q| ≤ L < 2^(bits−1): the two's-complement bits of q are its ring element
-    return signed.view(ring_dtype(bits)), clipped
+    return ring, clipped
 
 
 def to_signed(ring_values: np.ndarray, bits: int) -> np.ndarray:

@@ -49,10 +49,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from privacy.secagg.layout import array_view
+from privacy.secagg.layout import array_view, npy_array
 from privacy.secagg.protocol import (
     ABORT,
     CONSISTENCY,
@@ -299,7 +298,7 @@ def masked_input_records(
             "early-signature": masked.early_signature,
         }
     )
-    arrays = ArrayRecord({MASKED_ARRAY: Array(np.ascontiguousarray(masked.vector))})
+    arrays = ArrayRecord({MASKED_ARRAY: npy_array(masked.vector)})
     return config, arrays
 
 
