@@ -154,7 +154,7 @@ def child_main(args: argparse.Namespace) -> None:
 def mask_throughput(values: int = 1_000_000, repeats: int = 20) -> dict[str, float]:
     """MB/s of 32-bit mask values: fedgov (one mask; ten applied to an input) and Flower."""
     import numpy as np
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
     from privacy.secagg import masking
@@ -179,11 +179,18 @@ def mask_throughput(values: int = 1_000_000, repeats: int = 20) -> dict[str, flo
         view = memoryview(out).cast("B")
         Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update_into(view, view)
 
+    def openssl_ctr(out: np.ndarray) -> None:  # the same keystream through OpenSSL's CTR mode
+        view = memoryview(out).cast("B")
+        counter = modes.CTR(masking.PAIR_MASK_NONCE + (2).to_bytes(4, "big"))
+        Cipher(algorithms.AES(seed[:16]), counter).encryptor().update_into(view, view)
+
     return {
-        "fedgov AES-128-CTR, one mask into a preallocated buffer": megabytes
+        "fedgov AES-128-CTR (via GCM, VAES), one mask into a buffer": megabytes
         / best(lambda: masking.expand_into(seed, masking.PAIR_MASK_NONCE, buffer)),
+        "the same keystream through OpenSSL's CTR mode, one mask": megabytes
+        / best(lambda: openssl_ctr(buffer)),
         "ChaCha20 (fedgov's PRG before), one mask": megabytes / best(lambda: chacha20(buffer)),
-        "fedgov AES-128-CTR, ten masks added to an input": 10
+        "fedgov AES-128-CTR (via GCM, VAES), ten masks added": 10
         * megabytes
         / best(lambda: masking.apply_masks(target, ten)),
         "Flower pseudo_rand_gen (MT19937), one mask": megabytes
