@@ -326,7 +326,7 @@ def test_a_server_that_skips_the_check_and_shows_one_site_a_smaller_set_gets_not
 def test_a_survivor_whose_early_signature_is_missing_stops_every_reveal(tmp_path, monkeypatch):
     """The coordinator skips its own check of the early signatures and drops site-00's from
     the unmask request: on the early path every survivor of a share group must have signed, so
-    no site reveals anything and the round aborts."""
+    no other site reveals anything (site-00 knows its own) and the round aborts."""
     monkeypatch.setattr(secagg_server.ServerSecAgg, "_consistency_problem", lambda *_: "")
     fed = RosterFederation(tmp_path)
 
@@ -343,9 +343,10 @@ def test_a_survivor_whose_early_signature_is_missing_stops_every_reveal(tmp_path
     fed.grid.tamper_request = strip
     record = fed.run().rounds[0]
     assert set(unmask) == {1, 2, 3, 4}
-    for reply in unmask.values():
-        assert "seed-shares" not in reply and "key-shares" not in reply
-        assert "survivor 1 did not sign, with its input" in reply["refused"]
+    assert "refused" not in unmask[1]  # one site's shares: fewer than t = 3
+    for node in (2, 3, 4):
+        assert "seed-shares" not in unmask[node] and "key-shares" not in unmask[node]
+        assert "survivor 1 did not sign, with its input" in unmask[node]["refused"]
     assert record.aborted
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +116,7 @@ class ServerSecAgg:
         self.inputs: dict[int, MaskedInput] = {}
         self.expected: tuple[int, ...] = ()  # the sites asked for an input (expect_inputs)
         self.signed_early = False  # the inputs' early signatures stand for the consistency check
+        self.early_verified: set[int] = set()  # inputs whose early signature verified
         self.ignored_accusations: dict[int, str] = {}  # accuser → why (bounded), not acted on
         # With a roster: index → the identity key its site id has there (adverts and
         # contributions are checked here too, so one site's bad signature drops that site
@@ -325,7 +326,10 @@ class ServerSecAgg:
             return False
         signatures = {i: self.inputs[i].early_signature for i in survivors}
         if self.settings.roster:
-            if any(self._consistency_problem(i, sig) for i, sig in signatures.items()):
+            if any(
+                i not in self.early_verified and self._consistency_problem(i, sig)
+                for i, sig in signatures.items()
+            ):
                 return False
             self.signatures = signatures
         return True
@@ -345,6 +349,10 @@ class ServerSecAgg:
         if not self.settings.roster or index not in self.expected_contribution:
             return ""
         model, config = self.expected_contribution[index]
+        early = masked.early_signature
+        if early and self.expected and not self._consistency_problem(index, early, self.expected):
+            self.early_verified.add(index)  # it states the same model and config, and more
+            return ""
         message = roster.contribution_message(self.round_id, index, model, config)
         if not roster.verify_signature(
             self.identities.get(index, b""), masked.contribution, message
@@ -423,9 +431,14 @@ class ServerSecAgg:
                 "needed: not unmasked",
             )
 
-    def _consistency_problem(self, index: int, signature: bytes) -> str:
+    def _consistency_problem(
+        self, index: int, signature: bytes, survivors: Sequence[int] | None = None
+    ) -> str:
+        """Why ``signature`` is not ``index``'s over (this round, ``survivors`` (default: the
+        sites alive now), its expected model and config); "" when it is."""
         model, config = self.expected_contribution.get(index, (b"", b""))
-        message = roster.consistency_message(self.round_id, index, self.alive(), model, config)
+        survivors = self.alive() if survivors is None else survivors
+        message = roster.consistency_message(self.round_id, index, survivors, model, config)
         if not roster.verify_signature(self.identities.get(index, b""), signature, message):
             return "its consistency signature does not verify"
         return ""
