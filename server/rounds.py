@@ -589,7 +589,7 @@ def _train_secagg(
     cfg, server_round, node_of = ctx.cfg, plan.server_round, plan.node_of
     num_train = {site_id: info.num_train for site_id, info in run.seen.items()}
     # The next round's draw, if it is known now (seeded, not Poisson): its key stages ride on
-    # this round's masked input and consistency exchanges, used if it draws the same sites.
+    # this round's masked-input and unmask exchanges, used if it draws the same sites.
     next_sites = (
         sample_sites(list(node_of), _per_round(ctx, node_of), cfg.seed, server_round + 1)
         if server_round < cfg.rounds and (ctx.privacy is None or not ctx.privacy.site_level)

@@ -100,7 +100,7 @@ class SecAggRoundResult:
 
 @dataclass
 class PreparedSetup:
-    """A round whose key stages ran during the previous round's last two exchanges."""
+    """A round whose key stages ran during the previous round's two exchanges."""
 
     server: ServerSecAgg  # adverts (and, if ``shared``, ciphertexts) received; dropouts recorded
     sites: list[str]  # sorted: index i is sites[i - 1]
@@ -165,7 +165,7 @@ def run_secagg_round(
     privacy policy decides, before anything is unmasked, to abort or to account the smaller noise.
     Receipts and declines of the masked-input replies are kept as for a plain train reply.
     ``next_sites``: the next round's sample, whose key stages then ride on this round's masked
-    input and consistency exchanges (``result.prepared_next``); ``prepared``: this round's key
+    input and unmask exchanges (``result.prepared_next``); ``prepared``: this round's key
     stages, if they were pipelined.
     """
     context = RoundContext(grid, cfg, strategy, privacy, run_id)

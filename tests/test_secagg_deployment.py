@@ -8,7 +8,7 @@ moment it receives the masked-input request, after it has shared its keys: its p
 are already inside the other three sites' inputs. The round must still complete, and the
 unmasked sum must be exactly the sum of the other three sites' quantised updates, which this
 test recomputes itself. A second round follows; its key stages ride on the first round's masked
-input and consistency exchanges, so the sites' contexts in the SuperNodes hold two rounds at
+input and unmask exchanges, so the sites' contexts in the SuperNodes hold two rounds at
 once, and its sum must be exact too.
 
 The dropout test's sites run fedgov's site runtime (``fedgov site start``'s default: Flower's
