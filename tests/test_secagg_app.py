@@ -389,6 +389,31 @@ def test_the_site_forgets_its_round_secrets_after_unmasking():
     for secret in ("enc-private", "mask-private", "self-seed", "own-share"):
         assert state[secret] == b""
     assert state["held-shares"] == [] and state["peer-mask-keys"] == []
+    assert state["share-keys-with"] == [] and state["mask-seeds-with"] == []
+
+
+def test_the_site_forgets_the_derived_pair_keys_once_used():
+    """The share keys and pairwise mask seeds derived at the key sharing are kept only until
+    the shares are opened and the input is masked (the masked-input request)."""
+    fed = Federation(make_cfg())
+    after: dict[str, dict] = {}
+
+    def watch(request: Message, reply: Message) -> Message:
+        state = fed.grid.context(1).state.config_records.get(records.STATE)
+        if reply.metadata.src_node_id == 1 and state is not None:
+            after[request.metadata.message_type] = dict(state)
+        return reply
+
+    fed.grid.tamper = watch
+    fed.run()
+    shared = after[SHARE]
+    assert len(shared["share-keys-with"]) == 3 and all(
+        len(k) == 32 for k in shared["share-keys-with"]
+    )
+    assert all(len(seed) == 32 for seed in shared["mask-seeds-with"])
+    masked = after[MASKED]
+    assert masked["share-keys-with"] == [b""] * 3 and masked["mask-seeds-with"] == [b""] * 3
+    assert masked["mask-private"] == b"" and masked["self-seed"] == b""
 
 
 def test_the_round_entry_point_reports_each_survivors_masked_input_metrics():

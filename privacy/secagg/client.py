@@ -85,6 +85,11 @@ class SiteSecAgg:
         self.held: dict[int, bytes] = {}  # owner → its shares for this site (66 + 66 bytes)
         self.partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in the input
         self.survivors: tuple[int, ...] = ()  # the survivor set it signed (consistency check)
+        # Derived at the key sharing, kept for the next stage instead of agreeing again:
+        # peer → the key of the shares between the two (until they are opened) and the
+        # pairwise mask seed (until the input is masked).
+        self.share_keys_with: dict[int, bytes] = {}
+        self.mask_seeds_with: dict[int, bytes] = {}
         self.expected: tuple[int, ...] = ()  # the sites asked for an input with this one
         self.presigned: tuple[int, ...] = ()  # ``expected``, if it signed it with its input
 
@@ -127,28 +132,24 @@ class SiteSecAgg:
         seed_shares = shamir.split(self.self_seed, self.threshold, holders)
         key_shares = shamir.split(self.mask_private, self.threshold, holders)
         ciphertexts: dict[int, bytes] = {}
+        enc_private = keys.private_key(self.enc_private)
+        mask_private = keys.private_key(self.mask_private)
+        round_id, index = self.round_id, self.index
+        share_keys, mask_seeds = {}, {}
         for peer, advert in sorted(request.peers.items()):
             try:
-                key = keys.agree(
-                    self.enc_private,
-                    advert.enc_key,
-                    self.round_id,
-                    keys.PURPOSE_SHARES,
-                    self.index,
-                    peer,
+                key = share_keys[peer] = keys.agree(
+                    enc_private, advert.enc_key, round_id, keys.PURPOSE_SHARES, index, peer
                 )
-                keys.agree(  # the mask key must work too, or masking fails later
-                    self.mask_private,
-                    advert.mask_key,
-                    self.round_id,
-                    keys.PURPOSE_MASK,
-                    self.index,
-                    peer,
+                # the mask key must work too, or masking fails later; kept until the masking
+                mask_seeds[peer] = keys.agree(
+                    mask_private, advert.mask_key, round_id, keys.PURPOSE_MASK, index, peer
                 )
             except keys.KeyAgreementError as error:
                 raise ProtocolRefusal(f"site {peer}'s public key: {error}") from None
             payload = _payload(seed_shares[peer], key_shares[peer])
             ciphertexts[peer] = keys.encrypt_share(key, self.round_id, self.index, peer, payload)
+        self.share_keys_with, self.mask_seeds_with = share_keys, mask_seeds
         self.peers = dict(request.peers)
         self.own_share = _payload(seed_shares[self.index], key_shares[self.index])
         self.expects = MASKED_INPUT
@@ -172,7 +173,7 @@ class SiteSecAgg:
             )
         bad: dict[int, str] = {}
         for sender, blob in sorted(request.shares.items()):
-            key = keys.agree(
+            key = self.share_keys_with.get(sender) or keys.agree(
                 self.enc_private,
                 self.peers[sender].enc_key,
                 self.round_id,
@@ -189,6 +190,7 @@ class SiteSecAgg:
             self.held[sender] = payload
         self.partners = tuple(sorted(request.shares))
         self.expected = tuple(sorted(request.expected))
+        self.share_keys_with = {}  # the shares are open: these keys are needed no more
         return bad
 
     def _check_peer_signatures(self, request: ShareKeysRequest) -> None:
@@ -310,6 +312,8 @@ class SiteSecAgg:
         self._finish_input()
 
     def _pair_seed(self, peer: int) -> bytes:
+        if peer in self.mask_seeds_with:
+            return self.mask_seeds_with[peer]
         return keys.agree(
             self.mask_private,
             self.peers[peer].mask_key,
@@ -456,6 +460,8 @@ class SiteSecAgg:
             "expected": list(self.expected),
             "presigned": list(self.presigned),
             "peer-site-ids": [self.peers[p].site_id for p in peers],
+            "share-keys-with": [self.share_keys_with.get(p, b"") for p in peers],
+            "mask-seeds-with": [self.mask_seeds_with.get(p, b"") for p in peers],
             "site-id": self.site_id,
             "roster-ids": sorted(self.roster),
             "roster-keys": [self.roster[s] for s in sorted(self.roster)],
@@ -503,6 +509,18 @@ class SiteSecAgg:
         }
         site.partners = tuple(int(p) for p in state["partners"])
         site.survivors = tuple(int(i) for i in state["survivors"])
+        derived = zip(
+            state["peers"],
+            state.get("share-keys-with", [b""] * len(state["peers"])),
+            state.get("mask-seeds-with", [b""] * len(state["peers"])),
+            strict=True,
+        )
+        site.share_keys_with, site.mask_seeds_with = {}, {}
+        for peer, share_key, mask_seed in derived:
+            if share_key:
+                site.share_keys_with[int(peer)] = bytes(share_key)
+            if mask_seed:
+                site.mask_seeds_with[int(peer)] = bytes(mask_seed)
         site.expected = tuple(int(i) for i in state.get("expected", []))
         site.presigned = tuple(int(i) for i in state.get("presigned", []))
         return site
@@ -524,12 +542,14 @@ class SiteSecAgg:
         self.self_seed = b""
         self.mask_private = b""
         self.mask_public = b""
+        self.mask_seeds_with = {}
         self.expects = CONSISTENCY
 
     def _wipe(self) -> None:
         self.enc_private = self.enc_public = b""
         self.mask_private = self.mask_public = self.self_seed = b""
         self.peers, self.held, self.own_share, self.partners = {}, {}, b"", ()
+        self.share_keys_with, self.mask_seeds_with = {}, {}
         self.survivors = self.expected = self.presigned = ()
         self.roster = {}
         self.expects = DONE

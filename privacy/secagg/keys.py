@@ -62,20 +62,26 @@ def new_round_id() -> bytes:
 
 
 def agree(
-    private: bytes, peer_public: bytes, round_id: bytes, purpose: bytes, a: int, b: int
+    private: bytes | X25519PrivateKey,
+    peer_public: bytes,
+    round_id: bytes,
+    purpose: bytes,
+    a: int,
+    b: int,
 ) -> bytes:
     """The 256-bit key sites ``a`` and ``b`` share for ``purpose`` in round ``round_id``.
 
     X25519 of one site's private key with the other's public key, then HKDF-SHA256 with the round
     id as salt and (purpose, min(a, b), max(a, b)) as info: both sides derive the same key.
+    ``private``: its 32 bytes, or the key loaded once for many peers (:func:`private_key`).
     Raises :class:`KeyAgreementError` for a malformed or low-order public key.
     """
     if len(peer_public) != KEY_BYTES:
         raise KeyAgreementError(f"public key of {len(peer_public)} bytes, expected {KEY_BYTES}")
+    if isinstance(private, bytes):
+        private = private_key(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as error:  # an all-zero shared secret (a low-order point)
         raise KeyAgreementError(f"unusable public key: {error}") from None
     low, high = sorted((a, b))
@@ -83,6 +89,11 @@ def agree(
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=round_id, info=info).derive(
         shared
     )
+
+
+def private_key(private: bytes) -> X25519PrivateKey:
+    """The X25519 key of ``private`` (32 bytes), to agree with many peers without reloading it."""
+    return X25519PrivateKey.from_private_bytes(private)
 
 
 def encrypt_share(key: bytes, round_id: bytes, src: int, dst: int, plaintext: bytes) -> bytes:

@@ -86,6 +86,7 @@ def quantise_chunks(
     # q = clamp(rint(clamp(u·f, ±c·f)), ±L) = clamp(rint(u·f), ±min(rint(c·f), L)), as rint is
     # monotone and odd: one clamp, in whole numbers ≤ 2^48 (exact in float64)
     limit = min(float(np.rint(bound)), float(scale))
+    bound_fits = float(np.rint(bound)) <= scale  # then an unclipped chunk needs no clamp
     signed = np.empty(length, dtype=np.int32 if bits == 32 else np.int64)
     ring = signed.view(ring_dtype(bits))
     scratch = np.empty(min(CHUNK_VALUES, length), dtype=np.float64)
@@ -95,11 +96,18 @@ def quantise_chunks(
             raise ValueError(f"the update holds more than {length} values")
         scaled = scratch[: len(chunk)] if len(chunk) <= len(scratch) else np.empty(len(chunk))
         np.multiply(chunk, factor, out=scaled, dtype=np.float64)
-        if not np.isfinite(scaled).all():
-            raise ValueError("the update holds NaN or infinite values")
-        clipped += int(np.count_nonzero(np.abs(chunk) > clip_range))
-        np.rint(scaled, out=scaled)
-        np.clip(scaled, -limit, limit, out=scaled)
+        # The common chunk: every value finite and within ±c (NaN fails both comparisons), so
+        # |u·f| ≤ c·f (float multiplication is monotone) and only rounding is left to do.
+        if -clip_range <= chunk.min() and chunk.max() <= clip_range:
+            np.rint(scaled, out=scaled)
+            if not bound_fits:
+                np.clip(scaled, -limit, limit, out=scaled)
+        else:
+            if not np.isfinite(scaled).all():
+                raise ValueError("the update holds NaN or infinite values")
+            clipped += int(np.count_nonzero(np.abs(chunk) > clip_range))
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, -limit, limit, out=scaled)
         stop = begin + len(chunk)
         signed[begin:stop] = scaled
         if then is not None:
