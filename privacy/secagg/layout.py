@@ -35,11 +35,11 @@ def array_view(array: Array) -> np.ndarray:
 
 
 def npy_array(values: np.ndarray) -> Array:
-    """A Flower :class:`Array` of a 1-D ``values`` (``numpy.ndarray`` bytes, as ``Array(values)``
+    """A Flower :class:`Array` of ``values`` (``numpy.ndarray`` bytes, as ``Array(values)``
     makes) with one copy of the data; ``Array(values)`` copies it twice via ``np.save``."""
     values = np.ascontiguousarray(values)
-    if values.ndim != 1 or values.dtype.hasobject:
-        raise ValueError(f"an array of shape {values.shape} and dtype {values.dtype}")
+    if values.dtype.hasobject:
+        raise ValueError(f"an array of dtype {values.dtype}")
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header,
@@ -120,11 +120,11 @@ class VectorLayout:
         by_name = {segment.name: segment for segment in self.segments}
         result: dict[str, Array] = {}
         for name, array in global_arrays.items():
-            values = array.numpy()
             segment = by_name.get(name)
-            if segment is not None:
-                moved = values.astype(np.float64).ravel()
-                moved += mean_update[segment.start : segment.stop]
-                values = moved.reshape(segment.shape).astype(segment.dtype)
-            result[name] = Array(np.ascontiguousarray(values))
+            if segment is None:
+                result[name] = array  # unchanged (Arrays are immutable bytes)
+                continue
+            moved = array_view(array).astype(np.float64).ravel()
+            moved += mean_update[segment.start : segment.stop]
+            result[name] = npy_array(moved.reshape(segment.shape).astype(segment.dtype))
         return ArrayRecord(result)

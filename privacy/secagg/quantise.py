@@ -138,7 +138,10 @@ def dequantise_mean(
     if total_weight <= 0:
         raise ValueError("the survivors' total weight is zero")
     factor = (clip_range / scale) * (max_weight / total_weight)
-    return to_signed(ring_sum, bits).astype(np.float64) * factor
+    signed = np.asarray(ring_sum, dtype=ring_dtype(bits)).view(np.int32 if bits == 32 else np.int64)
+    mean = signed.astype(np.float64)  # the rounding the module doc bounds (exact on 32 bits)
+    mean *= factor
+    return mean
 
 
 def mean_error_bound(
