@@ -427,7 +427,11 @@ def main() -> None:
         run["steady_round_seconds"] / plain["steady_round_seconds"]
         for run, plain in zip(runs["fedgov-secagg"], runs["fedgov-off"], strict=True)
     ]
-    print("  the same ratio per repeat: " + ", ".join(f"{ratio:.2f}×" for ratio in pairs))
+    print(
+        "  the same ratio per repeat (the two runs back to back): "
+        + ", ".join(f"{ratio:.2f}×" for ratio in pairs)
+        + f"; median {statistics.median(pairs):.2f}×"
+    )
     if "flower-secagg" in rows:
         _print_flower_ratios(rows)
     stages = runs["fedgov-secagg"][-1].get("stages")
