@@ -512,6 +512,22 @@ def test_a_site_sampled_next_round_but_not_this_one_gets_its_key_stages_in_the_s
         assert got == {1: nodes(draws[0]) | newcomers[0], 2: newcomers[1], 3: set()}
 
 
+def test_a_site_that_sends_no_input_brings_back_the_consistency_exchange_over_the_rest():
+    """The early signatures name all four sites; site-02 sends nothing, so the survivors are
+    asked to sign the three-site set, and the sum of their inputs is exact."""
+    fed = Federation(make_cfg(rounds=2))
+    fed.grid.vanish_at = {(3, MASKED)}  # node 3 serves site-02
+    seen = _watch_requests(fed)
+    first, second = fed.run().rounds
+    survivors = ["site-00", "site-01", "site-03"]
+    assert_exact(fed, first, survivors)
+    assert first.secagg["consistency_signed_with_inputs"] is False
+    assert first.secagg["stage_seconds"]["consistency"] > 0
+    assert sorted(n for r, n, t, _ in seen if r == 1 and t == CONSISTENCY) == [1, 2, 4]
+    assert_exact(fed, second, survivors)  # site-02 is gone; the rest sign with their inputs
+    assert second.secagg["consistency_signed_with_inputs"] is True
+
+
 def test_a_site_silent_at_the_unmasking_is_a_share_keys_dropout_of_the_next_round():
     fed = Federation(make_cfg(rounds=2))
     fed.grid.vanish_at = {(2, UNMASK)}  # node 2 serves site-01
