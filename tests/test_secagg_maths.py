@@ -126,6 +126,25 @@ def test_mask_expansion_is_deterministic_per_seed_and_nonce(bits):
     assert np.array_equal(first[:10], masking.expand(seed, masking.PAIR_MASK_NONCE, 10, bits))
 
 
+def test_a_mask_is_the_aes_128_ctr_keystream_from_block_nonce_then_2():
+    """The PRG computed through the GCM encryptor is plain AES-128-CTR (first 128 bits of the
+    seed, counter block nonce ‖ 2, 3, …), recomputed here block by block with AES-ECB; chunked
+    expansion (MaskStreams, in odd-sized chunks) gives the same stream."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = os.urandom(32)
+    blocks = 70_000  # past 2^16 blocks, so a 16-bit carry in the counter is exercised
+    counters = b"".join(masking.PAIR_MASK_NONCE + (2 + i).to_bytes(4, "big") for i in range(blocks))
+    expected = Cipher(algorithms.AES(seed[:16]), modes.ECB()).encryptor().update(counters)
+    stream = masking.expand(seed, masking.PAIR_MASK_NONCE, blocks * 4, 32)
+    assert stream.tobytes() == expected
+    chunked = np.zeros(blocks * 4, dtype=np.uint32)
+    streams = masking.MaskStreams([(seed, masking.PAIR_MASK_NONCE, 1)], chunked.dtype)
+    for begin in range(0, len(chunked), 70_001):
+        streams.add_to(chunked[begin : begin + 70_001])
+    assert np.array_equal(chunked, stream)
+
+
 @SETTINGS
 @given(n=st.integers(2, 6), length=st.integers(1, 300), bits=st.sampled_from([32, 64]))
 def test_pairwise_masks_cancel_and_self_masks_come_off(n, length, bits):
