@@ -148,7 +148,7 @@ class SiteSecAgg:
             except keys.KeyAgreementError as error:
                 raise ProtocolRefusal(f"site {peer}'s public key: {error}") from None
             payload = _payload(seed_shares[peer], key_shares[peer])
-            ciphertexts[peer] = keys.encrypt_share(key, self.round_id, self.index, peer, payload)
+            ciphertexts[peer] = keys.encrypt_share(key, round_id, index, peer, payload)
         self.share_keys_with, self.mask_seeds_with = share_keys, mask_seeds
         self.peers = dict(request.peers)
         self.own_share = _payload(seed_shares[self.index], key_shares[self.index])

@@ -85,10 +85,11 @@ def quantise_chunks(
     bound = clip_range * factor  # ≈ r·L ≤ L; the integer clamp below makes |q| ≤ L exact
     # q = clamp(rint(clamp(u·f, ±c·f)), ±L) = clamp(rint(u·f), ±min(rint(c·f), L)), as rint is
     # monotone and odd: one clamp, in whole numbers ≤ 2^48 (exact in float64)
-    limit = min(float(np.rint(bound)), float(scale))
-    bound_fits = float(np.rint(bound)) <= scale  # then an unclipped chunk needs no clamp
-    signed = np.empty(length, dtype=np.int32 if bits == 32 else np.int64)
-    ring = signed.view(ring_dtype(bits))
+    rounded_bound = float(np.rint(bound))
+    limit = min(rounded_bound, float(scale))
+    bound_fits = rounded_bound <= scale  # then an unclipped chunk needs no clamp
+    ring = np.empty(length, dtype=ring_dtype(bits))
+    signed = signed_view(ring, bits)
     scratch = np.empty(min(CHUNK_VALUES, length), dtype=np.float64)
     clipped, begin = 0, 0
     for chunk in chunks:
@@ -119,10 +120,15 @@ def quantise_chunks(
     return ring, clipped
 
 
+def signed_view(ring_values: np.ndarray, bits: int) -> np.ndarray:
+    """Ring elements read in place as two's-complement signed integers (int32 or int64)."""
+    signed = np.int32 if bits == 32 else np.int64
+    return np.asarray(ring_values, dtype=ring_dtype(bits)).view(signed)
+
+
 def to_signed(ring_values: np.ndarray, bits: int) -> np.ndarray:
     """Ring elements read as two's-complement signed integers (int64)."""
-    signed = np.int32 if bits == 32 else np.int64
-    return np.asarray(ring_values, dtype=ring_dtype(bits)).view(signed).astype(np.int64)
+    return signed_view(ring_values, bits).astype(np.int64)
 
 
 def dequantise_mean(
@@ -138,8 +144,8 @@ def dequantise_mean(
     if total_weight <= 0:
         raise ValueError("the survivors' total weight is zero")
     factor = (clip_range / scale) * (max_weight / total_weight)
-    signed = np.asarray(ring_sum, dtype=ring_dtype(bits)).view(np.int32 if bits == 32 else np.int64)
-    mean = signed.astype(np.float64)  # the rounding the module doc bounds (exact on 32 bits)
+    # int → float64: the rounding the module doc bounds (exact on 32 bits)
+    mean = signed_view(ring_sum, bits).astype(np.float64)
     mean *= factor
     return mean
 
